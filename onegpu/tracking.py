@@ -1,0 +1,258 @@
+"""Experiment tracking shared by every stage: W&B (offline by default) plus local JSONL/CSV copies.
+
+Why both: W&B gives dashboards and artifact lineage; the local copies let ``onegpu report`` and
+plain pandas work with no account and no network. Offline W&B runs land in ``<run dir>/wandb`` and
+can be uploaded later with ``wandb sync <run dir>/wandb/offline-run-*``.
+
+Lineage: offline W&B cannot ``use_artifact`` ("Cannot use artifact when in offline mode"), so each
+input is also recorded in the run config under ``lineage`` (artifact name, type, content hash);
+``use_artifact`` is called only when online.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from onegpu.paths import REPO_ROOT
+
+# Offline unless the user asked for something else: never require an account or a network.
+DEFAULT_WANDB_MODE = "offline"
+
+
+def git_sha() -> str | None:
+    """The commit of the onegpu checkout (with ``-dirty`` if it has uncommitted changes)."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def exact_command() -> str:
+    """The command line as typed (good enough to copy-paste and re-run)."""
+    prog = Path(sys.argv[0]).name if sys.argv else "python"
+    return shlex.join([prog, *sys.argv[1:]])
+
+
+def package_versions(names: tuple[str, ...] = (
+    "torch", "litgpt", "lightning", "bitsandbytes", "wandb", "lm_eval", "datasets", "transformers",
+    "datasketch", "tokenizers",
+)) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+class Run:
+    """One tracked run of one stage.
+
+    Writes ``run.json`` (config, git SHA, command, versions, lineage), ``metrics.jsonl`` (every
+    ``log`` call, appended and flushed so a killed run keeps its history) and, on ``finish``,
+    ``metrics.csv`` and ``summary.json``. Mirrors everything to W&B unless ``WANDB_MODE=disabled``.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        out_dir: str | Path,
+        config: dict[str, Any],
+        *,
+        project: str | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        resume_id: str | None = None,
+    ):
+        self.stage = stage
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_MODE", DEFAULT_WANDB_MODE)
+        self.mode = os.environ["WANDB_MODE"]
+        self.lineage: list[dict[str, Any]] = []
+        self.meta = {
+            "stage": stage,
+            "git_sha": git_sha(),
+            "command": exact_command(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": package_versions(),
+        }
+        self.config = _jsonable(config)
+        self._metrics_path = self.out_dir / "metrics.jsonl"
+        self._summary: dict[str, Any] = {}
+        self._wandb_run = None
+        if self.mode != "disabled":
+            import wandb
+
+            self._wandb_run = wandb.init(
+                project=project or os.environ.get("WANDB_PROJECT", "onegpu"),
+                name=name,
+                group=group,
+                job_type=stage,
+                tags=tags,
+                dir=str(self.out_dir),
+                config={**self.config, "_onegpu": self.meta},
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+            self.meta["wandb_id"] = self._wandb_run.id
+            self.meta["wandb_dir"] = str(Path(self._wandb_run.dir).parent)
+        self._write_run_json()
+
+    # ----------------------------------------------------------------------------------- lineage
+    @property
+    def online(self) -> bool:
+        return self.mode not in ("offline", "disabled", "dryrun")
+
+    def use_input(self, name: str, type: str, digest: str, path: str | Path | None = None) -> None:
+        """Record an input (e.g. the ``dataset`` artifact a fine-tune reads) for lineage.
+
+        Always written to the run config; also ``use_artifact`` on W&B when online.
+        """
+        entry = {"artifact": name, "type": type, "digest": digest, "path": str(path) if path else None}
+        self.lineage.append(entry)
+        if self._wandb_run is not None:
+            self._wandb_run.config.update({"lineage": self.lineage}, allow_val_change=True)
+            if self.online:
+                try:
+                    self._wandb_run.use_artifact(f"{name}:latest", type=type)
+                except Exception as err:  # artifact logged by an offline run and never synced
+                    print(f"[onegpu] note: could not use_artifact({name}): {err}", file=sys.stderr)
+        self._write_run_json()
+
+    def log_artifact(self, path: str | Path, name: str, type: str, metadata: dict[str, Any] | None = None) -> str:
+        """Log a directory or file as a W&B artifact; returns ``name`` (recorded in run.json too)."""
+        path = Path(path)
+        self.meta.setdefault("artifacts", []).append({"name": name, "type": type, "path": str(path)})
+        if self._wandb_run is not None:
+            import wandb
+
+            art = wandb.Artifact(name, type=type, metadata=_jsonable(metadata or {}))
+            if path.is_dir():
+                art.add_dir(str(path))
+            else:
+                art.add_file(str(path))
+            self._wandb_run.log_artifact(art)
+        self._write_run_json()
+        return name
+
+    # ----------------------------------------------------------------------------------- metrics
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        row = {"_step": step, "_time": round(time.time(), 3), **_jsonable(metrics)}
+        with open(self._metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log(_jsonable(metrics), step=step)
+
+    def summary(self, **values: Any) -> None:
+        self._summary.update(_jsonable(values))
+        if self._wandb_run is not None:
+            for key, value in values.items():
+                self._wandb_run.summary[key] = _jsonable(value)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A W&B table, mirrored to ``<key>.table.json`` in the run dir."""
+        (self.out_dir / f"{key}.table.json").write_text(
+            json.dumps({"columns": columns, "data": _jsonable(rows)}, indent=1), encoding="utf-8"
+        )
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({key: wandb.Table(columns=columns, data=_jsonable(rows))})
+
+    def log_image(self, key: str, path: str | Path) -> None:
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({key: wandb.Image(str(path))})
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.meta["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.meta["exit_code"] = exit_code
+        self._write_run_json()
+        (self.out_dir / "summary.json").write_text(json.dumps(self._summary, indent=2), encoding="utf-8")
+        write_metrics_csv(self._metrics_path, self.out_dir / "metrics.csv")
+        if self._wandb_run is not None:
+            self._wandb_run.finish(exit_code=exit_code)
+            self._wandb_run = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
+
+    def _write_run_json(self) -> None:
+        doc = {**self.meta, "config": self.config, "lineage": self.lineage}
+        tmp = self.out_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        tmp.replace(self.out_dir / "run.json")
+
+
+def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
+    path = Path(jsonl_path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+    return rows
+
+
+def write_metrics_csv(jsonl_path: str | Path, csv_path: str | Path) -> None:
+    """Flatten metrics.jsonl into a CSV whose columns are the union of all logged keys."""
+    rows = read_metrics(jsonl_path)
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()})

@@ -1,0 +1,1 @@
+"""onegpu stage: sweeps."""
