@@ -1,0 +1,142 @@
+"""``onegpu quickstart``: the whole pipeline on the bundled model, offline, on a CPU.
+
+Each step is the exact ``onegpu`` command a user would type (printed before it runs), so the
+quickstart doubles as a worked example: data mix -> fine-tune -> validation (lm-eval) -> test (HELM
+against our own server) -> a 2-trial sweep -> an HTML report. Steps whose outputs already exist are
+skipped, so an interrupted quickstart picks up where it stopped (``--fresh`` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from onegpu.errors import UserError
+from onegpu.paths import REPO_ROOT
+
+
+@dataclass
+class Step:
+    name: str
+    args: list[str]
+    done_marker: Path  # the step is complete when this file exists
+
+    def command(self) -> list[str]:
+        return ["onegpu", *self.args]
+
+
+def _steps(out: Path, checkpoint: Path) -> list[Step]:
+    data, ft, val, helm, sweep, report = (out / n for n in ("data", "finetune", "eval-val", "eval-helm", "sweep", "report"))
+    final = ft / "final"
+    return [
+        Step("data mix", ["data", "build", str(REPO_ROOT / "data/recipes/quickstart.yaml"), "--out", str(data)],
+             data / "manifest.json"),
+        Step("fine-tune (LoRA, CPU)", ["finetune", "--config", str(REPO_ROOT / "finetune/configs/cpu-quickstart.yaml"),
+                                       "--checkpoint_dir", str(checkpoint), "--data", str(data), "--out_dir", str(ft)],
+             final / "lit_model.pth"),
+        Step("validation (lm-eval, offline suite)", ["eval", "val", "--checkpoint", str(final), "--suite", "offline",
+                                                     "--out", str(val)], val / "results.json"),
+        Step("test (HELM, offline synthetic conf)", ["eval", "helm", "--checkpoint", str(final), "--conf", "offline",
+                                                     "--out", str(helm)], helm / "results.json"),
+        Step("sweep (2 trials)", ["sweep", str(REPO_ROOT / "sweeps/quickstart.yaml"), "--out", str(sweep)],
+             sweep / "sweep_summary.json"),
+        Step("report", ["report", str(ft), *[str(p) for p in sorted(sweep.glob("trial-*"))], "--out", str(report)],
+             report / "index.html"),
+    ]
+
+
+def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: list[str] | None = None) -> int:
+    """Run the whole pipeline on the bundled model (offline, CPU, W&B offline).
+
+    Args:
+        out: where every step writes its run dir.
+        fresh: delete ``out`` first instead of resuming the steps already done.
+        skip: step names to leave out (``data``, ``finetune``, ``val``, ``helm``, ``sweep``, ``report``).
+    """
+    os.environ.setdefault("WANDB_MODE", "offline")
+    out = Path(out).resolve()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(skip or [])
+    known = {"data", "finetune", "val", "helm", "sweep", "report"}
+    if skip - known:
+        raise UserError(f"unknown step(s) to skip: {sorted(skip - known)}", fix=f"choose from {sorted(known)}")
+
+    from onegpu.model import prepare
+
+    started = time.time()
+    print("== [0] bundled model: onegpu model prepare", flush=True)
+    checkpoint = prepare()
+    keys = ["data", "finetune", "val", "helm", "sweep", "report"]
+    timings: dict[str, float] = {}
+    for key, step in zip(keys, _steps(out, checkpoint)):
+        if key in skip:
+            print(f"== skip {step.name}", flush=True)
+            continue
+        if key == "report":  # the trial dirs exist only now
+            step = _steps(out, checkpoint)[-1]
+        if step.done_marker.exists():
+            print(f"== {step.name}: already done ({step.done_marker})", flush=True)
+            continue
+        print(f"\n== {step.name}\n$ {shlex.join(step.command())}", flush=True)
+        t0 = time.time()
+        result = subprocess.run([sys.executable, "-m", "onegpu", *step.args], cwd=Path.cwd())
+        timings[key] = time.time() - t0
+        if result.returncode != 0:
+            print(f"\nquickstart: step '{step.name}' failed (exit {result.returncode}); fix it and re-run "
+                  f"`onegpu quickstart` to resume from this step.", file=sys.stderr)
+            return result.returncode
+    _print_summary(out, time.time() - started, timings)
+    return 0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _print_summary(out: Path, seconds: float, timings: dict[str, float]) -> None:
+    ft = out / "finetune"
+    lines = [
+        "",
+        f"quickstart finished in {seconds / 60:.1f} min. Where everything is:",
+        f"  data mix         {out / 'data'}  (train/val/rejects JSONL, manifest.json, plot)",
+        f"  fine-tune run    {ft}  (metrics.csv, run.json, checkpoints/)",
+        f"  merged model     {ft / 'final'}",
+        f"  validation       {out / 'eval-val' / 'results.json'}",
+        f"  HELM test        {out / 'eval-helm' / 'results.json'}",
+        f"  sweep            {out / 'sweep'}",
+        f"  report           {out / 'report' / 'index.html'}",
+        f"  W&B offline runs {out}/*/wandb/offline-run-*   (upload: wandb sync <dir>)",
+    ]
+    summary = _read_json(ft / "summary.json")
+    val = _read_json(out / "eval-val" / "results.json")
+    helm = _read_json(out / "eval-helm" / "results.json")
+    if summary:
+        shown = {k: summary[k] for k in ("val_loss", "tokens_per_sec", "mfu", "budget_used_pct") if k in summary}
+        lines.append(f"  fine-tune summary: {shown}")
+    if val:
+        lines.append(f"  validation scores: {json.dumps(val.get('summary', val.get('results', {})))[:400]}")
+    if helm:
+        lines.append(f"  HELM scores:       {json.dumps(helm.get('summary', helm.get('scenarios', {})))[:400]}")
+    if timings:
+        lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    lines += [
+        "",
+        "The real thing, on a GPU (see README.md):",
+        "  onegpu model prepare meta-llama/Llama-2-7b-hf",
+        "  onegpu data build data/recipes/competition.yaml --out runs/mix",
+        "  onegpu finetune plan --config finetune/configs/llama2-7b-qlora-rtx4090.yaml",
+        "  onegpu finetune --config finetune/configs/llama2-7b-qlora-rtx4090.yaml --data runs/mix",
+    ]
+    print("\n".join(lines), flush=True)
