@@ -1,0 +1,363 @@
+"""lm-eval-harness model backed directly by a litgpt checkpoint: ``--model onegpu``.
+
+Why not litgpt's own ``litgpt evaluate``: it converts the checkpoint to HF format on disk first.
+This wrapper runs the litgpt ``GPT`` in-process and mirrors lm-eval's ``HFLM`` request handling
+(same tokenizer calls, same request ordering and padding, same one-token-continuation logits reuse),
+so its scores equal HFLM's on the same weights (``tests/test_eval_lm.py`` checks it to 1e-4).
+
+* ``loglikelihood``: requests sorted longest-first, batched, right-padded, one full forward per
+  batch (no KV cache). Contexts are scored **raw** (no prompt template): lm-eval's norm for
+  multiple-choice tasks, and the only way scores stay comparable with other harness users.
+* ``loglikelihood_rolling``: lm-eval's disjoint rolling windows, scored like the above.
+* ``generate_until``: batched greedy decoding with litgpt's KV cache. Contexts are left-padded;
+  a per-row attention mask hides the padding (RoPE is relative, so the shift of positions does not
+  change attention). Stops at EOS or when every row's text contains a stop string; the text is
+  cut at the first stop string, as HFLM does. The checkpoint's prompt style (``prompt_style``:
+  ``raw``, ``auto`` or a litgpt style name) wraps generation contexts only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    Collator,
+    _add_special_kwargs,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from lm_eval.models.utils_hf import pad_and_concat
+from lm_eval import utils as lm_utils
+from tqdm import tqdm
+
+from onegpu.errors import UserError
+
+
+# ------------------------------------------------------------------------------------ loading
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
+    """(dir with weights/config, base dir for adapter-only checkpoints or None). Validates first."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        raise UserError(f"checkpoint dir {path} does not exist",
+                        fix="pass a litgpt checkpoint dir (e.g. the output of `onegpu model prepare` or "
+                            "`<finetune out>/final`)")
+    if (path / "lit_model.pth").is_file():
+        _require(path, ("model_config.yaml",))
+        return path, None
+    if (path / "lit_model.pth.lora").is_file():
+        _require(path, ("hyperparameters.yaml",))
+        import yaml
+
+        hparams = yaml.safe_load((path / "hyperparameters.yaml").read_text(encoding="utf-8")) or {}
+        base = hparams.get("checkpoint_dir")
+        if not base or not (Path(base) / "lit_model.pth").is_file():
+            raise UserError(f"adapter dir {path} names base checkpoint {base!r}, which has no lit_model.pth",
+                            fix="set `checkpoint_dir:` in its hyperparameters.yaml to the base model's litgpt dir")
+        return path, Path(base)
+    raise UserError(f"{path} holds neither lit_model.pth nor lit_model.pth.lora",
+                    fix="point --checkpoint at a litgpt checkpoint dir or a LoRA output dir")
+
+
+def _require(path: Path, names: tuple[str, ...]) -> None:
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise UserError(f"checkpoint dir {path} lacks {', '.join(missing)}",
+                        fix="use a complete litgpt checkpoint dir (see `onegpu model prepare`)")
+
+
+def load_litgpt_model(checkpoint: Path, base: Path | None, device: torch.device, dtype: torch.dtype):
+    """A litgpt GPT in eval mode; adapter-only dirs are merged in memory (litgpt's merge logic)."""
+    from litgpt import GPT, Config
+
+    if base is None:
+        config = Config.from_file(checkpoint / "model_config.yaml")
+        with torch.device("meta"):
+            model = GPT(config)
+        state = torch.load(checkpoint / "lit_model.pth", mmap=True, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        model.load_state_dict(state, assign=True)
+    else:
+        from litgpt.lora import GPT as LoRAGPT, Config as LoRAConfig, lora_filter, merge_lora_weights
+        from litgpt.scripts.merge_lora import load_lora_metadata
+
+        lora_params, _, _ = load_lora_metadata(checkpoint)
+        cfg_dir = checkpoint if (checkpoint / "model_config.yaml").is_file() else base
+        config = LoRAConfig.from_file(cfg_dir / "model_config.yaml", **lora_params)
+        with torch.device("meta"):
+            lora_model = LoRAGPT(config)
+        state = torch.load(base / "lit_model.pth", mmap=True, map_location="cpu", weights_only=True)
+        lora_state = torch.load(checkpoint / "lit_model.pth.lora", mmap=True, map_location="cpu", weights_only=True)
+        state = {**state.get("model", state), **lora_state.get("model", lora_state)}
+        lora_model.load_state_dict(state, strict=False, assign=True)
+        lora_model.to(dtype=torch.float32)
+        merge_lora_weights(lora_model)
+        merged = {k.replace("linear.", ""): v for k, v in lora_model.state_dict().items() if not lora_filter(k, v)}
+        config = Config.from_file(cfg_dir / "model_config.yaml")
+        with torch.device("meta"):
+            model = GPT(config)
+        model.load_state_dict(merged, assign=True)
+    # The RoPE buffers were created on the meta device: build real ones before moving the model.
+    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def resolve_prompt_style(prompt_style: str, checkpoint: Path, base: Path | None):
+    """None for raw, else a litgpt PromptStyle ("auto" = the checkpoint's prompt_style.yaml)."""
+    from litgpt.prompts import has_prompt_style, load_prompt_style
+
+    if prompt_style == "raw":
+        return None
+    if prompt_style == "auto":
+        for d in (checkpoint, base):
+            if d is not None and has_prompt_style(d):
+                return load_prompt_style(d)
+        print(f"[onegpu] warning: {checkpoint} has no prompt_style.yaml; generation contexts are sent raw "
+              "(pass --prompt_style NAME to choose one)", file=sys.stderr)
+        return None
+    from data.schema import get_prompt_style
+
+    return get_prompt_style(prompt_style)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    # fp32 on CPU: bf16 matmuls there are hundreds of times slower.
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+# ------------------------------------------------------------------------------------ the LM
+@register_model("onegpu")
+class LitGPTLM(TemplateLM):
+    """lm-eval model over a litgpt checkpoint (merged, or base + LoRA adapter)."""
+
+    def __init__(self, checkpoint: str | Path, batch_size: int | str = 8, device: str | None = None,
+                 dtype: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
+                 prompt_style: str = "auto", logits_cache: bool = True, **kwargs) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        ckpt, base = resolve_checkpoint(checkpoint)
+        self.checkpoint, self.base = ckpt, base
+        self._device = torch.device(device or default_device())
+        self.dtype = getattr(torch, dtype or default_dtype(self._device.type))
+        tok_dir = ckpt if (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer.model").is_file() else base
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = load_litgpt_model(ckpt, base, self._device, self.dtype)
+        self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
+        self._max_length = int(max_length or min(self.model.config.block_size, 2048))
+        self._max_gen_toks = int(max_gen_toks)
+        self.logits_cache = logits_cache
+        self.add_bos_token = None  # the tokenizer's own default, like HFLM
+        self.prompt_style = resolve_prompt_style(prompt_style, ckpt, base)
+        self.vocab_size = self.model.config.vocab_size
+
+    # lm-eval plumbing ---------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.checkpoint)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False
+        encoding = self.tokenizer.encode(string, **special)
+        return encoding[-left_truncate_len:] if left_truncate_len else encoding
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    @torch.inference_mode()
+    def _forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)[..., : self.vocab_size]
+
+    # loglikelihood ------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        res = []
+
+        def _collate(req):
+            toks = req[1] + req[2]
+            return -len(toks), tuple(toks)
+
+        def _lookup_one_token_cont(req):
+            return req[-2] + req[-1][:-1]
+
+        re_ord = Collator(requests, sort_fn=_collate, group_by="contexts" if self.logits_cache else None,
+                          group_fn=_lookup_one_token_cont)
+        batch_size = override_bs or self.batch_size_per_gpu
+        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood", leave=False)
+        for chunk in re_ord.get_batched(n=batch_size):
+            inps, cont_toks_list, inplens = [], [], []
+            for _, context_enc, continuation_enc in chunk:
+                # Truncate from the left when too long, then drop the last token (it predicts nothing).
+                inp = torch.tensor((context_enc + continuation_enc)[-(self.max_length + 1):][:-1], dtype=torch.long,
+                                   device=self.device)
+                inps.append(inp)
+                cont_toks_list.append(continuation_enc)
+                inplens.append(inp.shape[0])
+            padding_len = max(inplens)
+            batched = pad_and_concat(padding_len, inps, padding_side="right")
+            multi_logits = F.log_softmax(self._forward(batched).float(), dim=-1)
+            for (request_str, ctx_tokens, _), logits, inplen, cont_toks in zip(chunk, multi_logits, inplens,
+                                                                               cont_toks_list):
+                contlen = len(cont_toks)
+                ctx_len = inplen + (logits.shape[0] - padding_len)
+                logits = logits[ctx_len - contlen: ctx_len].unsqueeze(0)
+                greedy_tokens = logits.argmax(dim=-1)
+                for request_str, cont_toks, logits in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_tokens,
+                                                                       cont_toks=cont_toks, logits=logits):
+                    cont = torch.tensor(cont_toks, dtype=torch.long, device=self.device).unsqueeze(0)
+                    max_equal = (greedy_tokens[:, -cont.shape[1]:] == cont).all()
+                    picked = torch.gather(logits, 2, cont.unsqueeze(-1)).squeeze(-1)
+                    answer = (float(picked.sum()), bool(max_equal))
+                    res.append(answer)
+                    if request_str is not None:
+                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                    pbar.update(1)
+        pbar.close()
+        return re_ord.get_original(res)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        all_windows, counts = [], []
+        for req_idx, (string,) in enumerate([req.args for req in requests]):
+            windows = list(map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)))
+            all_windows.extend((req_idx, (None,) + w) for w in windows)
+            counts.append(len(windows))
+        nlls = []
+        for i in tqdm(range(0, len(all_windows), self.batch_size_per_gpu), disable=disable_tqdm,
+                      desc="loglikelihood_rolling", leave=False):
+            batch = [w for _, w in all_windows[i: i + self.batch_size_per_gpu]]
+            nlls.extend(self._loglikelihood_tokens(batch, disable_tqdm=True, override_bs=len(batch)))
+        out, pos = [], 0
+        for req, n in zip(requests, counts):
+            total = sum(ll for ll, _ in nlls[pos: pos + n])
+            pos += n
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return out
+
+    # generation ---------------------------------------------------------------------------
+    def _apply_style(self, context: str) -> str:
+        return context if self.prompt_style is None else self.prompt_style.apply(context)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        res = []
+
+        def _collate(req):
+            toks = self.tok_encode(req[0])
+            return -len(toks), req[0]
+
+        re_ords = Collator([(self._apply_style(r.args[0]), r.args[1]) for r in requests], sort_fn=_collate,
+                           group_by="gen_kwargs", group_fn=lambda x: x[1])
+        eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until", leave=False)
+        for chunk in re_ords.get_batched(n=self.batch_size_per_gpu):
+            contexts, all_kwargs = zip(*chunk)
+            kwargs = normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if kwargs.get("do_sample") or (kwargs.get("temperature") or 0.0) > 0.0:
+                print("[onegpu] note: sampling requested; this wrapper decodes greedily", file=sys.stderr)
+            encoded = [self.tok_encode(c, left_truncate_len=self.max_length - max_gen_toks) for c in contexts]
+            for context, tokens in zip(contexts, self._greedy_generate(encoded, max_gen_toks, until)):
+                text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
+                res.append(text)
+                self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
+                pbar.update(1)
+        pbar.close()
+        return re_ords.get_original(res)
+
+    @torch.inference_mode()
+    def _greedy_generate(self, encoded: list[list[int]], max_new: int, until: list[str]) -> list[list[int]]:
+        """Batched greedy decoding with litgpt's KV cache over left-padded prompts."""
+        model, device = self.model, self.device
+        B, T = len(encoded), max(len(e) for e in encoded)
+        total = T + max_new
+        pad_id = self.tokenizer.pad_token_id
+        idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+        real = torch.zeros((B, total), dtype=torch.bool, device=device)  # which key positions are tokens
+        for row, toks in enumerate(encoded):
+            idx[row, T - len(toks):] = torch.tensor(toks, dtype=torch.long, device=device)
+            real[row, T - len(toks):] = True
+        real[:, T:] = True  # generated tokens are real; causality keeps them hidden until produced
+        model.set_kv_cache(batch_size=B, max_seq_length=total, device=device, dtype=self.dtype)
+        try:
+            causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+            # Keys: causal AND a real token; each pad query still sees itself so no softmax row is empty.
+            mask = causal.unsqueeze(0) & real.unsqueeze(1)
+            mask |= torch.eye(total, dtype=torch.bool, device=device).unsqueeze(0)
+            model.mask_cache = mask.unsqueeze(1)  # (B, 1, total, total), indexed by input_pos
+            input_pos = torch.arange(T, device=device)
+            logits = model(idx, input_pos=input_pos, input_pos_maxp1=T)[:, -1, : self.vocab_size]
+            out: list[list[int]] = [[] for _ in range(B)]
+            done = [False] * B
+            for step in range(max_new):
+                next_tok = logits.float().argmax(dim=-1)
+                for row in range(B):
+                    if done[row]:
+                        continue
+                    tok = int(next_tok[row])
+                    out[row].append(tok)
+                    if tok == self.eot_token_id:
+                        done[row] = True
+                    elif until and any(s in self.tok_decode(out[row][-16:]) for s in until if s):
+                        done[row] = True
+                if all(done) or step == max_new - 1:
+                    break
+                pos = T + step
+                logits = model(next_tok.unsqueeze(1), input_pos=torch.tensor([pos], device=device),
+                               input_pos_maxp1=pos + 1)[:, -1, : self.vocab_size]
+        finally:
+            model.clear_kv_cache()
+        # EOS is not part of the text (HFLM decodes with skip_special_tokens, same thing).
+        return [[t for t in row if t != self.eot_token_id] for row in out]
+
+
+def checkpoint_lineage(checkpoint: Path) -> dict:
+    """What the checkpoint says about itself (``onegpu_model.json``), for run lineage."""
+    meta = checkpoint / "onegpu_model.json"
+    if meta.is_file():
+        try:
+            return json.loads(meta.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return {}
+    return {}
