@@ -1,0 +1,570 @@
+"""The inference engine behind ``onegpu serve``: one model, one worker thread, continuous batching.
+
+How a request flows:
+
+1. The HTTP handler tokenizes the prompt and calls :meth:`Engine.submit`, which returns a
+   ``concurrent.futures.Future``.
+2. The worker thread admits waiting requests into free *slots* of a KV cache with
+   ``max_batch_size`` rows, prefills each (one forward over its prompt) and samples its first
+   token.
+3. Every step it runs ONE batched forward of one token for all active slots (each row at its own
+   position: litgpt's ``input_pos`` of shape ``(B, 1)``), samples per row with the row's own
+   temperature/top-k/top-p/seed, and checks EOS and stop sequences.
+4. A finished row resolves its future and frees its slot at once; waiting requests fill free slots
+   before the next step (continuous batching), so a 400-token GSM8K request never holds 5-token
+   MMLU requests behind it.
+
+Active rows are kept packed in slots ``0..n-1`` (a finished row's slot is refilled by moving the
+last row's cache into it) so each step computes exactly ``n`` rows. ``lm_head`` is applied only to
+the positions whose logits are needed (the last one, or all of them for ``echo_prompt``), which
+saves the (T, vocab) logits of a long prompt.
+
+Log-probabilities are those of the model itself (``log_softmax`` of the logits, temperature 1),
+whatever the sampling settings: that is what "logprob of the returned text" means, and what the
+tests check against a plain forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from litgpt.model import KVCache
+from torch import nn
+
+from onegpu.errors import UserError
+
+GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
+MAX_TOP_LOGPROBS = 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_checkpoint(checkpoint: Path) -> Path:
+    """A loadable litgpt checkpoint dir for ``checkpoint``: merged as is, or base + LoRA merged.
+
+    A dir holding only ``lit_model.pth.lora`` + ``hyperparameters.yaml`` (litgpt's LoRA layout,
+    whose ``checkpoint_dir`` names the base) is merged with litgpt's ``merge_lora`` into a
+    temporary dir that borrows the base's tokenizer files (by symlink).
+    """
+    checkpoint = Path(checkpoint).expanduser()
+    if not checkpoint.is_dir():
+        raise UserError(f"checkpoint dir {checkpoint} does not exist",
+                        fix="pass the dir that `onegpu model prepare` printed, or a fine-tune's out/final")
+    if (checkpoint / "lit_model.pth").is_file():
+        for name in ("model_config.yaml",):
+            if not (checkpoint / name).is_file():
+                raise UserError(f"{checkpoint} has lit_model.pth but no {name}",
+                                fix="point --checkpoint at a complete litgpt checkpoint dir")
+        if not any((checkpoint / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+            raise UserError(f"{checkpoint} has no tokenizer.json or tokenizer.model",
+                            fix="copy the base model's tokenizer files into the checkpoint dir")
+        return checkpoint
+    if (checkpoint / "lit_model.pth.lora").is_file():
+        return _merge_adapter(checkpoint)
+    raise UserError(f"{checkpoint} holds neither lit_model.pth nor lit_model.pth.lora",
+                    fix="pass a litgpt checkpoint dir (merged) or a LoRA adapter dir with hyperparameters.yaml")
+
+
+def _merge_adapter(adapter_dir: Path) -> Path:
+    import yaml
+    from litgpt.scripts.merge_lora import merge_lora
+
+    hparams_file = adapter_dir / "hyperparameters.yaml"
+    if not hparams_file.is_file():
+        raise UserError(f"adapter dir {adapter_dir} has no hyperparameters.yaml (it names the base checkpoint)",
+                        fix="use the dir litgpt/onegpu finetune wrote, which holds both files")
+    hparams = yaml.safe_load(hparams_file.read_text()) or {}
+    base = Path(str(hparams.get("checkpoint_dir", ""))).expanduser()
+    if not (base / "lit_model.pth").is_file():
+        raise UserError(f"the adapter's base checkpoint {base} (hyperparameters.yaml: checkpoint_dir) is missing",
+                        fix="prepare the base model there (`onegpu model prepare ...`) or edit checkpoint_dir")
+    merged = Path(tempfile.mkdtemp(prefix="onegpu-merged-"))
+    for item in base.iterdir():  # tokenizer + configs of the base, never its weights
+        if item.is_file() and item.name != "lit_model.pth":
+            (merged / item.name).symlink_to(item.resolve())
+    for item in adapter_dir.iterdir():
+        if item.is_file() and item.name != "lit_model.pth":
+            target = merged / item.name
+            if target.exists() or target.is_symlink():
+                target.unlink()
+            shutil.copy2(item, target)
+    print(f"[onegpu serve] merging LoRA adapter {adapter_dir} into base {base} -> {merged}", file=sys.stderr)
+    merge_lora(merged, pretrained_checkpoint_dir=base, precision="32-true")
+    return merged
+
+
+def download_wandb_artifact(name: str) -> Path:
+    """Download a W&B ``model`` artifact (``entity/project/name:alias``); needs network + login."""
+    try:
+        import wandb
+
+        artifact = wandb.Api().artifact(name, type="model")
+        return Path(artifact.download())
+    except Exception as err:  # wandb raises many types (CommError, ValueError...)
+        raise UserError(f"could not download W&B artifact {name!r}: {err}",
+                        fix="check the name (entity/project/name:alias), `wandb login` / WANDB_API_KEY, network") from err
+
+
+def load_prompt_style(spec: str, checkpoint: Path):
+    """``raw`` -> None; ``auto`` -> the checkpoint's prompt_style.yaml or None (warns); else a litgpt name."""
+    from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style as litgpt_load, prompt_styles
+
+    if spec == "raw":
+        return None
+    if spec == "auto":
+        if has_prompt_style(checkpoint):
+            return litgpt_load(checkpoint)
+        print(f"[onegpu serve] warning: {checkpoint} has no prompt_style.yaml; serving prompts raw "
+              "(pass --prompt_style NAME to wrap them in a template)", file=sys.stderr)
+        return None
+    if spec not in prompt_styles:
+        raise UserError(f"unknown prompt style {spec!r}",
+                        fix=f"use raw, auto, or one of litgpt's: {', '.join(sorted(prompt_styles))}")
+    return PromptStyle.from_name(spec)
+
+
+class SlotKVCache(KVCache):
+    """litgpt's KV cache layout ``(rows, groups, positions, head)``, addressable from any row.
+
+    ``row_start`` says which cache row the forward's batch row 0 is (set by the engine before
+    each forward), so a prompt can be prefilled straight into a free slot. Decode steps write one
+    position per row with one indexed assignment instead of litgpt's per-row loop.
+    """
+
+    def __init__(self, k_shape, v_shape, device, dtype):
+        nn.Module.__init__(self)  # KVCache.__init__ would allocate the same buffers
+        self.register_buffer("k", torch.zeros(k_shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(v_shape, device=device, dtype=dtype), persistent=False)
+        self.is_sliding_window = False
+        self.sliding_window_size = None
+        self.max_cache_len = k_shape[2]
+        self.row_start = 0
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        bs = k.size(0)
+        k_buf = self.k[self.row_start:self.row_start + bs]
+        v_buf = self.v[self.row_start:self.row_start + bs]
+        k, v = k.to(k_buf.dtype), v.to(v_buf.dtype)
+        if input_pos.dim() == 1:  # prefill: the same positions for every row
+            k_buf.index_copy_(2, input_pos, k)
+            v_buf.index_copy_(2, input_pos, v)
+        elif input_pos.size(1) == 1:  # decode: one new position per row
+            rows = torch.arange(bs, device=k.device)
+            k_buf[rows, :, input_pos[:, 0]] = k[:, :, 0]
+            v_buf[rows, :, input_pos[:, 0]] = v[:, :, 0]
+        else:
+            for i in range(bs):
+                k_buf[i].index_copy_(1, input_pos[i], k[i])
+                v_buf[i].index_copy_(1, input_pos[i], v[i])
+        return k_buf, v_buf
+
+    def reset_parameters(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass
+class GenRequest:
+    """One /process call, tokenized. Results arrive through ``future`` as a dict."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.8
+    top_k: int = 200
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_sequences: list[str] = field(default_factory=list)
+    echo: bool = False
+    top_logprobs: int = 1
+    future: Future = field(default_factory=Future)
+    # worker state
+    generator: torch.Generator | None = None
+    out_ids: list[int] = field(default_factory=list)
+    out_logprobs: list[float] = field(default_factory=list)
+    out_top: list[dict[str, float]] = field(default_factory=list)
+    prompt_entries: list[dict] = field(default_factory=list)
+    position: int = 0  # the position of the next token to feed
+    stop_text_cut: int | None = None
+
+
+class Engine:
+    """Loads a checkpoint and serves generation requests from a background thread."""
+
+    def __init__(self, checkpoint: Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
+                 max_seq_length: int = 2048, quantize: str | None = None, prompt_style: str = "auto",
+                 num_threads: int | None = None):
+        from litgpt import Config, GPT
+        from litgpt.tokenizer import Tokenizer
+
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA GPU is visible", fix="use --device cpu")
+        self.device = torch.device(device)
+        if dtype == "auto":  # bf16 matmuls are very slow on CPUs; fp32 there
+            dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else (
+                "float16" if self.device.type == "cuda" else "float32")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype {dtype!r}", fix="use auto, float32, bfloat16 or float16")
+        self.dtype = getattr(torch, dtype)
+        if quantize is not None and self.device.type != "cuda":
+            raise UserError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes)", fix="drop --quantize on CPU")
+        if max_batch_size < 1:
+            raise UserError(f"max_batch_size={max_batch_size}", fix="use 1 or more")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+
+        self.tokenizer = Tokenizer(self.checkpoint)
+        self.prompt_style = load_prompt_style(prompt_style, self.checkpoint)
+        self.prompt_style_name = type(self.prompt_style).__name__ if self.prompt_style else "raw"
+        config = Config.from_file(self.checkpoint / "model_config.yaml")
+        self.max_seq_length = min(max_seq_length, config.block_size)
+        self.model = self._load_model(config, quantize)
+        self.vocab_size = config.vocab_size
+        self.softcap = config.final_logit_softcapping
+        # lm_head runs only where logits are needed (see module docstring)
+        self.lm_head = self.model.lm_head
+        self.model.lm_head = nn.Identity()
+        self.model.config.final_logit_softcapping = None
+        self.max_batch_size = max_batch_size
+        self.model.max_seq_length = self.max_seq_length
+        with torch.device(self.device):
+            self.model.set_kv_cache(batch_size=1, max_seq_length=self.max_seq_length)  # mask + rope caches
+        self.caches: list[SlotKVCache] = []
+        for block in self.model.transformer.h:
+            ref = block.attn.kv_cache
+            k_shape = (max_batch_size,) + tuple(ref.k.shape[1:])
+            v_shape = (max_batch_size,) + tuple(ref.v.shape[1:])
+            block.attn.kv_cache = SlotKVCache(k_shape, v_shape, self.device, self.dtype)
+            self.caches.append(block.attn.kv_cache)
+
+        self.eos_id = self.tokenizer.eos_id
+        stop_token_seqs = [list(s) for s in (self.prompt_style.stop_tokens(self.tokenizer) if self.prompt_style
+                                             else ([self.eos_id],)) if s]
+        self.stop_token_seqs = [s for s in stop_token_seqs if all(t is not None for t in s)]
+        self._queue: queue.Queue[GenRequest | None] = queue.Queue()
+        self._active: list[GenRequest] = []
+        self._stopping = False
+        self.stats = {"requests": 0, "steps": 0, "max_batch": 0}
+        self._worker = threading.Thread(target=self._run, name="onegpu-engine", daemon=True)
+        self._worker.start()
+
+    def _load_model(self, config, quantize: str | None):
+        from litgpt import GPT
+
+        path = self.checkpoint / "lit_model.pth"
+        if quantize is None:
+            with torch.device("meta"):
+                model = GPT(config)
+            state = torch.load(str(path), mmap=True, weights_only=True, map_location="cpu")
+            state = state.get("model", state)
+            model.load_state_dict(state, assign=True)
+            # the rope caches were built on meta: rebuild them before moving
+            model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
+            return model.to(device=self.device, dtype=self.dtype).eval()
+        import lightning as L
+        from lightning.fabric.plugins import BitsandbytesPrecision
+        from litgpt.utils import load_checkpoint
+
+        choices = {"nf4", "nf4-dq", "fp4", "fp4-dq", "int8"}
+        if quantize.removeprefix("bnb.") not in choices:
+            raise UserError(f"unknown quantization {quantize!r}", fix=f"use one of bnb.{', bnb.'.join(sorted(choices))}")
+        mode = quantize.removeprefix("bnb.")
+        precision_dtype = torch.float16 if mode == "int8" else self.dtype
+        fabric = L.Fabric(accelerator="cuda", devices=1, plugins=BitsandbytesPrecision(mode, precision_dtype))
+        with fabric.init_module(empty_init=True):
+            model = GPT(config)
+        model = fabric.setup_module(model)
+        load_checkpoint(fabric, model, path)
+        return model.module.eval()
+
+    # ------------------------------------------------------------------------------------------
+    # Tokenizer helpers
+
+    def encode(self, text: str) -> list[int]:
+        """The ids the model sees for ``text`` (with BOS when the tokenizer uses one)."""
+        return self.tokenizer.encode(text).tolist()
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; a leading BOS (which :meth:`encode` adds) is dropped so ids round-trip."""
+        if ids and self.tokenizer.use_bos and ids[0] == self.tokenizer.bos_id:
+            ids = ids[1:]
+        if not ids:
+            return ""
+        if self.tokenizer.backend == "huggingface":
+            return self.tokenizer.processor.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.processor.decode(ids)
+
+    def token_texts(self, ids: list[int], prefix_ids: list[int] | None = None) -> list[str]:
+        """Per-token texts whose concatenation is ``decode(ids)`` (given the tokens before them).
+
+        Decoding a prefix and taking the new suffix keeps leading spaces (SentencePiece) and holds
+        back a partial UTF-8 character (shown as U+FFFD) until the token that completes it.
+        """
+        context = list(prefix_ids or [])[-8:]
+        base = self._raw_decode(context)
+        texts, emitted = [], ""
+        for i in range(len(ids)):
+            full = self._raw_decode(context + ids[: i + 1])[len(base):]
+            if full.endswith("\ufffd") and i + 1 < len(ids):
+                texts.append("")
+                continue
+            texts.append(full[len(emitted):] if full.startswith(emitted) else full)
+            emitted = full
+        return texts
+
+    def _raw_decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        if self.tokenizer.backend == "huggingface":
+            return self.tokenizer.processor.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.processor.decode(ids)
+
+    def vocab_limit(self) -> int:
+        """Token ids below this decode (the tokenizer's vocabulary incl. added tokens)."""
+        if self.tokenizer.backend == "huggingface":
+            return self.tokenizer.processor.get_vocab_size(with_added_tokens=True)
+        return self.tokenizer.processor.vocab_size()
+
+    def id_text(self, token_id: int) -> str:
+        return self._raw_decode([token_id])
+
+    # ------------------------------------------------------------------------------------------
+    # Public API
+
+    def submit(self, request: GenRequest) -> Future:
+        if self._stopping:
+            raise RuntimeError("engine is shutting down")
+        self._queue.put(request)
+        return request.future
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._queue.put(None)
+        self._worker.join(timeout=10)
+
+    # ------------------------------------------------------------------------------------------
+    # Worker
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                try:
+                    if not self._admit():
+                        return
+                    if self._active:
+                        self._step()
+                except Exception as err:  # never let one bad batch kill the server: fail its requests
+                    for req in self._active:
+                        if not req.future.done():
+                            req.future.set_exception(err)
+                    self._active = []
+
+    def _admit(self) -> bool:
+        """Move waiting requests into free slots; block when idle. False once shut down."""
+        while len(self._active) < self.max_batch_size:
+            try:
+                req = self._queue.get(block=not self._active)
+            except queue.Empty:
+                return True
+            if req is None:
+                return False
+            try:
+                self._prefill(req)
+            except Exception as err:
+                req.future.set_exception(err)
+        return True
+
+    def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor, row_start: int, maxp1: int) -> torch.Tensor:
+        for cache in self.caches:
+            cache.row_start = row_start
+        return self.model(idx, input_pos=input_pos, input_pos_maxp1=maxp1)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits[..., : self.vocab_size]
+
+    def _prefill(self, req: GenRequest) -> None:
+        self.stats["requests"] += 1
+        seed = req.seed if req.seed is not None else random.getrandbits(62)
+        req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        ids = req.prompt_ids
+        slot = len(self._active)
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(len(ids), device=self.device)
+        hidden = self._hidden(idx, pos, slot, len(ids))[0]  # (T, C)
+        if req.echo:
+            self._score_prompt(req, hidden)
+        req.position = len(ids)
+        if req.max_new_tokens == 0:
+            self._finish(req)
+            return
+        logprobs = torch.log_softmax(self._logits(hidden[-1:]), dim=-1)  # (1, V)
+        self._active.append(req)
+        self._accept(req, logprobs[0])
+
+    def _score_prompt(self, req: GenRequest, hidden: torch.Tensor) -> None:
+        """Prompt-token logprobs: token i scored by the logits at position i-1 (the next-token ones)."""
+        ids = req.prompt_ids
+        texts = self.token_texts(ids)
+        entries = []
+        skip_bos = 1 if (self.tokenizer.use_bos and ids and ids[0] == self.tokenizer.bos_id) else 0
+        # First token: no preceding context, so it gets logprob 0.0 and an empty top_logprob
+        # (documented convention; with a BOS the BOS itself is that token and is not returned).
+        if not skip_bos:
+            entries.append({"text": texts[0], "logprob": 0.0, "top_logprob": {}})
+        for start in range(0, len(ids) - 1, 256):  # chunks bound the (T, vocab) logits
+            stop = min(start + 256, len(ids) - 1)
+            logprobs = torch.log_softmax(self._logits(hidden[start:stop]), dim=-1)
+            targets = torch.tensor(ids[start + 1: stop + 1], device=logprobs.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            top = self._top(logprobs, req.top_logprobs)
+            for j in range(stop - start):
+                entries.append({"text": texts[start + 1 + j], "logprob": chosen[j], "top_logprob": top[j]})
+        req.prompt_entries = entries
+
+    def _top(self, logprobs: torch.Tensor, k: int) -> list[dict[str, float]]:
+        if k <= 0:
+            return [{} for _ in range(logprobs.size(0))]
+        values, indices = logprobs.topk(min(k, MAX_TOP_LOGPROBS), dim=-1)
+        out = []
+        for vals, ids in zip(values.tolist(), indices.tolist()):
+            entry: dict[str, float] = {}
+            for v, i in zip(vals, ids):
+                text = self.id_text(i)
+                entry[text] = max(v, entry.get(text, -math.inf))  # two ids may share a text
+            out.append(entry)
+        return out
+
+    def _step(self) -> None:
+        n = len(self._active)
+        self.stats["steps"] += 1
+        self.stats["max_batch"] = max(self.stats["max_batch"], n)
+        idx = torch.tensor([[r.out_ids[-1]] for r in self._active], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[r.position] for r in self._active], dtype=torch.long, device=self.device)
+        maxp1 = int(pos.max()) + 1
+        hidden = self._hidden(idx, pos, 0, maxp1)[:, -1]  # (n, C)
+        logprobs = torch.log_softmax(self._logits(hidden), dim=-1)
+        for r in self._active:
+            r.position += 1
+        for row, req in list(enumerate(self._active)):
+            self._accept(req, logprobs[row])
+
+    def _sample(self, req: GenRequest, logprobs: torch.Tensor) -> int:
+        if req.temperature <= GREEDY_TEMPERATURE:
+            return int(torch.argmax(logprobs))
+        logits = logprobs / req.temperature
+        if req.top_k and req.top_k < logits.size(-1):
+            kth = torch.topk(logits, req.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if req.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            remove = cumulative - torch.softmax(sorted_logits, dim=-1) > req.top_p  # keep the token crossing top_p
+            logits = logits.masked_fill(remove.scatter(0, order, remove), -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    def _accept(self, req: GenRequest, logprobs: torch.Tensor) -> None:
+        """Sample the next token of ``req`` from ``logprobs`` (V,), record it, finish if it stops."""
+        token = self._sample(req, logprobs)
+        out = req.out_ids
+        if token == self.eos_id or any(seq == (out + [token])[-len(seq):] for seq in self.stop_token_seqs):
+            # the stop token(s) are not part of the completion
+            for seq in self.stop_token_seqs:
+                if len(seq) > 1 and seq[:-1] == out[-(len(seq) - 1):]:
+                    del out[-(len(seq) - 1):], req.out_logprobs[-(len(seq) - 1):], req.out_top[-(len(seq) - 1):]
+            self._finish(req)
+            return
+        out.append(token)
+        req.out_logprobs.append(float(logprobs[token]))
+        req.out_top.append(self._top(logprobs[None], req.top_logprobs)[0])
+        if req.stop_sequences and self._hit_stop_sequence(req):
+            self._finish(req)
+            return
+        if len(out) >= req.max_new_tokens or req.position >= self.max_seq_length:
+            self._finish(req)
+
+    def _hit_stop_sequence(self, req: GenRequest) -> bool:
+        longest = max(len(s) for s in req.stop_sequences)
+        # decoding the last few tokens is enough to see a stop string that ends with this token
+        tail = self._raw_decode(req.out_ids[-(longest + 2):])
+        if not any(s in tail for s in req.stop_sequences):
+            return False
+        text = self.decode_completion(req)
+        cuts = [text.find(s) for s in req.stop_sequences if s in text]
+        if not cuts:
+            return False
+        req.stop_text_cut = min(cuts)
+        return True
+
+    def decode_completion(self, req: GenRequest) -> str:
+        return "".join(self.token_texts(req.out_ids, prefix_ids=req.prompt_ids))
+
+    def _finish(self, req: GenRequest) -> None:
+        if req in self._active:
+            row = self._active.index(req)
+            last = len(self._active) - 1
+            if row != last:  # keep active rows packed: move the last row's cache into this slot
+                moved = self._active[last]
+                for cache in self.caches:
+                    cache.k[row, :, : moved.position] = cache.k[last, :, : moved.position]
+                    cache.v[row, :, : moved.position] = cache.v[last, :, : moved.position]
+                self._active[row] = moved
+            self._active.pop()
+        try:
+            req.future.set_result(self._result(req))
+        except Exception as err:
+            req.future.set_exception(err)
+
+    def _result(self, req: GenRequest) -> dict:
+        texts = self.token_texts(req.out_ids, prefix_ids=req.prompt_ids)
+        tokens = [{"text": t, "logprob": lp, "top_logprob": top}
+                  for t, lp, top in zip(texts, req.out_logprobs, req.out_top)]
+        if req.stop_text_cut is not None:  # drop the stop string and anything after it
+            kept, length = [], 0
+            for tok in tokens:
+                if length >= req.stop_text_cut:
+                    break
+                if length + len(tok["text"]) > req.stop_text_cut:
+                    tok = dict(tok, text=tok["text"][: req.stop_text_cut - length])
+                kept.append(tok)
+                length += len(tok["text"])
+            tokens = kept
+        completion = "".join(t["text"] for t in tokens)
+        if req.echo:
+            prompt_text = "".join(e["text"] for e in req.prompt_entries)
+            tokens = req.prompt_entries + tokens
+            text = prompt_text + completion
+        else:
+            text = completion
+        return {"text": text, "tokens": tokens, "logprob": float(sum(t["logprob"] for t in tokens)),
+                "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.out_ids)}
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")

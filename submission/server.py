@@ -1,0 +1,194 @@
+"""``onegpu serve``: the challenge's HTTP API (/process, /tokenize, /decode) over a litgpt checkpoint.
+
+The contract is ../shared/reference/challenge-api.md; the decisions it leaves open are made here
+and documented in the README's "Submission server" section:
+
+* /tokenize returns the ids the model is fed, including BOS when the tokenizer prepends one (HELM
+  counts prompt length with /tokenize); /decode drops that leading BOS, so ids round-trip.
+* Over-long prompts are left-truncated (BOS kept) to fit ``max_seq_length - max_new_tokens``;
+  ``max_new_tokens >= max_seq_length - 1`` is a 422.
+* ``echo_prompt`` scores the prompt as sent (no template); the first returned prompt token has
+  logprob 0.0 and an empty top_logprob when there is no BOS to condition on.
+* A prompt template (``--prompt_style``) wraps the prompt; the response never contains it.
+
+Handlers are ``async`` and only tokenize and wait: the engine's worker thread batches generation
+(see engine.py), so dozens of concurrent HELM requests share each forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from onegpu.errors import UserError
+from submission.schemas import (DecodeRequest, DecodeResponse, ErrorResponse, ProcessRequest, ProcessResponse,
+                                TokenizeRequest, TokenizeResponse)
+
+
+def _validation_message(errors: list) -> str:
+    parts = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def create_app(engine):
+    """The FastAPI app serving ``engine`` (a :class:`submission.engine.Engine`)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    from submission.engine import GenRequest
+
+    app = FastAPI(title="onegpu submission server",
+                  description="NeurIPS LLM Efficiency Challenge API: /process, /tokenize, /decode",
+                  version="1")
+    errors = {422: {"model": ErrorResponse, "description": "invalid request (the message says what and why)"}}
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        return JSONResponse(status_code=422, content={"detail": _validation_message(exc.errors())})
+
+    def reject(message: str):
+        return JSONResponse(status_code=422, content={"detail": message})
+
+    tokenizer_vocab = engine.vocab_limit()
+
+    @app.get("/health")
+    async def health() -> dict:
+        """200 once the model is loaded (the server listens only after that)."""
+        return {"status": "ok", "checkpoint": str(engine.checkpoint), "device": str(engine.device),
+                "dtype": str(engine.dtype).removeprefix("torch."), "max_seq_length": engine.max_seq_length,
+                "max_batch_size": engine.max_batch_size, "prompt_style": engine.prompt_style_name,
+                "stats": dict(engine.stats)}
+
+    @app.post("/process", response_model=ProcessResponse, responses=errors)
+    async def process(body: ProcessRequest):
+        start = time.perf_counter()
+        echo = bool(body.echo_prompt)
+        prompt = body.prompt
+        if engine.prompt_style is not None and not echo:
+            prompt = engine.prompt_style.apply(prompt)
+        ids = engine.encode(prompt)
+        limit = engine.max_seq_length
+        if body.max_new_tokens > limit - 2:
+            return reject(f"max_new_tokens={body.max_new_tokens} leaves no room for a prompt in this model's "
+                          f"context of {limit} tokens; ask for at most {limit - 2}")
+        budget = limit - body.max_new_tokens
+        if len(ids) > budget:  # keep the end of the prompt (the question), and BOS
+            keep_bos = engine.tokenizer.use_bos and ids[0] == engine.tokenizer.bos_id
+            ids = ids[:1] + ids[len(ids) - (budget - 1):] if keep_bos else ids[len(ids) - budget:]
+            print(f"[onegpu serve] prompt left-truncated to {len(ids)} tokens to fit max_new_tokens="
+                  f"{body.max_new_tokens} in {limit}", file=sys.stderr)
+        request = GenRequest(prompt_ids=ids, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                             top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+                             stop_sequences=list(body.stop_sequences or []), echo=echo,
+                             top_logprobs=body.top_k_per_token)
+        result = await asyncio.wrap_future(engine.submit(request))
+        return {"text": result["text"], "tokens": result["tokens"], "logprob": result["logprob"],
+                "request_time": time.perf_counter() - start}
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
+    async def tokenize(body: TokenizeRequest):
+        start = time.perf_counter()
+        ids = engine.encode(body.text)
+        if body.truncation:
+            ids = ids[: body.max_length]
+        return {"tokens": ids, "request_time": time.perf_counter() - start}
+
+    @app.post("/decode", response_model=DecodeResponse, responses=errors)
+    async def decode(body: DecodeRequest):
+        start = time.perf_counter()
+        bad = [t for t in body.tokens if not 0 <= t < tokenizer_vocab]
+        if bad:
+            return reject(f"token ids {bad[:5]} are not in this tokenizer's vocabulary [0, {tokenizer_vocab})")
+        return {"text": engine.decode(body.tokens), "request_time": time.perf_counter() - start}
+
+    return JSONBodies(app)
+
+
+class JSONBodies:
+    """ASGI wrapper: POST bodies are JSON whatever Content-Type says.
+
+    ``curl -d '{...}'`` sends ``application/x-www-form-urlencoded``; the organizers' health check
+    and hand-written clients should not get a 422 for a missing header.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    def __getattr__(self, name):  # expose the FastAPI app's attributes (openapi(), routes...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
+def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8080,
+          device: str = "auto", dtype: str = "auto", prompt_style: str = "auto", max_batch_size: int = 16,
+          max_seq_length: int = 2048, quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq",
+                                                         "bnb.int8"] | None = None,
+          wandb_artifact: str | None = None, hub_model: str | None = None, num_threads: int | None = None,
+          access_log: bool = False) -> None:
+    """Serve a checkpoint over the challenge's HTTP API until interrupted.
+
+    Exactly one model source: ``--checkpoint`` (a litgpt checkpoint dir, or a LoRA adapter dir
+    whose hyperparameters.yaml names its base), ``--wandb_artifact`` or ``--hub_model``.
+
+    Args:
+        checkpoint: litgpt checkpoint dir (e.g. what `onegpu model prepare` printed, or a fine-tune's
+            out/final), or an adapter-only dir (lit_model.pth.lora + hyperparameters.yaml).
+        host: interface to bind (0.0.0.0 inside Docker).
+        port: TCP port (80 inside Docker).
+        device: auto (cuda if visible, else cpu), cpu, cuda or cuda:N.
+        dtype: auto (bfloat16 on GPUs that support it, float16 on older ones, float32 on CPU),
+            float32, bfloat16 or float16.
+        prompt_style: raw (prompt as sent), auto (the checkpoint's prompt_style.yaml if present,
+            else raw with a warning) or a litgpt prompt-style name (alpaca, chatml, ...).
+        max_batch_size: sequences decoded together (KV-cache rows); more uses more memory.
+        max_seq_length: context length served (prompt + completion), capped at the model's.
+            HELM's neurips/local deployment uses 2048.
+        quantize: bitsandbytes weight quantization on CUDA (bnb.nf4, bnb.nf4-dq, bnb.fp4,
+            bnb.fp4-dq, bnb.int8).
+        wandb_artifact: a W&B model artifact (entity/project/name:alias) to download and serve
+            (network and W&B login needed).
+        hub_model: a Hugging Face hub id to download and convert with `onegpu model prepare`.
+        num_threads: torch CPU threads (default: torch's choice).
+        access_log: log every HTTP request.
+    """
+    sources = [s for s in (checkpoint, wandb_artifact, hub_model) if s]
+    if len(sources) != 1:
+        raise UserError("onegpu serve needs exactly one model source",
+                        fix="pass one of --checkpoint DIR, --wandb_artifact NAME, --hub_model ID")
+    if not 0 < port < 65536:
+        raise UserError(f"port {port} is out of range", fix="use 1-65535")
+    if wandb_artifact:
+        from submission.engine import download_wandb_artifact
+
+        checkpoint = download_wandb_artifact(wandb_artifact)
+    elif hub_model:
+        from onegpu.model import prepare
+
+        checkpoint = prepare(hub_model)
+    import uvicorn
+
+    from submission.engine import Engine
+
+    print(f"[onegpu serve] loading {checkpoint}", file=sys.stderr)
+    engine = Engine(Path(checkpoint), device=device, dtype=dtype, max_batch_size=max_batch_size,
+                    max_seq_length=max_seq_length, quantize=quantize, prompt_style=prompt_style,
+                    num_threads=num_threads)
+    print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
+          f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}; "
+          f"listening on http://{host}:{port}", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning", access_log=access_log)
+    finally:
+        engine.shutdown()
