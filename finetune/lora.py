@@ -494,8 +494,15 @@ class _Trainer:
         public_cfg.update(max_seq_length=self.max_seq_length, prompt_style=self.style_name,
                           gradient_accumulation=accum, total_steps=total_steps, budget_s=clock.budget_s,
                           budget_reserve_s=clock.reserve_s)
+        previous_id = (resume_state or {}).get("wandb_id")
+        if previous_id:
+            public_cfg["resumed_from_wandb_id"] = previous_id
+        # Online, a resumed segment continues the same W&B run. Offline, a SIGKILLed run's id can
+        # still be held by its orphaned W&B service ("run ID is in use"), so a new offline run is
+        # started and linked through `resumed_from_wandb_id`; metrics.jsonl stays one file.
+        online = os.environ.get("WANDB_MODE", "offline") == "online"
         run = Run("finetune", out_dir, public_cfg, project=cfg["wandb_project"], name=cfg["run_name"],
-                  resume_id=(resume_state or {}).get("wandb_id"))
+                  resume_id=previous_id if online else None)
         bundle = cfg["_data"]
         run.use_input(bundle.name, "dataset", bundle.digest, bundle.path)
         exit_code = 1
@@ -542,7 +549,6 @@ class _Trainer:
             scheduler.load_state_dict(resume_state["scheduler"])
             for k, v in resume_state["progress"].items():
                 setattr(st, k, v)
-            ckpt_io.set_rng_state(resume_state["rng"])
             print(f"[onegpu] resumed from {resume_path} at step {st.step}/{total_steps} "
                   f"({format_duration(clock.elapsed_before_s)} of the budget already used)", file=sys.stderr)
 
@@ -573,6 +579,8 @@ class _Trainer:
         steps_this_segment = 0
         stopped_by = "max_steps" if cfg["max_steps"] else "epochs"
         model.train()
+        if resume_state is not None:  # last thing before the loop: nothing may draw from the RNG after it
+            ckpt_io.set_rng_state(resume_state["rng"])
         while st.step < total_steps:
             if clock.should_stop(next_step_s=ema_step or 0.0):
                 stopped_by = "budget"

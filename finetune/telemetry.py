@@ -49,7 +49,8 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     threads = torch.get_num_threads()
     if threads in _CPU_PEAK_CACHE:
         return _CPU_PEAK_CACHE[threads]
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)  # own generator: never shift the training RNG stream
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):

@@ -1,0 +1,146 @@
+"""Exact resume after SIGKILL, the budget clock stopping a run, and bad configs failing before model load.
+
+Uses a random-init 2-layer litgpt model with the bundled tokenizer (fast steps) on real Dolly /
+Self-Instruct / LIMA rows from ../shared/datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune.testing import make_data_dir, make_tiny_checkpoint
+from onegpu.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, bundled_checkpoint, shared_datasets):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "ckpt": make_tiny_checkpoint(root / "tiny-ckpt", bundled_checkpoint),
+        "data": make_data_dir(root / "data", shared_datasets, max_seq_length=128),
+    }
+
+
+def _args(tiny, out: Path, **extra) -> list[str]:
+    args = {"data": tiny["data"], "checkpoint_dir": tiny["ckpt"], "out_dir": out, "micro_batch_size": 2,
+            "global_batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 2, "num_threads": 1, "eval_interval": 0,
+            "num_samples": 0, "progress": False, "lora_mlp": True, "save_interval_minutes": 0, **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            losses[row["_step"]] = row["loss"]  # later lines (after a resume) win
+    return losses
+
+
+def _env():
+    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny, tmp_path):
+    steps = 60
+    ref = tmp_path / "ref"
+    from onegpu.cli import main
+
+    assert main(["finetune", *_args(tiny, ref, max_steps=steps, save_interval=0)]) == 0
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "onegpu", "finetune", *_args(tiny, out, max_steps=steps, save_interval=5)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step-000010").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    killed_at = max(_losses(out))
+    assert killed_at < steps
+
+    resumed = subprocess.run([*cmd, "--resume", "auto"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["budget_segments"] == 2
+    ref_losses, got = _losses(ref), _losses(out)
+    assert sorted(got) == sorted(ref_losses) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
+    assert (out / "final" / "lit_model.pth").is_file()
+
+
+def test_budget_clock_stops_the_run_and_still_merges(tiny, tmp_path):
+    from finetune.lora import finetune
+
+    out = tmp_path / "budget"
+    t0 = time.monotonic()
+    summary = finetune(**{**_kw(tiny, out), "max_steps": 100_000, "budget": "6s", "budget_reserve": "2s"})
+    assert summary["stopped_by"] == "budget"
+    assert 0 < summary["steps"] < 100_000
+    assert summary["budget_elapsed_s"] < 6.0 + summary["finalize_s"]
+    assert "budget clock" in summary["budget_stop_reason"]
+    assert (out / "final" / "lit_model.pth").is_file() and (out / "final" / "lit_model.pth.lora").is_file()
+    assert time.monotonic() - t0 < 60
+    # the clock survives a resume: a second segment starts with the first one's time spent
+    summary2 = finetune(**{**_kw(tiny, out), "max_steps": 100_000, "budget": "6s", "budget_reserve": "2s",
+                           "resume": "auto"})
+    assert summary2["budget_segments"] == 2 and summary2["steps"] == summary["steps"]
+
+
+def _kw(tiny, out):
+    return dict(data=str(tiny["data"]), checkpoint_dir=tiny["ckpt"], out_dir=out, micro_batch_size=2,
+                global_batch_size=2, num_threads=1, eval_interval=0, num_samples=0, progress=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"lora_r": 0}, "lora_r must be > 0"),
+    ({"quantize": "bnb.nf4", "precision": "bf16-mixed"}, "cannot be combined with the mixed precision"),
+    ({"checkpoint_dir": "/nonexistent/model"}, "is not a litgpt checkpoint"),
+    ({"data": "/nonexistent/data"}, "does not exist"),
+    ({"global_batch_size": 3}, "must be a positive multiple"),
+    ({"budget": "soon"}, "cannot read the duration"),
+])
+def test_bad_config_fails_before_model_load(tiny, tmp_path, override, message, monkeypatch):
+    import finetune.lora as lora
+
+    def no_model(*a, **k):  # the check must come first: loading the model would be a failure
+        raise AssertionError("model was loaded before validation")
+
+    monkeypatch.setattr(lora, "build_model", no_model)
+    with pytest.raises(UserError) as err:
+        lora.finetune(**{**_kw(tiny, tmp_path / "bad"), **override})
+    assert message in err.value.problem and err.value.fix
+
+
+def test_empty_dataset_and_cli_exit_code(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(json.dumps({"prompt_style": "alpaca", "max_seq_length": 128}))
+    (empty / "train.jsonl").write_text("")
+    from onegpu.cli import main
+
+    assert main(["finetune", "--data", str(empty), "--checkpoint_dir", str(tiny["ckpt"])]) == 2
+    err = capsys.readouterr().err
+    assert "is empty or missing" in err and "fix:" in err
+
+
+def test_bf16_on_cpu_warns_loudly(tiny, tmp_path):
+    from finetune.lora import _validate, finetune
+    import inspect
+
+    args = {p.name: p.default for p in inspect.signature(finetune).parameters.values()}
+    args.update(_kw(tiny, tmp_path / "w"), precision="bf16-true", device="cpu")
+    with pytest.warns(UserWarning, match="32-true"):
+        _validate(args)
