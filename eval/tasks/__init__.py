@@ -1,0 +1,167 @@
+"""Offline lm-eval tasks over the local dataset copies (``../shared/datasets`` or ``ONEGPU_DATA_DIR``).
+
+The YAMLs beside this file are lm-eval task templates with ``dataset_path: json``. Their data paths
+are placeholders because the datasets dir is only known at run time: ``offline_include_dir()``
+renders them into a cache dir (``$ONEGPU_CACHE/eval-tasks/<hash>``) together with normalised
+JSONL copies of files whose shape lm-eval cannot use as is (TruthfulQA's ``{answer: label}`` maps,
+MMLU CSVs, BBQ's per-category files, BIG-bench ``task.json``), and lm-eval's ``TaskManager`` loads
+that dir via ``include_path``. Task names all start with ``onegpu_``; the hub names (``gsm8k``,
+``mmlu_philosophy``...) stay available for users with network access.
+
+Row order: BBQ and BIG-bench files are sorted by category/condition, so a ``--limit`` would only
+see the first block; they are shuffled once with a fixed seed when normalised.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from onegpu.paths import cache_dir, shared_datasets_dir
+
+TEMPLATES = Path(__file__).resolve().parent
+SHUFFLE_SEED = 1234
+BBQ_FILES = ("data/Age.jsonl", "data/Disability_status.jsonl", "data/Nationality.jsonl",
+             "data/Physical_appearance.jsonl", "data/Religion.jsonl", "data/Sexual_orientation.jsonl",
+             "bbq_lite_from_bigbench/Gender_identity.json", "bbq_lite_from_bigbench/Race_ethnicity.json",
+             "bbq_lite_from_bigbench/SES.json")
+
+
+def offline_include_dir(datasets_dir: Path | None = None) -> Path | None:
+    """Render the offline task YAMLs (+ normalised data) and return the dir; None without datasets."""
+    datasets_dir = Path(datasets_dir) if datasets_dir else shared_datasets_dir()
+    if datasets_dir is None or not datasets_dir.is_dir():
+        return None
+    datasets_dir = datasets_dir.resolve()
+    key = hashlib.sha1(str(datasets_dir).encode() + b"".join(
+        p.read_bytes() for p in sorted(TEMPLATES.glob("*.y*ml"))) + Path(__file__).read_bytes()).hexdigest()[:12]
+    out = cache_dir() / "eval-tasks" / key
+    if (out / ".complete").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+        staged = Path(tmp) / "tasks"
+        prepared = staged / "data"
+        prepared.mkdir(parents=True)
+        _build(datasets_dir, staged, prepared, final_prepared=out / "data")
+        (staged / ".complete").write_text(str(datasets_dir))
+        if out.exists():  # a concurrent builder finished first: keep theirs
+            return out
+        try:
+            staged.rename(out)
+        except OSError:
+            if not (out / ".complete").is_file():
+                raise
+    return out
+
+
+def _render(template: str, out_path: Path, **subs: str) -> None:
+    text = (TEMPLATES / template).read_text(encoding="utf-8")
+    for key, value in subs.items():
+        text = text.replace(f"@{key}@", value)
+    out_path.write_text(text, encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _build(ds: Path, staged: Path, prepared: Path, final_prepared: Path) -> None:
+    subs = {"DATASETS": str(ds), "PREPARED": str(final_prepared)}
+    if (ds / "gsm8k" / "test.jsonl").is_file():
+        _render("gsm8k.yaml", staged / "onegpu_gsm8k.yaml", **subs)
+
+    tqa = ds / "truthfulqa" / "data" / "v1" / "mc_task.json"
+    if tqa.is_file():
+        rows = []
+        for item in json.loads(tqa.read_text(encoding="utf-8")):
+            choices = list(item["mc1_targets"])
+            rows.append({"question": item["question"], "choices": choices,
+                         "label": [item["mc1_targets"][c] for c in choices].index(1)})
+        _write_jsonl(prepared / "truthfulqa_mc1.jsonl", rows)
+        _render("truthfulqa_mc1.yaml", staged / "onegpu_truthfulqa_mc1.yaml", **subs)
+
+    for test_csv in sorted((ds / "mmlu" / "test").glob("*_test.csv")):
+        subject = test_csv.name[: -len("_test.csv")]
+        dev_csv = ds / "mmlu" / "dev" / f"{subject}_dev.csv"
+        if not dev_csv.is_file():
+            continue
+        for split, path in (("test", test_csv), ("dev", dev_csv)):
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [{"question": r["question"], "choices": [r[f"choice{i}"] for i in range(4)],
+                         "answer": int(r["answer"]), "subject": subject} for r in csv.DictReader(fh)]
+            _write_jsonl(prepared / "mmlu" / f"{subject}_{split}.jsonl", rows)
+        _render("mmlu.yaml", staged / f"onegpu_mmlu_{subject}.yaml", SUBJECT=subject,
+                SUBJECT_TEXT=subject.replace("_", " "), **subs)
+
+    bbq_rows = []
+    for rel in BBQ_FILES:
+        path = ds / "bbq" / rel
+        if not path.is_file():
+            continue
+        if path.suffix == ".json":
+            records = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        else:
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for r in records:
+            bbq_rows.append({"context": r["context"], "question": r["question"],
+                             "choices": [r["ans0"], r["ans1"], r["ans2"]], "label": int(r["label"]),
+                             "category": r.get("category", path.stem), "context_condition": r.get("context_condition")})
+    if bbq_rows:
+        random.Random(SHUFFLE_SEED).shuffle(bbq_rows)
+        _write_jsonl(prepared / "bbq.jsonl", bbq_rows)
+        _render("bbq.yaml", staged / "onegpu_bbq.yaml", **subs)
+
+    for task_json in sorted((ds / "bigbench").glob("**/task.json")):
+        rel = task_json.parent.relative_to(ds / "bigbench")
+        spec = json.loads(task_json.read_text(encoding="utf-8"))
+        examples = spec.get("examples") or []
+        if not examples:
+            continue  # a parent task whose examples live in subtask dirs
+        name = "_".join(rel.parts)
+        rows = _bigbench_rows(spec, examples)
+        if not rows:
+            continue
+        random.Random(SHUFFLE_SEED).shuffle(rows)
+        _write_jsonl(prepared / "bigbench" / f"{name}.jsonl", rows)
+        template = "bigbench_mc.yaml" if "choices" in rows[0] else "bigbench_gen.yaml"
+        _render(template, staged / f"onegpu_bigbench_{name}.yaml", NAME=name, **subs)
+
+
+def _bigbench_rows(spec: dict, examples: list[dict]) -> list[dict]:
+    """BIG-bench examples -> {prompt, choices, label} (multiple choice) or {prompt, target}."""
+    task_prefix = spec.get("task_prefix", "")
+    in_prefix = spec.get("example_input_prefix", "Q: ")
+    out_prefix = spec.get("example_output_prefix", "\nA:").rstrip(" ")
+    multiple_choice = all("target_scores" in e for e in examples)
+    rows = []
+    for e in examples:
+        prompt = task_prefix + in_prefix + e["input"]
+        if multiple_choice:
+            choices = list(e["target_scores"])
+            scores = [e["target_scores"][c] for c in choices]
+            if spec.get("append_choices_to_input", True):
+                prompt += "\n" + "\n".join(f"  choice: {c}" for c in choices)
+            rows.append({"prompt": prompt + out_prefix, "choices": choices, "label": scores.index(max(scores))})
+        elif "target" in e:
+            target = e["target"] if isinstance(e["target"], str) else e["target"][0]
+            rows.append({"prompt": prompt + out_prefix, "target": target})
+    return rows
+
+
+def offline_task_names(include_dir: Path | None) -> list[str]:
+    if include_dir is None:
+        return []
+    return sorted(p.stem for p in include_dir.glob("onegpu_*.yaml"))
+
+
+def clear_cache() -> None:
+    shutil.rmtree(cache_dir() / "eval-tasks", ignore_errors=True)

@@ -1,0 +1,295 @@
+"""``onegpu eval val``: an lm-eval-harness suite on a checkpoint, in-process, tracked.
+
+The model is ``eval.lm.LitGPTLM`` (lm-eval model name ``onegpu``): the litgpt checkpoint runs as
+is, no HF conversion. A suite is a YAML list of lm-eval tasks with per-task ``limit``,
+``num_fewshot`` and ``gen_kwargs`` (``eval/suites/``); offline tasks (``onegpu_*``) read the local
+dataset copies, hub tasks download as usual.
+
+Each task is one ``lm_eval.simple_evaluate`` call on the same loaded model, and its result is
+written to ``<out>/tasks/<task>.json`` as soon as it finishes: a re-run with the same settings
+skips finished tasks (resume after an interrupt). ``results.json`` holds the per-task metrics,
+each task's primary metric, and ``val_score`` (the mean of the primary metrics); W&B gets them via
+lm-eval's ``WandbLogger`` (metrics, per-task sample tables) plus a summary table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onegpu.errors import UserError
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+# The metric a task is ranked by, first one present wins (filter suffix included).
+PRIMARY_METRICS = ("acc,none", "exact_match,flexible-extract", "exact_match,none", "rouge2,none", "f1,none",
+                   "bleu,none", "word_perplexity,none")
+
+
+# ------------------------------------------------------------------------------------ suites
+def known_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(suite: str) -> dict[str, Any]:
+    """A suite by name (``eval/suites/NAME.yaml``) or path -> {name, description, tasks: [...]}."""
+    path = Path(suite).expanduser()
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = SUITES_DIR / f"{suite}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown suite {suite!r}",
+                        fix=f"use one of: {', '.join(known_suites())}, or the path of a suite YAML")
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    defaults = spec.get("defaults") or {}
+    tasks = []
+    for entry in spec.get("tasks") or []:
+        entry = {"task": entry} if isinstance(entry, str) else dict(entry)
+        if "task" not in entry:
+            raise UserError(f"suite {path} has a task entry without `task:`: {entry}",
+                            fix="write each entry as {task: NAME, limit: N, num_fewshot: K}")
+        tasks.append({**defaults, **entry})
+    if not tasks:
+        raise UserError(f"suite {path} lists no tasks", fix="add a `tasks:` list")
+    return {"name": path.stem, "path": str(path), "description": spec.get("description", ""), "tasks": tasks}
+
+
+def task_manager():
+    """lm-eval's TaskManager with the offline ``onegpu_*`` tasks included when the datasets exist."""
+    from lm_eval.tasks import TaskManager
+
+    from eval.tasks import offline_include_dir
+
+    include = offline_include_dir()
+    return TaskManager(include_path=str(include) if include else None), include
+
+
+def check_task_names(names: list[str], manager, include: Path | None) -> None:
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    offline = sorted(n for n in known if n.startswith("onegpu_"))
+    where = ("offline tasks: " + ", ".join(n for n in offline if not n.startswith("onegpu_mmlu_"))
+             + ", onegpu_mmlu_<subject>") if offline else \
+        "no offline tasks (../shared/datasets not found; set ONEGPU_DATA_DIR)"
+    raise UserError(f"unknown lm-eval task(s): {'; '.join(hints)}",
+                    fix=f"use lm-eval task names (`lm-eval ls tasks`) or {where}")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def checkpoint_digest(checkpoint: Path) -> str:
+    """Cheap content id: the lineage file plus size and mtime of the weight files."""
+    h = hashlib.sha1()
+    for name in ("onegpu_model.json", "lit_model.pth", "lit_model.pth.lora", "model_config.yaml"):
+        p = checkpoint / name
+        if p.is_file():
+            st = p.stat()
+            h.update(name.encode())
+            h.update(p.read_bytes() if p.suffix == ".json" else f"{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def record_checkpoint_lineage(run, checkpoint: Path) -> dict:
+    from eval.lm import checkpoint_lineage
+
+    meta = checkpoint_lineage(checkpoint)
+    name = meta.get("artifact") or meta.get("run_id") or checkpoint.name
+    run.use_input(name=f"model-{name}".replace("/", "-"), type="model", digest=checkpoint_digest(checkpoint),
+                  path=checkpoint)
+    return meta
+
+
+def primary_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
+    for key in PRIMARY_METRICS:
+        if isinstance(metrics.get(key), (int, float)):
+            return key, float(metrics[key])
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
+            return key, float(value)
+    return None, None
+
+
+def _merge(into: dict | None, part: dict) -> dict:
+    if into is None:
+        return json.loads(json.dumps(part, default=str))
+    for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "group_subtasks"):
+        if isinstance(part.get(key), dict):
+            into.setdefault(key, {}).update(json.loads(json.dumps(part[key], default=str)))
+    return into
+
+
+def summary_table(rows: list[list[Any]]) -> str:
+    header = ["task", "metric", "value", "n", "shots"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths]),
+                      *[fmt.format(*map(str, r)) for r in rows]])
+
+
+# ------------------------------------------------------------------------------------ the verb
+def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path = Path("runs/eval-val"),
+             tasks: list[str] | None = None, limit: int | None = None, num_fewshot: int | None = None,
+             batch_size: int = 8, prompt_style: str = "auto", device: str | None = None,
+             dtype: str | None = None, seed: int = 1234, log_samples: bool = True, fresh: bool = False) -> dict:
+    """Run an lm-eval suite on a litgpt checkpoint; writes ``results.json`` and a W&B run in ``out``.
+
+    Args:
+        checkpoint: litgpt checkpoint dir (merged), or a LoRA dir with ``lit_model.pth.lora`` +
+            ``hyperparameters.yaml`` (merged in memory with the base it names).
+        suite: suite name (offline, quick, helm-open, helm-hidden-proxy) or a suite YAML path.
+        out: run dir for ``results.json``, per-task results, samples and the W&B run.
+        tasks: run these lm-eval tasks instead of the suite's (e.g. ``[onegpu_gsm8k,mmlu_anatomy]``).
+        limit: instances per task, overriding the suite (None = the suite's own limits).
+        num_fewshot: few-shot examples per task, overriding the suite and the task defaults.
+        batch_size: requests per forward pass (loglikelihood) or per decode batch (generation).
+        prompt_style: ``auto`` (the checkpoint's prompt_style.yaml, else raw), ``raw``, or a litgpt
+            prompt style name. Applied to generation contexts only; loglikelihood (multiple choice)
+            requests are always scored raw, as lm-eval does for every model.
+        device: ``cpu``, ``cuda``, ``cuda:1``... (default: cuda when available).
+        dtype: ``float32``, ``bfloat16``, ``float16`` (default: bf16 on GPUs that support it, else fp32).
+        seed: lm-eval's random/numpy/torch/few-shot seeds.
+        log_samples: keep per-instance samples (``samples/<task>.jsonl`` and W&B sample tables).
+        fresh: ignore per-task results from an earlier, interrupted run in ``out``.
+    """
+    from eval.lm import resolve_checkpoint
+
+    started = time.time()
+    if checkpoint is None:
+        raise UserError("no checkpoint given", fix="pass --checkpoint DIR (a litgpt checkpoint or LoRA output dir)")
+    ckpt, base = resolve_checkpoint(checkpoint)  # validate before anything heavy
+    spec = load_suite(suite)
+    entries = [{"task": t} for t in tasks] if tasks else spec["tasks"]
+    for entry in entries:
+        if limit is not None:
+            entry["limit"] = limit
+        if num_fewshot is not None:
+            entry["num_fewshot"] = num_fewshot
+    manager, include = task_manager()
+    check_task_names([e["task"] for e in entries], manager, include)
+
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    from lm_eval import simple_evaluate
+
+    from eval.lm import LitGPTLM
+    from onegpu.tracking import Run
+
+    out = Path(out)
+    task_dir = out / "tasks"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    digest = checkpoint_digest(ckpt)
+    config = {"checkpoint": str(ckpt), "base_checkpoint": str(base) if base else None, "suite": spec["name"],
+              "suite_path": spec["path"], "tasks": entries, "batch_size": batch_size, "prompt_style": prompt_style,
+              "device": device, "dtype": dtype, "seed": seed, "checkpoint_digest": digest}
+    run = Run("eval-val", out, config, tags=["eval", "lm-eval", spec["name"]])
+    exit_code = 1
+    try:
+        lineage = record_checkpoint_lineage(run, ckpt)
+        lm = LitGPTLM(ckpt, batch_size=batch_size, device=device, dtype=dtype, prompt_style=prompt_style)
+        merged: dict | None = None
+        per_task: dict[str, dict] = {}
+        samples: dict[str, list] = {}
+        for i, entry in enumerate(entries):
+            name = entry["task"]
+            settings = {"checkpoint_digest": digest, "prompt_style": prompt_style, **entry}
+            saved = task_dir / f"{name}.json"
+            if saved.is_file() and not fresh:
+                previous = json.loads(saved.read_text(encoding="utf-8"))
+                if previous.get("settings") == settings:
+                    print(f"[onegpu] [{i + 1}/{len(entries)}] {name}: done in an earlier run, reusing "
+                          f"{saved} (--fresh to redo)", file=sys.stderr)
+                    merged = _merge(merged, previous["lm_eval"])
+                    per_task[name] = previous["summary"]
+                    continue
+            print(f"[onegpu] [{i + 1}/{len(entries)}] {name} (limit={entry.get('limit')}, "
+                  f"num_fewshot={entry.get('num_fewshot', 'task default')})", file=sys.stderr, flush=True)
+            t0 = time.time()
+            try:
+                result = simple_evaluate(
+                    model=lm, tasks=[name], num_fewshot=entry.get("num_fewshot"), limit=entry.get("limit"),
+                    gen_kwargs=entry.get("gen_kwargs"), task_manager=manager, log_samples=log_samples,
+                    bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                )
+            except (ConnectionError, OSError) as err:
+                raise UserError(f"task {name} could not load its dataset: {err}",
+                                fix="hub tasks need network access (unset HF_DATASETS_OFFLINE); offline, use "
+                                    "--suite offline or onegpu_* tasks") from err
+            task_samples = (result or {}).pop("samples", {}) or {}
+            metrics = {k: v for k, v in result["results"].get(name, {}).items() if k != "alias"}
+            key, value = primary_metric(metrics)
+            summary = {"metrics": metrics, "primary_metric": key, "primary": value,
+                       "n": result.get("n-samples", {}).get(name, {}).get("effective"),
+                       "num_fewshot": result.get("n-shot", {}).get(name), "wall_s": round(time.time() - t0, 2)}
+            if log_samples:
+                (out / "samples").mkdir(exist_ok=True)
+                with open(out / "samples" / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+                    for s in task_samples.get(name, []):
+                        fh.write(json.dumps(s, default=str) + "\n")
+                samples.update(task_samples)
+            lm_eval_part = {k: v for k, v in result.items() if k != "samples"}
+            saved.write_text(json.dumps({"settings": settings, "summary": summary, "lm_eval": lm_eval_part},
+                                        indent=1, default=str), encoding="utf-8")
+            merged = _merge(merged, lm_eval_part)
+            per_task[name] = summary
+            run.log({f"val/{name}/{m}": v for m, v in metrics.items() if isinstance(v, (int, float))}, step=i)
+
+        primaries = [t["primary"] for t in per_task.values() if t["primary"] is not None]
+        val_score = sum(primaries) / len(primaries) if primaries else None
+        rows = [[n, t["primary_metric"], None if t["primary"] is None else round(t["primary"], 4), t["n"],
+                 t["num_fewshot"]] for n, t in per_task.items()]
+        results = {"stage": "eval-val", "suite": spec["name"], "checkpoint": str(ckpt),
+                   "checkpoint_digest": digest, "checkpoint_lineage": lineage, "prompt_style": prompt_style,
+                   "tasks": per_task, "val_score": val_score, "wall_s": round(time.time() - started, 2),
+                   "lm_eval_version": _version("lm_eval")}
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+        (out / "lm_eval_results.json").write_text(json.dumps(merged, indent=1, default=str), encoding="utf-8")
+        run.log_table("val_summary", ["task", "metric", "value", "n", "shots"], rows)
+        run.summary(val_score=val_score, **{f"val/{n}": t["primary"] for n, t in per_task.items()})
+        _wandb_lm_eval(merged, samples)
+        print("\n" + summary_table(rows + [["val_score (mean)", "", None if val_score is None else round(val_score, 4),
+                                            "", ""]]))
+        print(f"\nresults: {out / 'results.json'}")
+        exit_code = 0
+        return results
+    finally:
+        run.finish(exit_code=exit_code)
+
+
+def _wandb_lm_eval(merged: dict | None, samples: dict) -> None:
+    """lm-eval's own W&B logger on our (already started) run: metric tables and sample tables."""
+    try:
+        import wandb
+
+        if wandb.run is None or merged is None:
+            return
+        from lm_eval.loggers import WandbLogger
+
+        logger = WandbLogger()
+        logger.post_init(merged)
+        logger.log_eval_result()
+        if samples:
+            logger.log_eval_samples(samples)
+    except Exception as err:  # W&B extras must never fail an evaluation
+        print(f"[onegpu] note: lm-eval WandbLogger failed ({err}); results.json is complete", file=sys.stderr)
+
+
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
