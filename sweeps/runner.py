@@ -1,0 +1,678 @@
+"""``onegpu sweep``: run a W&B sweep YAML offline on this machine, one trial after another.
+
+The YAML is the one ``wandb sweep`` takes (W&B's schema; see ``sweeps/schema.py``); each trial is
+the YAML's ``command`` with W&B's macros (``${env}``, ``${interpreter}``, ``${program}``,
+``${args}``, ``${args_no_hyphens}``, ``${args_json}``, ``${args_json_file}``,
+``${args_no_boolean_flags}``...) rendered by wandb's own agent code, so a YAML that works here
+works with ``wandb agent`` and the other way round. Grid and random follow W&B's engine; bayes
+runs through optuna's TPE sampler (the maintained engine W&B's own Launch scheduler also offers).
+
+Before any trial starts, every parameter value the sweep can produce is parsed with the target
+verb's own jsonargparse parser (``onegpu finetune``'s, when the command runs ``onegpu finetune``),
+so a typo fails in a second, naming the key, instead of after hours of trials.
+
+Each trial runs in ``OUT/trial-NNN`` (passed as ``--out_dir`` when the verb has one) as an offline
+W&B run grouped under the sweep id, with the sweep params + sweep id in its W&B config (through
+``WANDB_SWEEP_PARAM_PATH``, the file W&B's agent writes). ``OUT/sweep_state.json`` records every
+trial; re-running the same command skips finished and failed trials and re-runs interrupted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onegpu.errors import UserError
+from sweeps import schema as S
+
+STATE_FILE = "sweep_state.json"
+SUMMARY_FILE = "sweep_summary.json"
+DONE_STATES = ("finished", "failed", "stopped")  # not re-run on resume (failed: unless --retry_failed)
+
+
+# ------------------------------------------------------------------------------ command rendering
+def _macro_values(params: dict[str, Any], config: dict[str, Any], json_file: Path | None) -> dict[str, list[str]]:
+    """W&B's agent macros for one trial (``wandb_agent.Agent._command_run``), offline flavour."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    # W&B hands nested parameters to the run as one dict-valued top-level key.
+    values = create_sweep_command_args({"args": {k: {"value": v} for k, v in S.nest(params).items()}})
+    values["interpreter"] = [sys.executable]  # W&B says "python"; ours is the venv's interpreter
+    values["program"] = [str(config.get("program", ""))]
+    values["env"] = ["/usr/bin/env"] if os.name != "nt" else []
+    values["args_json_file"] = [str(json_file)] if json_file else []
+    return values
+
+
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's default
+
+
+def render_command(config: dict[str, Any], params: dict[str, Any], json_file: Path | None = None) -> list[str]:
+    """The argv of one trial: the YAML's ``command`` with W&B's macros filled in."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command
+
+    command = create_sweep_command(list(config.get("command") or DEFAULT_COMMAND))  # ${envvar:NAME}
+    values = _macro_values(params, config, json_file)
+    argv: list[str] = []
+    for chunk in command:
+        chunk = str(chunk)
+        if chunk.startswith("${") and chunk.endswith("}"):
+            name = chunk[2:-1]
+            if name not in values:
+                raise UserError(f"command: unknown macro {chunk}",
+                                fix="W&B knows ${env} ${interpreter} ${program} ${args} ${args_no_hyphens} "
+                                    "${args_json} ${args_json_file} ${args_no_boolean_flags} ${args_no_equals}")
+            argv += values[name]
+        else:
+            argv.append(chunk)
+    if not argv:
+        raise UserError("command renders to nothing", fix='e.g. command: ["${env}", "onegpu", "finetune", "${args}"]')
+    return argv
+
+
+@dataclass
+class Target:
+    """The onegpu verb a sweep command runs, if it runs one: validated with that verb's parser."""
+
+    words: tuple[str, ...]
+    fn: Any
+    argv_start: int  # index in the rendered argv where the verb's own arguments begin
+
+    @property
+    def name(self) -> str:
+        return "onegpu " + " ".join(self.words)
+
+    def parameters(self) -> list[str]:
+        import inspect
+
+        return list(inspect.signature(self.fn).parameters)
+
+    def parser(self):
+        from jsonargparse import ActionConfigFile, ArgumentParser
+
+        # Same construction as jsonargparse.CLI(fn, as_positional=True) in onegpu/cli.py, minus running it.
+        parser = ArgumentParser(default_meta=False, exit_on_error=False, prog=self.name)
+        parser.add_argument("--config", action=ActionConfigFile)
+        parser.add_function_arguments(self.fn, as_group=False, as_positional=True, fail_untyped=True,
+                                      sub_configs=True)
+        return parser
+
+
+def find_target(argv: list[str]) -> Target | None:
+    """``onegpu VERB ...`` (directly, via ``/usr/bin/env``, or ``python -m onegpu[.cli]``) -> its Target."""
+    import importlib
+
+    from onegpu import cli
+
+    for i, word in enumerate(argv):
+        if Path(word).name == "onegpu" or (word == "-m" and i + 1 < len(argv) and argv[i + 1] in ("onegpu", "onegpu.cli")):
+            start = i + 1 if word != "-m" else i + 2
+            found = cli._match(argv[start:])
+            if found is None:
+                raise UserError(f"command runs `onegpu {' '.join(argv[start:start + 2])}`, which is not an onegpu verb",
+                                fix="use e.g. onegpu finetune; `onegpu --help` lists the verbs")
+            words, _rest = found
+            module, fn_name, _doc = cli.VERBS[words]
+            try:
+                fn = getattr(importlib.import_module(module), fn_name)
+            except (ImportError, AttributeError) as err:
+                raise UserError(f"the sweep runs `onegpu {' '.join(words)}`, which is not available here ({err})",
+                                fix="install the full onegpu package") from err
+            return Target(words, fn, start + len(words))
+    return None
+
+
+def check_command(config: dict[str, Any], points: list[dict[str, Any]], source: str,
+                  extra_args: list[str] | None = None) -> Target | None:
+    """Parse the rendered command of every given point with the target verb's parser.
+
+    Raises UserError naming ``parameters.KEY`` (and the value) that the verb rejects.
+    """
+    target = find_target(render_command(config, points[0]))
+    if target is None:
+        return None
+    parser = target.parser()
+    options = {opt.lstrip("-").split(".")[0] for action in parser._actions for opt in action.option_strings}
+    dests = {getattr(action, "dest", "").split(".")[0] for action in parser._actions}
+    for name in sorted({n.split(S.NEST)[0] for n in points[0]}):
+        if name not in options and name not in dests:
+            import difflib
+
+            near = difflib.get_close_matches(name, sorted(o for o in options if o), n=3)
+            raise UserError(f"{source}: parameters.{name}: `{target.name}` has no option --{name}",
+                            fix=(f"did you mean {', '.join('--' + n for n in near)}? " if near else "")
+                                + f"see `{target.name} --help`")
+
+    def parse(point: dict[str, Any]) -> str | None:
+        argv = render_command(config, point)[target.argv_start:] + list(extra_args or [])
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            return "rejected (see the message above)"
+        except Exception as err:  # jsonargparse.ArgumentError and friends
+            text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+            return (text[:400] + " ...") if len(text) > 400 else (text or type(err).__name__)
+        return None
+
+    base = points[0]
+    error = parse(base)
+    if error:
+        culprit = next((n for n in base if n in error), None)
+        key = f"parameters.{culprit}" if culprit else "command"
+        raise UserError(f"{source}: {key}: `{target.name}` rejects `{shlex.join(render_command(config, base)[target.argv_start:])}`: {error}",
+                        fix=_value_fix(target, culprit, base[culprit]) if culprit else f"see `{target.name} --help`")
+    # One key at a time, so the error names the key; then whole points (combinations).
+    seen: set[tuple[str, str]] = set()
+    for point in points:
+        for name, value in point.items():
+            if (name, repr(value)) in seen:
+                continue
+            seen.add((name, repr(value)))
+            error = parse({**base, name: value})
+            if error:
+                raise UserError(f"{source}: parameters.{name}: `{target.name}` rejects --{name}={value}: {error}",
+                                fix=_value_fix(target, name, value))
+    for point in points[1:200]:
+        error = parse(point)
+        if error:
+            raise UserError(f"{source}: `{target.name}` rejects the combination {point}: {error}",
+                            fix="change the parameters so every combination is valid")
+    return target
+
+
+def preflight(target: Target, config: dict[str, Any], points: list[dict[str, Any]], source: str,
+              extra_args: list[str], limit: int = 64) -> None:
+    """Run the verb's own no-model checks (``finetune.lora._validate``: data, checkpoint, precision vs
+    quantization...) on each trial's arguments, so a combination it would reject fails now."""
+    import contextlib
+    import importlib
+    import io
+    import warnings
+
+    check = getattr(importlib.import_module(target.fn.__module__), "_validate", None)
+    if check is None:
+        return
+    parser = target.parser()
+    for point in points[:limit]:
+        ns = parser.parse_args(render_command(config, point)[target.argv_start:] + extra_args)
+        kwargs = {name: ns.get(name) for name in target.parameters()}
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                check(kwargs)
+        except UserError as err:
+            named = {k: v for k, v in point.items() if str(v) in err.problem}
+            varied = named or {k: v for k, v in point.items() if k in _varied_names(points)} or point
+            keys = ", ".join(f"parameters.{k}={v}" for k, v in varied.items())
+            raise UserError(f"{source}: `{target.name}` would reject the trial with {keys}: {err.problem}",
+                            fix=err.fix or f"change {keys}") from err
+
+
+def _varied_names(points: list[dict[str, Any]]) -> set[str]:
+    return {k for k in points[0] if len({repr(p.get(k)) for p in points}) > 1}
+
+
+def _value_fix(target: Target, name: str, value: Any) -> str:
+    if value is None:  # W&B's agent renders a YAML null as the text "None"
+        return (f"W&B passes null as the text None, which `{target.name}` does not read as null: write the "
+                f"string 'null' instead (e.g. values: ['null', ...])")
+    return f"use a value `{target.name} --help` accepts for --{name}"
+
+
+def validation_points(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Points that cover every value a key can take: the grid, or each distribution's range."""
+    if config["method"] == "grid":
+        return S.grid_points(config)
+    flat = S.flat_parameters(config["parameters"])
+    reps = {name: S.representative_values(kind, spec) for name, (kind, spec) in flat.items()}
+    base = {name: values[0] for name, values in reps.items()}
+    points = [base]
+    for name, values in reps.items():
+        points += [{**base, name: v} for v in values[1:]]
+    return points
+
+
+# ----------------------------------------------------------------------------------- metrics
+def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+    elif prefix:
+        out[prefix[:-1]] = doc
+    return out
+
+
+def read_metric(run_dir: Path, name: str) -> float | None:
+    """A trial's final value of ``name``: its ``summary.json``, else ``results.json``, else the last
+    ``metrics.jsonl`` row that has it. Dotted names reach into nested JSON (``results.val.acc``)."""
+    candidates = [run_dir / "summary.json", run_dir / "results.json",
+                  *sorted(p for p in run_dir.glob("*/summary.json") if "wandb" not in p.parts),
+                  *sorted(p for p in run_dir.glob("*/results.json") if "wandb" not in p.parts)]
+    for path in candidates:
+        try:
+            flat = _flatten(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+        value = flat.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    history = metric_history(run_dir, name)
+    return history[-1] if history else None
+
+
+def metric_history(run_dir: Path, name: str) -> list[float]:
+    """Every logged value of ``name`` in ``metrics.jsonl``, in order (W&B's "iterations")."""
+    from onegpu.tracking import read_metrics
+
+    out = []
+    for row in read_metrics(run_dir / "metrics.jsonl"):
+        value = _flatten(row).get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out.append(float(value))
+    return out
+
+
+# ------------------------------------------------------------------------------------- state
+@dataclass
+class SweepState:
+    path: Path
+    sweep_id: str
+    digest: str
+    config: dict[str, Any]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load_or_new(cls, out: Path, config: dict[str, Any], source: str) -> "SweepState":
+        path = out / STATE_FILE
+        digest = S.config_digest(config)
+        if path.is_file():
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("digest") != digest:
+                raise UserError(f"{path} belongs to a different sweep config (digest {doc.get('digest')} != {digest})",
+                                fix=f"use a new --out for the changed {source}, or delete {out} to start over")
+            return cls(path, doc["sweep_id"], digest, config, doc.get("trials", []))
+        return cls(path, "sweep-" + uuid.uuid4().hex[:8], digest, config)
+
+    def save(self) -> None:
+        doc = {"sweep_id": self.sweep_id, "digest": self.digest, "config": self.config, "trials": self.trials}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def find(self, key: str) -> dict[str, Any] | None:
+        return next((t for t in self.trials if t["key"] == key), None)
+
+
+def _key(params: dict[str, Any]) -> str:
+    return S.config_digest(params)
+
+
+# ---------------------------------------------------------------------------------- optuna (bayes)
+def _optuna_space(config: dict[str, Any]) -> dict[str, Any]:
+    """W&B parameters -> optuna distributions (constants stay out of the search space)."""
+    import math
+
+    import optuna.distributions as od
+
+    space: dict[str, Any] = {}
+    for name, (kind, spec) in S.flat_parameters(config["parameters"]).items():
+        lo, hi, q = spec.get("min"), spec.get("max"), spec.get("q")
+        if kind == "param_single_value":
+            continue
+        if kind in ("param_categorical", "param_categorical_w_probabilities"):
+            # optuna stores only plain scalars as choices; others are chosen by index
+            plain = all(v is None or isinstance(v, (bool, int, float, str)) for v in spec["values"])
+            space[name] = od.CategoricalDistribution(spec["values"] if plain else list(range(len(spec["values"]))))
+        elif kind == "param_int_uniform":
+            space[name] = od.IntDistribution(lo, hi)
+        elif kind == "param_uniform":
+            space[name] = od.FloatDistribution(lo, hi)
+        elif kind == "param_quniform":
+            if all(isinstance(x, int) for x in (lo, hi, q)):
+                space[name] = od.IntDistribution(lo, hi - (hi - lo) % q, step=q)
+            else:
+                space[name] = od.FloatDistribution(lo, lo + ((hi - lo) // q) * q, step=q)
+        elif kind == "param_loguniform_v2":
+            space[name] = od.FloatDistribution(lo, hi, log=True)
+        elif kind == "param_loguniform":
+            space[name] = od.FloatDistribution(math.exp(lo), math.exp(hi), log=True)
+        elif kind == "param_qloguniform_v2" and isinstance(q, int) and q == 1:
+            space[name] = od.IntDistribution(max(1, int(lo)), int(hi), log=True)
+        else:
+            raise UserError(f"parameters.{name}: distribution {spec.get('distribution')!r} has no bounded equivalent "
+                            "in optuna's Bayesian (TPE) search",
+                            fix="use values, int/float min-max, q_uniform, log_uniform_values or log_uniform "
+                                "for method: bayes, or switch to method: random")
+    return space
+
+
+def _to_optuna(config: dict[str, Any], space: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    flat = S.flat_parameters(config["parameters"])
+    out = {}
+    for name, dist in space.items():
+        value = params[name]
+        values = flat[name][1].get("values")
+        if values is not None and list(dist.choices) != values:  # chosen by index
+            value = values.index(value)
+        out[name] = value
+    return out
+
+
+def _from_optuna(config: dict[str, Any], space: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, (kind, spec) in S.flat_parameters(config["parameters"]).items():
+        if kind == "param_single_value":
+            out[name] = spec["value"]
+            continue
+        value = chosen[name]
+        values = spec.get("values")
+        if values is not None and list(space[name].choices) != values:
+            value = values[value]
+        out[name] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------- trials
+def _run_trial(argv: list[str], trial_dir: Path, env: dict[str, str], config: dict[str, Any],
+               previous_histories: list[list[float]]) -> tuple[int, str | None]:
+    """Run one trial to the end (or until hyperband stops it). Returns (exit code, stop reason)."""
+    early = config.get("early_terminate")
+    metric = config.get("metric", {})
+    log_path = trial_dir / "trial.log"
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {shlex.join(argv)}\n")
+        log.flush()
+        # Own session: Ctrl-C on the sweep is forwarded deliberately, and a stop hits the whole trial tree.
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=2.0)
+                    return code, None
+                except subprocess.TimeoutExpired:
+                    pass
+                if early:
+                    reason = S.hyperband_should_stop(metric_history(trial_dir, metric["name"]), previous_histories,
+                                                     early, metric.get("goal", "minimize"))
+                    if reason:
+                        _stop(proc)
+                        return proc.wait(), reason
+        except BaseException:
+            _stop(proc)
+            raise
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGINT first (lets the trial save / finish its W&B run), then SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _short(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def sweep(
+    sweep_config: Path,
+    out: Path | None = None,
+    count: int | None = None,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+    retry_failed: bool = False,
+    dry_run: bool = False,
+) -> int:
+    """Run a W&B sweep YAML offline on this machine, one trial after another (resumable).
+
+    Args:
+        sweep_config: a W&B sweep YAML (``method``, ``metric``, ``parameters``, ``command``...), e.g.
+            ``sweeps/lora_rank.yaml``. The same file works with ``wandb sweep`` + ``wandb agent``.
+        out: sweep dir: ``sweep_state.json``, ``sweep_summary.json`` and one ``trial-NNN`` dir per
+            trial. Default ``runs/sweep-<yaml name>``. Re-running with the same ``out`` resumes.
+        count: at most this many trials in this sweep (all of a grid by default; required for
+            random and bayes unless the YAML sets ``run_cap``).
+        params: constant parameters added to (or replacing) the YAML's, e.g.
+            ``--params '{data: runs/quickstart/data}'``; they become part of the sweep config.
+        seed: seed for random and bayes draws (the same seed resumes the same sequence).
+        retry_failed: on resume, run failed trials again instead of keeping their failure.
+        dry_run: validate and print every trial's command without running any.
+    """
+    from onegpu.paths import runs_dir
+
+    source = str(sweep_config)
+    cfg = S.load_sweep_config(sweep_config)
+    if params:
+        cfg = {**cfg, "parameters": {**cfg["parameters"],
+                                                        **{k: {"value": v} for k, v in params.items()}}}
+        S.validate_sweep_config(cfg, source=f"{source} + --params")
+    method = cfg["method"]
+    cap = min(c for c in (count, cfg.get("run_cap")) if c) if (count or cfg.get("run_cap")) else None
+    if method != "grid" and cap is None:
+        raise UserError(f"{source}: a {method} sweep never runs out of trials",
+                        fix="pass --count N (or set run_cap in the YAML)")
+    if cap is not None and cap < 1:
+        raise UserError(f"--count {count} must be at least 1", fix="pass --count 1 or more")
+    space = _optuna_space(cfg) if method == "bayes" else None
+
+    # Everything the sweep can produce must parse with the target verb before any trial starts.
+    out = Path(out) if out else runs_dir() / f"sweep-{Path(sweep_config).stem}"
+    probe_dir = out / "trial-000"
+    target = check_command(cfg, validation_points(cfg), source)
+    out_flag = None
+    if target is not None:
+        names = {n.split(S.NEST)[0] for n in S.flat_parameters(cfg["parameters"])}
+        literal = " ".join(render_command(cfg, {}))
+        for candidate in ("out_dir", "out"):
+            if candidate in target.parameters() and candidate not in names and f"--{candidate}" not in literal:
+                out_flag = candidate
+                break
+        extra = [f"--{out_flag}={probe_dir}"] if out_flag else []
+        if out_flag:  # the injected flag must parse too
+            check_command(cfg, validation_points(cfg)[:1], source, extra)
+        preflight(target, cfg, validation_points(cfg), source, extra)
+
+    if dry_run:
+        points = S.grid_points(cfg)[:cap] if method == "grid" else \
+            [S.sample_point(cfg, random.Random(seed + i)) for i in range(min(cap, 5))]
+        for i, point in enumerate(points):
+            argv = render_command(cfg, point) + ([f"--{out_flag}={out / f'trial-{i:03d}'}"] if out_flag else [])
+            print(f"trial-{i:03d}: {shlex.join(argv)}")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = SweepState.load_or_new(out, cfg, source)
+    metric = cfg.get("metric")
+    goal = (metric or {}).get("goal", "minimize")
+
+    if method == "grid":
+        planned = S.grid_points(cfg)
+        if cap:
+            planned = planned[:cap]
+        total = len(planned)
+        next_point = iter(planned)
+    elif method == "random":
+        total = cap
+        draws = S.iter_random_points(cfg, seed)
+        next_point = (next(draws) for _ in range(cap))
+    else:
+        total = cap
+
+    study = None
+    if method == "bayes":
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        direction = "maximize" if goal == "maximize" else "minimize"
+        study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=seed))
+        for trial in state.trials:  # replay what earlier invocations learned
+            if trial["state"] == "finished" and trial.get("metric") is not None:
+                study.add_trial(optuna.trial.create_trial(
+                    params=_to_optuna(cfg, space, trial["params"]), distributions=space, value=trial["metric"]))
+
+    from tqdm import tqdm
+
+    from onegpu.tracking import Run
+
+    print(f"sweep {state.sweep_id}: {method}, {total} trial(s) -> {out}"
+          + (f"; each runs `{target.name}`" if target else ""), flush=True)
+    run = Run("sweep", out / "sweep-run", {"sweep": cfg, "sweep_id": state.sweep_id, "source": source},
+              name=state.sweep_id, group=state.sweep_id)
+    # A kill of the sweep process becomes KeyboardInterrupt: the running trial is stopped and recorded.
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
+    exit_code = 0
+    try:
+        for index in range(total):
+            if method == "bayes":
+                optuna_trial = None
+                existing = next((t for t in state.trials if t["index"] == index), None)
+                if existing and (existing["state"] == "finished" or
+                                 (existing["state"] in DONE_STATES and not retry_failed)):
+                    bar.update(1)
+                    continue
+                optuna_trial = study.ask(space)
+                point = _from_optuna(cfg, space, optuna_trial.params)
+            else:
+                point = next(next_point)
+                optuna_trial = None
+            key = _key(point) if method == "grid" else f"{index}:{_key(point)}"
+            trial = state.find(key) or next((t for t in state.trials if t["index"] == index and method == "bayes"), None)
+            if trial and (trial["state"] == "finished" or (trial["state"] in DONE_STATES and not retry_failed)):
+                bar.update(1)
+                continue
+            name = f"trial-{index:03d}"
+            trial_dir = out / name
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            if trial is None:
+                trial = {"index": index, "key": key, "name": name}
+                state.trials.append(trial)
+            trial.update({"params": point, "run_dir": str(trial_dir), "state": "running",
+                          "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            json_file = trial_dir / "sweep_args.json"
+            argv = render_command(cfg, point, json_file) + ([f"--{out_flag}={trial_dir}"] if out_flag else [])
+            trial["command"] = shlex.join(argv)
+            state.save()
+            json_file.write_text(json.dumps(S.nest(point)), encoding="utf-8")
+            # The file W&B's agent writes: wandb.init merges it into the run config.
+            import yaml
+
+            param_file = trial_dir / "sweep_params.yaml"
+            param_file.write_text(yaml.safe_dump({**{k: {"value": v} for k, v in S.nest(point).items()},
+                                                  "sweep_id": {"value": state.sweep_id},
+                                                  "sweep_trial": {"value": name}}), encoding="utf-8")
+            env = {**os.environ, "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_RUN_GROUP": state.sweep_id,
+                   "ONEGPU_SWEEP_ID": state.sweep_id, "ONEGPU_TRIAL_DIR": str(trial_dir),
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+            env.setdefault("WANDB_MODE", "offline")
+            if cfg.get("project"):
+                env.setdefault("WANDB_PROJECT", cfg["project"])
+            tqdm.write(f"[{name}] {_short(point)}  (log: {trial_dir / 'trial.log'})")
+            previous = [metric_history(Path(t["run_dir"]), metric["name"]) for t in state.trials
+                        if t is not trial and t.get("run_dir")] if metric else []
+            t0 = time.time()
+            code, stop_reason = _run_trial(argv, trial_dir, env, cfg, previous)
+            trial["seconds"] = round(time.time() - t0, 1)
+            trial["returncode"] = code
+            trial["metric"] = read_metric(trial_dir, metric["name"]) if metric else None
+            if stop_reason:
+                trial["state"], trial["note"] = "stopped", stop_reason
+            elif code == 0:
+                trial["state"] = "finished"
+                if metric and trial["metric"] is None:
+                    trial["note"] = f"exited 0 but logged no {metric['name']!r}"
+            else:
+                trial["state"] = "failed"
+                tail = (trial_dir / "trial.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+                trial["note"] = f"exit {code}: " + " | ".join(tail)[-400:]
+            state.save()
+            if study is not None:
+                import optuna
+
+                if trial["state"] == "finished" and trial["metric"] is not None:
+                    study.tell(optuna_trial, trial["metric"])
+                else:
+                    study.tell(optuna_trial, state=optuna.trial.TrialState.FAIL if trial["state"] == "failed"
+                               else optuna.trial.TrialState.PRUNED)
+            run.log({"trial": index, "metric": trial["metric"], "seconds": trial["seconds"],
+                     "failed": int(trial["state"] == "failed")}, step=index)
+            tqdm.write(f"[{name}] {trial['state']}" + (f" {metric['name']}={trial['metric']}" if metric else "")
+                       + (f" ({trial['note']})" if trial.get("note") else ""))
+            bar.update(1)
+            target_value = (metric or {}).get("target")
+            if target_value is not None and trial["metric"] is not None and (
+                    trial["metric"] <= target_value if goal == "minimize" else trial["metric"] >= target_value):
+                tqdm.write(f"sweep: {metric['name']}={trial['metric']} reached the target {target_value}; stopping")
+                break
+    except KeyboardInterrupt:
+        for trial in state.trials:
+            if trial["state"] == "running":
+                trial["state"] = "interrupted"
+        state.save()
+        exit_code = 130
+        print(f"\nsweep interrupted; re-run the same command to resume ({out / STATE_FILE})", file=sys.stderr)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+        summary = write_summary(state, out)
+        columns, rows = summary["columns"], summary["rows"]
+        run.log_table("trials", columns, rows)
+        best = summary.get("best")
+        run.summary(trials=len(rows), finished=sum(r[1] == "finished" for r in rows),
+                    failed=sum(r[1] == "failed" for r in rows), best_trial=best and best["name"],
+                    best_metric=best and best["metric"])
+        run.finish(exit_code=exit_code)
+    if exit_code:
+        raise KeyboardInterrupt
+    print(format_table(summary))
+    return 0 if any(t["state"] == "finished" for t in state.trials) else 1
+
+
+def write_summary(state: SweepState, out: Path) -> dict[str, Any]:
+    metric = state.config.get("metric") or {}
+    names = sorted({k for t in state.trials for k in t.get("params", {})})
+    columns = ["trial", "state", *names, metric.get("name", "metric"), "seconds", "note"]
+    rows = [[t["name"], t["state"], *[t.get("params", {}).get(n) for n in names], t.get("metric"),
+             t.get("seconds"), t.get("note", "")] for t in sorted(state.trials, key=lambda t: t["index"])]
+    scored = [t for t in state.trials if t["state"] == "finished" and t.get("metric") is not None]
+    best = None
+    if scored:
+        pick = max if metric.get("goal") == "maximize" else min
+        b = pick(scored, key=lambda t: t["metric"])
+        best = {"name": b["name"], "metric": b["metric"], "params": b["params"], "run_dir": b["run_dir"]}
+    summary = {"sweep_id": state.sweep_id, "method": state.config["method"], "metric": metric,
+               "columns": columns, "rows": rows, "best": best,
+               "trial_dirs": [t["run_dir"] for t in sorted(state.trials, key=lambda t: t["index"]) if t.get("run_dir")]}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    columns, rows = summary["columns"], summary["rows"]
+    cells = [[("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))[:60] for v in row] for row in rows]
+    widths = [max(len(str(c)), *(len(r[i]) for r in cells)) if cells else len(str(c)) for i, c in enumerate(columns)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    best = summary.get("best")
+    if best:
+        lines.append(f"best: {best['name']} {summary['metric'].get('name')}={best['metric']:.4g} ({best['run_dir']})")
+    return "\n".join(lines)
