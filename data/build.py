@@ -1,0 +1,522 @@
+"""``onegpu data build``: recipe YAML -> an auditable training mix.
+
+Pipeline (every drop is counted per source and written to ``rejects.jsonl`` with its stage):
+
+    load      registered sources (local copy or hub) and local files -> rows of data/schema.py;
+              malformed records and OASST messages flagged synthetic -> rejects
+    filter    empty -> language -> exact duplicate -> near duplicate -> eval contamination
+              -> token length (the target tokenizer on the rendered prompt + response)
+    sample    per source, seeded: hold out val rows, then train rows by count / token cap /
+              share of the budget (with or without replacement)
+    write     train.jsonl, val.jsonl, rejects.jsonl, manifest.json, composition.png, and an
+              offline W&B run that logs the dir as a ``dataset`` artifact
+
+Same recipe + seed + inputs -> byte-identical train/val/rejects/manifest (no timestamps or
+absolute output paths in them; everything iterates in a fixed order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+from tqdm import tqdm
+
+from data import decontam
+from data.filters import RowText, detect_script_language, exact_duplicates, near_duplicates, row_text
+from data.recipe import load_recipe, recipe_hash, resolve_file
+from data.schema import REQUIRED_FIELDS, make_row, render
+from data.sources import Reject, get_source, load_file_records, load_records, local_files
+from onegpu.errors import UserError
+
+FILTER_STAGES = ("loaded", "llm_generated", "malformed", "language", "exact_duplicate", "near_duplicate", "contaminated",
+                 "too_long", "too_short")
+# A generous upper bound of tokens per character, for the budget check made before filtering.
+MAX_TOKENS_PER_CHAR = 0.5
+
+
+def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, seed: int | None = None) -> Path:
+    """Build a training mix from a recipe YAML into OUT (train/val/rejects JSONL, manifest, plot).
+
+    Args:
+        recipe: the recipe YAML (see data/recipes/quickstart.yaml for an annotated example).
+        out: output directory; existing outputs in it are replaced. Default: runs/data-<recipe name>
+            ($ONEGPU_RUNS overrides runs/).
+        data_dir: folder with local copies of the datasets (layout of ../shared/datasets). Default:
+            $ONEGPU_DATA_DIR, else ../shared/datasets beside the checkout, else the Hugging Face hub.
+        seed: overrides the recipe's seed.
+
+    Returns:
+        The output directory.
+    """
+    from onegpu.paths import runs_dir, shared_datasets_dir
+
+    rec = load_recipe(recipe, seed=seed)
+    if data_dir is not None:
+        data_dir = Path(data_dir).expanduser()
+        if not data_dir.is_dir():
+            raise UserError(f"--data_dir {data_dir} is not a directory",
+                            fix="point it at a folder laid out like ../shared/datasets, or leave it out to use the hub")
+    else:
+        data_dir = shared_datasets_dir()
+    _check_local_copies(rec, data_dir)
+    tokenizer, tok_info = load_tokenizer(rec["tokenizer"])
+    out = Path(out) if out is not None else runs_dir() / f"data-{rec['name']}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    from onegpu.tracking import Run, package_versions
+
+    run = Run("data", out, {"recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
+                            "recipe_path": str(recipe), "data_dir": str(data_dir) if data_dir else "hub"})
+    try:
+        rows, rejects, counts = _load_all(rec, data_dir)
+        _precheck_budget(rec, rows)
+        kept, token_counts = _filter(rec, rows, rejects, counts, data_dir, tokenizer)
+        train, val, selection = _sample(rec, kept, token_counts)
+        manifest = _write_outputs(out, rec, data_dir, tok_info, rows, kept, token_counts, train, val, rejects,
+                                  counts, selection, package_versions())
+        plot = _plot(out / "composition.png", rec, selection, token_counts, kept, train)
+        run.log_table("source_counts", ["source", *FILTER_STAGES, "available", "val", "train", "train_tokens"],
+                      [[s, *(c.get(k, 0) for k in FILTER_STAGES), c["available"], c["val"], c["train"],
+                        c["train_tokens"]] for s, c in manifest["counts"].items()])
+        run.log_image("composition", plot)
+        run.summary(train_rows=len(train), val_rows=len(val), rejects=len(rejects),
+                    train_tokens=manifest["tokens"]["train"]["total"], content_hash=manifest["content_hash"])
+        run.log_artifact(out, f"data-{rec['name']}", "dataset",
+                         {k: manifest[k] for k in ("recipe_hash", "content_hash", "prompt_style", "max_seq_length", "seed")})
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()
+    tr = manifest["tokens"]["train"]
+    print(f"[onegpu data] {len(train)} train rows ({tr['total']} tokens), {len(val)} val rows, "
+          f"{len(rejects)} rejects -> {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------- validation
+def _check_local_copies(rec: dict, data_dir: Path | None) -> None:
+    if data_dir is None:
+        return
+    for spec in rec["sources"]:
+        if "path" in spec:
+            continue
+        src = get_source(spec["name"])
+        if src.local is None or not local_files(src, data_dir):
+            looked = ", ".join(src.local["files"]) if src.local else "(no local layout: hub only)"
+            raise UserError(f"source {src.name!r}: no local copy in {data_dir} (looked for {looked})",
+                            fix=f"add the files there, or unset ONEGPU_DATA_DIR / move ../shared away to load "
+                                f"{src.hub['path']} from the hub")
+
+
+def load_tokenizer(spec: str):
+    """(tokenizers.Tokenizer, info) for ``bundled`` | a checkpoint dir | a hub model id."""
+    from tokenizers import Tokenizer
+
+    if spec == "bundled":
+        from onegpu.model import bundled_checkpoint_dir, is_checkpoint, prepare
+
+        path = bundled_checkpoint_dir()
+        if not is_checkpoint(path):
+            path = prepare()
+    else:
+        path = Path(spec).expanduser()
+    if path.is_dir():
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise UserError(f"tokenizer: {path} has no tokenizer.json",
+                            fix="point `tokenizer:` at a litgpt/HF checkpoint dir with tokenizer.json, or use `bundled`")
+        tok = Tokenizer.from_file(str(tj))
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        digest = hashlib.sha256(tj.read_bytes()).hexdigest()
+        name = path.name
+    elif "/" in spec and not spec.startswith((".", "/", "~")):
+        try:
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(spec)
+        except Exception as err:  # offline, gated, or misspelt
+            raise UserError(f"tokenizer {spec!r} could not be loaded from the hub: {err}",
+                            fix="check the model id and network (HF_TOKEN for gated models), or use a local checkpoint dir") from err
+        tok = hf.backend_tokenizer
+        cfg = {"eos_token": hf.eos_token}
+        digest = hashlib.sha256(tok.to_str().encode()).hexdigest()
+        name = spec
+    else:
+        raise UserError(f"tokenizer {spec!r} is neither a directory nor a hub id",
+                        fix="use `bundled`, a checkpoint dir holding tokenizer.json, or a hub id like meta-llama/Llama-2-7b-hf")
+    eos = cfg.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    info = {"spec": spec, "name": name, "tokenizer_json_sha256": digest,
+            "vocab_size": tok.get_vocab_size(), "eos_token": eos,
+            "counting": "len(encode(prompt + response)) + 1 for eos"}
+    return tok, info
+
+
+# ----------------------------------------------------------------------------------- load
+def _load_all(rec: dict, data_dir: Path | None) -> tuple[list[dict], list[dict], dict[str, Counter]]:
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    counts: dict[str, Counter] = {}
+    for spec in tqdm(rec["sources"], desc="load", unit="source"):
+        name = spec["name"]
+        c = counts[name] = Counter()
+        if "path" in spec:
+            records, convert = _file_source(spec, Path(rec["_dir"]))
+        else:
+            src = get_source(name)
+            records = load_records(src, data_dir, subsets=spec.get("subsets"))
+            opts = {k: spec[k] for k in src.options if k in spec}
+            if "languages" in src.options and "languages" not in opts and rec["languages"]:
+                opts["languages"] = rec["languages"]
+            convert = lambda r, _src=src, _opts=opts: _src.convert(r, _src, **_opts)  # noqa: E731
+        for i, raw in enumerate(tqdm(records, desc=f"load {name}", unit="rec", leave=False, mininterval=1.0)):
+            try:
+                produced = list(convert(raw))
+            except Exception as err:  # a malformed record never stops the build
+                c["malformed"] += 1
+                rejects.append(_reject("load", "malformed", name, None, f"record {i}: {type(err).__name__}: {err}",
+                                       _jsonable(raw)))
+                continue
+            for item in produced:
+                if isinstance(item, Reject):
+                    stage = {"language": "language", "llm-generated": "llm_generated"}.get(item.reason, "malformed")
+                    c[stage] += 1
+                    rejects.append(_reject(stage, item.reason, name, None, item.detail, _jsonable(item.record)))
+                    continue
+                c["loaded"] += 1
+                if not item["instruction"].strip() or not item["output"].strip():
+                    c["malformed"] += 1
+                    rejects.append(_reject("malformed", "empty", name, item["id"], "empty instruction or output", item))
+                    continue
+                rows.append(item)
+    return rows, rejects, counts
+
+
+def _file_source(spec: dict, base: Path):
+    path = resolve_file(spec["path"], base)
+    ds = load_file_records(path, spec.get("format"))
+    fields = spec["fields"]
+    missing = [f"{target}: {col}" for target, col in fields.items() if col not in ds.column_names]
+    if missing:
+        raise UserError(f"source {spec['name']!r}: field mapping names column(s) missing from {path.name}: {missing}",
+                        fix=f"map to the file's fields: {', '.join(ds.column_names)}")
+    name, lic, prov = spec["name"], spec["license"], spec["provenance"]
+
+    def convert(r):
+        def text(key):
+            v = r.get(fields[key]) if key in fields else ""
+            if v is None:
+                return ""
+            if not isinstance(v, (str, int, float)):
+                raise ValueError(f"field {fields[key]!r} is {type(v).__name__}, not text")
+            return str(v).strip()
+        msgs = r.get(fields["messages"]) if "messages" in fields else None
+        if msgs:
+            msgs = [{"role": m["role"], "content": str(m["content"])} for m in msgs]
+            yield make_row(name, msgs[-2]["content"], msgs[-1]["content"], license=lic, provenance=prov, messages=msgs)
+        else:
+            yield make_row(name, text("instruction"), text("output"), input=text("input"), license=lic, provenance=prov)
+    return ds, convert
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)[:2000]
+
+
+def _reject(stage: str, reason: str, source: str, row_id: str | None, detail: str, row: Any) -> dict:
+    return {"stage": stage, "reason": reason, "source": source, "id": row_id, "detail": detail, "row": row}
+
+
+def _precheck_budget(rec: dict, rows: list[dict]) -> None:
+    """Fail before the heavy filters when the budget cannot possibly be met."""
+    budget = rec["budget_tokens"]
+    if budget is None or any(s.get("replace") for s in rec["sources"]):
+        return
+    upper = sum(len(row_text(r)) for r in rows) * MAX_TOKENS_PER_CHAR + 64 * len(rows)
+    if budget > upper:
+        raise UserError(f"budget_tokens {budget} is larger than all loaded data (at most ~{int(upper)} tokens "
+                        f"in {len(rows)} rows)", fix="lower budget_tokens, add sources, or set `replace: true` on a source")
+
+
+# ----------------------------------------------------------------------------------- filter
+def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, Counter], data_dir: Path | None,
+            tokenizer) -> tuple[list[dict], list[int]]:
+    alive = list(range(len(rows)))
+
+    def drop(positions: dict[int, str], stage: str, reason: str, extra=None) -> None:
+        nonlocal alive
+        for p in sorted(positions):
+            r = rows[p]
+            counts[r["source"]][stage] += 1
+            rejects.append(_reject(stage, reason, r["source"], r["id"], positions[p], r))
+        alive = [p for p in alive if p not in positions]
+
+    if rec["languages"]:
+        langs = set(rec["languages"])
+        bad = {}
+        for p in tqdm(alive, desc="language", unit="row", leave=False, mininterval=1.0):
+            lang = (rows[p].get("meta") or {}).get("lang") or detect_script_language(row_text(rows[p]))
+            if lang not in langs:
+                bad[p] = f"language {lang} not in {sorted(langs)}"
+        drop(bad, "language", "language")
+
+    texts = RowText.of([row_text(rows[p]) for p in alive])
+    if rec["dedup"]["exact"]:
+        d = exact_duplicates(texts)
+        drop({alive[i]: f"same normalised text as {rows[alive[j]]['id']}" for i, j in d.items()},
+             "exact_duplicate", "exact_duplicate")
+        texts = _subset(texts, [i for i in range(len(texts)) if i not in d])
+    if rec["dedup"]["near"]:
+        d = near_duplicates(texts, list(range(len(texts))), rec["dedup"]["threshold"], rec["dedup"]["num_perm"])
+        drop({alive[i]: f"near duplicate of {rows[alive[j]]['id']} (estimated Jaccard {sim})" for i, (j, sim) in d.items()},
+             "near_duplicate", "near_duplicate")
+        texts = _subset(texts, [i for i in range(len(texts)) if i not in d])
+
+    dc = rec["decontamination"]
+    indexes, eval_report = [], {}
+    for name in tqdm(dc["eval_sets"], desc="eval n-grams", unit="set", leave=False):
+        idx = decontam.load_index(name, data_dir, dc["n"])
+        if idx is None:
+            eval_report[name] = {"status": f"skipped: no local copy in the data dir ({decontam.EVAL_SETS[name].local or 'hub only'})"}
+            continue
+        indexes.append(idx)
+        eval_report[name] = {"status": "checked", "items": idx.n_items, "ngrams": int(len(idx.grams)),
+                             "items_shorter_than_n": idx.short_items, "boilerplate_ngrams_ignored": idx.dropped_boilerplate}
+    hits = decontam.find_contaminated_words(texts.words, texts.starts, indexes, dc["n"], dc["min_matches"])
+    per_eval: dict[str, Counter] = defaultdict(Counter)
+    for i, (eval_name, item, shared) in hits.items():
+        per_eval[eval_name][rows[alive[i]]["source"]] += 1
+    for name, by_source in per_eval.items():
+        eval_report[name]["contaminated_rows_by_source"] = dict(sorted(by_source.items()))
+    rec["_eval_report"] = eval_report
+    if dc["action"] == "drop":
+        drop({alive[i]: f"{eval_name}: shares {shared} {dc['n']}-grams with eval item #{item}"
+              for i, (eval_name, item, shared) in hits.items()}, "contaminated", "contaminated")
+    else:
+        for i, (eval_name, item, shared) in hits.items():
+            counts[rows[alive[i]]["source"]]["contaminated_kept"] += 1
+
+    token_counts = _count_tokens([rows[p] for p in alive], rec["prompt_style"], tokenizer)
+    too_long = {alive[i]: f"{n} tokens > max_seq_length {rec['max_seq_length']}"
+                for i, n in enumerate(token_counts) if n > rec["max_seq_length"]}
+    too_short = {alive[i]: f"{n} tokens < min_tokens {rec['min_tokens']}"
+                 for i, n in enumerate(token_counts) if n < rec["min_tokens"]}
+    keep = [i for i in range(len(alive)) if alive[i] not in too_long and alive[i] not in too_short]
+    drop(too_long, "too_long", "too_long")
+    drop(too_short, "too_short", "too_short")
+    return [rows[p] for p in alive], [token_counts[i] for i in keep]
+
+
+def _subset(text: RowText, keep: list[int]) -> RowText:
+    parts = [text.row(i) for i in keep]
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
+    return RowText(np.concatenate(parts) if parts else np.empty(0, np.uint64), starts)
+
+
+def _count_tokens(rows: list[dict], style: str, tokenizer, batch: int = 1024) -> list[int]:
+    texts = []
+    for r in rows:
+        prompt, response = render(r, style)
+        texts.append(prompt + response)
+    counts: list[int] = []
+    # The CLI turns tokenizers' thread pool off (forks elsewhere); batch encoding is where it pays.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        for start in tqdm(range(0, len(texts), batch), desc="tokenize", unit="batch", leave=False, mininterval=1.0):
+            enc = tokenizer.encode_batch_fast(texts[start:start + batch], add_special_tokens=False) \
+                if hasattr(tokenizer, "encode_batch_fast") else tokenizer.encode_batch(texts[start:start + batch], add_special_tokens=False)
+            counts += [len(e.ids) + 1 for e in enc]  # + eos, as the fine-tune appends it
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return counts
+
+
+# ----------------------------------------------------------------------------------- sample
+def _sample(rec: dict, kept: list[dict], token_counts: list[int]):
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(kept):
+        by_source[r["source"]].append(i)
+    budget = rec["budget_tokens"]
+    fixed = 0
+    plans = {}
+    for spec in rec["sources"]:
+        name = spec["name"]
+        pool = by_source.get(name, [])
+        rng = np.random.default_rng([rec["seed"], xxhash.xxh32_intdigest(name.encode())])
+        order = [pool[i] for i in rng.permutation(len(pool))]
+        n_val = min(spec.get("val_rows", rec["val_rows_per_source"]), len(order))
+        if len(order) - n_val <= 0:
+            raise UserError(f"source {name!r} has {len(order)} rows left after filters, none for training "
+                            f"(val takes {n_val})", fix="lower val_rows for it, relax the filters, or drop the source")
+        plans[name] = {"spec": spec, "val": order[:n_val], "pool": order[n_val:], "rng": rng}
+        plans[name]["available_tokens"] = sum(token_counts[i] for i in order[n_val:])
+        if "tokens" in spec:
+            fixed += spec["tokens"]
+        elif "count" in spec:
+            fixed += sum(token_counts[i] for i in order[n_val:n_val + spec["count"]])
+    weighted = [p for p in plans.values() if not ({"tokens", "count"} & set(p["spec"]))]
+    weight_sum = sum(p["spec"].get("weight", 1.0) for p in weighted)
+    if budget is not None:
+        left = budget - fixed
+        if weighted and left <= 0:
+            raise UserError(f"count/tokens sources already take {fixed} of budget_tokens {budget}, nothing is left for "
+                            f"{[p['spec']['name'] for p in weighted]}", fix="raise budget_tokens or lower the counts/token caps")
+        total_available = sum(p["available_tokens"] for p in plans.values())
+        if budget > total_available and not any(p["spec"].get("replace") for p in plans.values()):
+            raise UserError(f"budget_tokens {budget} is larger than the data: {total_available} train tokens left after "
+                            f"filters", fix="lower budget_tokens, add sources, or set `replace: true` on a source")
+    selection = {}
+    train_ids: list[int] = []
+    for name, p in plans.items():
+        spec, pool = p["spec"], p["pool"]
+        if "count" in spec:
+            target, unit = spec["count"], "rows"
+        elif "tokens" in spec:
+            target, unit = spec["tokens"], "tokens"
+        elif budget is not None:
+            target, unit = int(round((budget - fixed) * spec.get("weight", 1.0) / weight_sum)), "tokens"
+        else:
+            target, unit = None, "all"
+        have = len(pool) if unit == "rows" else p["available_tokens"]
+        if target is not None and target > have and not spec.get("replace"):
+            what = "weight" if "weight" in spec or unit == "tokens" and "tokens" not in spec else unit
+            raise UserError(f"source {name!r} cannot meet its {what}: it needs {target} {unit} but has {have} "
+                            f"after filters and val", fix=f"lower its {'weight' if what == 'weight' else what}, raise the other "
+                            f"sources' weights, or set `replace: true` on it (sampling with replacement)")
+        chosen = _take(pool, target, unit, token_counts, p["rng"], bool(spec.get("replace")))
+        train_ids += chosen
+        selection[name] = {"target": target, "unit": unit, "replace": bool(spec.get("replace")),
+                           "train_rows": len(chosen), "train_tokens": sum(token_counts[i] for i in chosen),
+                           "val_rows": len(p["val"]), "val_tokens": sum(token_counts[i] for i in p["val"]),
+                           "available_rows": len(pool), "available_tokens": p["available_tokens"]}
+    mix_rng = np.random.default_rng([rec["seed"], 0])
+    train_ids = [train_ids[i] for i in mix_rng.permutation(len(train_ids))]
+    val_ids = [i for p in plans.values() for i in p["val"]]
+    return train_ids, val_ids, selection
+
+
+def _take(pool: list[int], target, unit: str, token_counts: list[int], rng, replace: bool) -> list[int]:
+    if unit == "all":
+        return list(pool)
+    chosen, total, epoch_order = [], 0, list(pool)
+    while True:
+        for i in epoch_order:
+            if (len(chosen) if unit == "rows" else total) >= target:
+                return chosen
+            chosen.append(i)
+            total += token_counts[i]
+        if not replace or not pool:
+            return chosen
+        epoch_order = [pool[j] for j in rng.permutation(len(pool))]  # next pass: repeat rows in a new order
+
+
+# ----------------------------------------------------------------------------------- outputs
+def _dump_jsonl(path: Path, items: list[dict]) -> str:
+    data = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items).encode("utf-8")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stats(values: list[int]) -> dict[str, Any]:
+    if not values:
+        return {"rows": 0, "total": 0}
+    a = np.array(values)
+    return {"rows": len(values), "total": int(a.sum()), "mean": round(float(a.mean()), 1),
+            "p50": int(np.percentile(a, 50)), "p95": int(np.percentile(a, 95)), "max": int(a.max())}
+
+
+def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts, train, val, rejects, counts,
+                   selection, versions) -> dict:
+    train_rows = [kept[i] for i in train]
+    val_rows = [kept[i] for i in val]
+    for r in train_rows + val_rows:
+        assert all(k in r for k in REQUIRED_FIELDS)
+    train_sha = _dump_jsonl(out / "train.jsonl", train_rows)
+    val_sha = _dump_jsonl(out / "val.jsonl", val_rows)
+    rejects_sha = _dump_jsonl(out / "rejects.jsonl", rejects)
+    per_source = {}
+    for spec in rec["sources"]:
+        name = spec["name"]
+        c = counts[name]
+        sel = selection[name]
+        per_source[name] = {**{k: c.get(k, 0) for k in FILTER_STAGES}, "available": sel["available_rows"] + sel["val_rows"],
+                            "val": sel["val_rows"], "train": sel["train_rows"], "train_tokens": sel["train_tokens"]}
+        if c.get("contaminated_kept"):
+            per_source[name]["contaminated_kept"] = c["contaminated_kept"]
+        if "path" in spec:
+            per_source[name]["file"] = spec["path"]
+        else:
+            src = get_source(name)
+            per_source[name].update(license=src.license, provenance=src.provenance, url=src.url)
+    manifest = {
+        "name": rec["name"],
+        "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
+        "recipe_hash": recipe_hash(rec),
+        "seed": rec["seed"],
+        "prompt_style": rec["prompt_style"],
+        "max_seq_length": rec["max_seq_length"],
+        "tokenizer": tok_info,
+        "data_dir": str(data_dir) if data_dir else "hub",
+        "counts": per_source,
+        "selection": selection,
+        "decontamination": {"n": rec["decontamination"]["n"], "min_matches": rec["decontamination"]["min_matches"],
+                            "action": rec["decontamination"]["action"], "eval_sets": rec["_eval_report"]},
+        "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "tokens": {"train": _stats([token_counts[i] for i in train]), "val": _stats([token_counts[i] for i in val]),
+                   "by_source": {name: _stats([token_counts[i] for i in train if kept[i]["source"] == name])
+                                 for name in selection}},
+        "files": {"train.jsonl": train_sha, "val.jsonl": val_sha, "rejects.jsonl": rejects_sha},
+        "content_hash": hashlib.sha256(f"{train_sha}\n{val_sha}".encode()).hexdigest(),
+        "versions": versions,
+    }
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out / "manifest.json")
+    return manifest
+
+
+def _plot(path: Path, rec, selection, token_counts, kept, train) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(selection)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    tokens = [selection[n]["train_tokens"] for n in names]
+    ax1.barh(names, tokens, color="tab:blue")
+    for y, (n, t) in enumerate(zip(names, tokens)):
+        ax1.text(t, y, f" {selection[n]['train_rows']} rows", va="center", fontsize=8)
+    ax1.set_xlabel("train tokens")
+    ax1.set_title(f"composition of {rec['name']} ({sum(tokens)} tokens)")
+    ax1.invert_yaxis()
+    lengths = [[token_counts[i] for i in train if kept[i]["source"] == n] for n in names]
+    bins = np.linspace(0, rec["max_seq_length"], 33)
+    ax2.hist([lv for lv in lengths if lv], bins=bins, stacked=True, label=[n for n, lv in zip(names, lengths) if lv])
+    ax2.axvline(rec["max_seq_length"], color="k", ls="--", lw=1)
+    ax2.set_xlabel(f"tokens per row ({rec['prompt_style']} template, max_seq_length {rec['max_seq_length']})")
+    ax2.set_ylabel("rows")
+    ax2.set_title("length distribution (train)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path

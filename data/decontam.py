@@ -1,0 +1,309 @@
+"""Decontamination: word n-gram overlap between training rows and the challenge's evaluation sets.
+
+Why n = 8 words (not GPT-3's 13): the open eval is full of short items. With 13-grams, most MMLU
+questions, TruthfulQA questions and BIG-bench inputs have no complete 13-gram outside their answer
+choices, so a copied item can slip through. 8-grams (PaLM's choice for its contamination study)
+catch every planted item in ``tests/test_data_decontam.py`` while flagging <= 1% of clean rows.
+Eval n-grams shared by many eval items are template boilerplate ("which of the following is
+..."); they say nothing about one item and are dropped from the index (``max_item_share``), which is
+what keeps false positives down.
+
+Text is normalised (lower case, ``\\w+`` words) so punctuation and spacing changes do not hide a
+copy. Each eval set's n-grams are computed once and cached as a sorted uint64 array in
+``$ONEGPU_CACHE/decontam`` (keyed by the files' sizes/mtimes, n and this module's version); a
+batch of training rows is then checked with one vectorised ``searchsorted``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import xxhash
+
+from onegpu.paths import cache_dir
+
+INDEX_VERSION = "4"
+DEFAULT_N = 8
+_WORD = re.compile(r"\w+|[\u2190-\u2BFF\U0001F000-\U0001FAFF]")  # words, plus emoji/symbols (BIG-bench emoji tasks)
+_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier for the polynomial n-gram hash
+
+
+# ----------------------------------------------------------------------------------- hashing
+class WordHasher:
+    """Word -> stable 64-bit hash (xxh64), memoised: vocabularies are small, texts are long."""
+
+    def __init__(self):
+        self._cache: dict[str, int] = {}
+
+    def words(self, text: str) -> np.ndarray:
+        cache = self._cache
+        out = []
+        for w in _WORD.findall(text.lower()):
+            h = cache.get(w)
+            if h is None:
+                h = cache[w] = xxhash.xxh64_intdigest(w.encode("utf-8"))
+            out.append(h)
+        return np.array(out, dtype=np.uint64)
+
+    def numeric(self, text: str) -> np.ndarray:
+        return np.array([w.isdigit() for w in _WORD.findall(text)], dtype=bool)
+
+
+def ngram_hashes(words: np.ndarray, starts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """All n-gram hashes of concatenated word-hash arrays; returns (hashes, owning segment index).
+
+    ``starts`` are the segment offsets into ``words`` (len = segments + 1). Grams crossing a
+    segment boundary are dropped.
+    """
+    total = len(words)
+    if total < n:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    m = total - n + 1
+    h = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            h = h * _MULT + words[k:k + m]
+    seg = np.searchsorted(starts, np.arange(m), side="right") - 1
+    valid = np.arange(m) + n <= starts[seg + 1]
+    return h[valid], seg[valid]
+
+
+def _valid_starts(starts: np.ndarray, n: int, total: int) -> np.ndarray:
+    m = max(total - n + 1, 0)
+    seg = np.searchsorted(starts, np.arange(m), side="right") - 1
+    return np.arange(m) + n <= starts[seg + 1]
+
+
+# ----------------------------------------------------------------------------------- eval sets
+@dataclass
+class EvalSet:
+    name: str
+    description: str
+    local: list[str]  # globs relative to the data dir
+    read_local: Callable[[Path], Iterator[str]]
+    hub: Callable[[], Iterator[str]] | None = None
+
+
+def _read_mmlu_csv(path: Path) -> Iterator[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        for rec in csv.DictReader(fh):
+            yield " ".join([rec.get("question", "")] + [rec.get(f"choice{i}", "") for i in range(4)])
+
+
+def _read_truthfulqa_csv(path: Path) -> Iterator[str]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for rec in csv.DictReader(fh):
+            yield f"{rec.get('Question', '')} {rec.get('Best Answer', '')}"
+
+
+def _read_jsonl(fields: tuple[str, ...]) -> Callable[[Path], Iterator[str]]:
+    def read(path: Path) -> Iterator[str]:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    rec = json.loads(line)
+                    yield " ".join(str(rec.get(f, "")) for f in fields)
+    return read
+
+
+def _read_bbq(path: Path) -> Iterator[str]:
+    if path.suffix == ".json":
+        recs = json.loads(path.read_text(encoding="utf-8"))["examples"]
+    else:
+        recs = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    for rec in recs:
+        yield " ".join(str(rec.get(f, "")) for f in ("context", "question", "ans0", "ans1", "ans2"))
+
+
+def _read_bigbench(path: Path) -> Iterator[str]:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    for ex in doc.get("examples", []):
+        target = ex.get("target", "")
+        yield f"{ex.get('input', '')} {target if isinstance(target, str) else ' '.join(map(str, target))}"
+
+
+def _hub(path: str, fields: tuple[str, ...], name: str | None = None, split: str = "test") -> Callable[[], Iterator[str]]:
+    def read() -> Iterator[str]:
+        from datasets import load_dataset
+
+        for rec in load_dataset(path, name, split=split):
+            yield " ".join(str(rec.get(f, "")) for f in fields)
+    return read
+
+
+_BIGBENCH_URL = "https://raw.githubusercontent.com/google/BIG-bench/main/bigbench/benchmark_tasks"
+_BBQ_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data"
+
+
+def _hub_urls(urls: list[str], reader: Callable[[Path], Iterator[str]]) -> Callable[[], Iterator[str]]:
+    def read() -> Iterator[str]:
+        from datasets import DownloadManager
+
+        for local in DownloadManager().download(urls):
+            yield from reader(Path(local))
+    return read
+
+
+EVAL_SETS: dict[str, EvalSet] = {e.name: e for e in [
+    EvalSet("mmlu", "MMLU test + dev (5-shot examples)", ["mmlu/test/*.csv", "mmlu/dev/*.csv"], _read_mmlu_csv,
+            hub=_hub("cais/mmlu", ("question", "choices"), "all")),
+    EvalSet("truthfulqa", "TruthfulQA questions + best answers (2025 and v1)", ["truthfulqa/TruthfulQA.csv",
+            "truthfulqa/data/v1/TruthfulQA.csv"], _read_truthfulqa_csv,
+            hub=_hub("truthfulqa/truthful_qa", ("question", "best_answer"), "generation", "validation")),
+    EvalSet("gsm8k_test", "GSM8K test (+ socratic)", ["gsm8k/test.jsonl", "gsm8k/test_socratic.jsonl"],
+            _read_jsonl(("question", "answer")), hub=_hub("openai/gsm8k", ("question", "answer"), "main")),
+    EvalSet("bbq", "BBQ (9 categories incl. BBQ-lite stand-ins)", ["bbq/data/*.jsonl", "bbq/bbq_lite_from_bigbench/*.json"],
+            _read_bbq, hub=_hub_urls([f"{_BBQ_URL}/{c}.jsonl" for c in (
+                "Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance", "Race_ethnicity",
+                "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")], _read_bbq)),
+    EvalSet("bigbench", "BIG-bench tasks of the challenge's open eval", ["bigbench/**/task.json"], _read_bigbench,
+            hub=_hub_urls([f"{_BIGBENCH_URL}/{t}/task.json" for t in (
+                "auto_debugging", "code_line_description", "emoji_movie", "formal_fallacies_syllogisms_negation",
+                "known_unknowns", "linguistics_puzzles", "logic_grid_puzzle", "novel_concepts", "operators",
+                "play_dialog_same_or_different", "repeat_copy_logic", "strategyqa", "vitaminc_fact_verification",
+                "winowhy")], _read_bigbench)),
+    EvalSet("cnn_dm_test", "CNN/DailyMail 3.0.0 test articles + highlights", [], _read_jsonl(("article", "highlights")),
+            hub=_hub("abisee/cnn_dailymail", ("article", "highlights"), "3.0.0")),
+]}
+
+
+# ----------------------------------------------------------------------------------- the index
+@dataclass
+class EvalIndex:
+    """Sorted n-gram hashes of one eval set, with the item each came from."""
+    name: str
+    grams: np.ndarray   # uint64, sorted, unique
+    items: np.ndarray   # int32: index of one eval item holding that gram
+    n_items: int
+    short_items: int    # items with fewer than n words (cannot be checked by n-gram)
+    dropped_boilerplate: int
+    origin: str         # "local:<dir>" | "hub"
+    item_ngrams: np.ndarray  # int32 per item: how many indexed grams it has
+
+
+def _files(eval_set: EvalSet, data_dir: Path) -> list[Path]:
+    out: list[Path] = []
+    for pattern in eval_set.local:
+        out += sorted(Path(p) for p in glob.glob(str(data_dir / pattern), recursive=True))
+    return out
+
+
+def build_index(name: str, texts: Iterator[str], n: int, max_item_share: int, origin: str) -> EvalIndex:
+    hasher = WordHasher()
+    words, digits, starts, n_items, short = [], [], [0], 0, 0
+    for text in texts:
+        w = hasher.words(text)
+        n_items += 1
+        short += len(w) < n
+        words.append(w)
+        digits.append(hasher.numeric(text.lower()))
+        starts.append(starts[-1] + len(w))
+    allwords = np.concatenate(words) if words else np.empty(0, np.uint64)
+    grams, seg = ngram_hashes(allwords, np.array(starts), n)
+    # Grams made mostly of numbers ("5 x 4 5 4 20 20", GSM8K's calculator notes) match any arithmetic.
+    isdigit = np.concatenate(digits).astype(np.int64) if digits else np.empty(0, np.int64)
+    csum = np.concatenate([[0], np.cumsum(isdigit)])
+    m = max(len(allwords) - n + 1, 0)
+    digit_count = (csum[n:n + m] - csum[:m])
+    valid_starts = _valid_starts(np.array(starts), n, len(allwords))
+    wordy = digit_count[valid_starts] * 2 <= n
+    grams, seg = grams[wordy], seg[wordy]
+    # distinct (gram, item) pairs sorted by gram, then how many items hold each gram
+    order = np.lexsort((seg, grams))
+    g, it = grams[order], seg[order]
+    distinct = np.ones(len(g), bool)
+    distinct[1:] = (g[1:] != g[:-1]) | (it[1:] != it[:-1])
+    g, it = g[distinct], it[distinct]
+    run_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.empty(0, np.int64)
+    counts = np.diff(np.r_[run_start, len(g)])
+    keep = counts <= max_item_share
+    uniq = g[run_start]
+    kept_items = it[run_start[keep]]
+    item_ngrams = np.bincount(it[np.repeat(keep, counts)], minlength=n_items)
+    return EvalIndex(name, uniq[keep], kept_items.astype(np.int32), n_items, int(short),
+                     int((~keep).sum()), origin, item_ngrams.astype(np.int32))
+
+
+def load_index(name: str, data_dir: Path | None, n: int = DEFAULT_N, max_item_share: int = 50) -> EvalIndex | None:
+    """The cached index of one eval set; None when it has no local copy in ``data_dir``."""
+    eval_set = EVAL_SETS[name]
+    if data_dir is not None:
+        files = _files(eval_set, data_dir)
+        if not files:
+            return None
+        key = "|".join(f"{f.relative_to(data_dir)}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+        origin = f"local:{data_dir}"
+    else:
+        files, key, origin = [], "hub", "hub"
+    digest = hashlib.sha256(f"{INDEX_VERSION}|{name}|{n}|{max_item_share}|{key}".encode()).hexdigest()[:16]
+    path = cache_dir() / "decontam" / f"{name}-n{n}-{digest}.npz"
+    if path.is_file():
+        z = np.load(path)
+        meta = json.loads(str(z["meta"]))
+        return EvalIndex(name, z["grams"], z["items"], meta["n_items"], meta["short_items"],
+                         meta["dropped_boilerplate"], origin, z["item_ngrams"])
+    texts = (t for f in files for t in eval_set.read_local(f)) if files else eval_set.hub()
+    index = build_index(name, texts, n, max_item_share, origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    meta = {"n_items": index.n_items, "short_items": index.short_items, "dropped_boilerplate": index.dropped_boilerplate}
+    np.savez(tmp, grams=index.grams, items=index.items, item_ngrams=index.item_ngrams, meta=np.array(json.dumps(meta)))
+    tmp.replace(path)
+    return index
+
+
+def find_contaminated(texts: list[str], indexes: list[EvalIndex], n: int = DEFAULT_N, min_matches: int = 3,
+                      hasher: WordHasher | None = None) -> dict[int, tuple[str, int, int]]:
+    """{row position: (eval set, eval item index, shared n-grams)} for contaminated texts.
+
+    A text is contaminated when it shares ``min_matches`` distinct n-grams with one eval item, or
+    all of them when the item has fewer. The first eval set (in ``indexes`` order) that matches is
+    reported.
+    """
+    hasher = hasher or WordHasher()
+    words, starts = [], [0]
+    for t in texts:
+        w = hasher.words(t)
+        words.append(w)
+        starts.append(starts[-1] + len(w))
+    if not texts:
+        return {}
+    return find_contaminated_words(np.concatenate(words), np.array(starts), indexes, n, min_matches)
+
+
+def find_contaminated_words(words: np.ndarray, starts: np.ndarray, indexes: list[EvalIndex], n: int = DEFAULT_N,
+                            min_matches: int = 3) -> dict[int, tuple[str, int, int]]:
+    """``find_contaminated`` on pre-hashed words (``data.filters.RowText``)."""
+    grams, seg = ngram_hashes(words, starts, n)
+    hits: dict[int, tuple[str, int, int]] = {}
+    for index in indexes:
+        if not len(index.grams) or not len(grams):
+            continue
+        pos = np.searchsorted(index.grams, grams)
+        pos[pos == len(index.grams)] = 0
+        found = index.grams[pos] == grams
+        # distinct (row, gram) first, then count grams per (row, item)
+        rows, g = seg[found], grams[found]
+        order = np.lexsort((g, rows))
+        rows, g = rows[order], g[order]
+        distinct = np.ones(len(g), bool)
+        distinct[1:] = (g[1:] != g[:-1]) | (rows[1:] != rows[:-1])
+        rows, g = rows[distinct], g[distinct]
+        if not len(g):
+            continue
+        items = index.items[np.searchsorted(index.grams, g)].astype(np.int64)
+        keys, counts = np.unique(rows.astype(np.int64) * index.n_items + items, return_counts=True)
+        pairs = np.stack([keys // index.n_items, keys % index.n_items], axis=1)
+        need = np.minimum(min_matches, np.maximum(index.item_ngrams[pairs[:, 1]], 1))
+        for (row, item), count in zip(pairs[counts >= need].tolist(), counts[counts >= need].tolist()):
+            if row not in hits or hits[row][0] == index.name and count > hits[row][2]:
+                hits[row] = (index.name, item, count)
+    return hits

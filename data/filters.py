@@ -1,0 +1,120 @@
+"""Row filters of the data stage: duplicates (exact and near), language, token length.
+
+All text features come from one pass over the rows (``RowText``): normalised words (lower case,
+``\\w+``) hashed once, reused by exact dedup (hash of the word sequence, so case, spacing and
+punctuation changes still count as duplicates), near dedup (MinHash over 5-word shingles, LSH from
+datasketch) and decontamination (8-grams, ``data/decontam.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+from tqdm import tqdm
+
+from data.decontam import WordHasher, ngram_hashes
+
+SHINGLE = 5  # words per MinHash shingle: long enough that shared boilerplate rarely makes rows "similar"
+MINHASH_SEED = 1
+
+
+def row_text(row: dict) -> str:
+    """The text a row is judged by: every turn of a conversation, else instruction + input + output."""
+    if row.get("messages"):
+        return "\n".join(m["content"] for m in row["messages"])
+    return "\n".join((row["instruction"], row["input"], row["output"]))
+
+
+@dataclass
+class RowText:
+    """Word hashes of many rows, concatenated: ``words[starts[i]:starts[i+1]]`` is row i."""
+    words: np.ndarray
+    starts: np.ndarray
+
+    @classmethod
+    def of(cls, texts: list[str], hasher: WordHasher | None = None, desc: str = "normalise") -> "RowText":
+        hasher = hasher or WordHasher()
+        parts, starts = [], [0]
+        for t in tqdm(texts, desc=desc, unit="row", leave=False, mininterval=1.0):
+            w = hasher.words(t)
+            parts.append(w)
+            starts.append(starts[-1] + len(w))
+        words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+        return cls(words, np.array(starts, dtype=np.int64))
+
+    def row(self, i: int) -> np.ndarray:
+        return self.words[self.starts[i]:self.starts[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+
+def exact_duplicates(text: RowText) -> dict[int, int]:
+    """{row: first row with the same normalised word sequence}."""
+    seen: dict[int, int] = {}
+    dups: dict[int, int] = {}
+    for i in range(len(text)):
+        key = xxhash.xxh64_intdigest(text.row(i).tobytes())
+        if key in seen:
+            dups[i] = seen[key]
+        else:
+            seen[key] = i
+    return dups
+
+
+def near_duplicates(text: RowText, candidates: list[int], threshold: float = 0.8, num_perm: int = 64,
+                    ) -> dict[int, tuple[int, float]]:
+    """{row: (earlier similar row, estimated Jaccard)} among ``candidates`` (in order).
+
+    MinHash over 5-word shingles, LSH to find candidate pairs; an LSH hit is confirmed by the
+    signatures' estimated Jaccard >= threshold, so LSH false positives are not dropped.
+    """
+    grams, seg = ngram_hashes(text.words, text.starts, SHINGLE)
+    grams = grams & np.uint64(0xFFFFFFFF)  # datasketch's affine32 scheme hashes 32-bit values
+    bounds = np.searchsorted(seg, np.arange(len(text) + 1))
+    shingle_sets = []
+    for i in candidates:
+        s = grams[bounds[i]:bounds[i + 1]]
+        if not len(s):  # shorter than one shingle: the whole (short) text is its only shingle
+            w = text.row(i)
+            s = np.array([xxhash.xxh64_intdigest(w.tobytes()) & 0xFFFFFFFF], dtype=np.uint64)
+        shingle_sets.append(s.tolist())
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    sigs: dict[int, LeanMinHash] = {}
+    dups: dict[int, tuple[int, float]] = {}
+    chunk = 2048
+    with tqdm(total=len(candidates), desc="near-dedup", unit="row", leave=False, mininterval=1.0) as bar:
+        for start in range(0, len(candidates), chunk):
+            ids = candidates[start:start + chunk]
+            hashes = MinHash.bulk(shingle_sets[start:start + chunk], num_perm=num_perm, seed=MINHASH_SEED, hashfunc=int)
+            for i, m in zip(ids, hashes):
+                lean = LeanMinHash(m)
+                best = None
+                for j in sorted(lsh.query(lean)):
+                    sim = lean.jaccard(sigs[j])
+                    if sim >= threshold:
+                        best = (j, round(float(sim), 3))
+                        break
+                if best is None:
+                    lsh.insert(i, lean)
+                    sigs[i] = lean
+                else:
+                    dups[i] = best
+            bar.update(len(ids))
+    return dups
+
+
+def detect_script_language(text: str) -> str:
+    """A cheap language guess used when a source gives none: 'en' for Latin-script text, else 'other'.
+
+    It tells English from, say, Chinese or Russian rows; it cannot tell English from French. Sources
+    that carry a language tag (OASST) are filtered by their tag instead.
+    """
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return "en"
+    latin = sum(c.isascii() for c in letters)
+    return "en" if latin / len(letters) >= 0.8 else "other"
