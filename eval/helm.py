@@ -1,0 +1,345 @@
+"""``onegpu eval helm``: the challenge's test harness, HELM, against our own server on a checkpoint.
+
+What the organizers did, on one machine: start ``onegpu serve`` on a free 127.0.0.1 port, wait for
+``GET /health``, run ``helm-run`` (model ``neurips/local``, base URL from
+``HELM_HTTP_MODEL_BASE_URL``) on a run-spec conf, then ``helm-summarize``; then parse each run's
+``stats.json`` into per-run and per-scenario metrics (``results.json``, a W&B table).
+
+The server and helm-run each get their own process group and are always stopped in ``finally``
+(SIGTERM, then SIGKILL after a grace period); SIGTERM to us is turned into the same clean-up path
+as Ctrl-C, so no server outlives the command. HELM lives in its own virtual env
+(``onegpu/helm_env.py``), created on first use.
+
+Caching: HELM's request cache is keyed by model name, not URL, and every checkpoint is
+``neurips/local``, so the cache lives inside the run dir (``<out>/helm/prod_env``) and is wiped when
+the checkpoint changes; an interrupted run with the same checkpoint resumes (``--skip-completed-runs``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from onegpu.errors import UserError
+
+CONFS_DIR = Path(__file__).resolve().parent / "helm_confs"
+# Organizers' confs, referenced by name from ../shared/reference/helm (never copied).
+REFERENCE_CONFS = {"open-600": "run_specs_full_coarse_600_budget.conf", "open-small": "run_specs.conf"}
+# --max_eval_instances default per preset (entries that set their own limit keep it).
+DEFAULT_MAX_EVAL = {"offline": 3, "quick": 10, "open-600": 1000, "open-small": 100}
+# Headline metric per scenario (HELM's own choice for these scenarios), first present wins.
+MAIN_METRICS = {
+    "gsm": ("final_number_exact_match", "exact_match_indicator", "exact_match"),
+    "summarization_cnndm": ("rouge_2",), "summarization_xsum": ("rouge_2",),
+    "math": ("math_equiv_chain_of_thought", "math_equiv"),
+    "bbq": ("bbq_accuracy", "quasi_exact_match", "exact_match"),
+}
+FALLBACK_METRICS = ("exact_match", "quasi_exact_match", "rouge_2", "f1_score")
+LOG_TAIL_LINES = 40
+
+
+# ------------------------------------------------------------------------------------ confs
+def known_confs() -> list[str]:
+    return sorted([p.stem for p in CONFS_DIR.glob("*.conf")] + list(REFERENCE_CONFS))
+
+
+def resolve_conf(conf: str) -> tuple[str, Path]:
+    """(preset name or file stem, conf path) for a preset name or a conf file path."""
+    path = Path(conf).expanduser()
+    if path.is_file():
+        return path.stem, path.resolve()
+    if conf in REFERENCE_CONFS:
+        from onegpu.paths import shared_reference_dir
+
+        ref = shared_reference_dir()
+        target = ref / "helm" / REFERENCE_CONFS[conf] if ref else None
+        if target is None or not target.is_file():
+            raise UserError(f"conf {conf!r} is the organizers' {REFERENCE_CONFS[conf]}, not found under "
+                            "../shared/reference/helm", fix="pass the path of that file with --conf")
+        return conf, target
+    if (CONFS_DIR / f"{conf}.conf").is_file():
+        return conf, CONFS_DIR / f"{conf}.conf"
+    raise UserError(f"unknown HELM conf {conf!r}",
+                    fix=f"use one of: {', '.join(known_confs())}, or the path of a run-spec .conf file")
+
+
+def conf_entries(conf_path: Path) -> list[str]:
+    return re.findall(r'description:\s*"([^"]+)"', conf_path.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------ processes
+def stop_process_group(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """SIGTERM the child's whole process group, then SIGKILL whatever is left after ``grace``."""
+    if proc is None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # The leader may be gone while group members linger (a worker that ignored SIGTERM).
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the main thread, so ``finally`` blocks clean up."""
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(checkpoint: Path, port: int, log_path: Path, serve_args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "onegpu", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+           "--port", str(port), *serve_args]
+    print(f"[onegpu] starting: {' '.join(cmd[2:])}  (log: {log_path})", file=sys.stderr, flush=True)
+    log = open(log_path, "w", encoding="utf-8")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    finally:
+        log.close()  # the child holds its own copy
+
+
+def wait_for_health(proc: subprocess.Popen, base_url: str, log_path: Path, timeout: float) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"`onegpu serve` exited with code {proc.returncode} before it was ready; its log "
+                            f"({log_path}) ends with:\n{log_tail(log_path)}",
+                            fix="fix the cause shown in the log (checkpoint, port, memory), then re-run")
+        try:
+            reply = httpx.get(f"{base_url}/health", timeout=2.0)
+            if reply.status_code == 200:
+                return reply.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise UserError(f"`onegpu serve` did not answer {base_url}/health within {timeout:.0f} s; its log ends with:"
+                    f"\n{log_tail(log_path)}", fix="raise --server_timeout for large models, or read the log")
+
+
+def run_logged(cmd: list[str], log_path: Path, env: dict, total: int | None = None, desc: str = "") -> int:
+    """Run ``cmd`` in its own process group, log to ``log_path``, a progress bar per finished run."""
+    from tqdm import tqdm
+
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, text=True, bufsize=1, start_new_session=True)
+        try:
+            with tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=total is None) as bar:
+                for line in proc.stdout:
+                    log.write(line)
+                    if "Writing" in line and re.search(r"/stats\.json\s*$", line):
+                        bar.update(1)
+            return proc.wait()
+        finally:
+            stop_process_group(proc, grace=5.0)
+
+
+# ------------------------------------------------------------------------------------ stats
+def read_run_stats(run_dir: Path) -> dict[str, float]:
+    """Unperturbed test-split (else valid) means from one HELM run's stats.json."""
+    stats = json.loads((run_dir / "stats.json").read_text(encoding="utf-8"))
+    by_split: dict[str, dict[str, float]] = {}
+    for stat in stats:
+        name = stat.get("name", {})
+        if name.get("perturbation") or stat.get("mean") is None:
+            continue
+        by_split.setdefault(name.get("split", ""), {}).setdefault(name["name"], float(stat["mean"]))
+    return by_split.get("test") or by_split.get("valid") or next(iter(by_split.values()), {})
+
+
+def scenario_of(run_name: str) -> str:
+    return run_name.split(":", 1)[0]
+
+
+def main_metric(scenario: str, metrics: dict[str, float]) -> tuple[str | None, float | None]:
+    for key in MAIN_METRICS.get(scenario, ()) + FALLBACK_METRICS:
+        if key in metrics:
+            return key, metrics[key]
+    return None, None
+
+
+def parse_helm_suite(suite_dir: Path) -> dict[str, Any]:
+    """Per-run metrics and per-scenario means (of each run's headline metric) from a HELM suite dir."""
+    runs: dict[str, Any] = {}
+    for stats_path in sorted(suite_dir.glob("*/stats.json")):
+        run_dir = stats_path.parent
+        spec = json.loads((run_dir / "run_spec.json").read_text(encoding="utf-8")) \
+            if (run_dir / "run_spec.json").is_file() else {}
+        name = spec.get("name", run_dir.name)
+        metrics = read_run_stats(run_dir)
+        key, value = main_metric(scenario_of(name), metrics)
+        runs[name] = {"scenario": scenario_of(name), "main_metric": key, "main": value,
+                      "n_instances": metrics.get("num_instances"), "metrics": metrics}
+    scenarios: dict[str, Any] = {}
+    for run in runs.values():
+        if run["main"] is None:
+            continue
+        entry = scenarios.setdefault(run["scenario"], {"main_metric": run["main_metric"], "values": []})
+        entry["values"].append(run["main"])
+    for entry in scenarios.values():
+        entry["value"] = sum(entry["values"]) / len(entry["values"])
+        entry["n_runs"] = len(entry.pop("values"))
+    return {"runs": runs, "scenarios": scenarios}
+
+
+# ------------------------------------------------------------------------------------ the verb
+def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path("runs/eval-helm"),
+         max_eval_instances: int | None = None, num_threads: int = 4, suite: str = "onegpu",
+         server_timeout: float = 600.0, serve_args: list[str] | None = None, fresh: bool = False) -> dict:
+    """Run HELM on a run-spec conf against `onegpu serve` on a checkpoint; writes ``results.json``.
+
+    Args:
+        checkpoint: litgpt checkpoint dir, or a LoRA dir (lit_model.pth.lora + hyperparameters.yaml).
+        conf: ``offline`` (HELM synthetic scenarios, no downloads), ``quick`` (one entry per open-eval
+            family), ``open-600`` (the organizers' 600-instance open-eval conf), ``open-small`` (their
+            older small conf), or the path of a run-spec .conf file.
+        out: run dir: ``results.json``, the HELM output (``helm/``), server and HELM logs, W&B run.
+        max_eval_instances: instances per run entry that sets no limit itself (default per preset:
+            offline 3, quick 10, open-600 1000, open-small 100, other confs 100).
+        num_threads: concurrent HELM requests (the server batches them).
+        suite: HELM suite name (the folder under ``helm/runs``).
+        server_timeout: seconds to wait for the server's ``/health`` before giving up.
+        serve_args: extra ``onegpu serve`` options, e.g. ``[--prompt_style,alpaca,--max_batch_size,8]``.
+        fresh: delete earlier HELM output in ``out`` instead of resuming completed runs.
+    """
+    from eval.lm import resolve_checkpoint
+    from eval.validate import checkpoint_digest, record_checkpoint_lineage
+    from onegpu.helm_env import helm_bin_dir
+    from onegpu.tracking import Run
+
+    started = time.time()
+    if checkpoint is None:
+        raise UserError("no checkpoint given", fix="pass --checkpoint DIR (a litgpt checkpoint or LoRA output dir)")
+    ckpt, _base = resolve_checkpoint(checkpoint)
+    conf_name, conf_path = resolve_conf(conf)
+    entries = conf_entries(conf_path)
+    if max_eval_instances is None:
+        max_eval_instances = DEFAULT_MAX_EVAL.get(conf_name, 100)
+    bin_dir = helm_bin_dir()
+    for tool in ("helm-run", "helm-summarize"):
+        if not (bin_dir / tool).exists():
+            raise UserError(f"{tool} is missing from the HELM env {bin_dir}",
+                            fix="run `make helm-venv` (or set ONEGPU_HELM_BIN to a bin dir with crfm-helm)")
+
+    out = Path(out).resolve()
+    helm_out = out / "helm"
+    digest = checkpoint_digest(ckpt)
+    marker = out / "helm_checkpoint.json"
+    if helm_out.exists() and (fresh or not marker.is_file()
+                              or json.loads(marker.read_text()).get("digest") != digest):
+        shutil.rmtree(helm_out)  # another checkpoint's cached answers must never leak into this score
+    helm_out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"checkpoint": str(ckpt), "digest": digest}))
+
+    config = {"checkpoint": str(ckpt), "conf": conf_name, "conf_path": str(conf_path), "entries": entries,
+              "max_eval_instances": max_eval_instances, "num_threads": num_threads, "suite": suite,
+              "serve_args": serve_args or [], "checkpoint_digest": digest}
+    run = Run("eval-helm", out, config, tags=["eval", "helm", conf_name])
+    exit_code = 1
+    server = None
+    try:
+        with sigterm_as_interrupt():
+            lineage = record_checkpoint_lineage(run, ckpt)
+            port = free_port()
+            base_url = f"http://127.0.0.1:{port}"
+            server_log = out / "server.log"
+            server = start_server(ckpt, port, server_log, list(serve_args or []))
+            health = wait_for_health(server, base_url, server_log, server_timeout)
+            print(f"[onegpu] server ready at {base_url} ({health.get('device')}, {health.get('dtype')})",
+                  file=sys.stderr, flush=True)
+            env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=base_url)
+            run_cmd = [str(bin_dir / "helm-run"), "--conf-paths", str(conf_path), "--suite", suite,
+                       "--max-eval-instances", str(max_eval_instances), "--output-path", str(helm_out),
+                       "--local-path", str(helm_out / "prod_env"), "--num-threads", str(num_threads),
+                       "--skip-completed-runs"]
+            print(f"[onegpu] {' '.join(run_cmd)}", file=sys.stderr, flush=True)
+            rc = run_logged(run_cmd, out / "helm-run.log", env, total=len(entries), desc="helm-run")
+            if rc != 0:
+                raise UserError(f"helm-run failed (exit {rc}); its log ({out / 'helm-run.log'}) ends with:\n"
+                                f"{log_tail(out / 'helm-run.log')}\n--- server log tail ---\n{log_tail(server_log, 15)}",
+                                fix="fix the cause in the logs (conf entries, dataset downloads need network)")
+            stop_process_group(server)  # HELM is done with the model; free its memory before summarizing
+            sum_cmd = [str(bin_dir / "helm-summarize"), "--suite", suite, "--output-path", str(helm_out)]
+            rc = run_logged(sum_cmd, out / "helm-summarize.log", env)
+            if rc != 0:
+                print(f"[onegpu] warning: helm-summarize failed (exit {rc}), see {out / 'helm-summarize.log'}; "
+                      "per-run stats are still parsed", file=sys.stderr)
+
+        parsed = parse_helm_suite(helm_out / "runs" / suite)
+        if not parsed["runs"]:
+            raise UserError(f"helm-run produced no stats.json under {helm_out / 'runs' / suite}",
+                            fix=f"read {out / 'helm-run.log'}")
+        values = [s["value"] for s in parsed["scenarios"].values()]
+        test_score = sum(values) / len(values) if values else None
+        results = {"stage": "eval-helm", "conf": conf_name, "conf_path": str(conf_path), "checkpoint": str(ckpt),
+                   "checkpoint_digest": digest, "checkpoint_lineage": lineage, **parsed, "test_score": test_score,
+                   "helm_output": str(helm_out), "wall_s": round(time.time() - started, 2)}
+        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        rows = [[name, r["scenario"], r["main_metric"], r["main"], r["n_instances"]] for name, r in parsed["runs"].items()]
+        run.log_table("helm_runs", ["run", "scenario", "metric", "value", "instances"], rows)
+        run.log_table("helm_scenarios", ["scenario", "metric", "value", "runs"],
+                      [[s, v["main_metric"], v["value"], v["n_runs"]] for s, v in parsed["scenarios"].items()])
+        run.summary(test_score=test_score, **{f"helm/{s}": v["value"] for s, v in parsed["scenarios"].items()})
+        _print_table(parsed, test_score)
+        print(f"\nresults: {out / 'results.json'}")
+        exit_code = 0
+        return results
+    finally:
+        stop_process_group(server)
+        run.finish(exit_code=exit_code)
+
+
+def _print_table(parsed: dict, test_score: float | None) -> None:
+    rows = [(s, v["main_metric"], f"{v['value']:.4f}", str(v["n_runs"])) for s, v in parsed["scenarios"].items()]
+    rows.append(("test_score (mean)", "", "-" if test_score is None else f"{test_score:.4f}", ""))
+    header = ("scenario", "metric", "value", "runs")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
