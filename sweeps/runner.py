@@ -399,7 +399,7 @@ def _run_trial(argv: list[str], trial_dir: Path, env: dict[str, str], config: di
         try:
             while True:
                 try:
-                    code = proc.wait(timeout=2.0)
+                    code = proc.wait(timeout=1.0)
                     return code, None
                 except subprocess.TimeoutExpired:
                     pass

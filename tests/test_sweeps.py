@@ -1,0 +1,381 @@
+"""Sweeps: W&B-schema validation, command rendering, offline grid/bayes sweeps, resume, hyperband,
+the HTML report in headless Chromium, and the W&B dashboard spec.
+
+The fine-tuning sweep runs real ``onegpu finetune`` trials on a random-init 2-layer litgpt model with
+the bundled tokenizer (``finetune.testing``) so each trial takes seconds; the runner mechanics
+(resume, hyperband, bayes) use a small real program that logs through ``onegpu.tracking``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from onegpu.errors import UserError
+from onegpu.paths import REPO_ROOT
+from sweeps import runner, schema
+from sweeps.runner import render_command, sweep
+
+SWEEP_YAMLS = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))
+
+# A real trial program: parses its flags, logs `score` per iteration through onegpu.tracking.Run.
+TOY = textwrap.dedent('''
+    import argparse, json, os, sys, time
+    from pathlib import Path
+    p = argparse.ArgumentParser()
+    p.add_argument("--x", type=float, required=True)
+    p.add_argument("--tag", default="ok")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--sleep", type=float, default=0.0)  # per iteration, times the distance from the optimum x=2
+    a = p.parse_args()
+    out = Path(os.environ["ONEGPU_TRIAL_DIR"])
+    with open(out / "invocations.txt", "a") as fh:  # how often the runner started this trial
+        fh.write("x\\n")
+    from onegpu.tracking import Run
+    run = Run("toy", out, {"x": a.x, "tag": a.tag})
+    for i in range(a.iters):
+        run.log({"score": (a.x - 2.0) ** 2 + 1.0 / (i + 1)}, step=i)
+        time.sleep(a.sleep * abs(a.x - 2.0))
+    run.summary(score=(a.x - 2.0) ** 2)
+    run.finish()
+    sys.exit(3 if a.tag == "crash" else 0)
+''')
+
+
+@pytest.fixture()
+def toy(tmp_path, monkeypatch):
+    program = tmp_path / "toy.py"
+    program.write_text(TOY)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # runner mechanics only: skip W&B start-up per trial
+    monkeypatch.chdir(tmp_path)
+    return program
+
+
+def _write(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------ validation / render
+@pytest.mark.parametrize("path", SWEEP_YAMLS, ids=lambda p: p.name)
+def test_shipped_yamls_validate_against_wandb_schema_and_parse_with_finetune(path):
+    cfg = schema.load_sweep_config(path)
+    assert cfg["method"] in ("grid", "random", "bayes") and cfg["metric"]["name"] == "val_loss"
+    target = runner.check_command(cfg, runner.validation_points(cfg), str(path))
+    assert target is not None and target.words == ("finetune",)
+    argv = render_command(cfg, runner.validation_points(cfg)[0])
+    assert argv[:3] == ["/usr/bin/env", "onegpu", "finetune"]
+    assert all(a.startswith("--") and "=" in a for a in argv[3:])
+
+
+def test_quickstart_yaml_is_a_two_trial_grid():
+    cfg = schema.load_sweep_config(REPO_ROOT / "sweeps/quickstart.yaml")
+    points = schema.grid_points(cfg)
+    assert len(points) == 2 and {p["lora_r"] for p in points} == {4, 16}
+    assert all(p["precision"] == "32-true" and p["max_steps"] <= 10 for p in points)
+
+
+def test_render_command_follows_wandb_agent_macros(monkeypatch):
+    monkeypatch.setenv("MY_DATA", "/data/mix")
+    cfg = {"method": "grid", "program": "train.py", "parameters": {"a": {"value": 1}},
+           "command": ["${env}", "${interpreter}", "${program}", "--data=${envvar:MY_DATA}", "${args}",
+                       "${args_no_hyphens}", "${args_json}", "${args_no_boolean_flags}"]}
+    argv = render_command(cfg, {"lr": 0.001, "mix.dolly": 0.5, "mix.lima": 0.5, "flag": False, "name": "x"})
+    assert argv[:4] == ["/usr/bin/env", sys.executable, "train.py", "--data=/data/mix"]
+    rest = argv[4:]
+    # ${args}: --key=value, nested parameters arrive as one dict (W&B's behaviour)
+    assert rest[:4] == ["--lr=0.001", "--mix={'dolly': 0.5, 'lima': 0.5}", "--flag=False", "--name=x"]
+    assert rest[4:8] == ["lr=0.001", "mix={'dolly': 0.5, 'lima': 0.5}", "flag=False", "name=x"]
+    assert json.loads(rest[8]) == {"lr": 0.001, "mix": {"dolly": 0.5, "lima": 0.5}, "flag": False, "name": "x"}
+    assert rest[9:] == ["--lr=0.001", "--mix={'dolly': 0.5, 'lima': 0.5}", "--name=x"]  # false booleans dropped
+    # the default command is W&B's: ${env} ${interpreter} ${program} ${args}
+    assert render_command({"program": "t.py"}, {"a": 1}) == ["/usr/bin/env", sys.executable, "t.py", "--a=1"]
+    with pytest.raises(UserError, match=r"unknown macro \$\{argz\}"):
+        render_command({"command": ["${argz}"]}, {"a": 1})
+
+
+BASE = {"program": "onegpu", "method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
+        "command": ["${env}", "onegpu", "finetune", "${args}"]}
+
+
+@pytest.mark.parametrize("parameters,extra,match", [
+    ({"lora_rank": {"values": [4, 8]}}, {}, r"parameters\.lora_rank: `onegpu finetune` has no option --lora_rank.*--lora_r"),
+    ({"learning_rate": {"distribution": "loguniform", "min": 1e-5, "max": 1e-3}}, {"method": "random"},
+     r"parameters\.learning_rate\.distribution: 'loguniform' is not a W&B distribution"),
+    ({"learning_rate": {"distribution": "normal", "min": 1e-5}}, {"method": "random"},
+     r"parameters\.learning_rate: distribution 'normal' needs mu, sigma"),
+    ({"learning_rate": {"min": "1e-5", "max": 1e-3}}, {"method": "random"}, r"parameters\.learning_rate: .*write `1\.0e-4`"),
+    ({"lora_r": {"min": 16, "max": 4}}, {}, r"parameters\.lora_r: min 16 is not less than max 4"),
+    ({"quantize": {"values": ["null", "bnb.nf5"]}}, {}, r"parameters\.quantize: `onegpu finetune` rejects --quantize=bnb\.nf5"),
+    ({"quantize": {"values": [None]}}, {}, r"parameters\.quantize: .*write the\s+string 'null'"),
+    ({"lora_r": {"values": ["eight"]}}, {}, r"parameters\.lora_r: `onegpu finetune` rejects"),
+    ({"learning_rate": {"min": 0.0001, "max": 0.001}}, {}, r"parameters\.learning_rate: a uniform distribution cannot be enumerated"),
+    ({"lora_r": {"values": [4]}}, {"method": "bayes", "metric": None}, r"method 'bayes' needs `metric`"),
+    ({"lora_r": {"values": [4]}}, {"metric": {"name": "val_loss", "goal": "lowest"}}, r"metric\.goal: 'lowest' is not one of"),
+    ({"lora_r": {"values": [4]}}, {"early_terminate": {"type": "hyperband"}}, r"early_terminate"),
+    ({"lora_r": {"values": [4]}}, {"paramters": {}}, r"unknown top-level key 'paramters'"),
+    ({"lora_r": {"values": [4]}}, {"command": ["${env}", "onegpu", "finetun", "${args}"]}, r"not an onegpu verb"),
+])
+def test_bad_sweep_yaml_is_rejected_before_any_trial_naming_the_key(tmp_path, parameters, extra, match):
+    doc = {**BASE, **extra, "parameters": parameters}
+    doc = {k: v for k, v in doc.items() if v is not None}
+    path = _write(tmp_path / "bad.yaml", doc)
+    with pytest.raises(UserError, match="(?s)" + match):  # (?s): the key may be named in the fix line
+        sweep(path, out=tmp_path / "out")
+    assert not (tmp_path / "out" / "trial-000").exists()
+
+
+def test_combination_finetune_would_reject_fails_before_any_trial(tmp_path, tiny_finetune):
+    doc = {**BASE, "parameters": {"precision": {"values": ["32-true", "bf16-mixed"]}, "quantize": {"value": "bnb.nf4"},
+                                  "data": {"value": str(tiny_finetune["data"])}}}
+    with pytest.raises(UserError, match=r"would reject the trial with parameters\.precision=bf16-mixed.*mixed precision"):
+        sweep(_write(tmp_path / "s.yaml", doc), out=tmp_path / "out")
+    assert not (tmp_path / "out" / "trial-000").exists()
+    doc["parameters"] = {"lora_r": {"value": 4}, "data": {"value": str(tmp_path / "nope")}}
+    with pytest.raises(UserError, match=r"parameters\.data=.*nope.*does not exist"):
+        sweep(_write(tmp_path / "s.yaml", doc), out=tmp_path / "out")
+
+
+def test_grid_order_and_random_draws_follow_wandb_semantics():
+    cfg = {"method": "grid", "parameters": {"b": {"values": [1, 2]}, "a": {"values": ["x", "y"]},
+                                            "c": {"min": 1, "max": 2}, "d": {"value": 7}}}
+    schema.validate_sweep_config(cfg)
+    # sorted by name; int_uniform min/max expands to every integer; constants ride along
+    assert schema.grid_points(cfg) == [{"a": a, "b": b, "c": c, "d": 7} for a in "xy" for b in (1, 2) for c in (1, 2)]
+    import random
+
+    cfg = {"method": "random", "parameters": {
+        "lr": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-2},
+        "r": {"distribution": "int_uniform", "min": 2, "max": 5},
+        "q": {"distribution": "q_uniform", "min": 0, "max": 1, "q": 0.25},
+        "p": {"values": ["a", "b"], "probabilities": [0.9, 0.1]}}}
+    schema.validate_sweep_config(cfg)
+    draws = [schema.sample_point(cfg, random.Random(i)) for i in range(300)]
+    assert all(1e-5 <= d["lr"] <= 1e-2 and d["r"] in (2, 3, 4, 5) and (d["q"] / 0.25).is_integer() for d in draws)
+    small = sum(d["lr"] < 1e-4 for d in draws) / len(draws)  # log-uniform: ~1/3 of mass below 1e-4
+    assert 0.2 < small < 0.47
+    assert 0.8 < sum(d["p"] == "a" for d in draws) / len(draws) < 0.97
+    assert list(runner.S.iter_random_points(cfg, 5).__next__().items()) == \
+           list(runner.S.iter_random_points(cfg, 5).__next__().items())  # seeded: resumable
+
+
+def test_hyperband_rule_matches_wandb_engine_example():
+    # The example from W&B's sweeps/hyperband_stopping.py: bands [1, 2] for max_iter 5, eta 2, s 2.
+    et = {"type": "hyperband", "max_iter": 5, "eta": 2, "s": 2}
+    assert schema.hyperband_bands(et) == [1, 2]
+    assert schema.hyperband_bands({"type": "hyperband", "min_iter": 3, "eta": 3})[:3] == [3, 9, 27]
+    finished = [[10, 9], [10, 6, 6]]
+    assert schema.hyperband_should_stop([10, 10], finished, et, "minimize")  # b: worse than the best half
+    assert schema.hyperband_should_stop([10, 5], finished, et, "minimize") is None
+    assert schema.hyperband_should_stop([10], finished, et, "minimize") is None  # band 1: tie, not worse
+    # maximize: the same runs with the sign flipped stop the same way; the best value so far counts
+    assert schema.hyperband_should_stop([-10, -10], [[-10, -9], [-10, -6, -6]], et, "maximize")
+    assert schema.hyperband_should_stop([10, 5], [[10, 9], [10, 6, 6]], et, "maximize") is None
+
+
+# ----------------------------------------------------------------------------- toy-program sweeps
+def _toy_yaml(tmp_path: Path, program: Path, **over) -> Path:
+    doc = {"program": str(program), "method": "grid", "metric": {"name": "score", "goal": "minimize"},
+           "parameters": {"x": {"values": [1.0, 2.0, 3.0]}, "tag": {"values": ["ok"]}, "sleep": {"value": 0.0}}}
+    doc.update(over)
+    return _write(tmp_path / "toy.yaml", doc)
+
+
+def test_resume_after_interruption_skips_done_trials_and_keeps_failures(tmp_path, toy):
+    params = {"x": {"values": [1.0, 2.0, 3.0]}, "tag": {"values": ["crash", "ok"]}, "sleep": {"value": 0.4}}
+    # 6 trials in W&B's order (names sorted, product): the 3 tag=crash ones exit 3, then the 3 ok ones
+    path = _toy_yaml(tmp_path, toy, parameters=params)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "onegpu", "sweep", str(path), "--out", str(out)]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while not (out / "trial-002" / "invocations.txt").exists():  # trials 0 and 1 are done, 2 is running
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output
+    state = json.loads((out / "sweep_state.json").read_text())
+    by_name = {t["name"]: t for t in state["trials"]}
+    assert by_name["trial-000"]["state"] == by_name["trial-001"]["state"] == "failed"
+    assert "exit 3" in by_name["trial-000"]["note"]
+    assert by_name["trial-002"]["state"] == "interrupted"
+    assert "trial-003" not in by_name
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    state = json.loads((out / "sweep_state.json").read_text())
+    assert [t["state"] for t in sorted(state["trials"], key=lambda t: t["index"])] == \
+           ["failed", "failed", "failed", "finished", "finished", "finished"]
+    runs = {name: len((out / name / "invocations.txt").read_text().split()) for name in
+            (f"trial-00{i}" for i in range(6))}
+    assert runs == {"trial-000": 1, "trial-001": 1, "trial-002": 2, "trial-003": 1, "trial-004": 1, "trial-005": 1}
+    summary = json.loads((out / "sweep_summary.json").read_text())
+    assert summary["best"]["params"]["x"] == 2.0 and summary["best"]["metric"] == 0.0
+    assert "trial-005" in again.stdout and "best: trial-004" in again.stdout  # the summary table
+    # the sweep's own run records the trial table
+    assert json.loads((out / "sweep-run" / "trials.table.json").read_text())["columns"][:2] == ["trial", "state"]
+
+    # a changed YAML must not silently mix into the old sweep dir
+    _toy_yaml(tmp_path, toy, parameters={**params, "sleep": {"value": 0.1}})
+    with pytest.raises(UserError, match="belongs to a different sweep config"):
+        sweep(path, out=out)
+
+
+def test_bayes_through_optuna_and_hyperband_stops_a_bad_trial(tmp_path, toy):
+    bayes = _toy_yaml(tmp_path, toy, method="bayes",
+                      parameters={"x": {"min": 0.0, "max": 4.0}, "iters": {"value": 2}})
+    assert sweep(bayes, out=tmp_path / "bayes", count=4, seed=1) == 0
+    state = json.loads((tmp_path / "bayes" / "sweep_state.json").read_text())
+    xs = [t["params"]["x"] for t in state["trials"]]
+    assert len(xs) == 4 and len(set(xs)) == 4 and all(0.0 <= x <= 4.0 for x in xs)
+    assert all(t["state"] == "finished" and t["metric"] == pytest.approx((t["params"]["x"] - 2) ** 2) for t in state["trials"])
+    with pytest.raises(UserError, match="pass --count N"):
+        sweep(bayes, out=tmp_path / "bayes2")
+
+    # hyperband (W&B semantics, min_iter 1, eta 3): x=3 logs a worse score than x=2 did at
+    # iteration 1, so it is stopped long before its 60 iterations x 0.5 s would end.
+    hb = _toy_yaml(tmp_path, toy, early_terminate={"type": "hyperband", "min_iter": 1, "eta": 3},
+                   parameters={"x": {"values": [2.0, 3.0]}, "iters": {"value": 60}, "sleep": {"value": 0.5}})
+    t0 = time.time()
+    sweep(hb, out=tmp_path / "hb")
+    state = {t["name"]: t for t in json.loads((tmp_path / "hb" / "sweep_state.json").read_text())["trials"]}
+    assert state["trial-000"]["state"] == "finished"
+    assert state["trial-001"]["state"] == "stopped" and "hyperband" in state["trial-001"]["note"]
+    assert time.time() - t0 < 25
+
+
+# ---------------------------------------------------------------- real fine-tuning trials + report
+@pytest.fixture(scope="module")
+def tiny_finetune(tmp_path_factory, bundled_checkpoint, shared_datasets):
+    from finetune.testing import make_data_dir, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("sweep-tiny")
+    return {"ckpt": make_tiny_checkpoint(root / "ckpt", bundled_checkpoint),
+            "data": make_data_dir(root / "data", shared_datasets, n_train=24, n_val=8, max_seq_length=64)}
+
+
+@pytest.fixture(scope="module")
+def finetune_sweep(tmp_path_factory, tiny_finetune):
+    """The quickstart YAML's grid (lora_r 4 vs 16), with tiny-model settings, as real finetune trials."""
+    cfg = yaml.safe_load((REPO_ROOT / "sweeps/quickstart.yaml").read_text())
+    cfg["parameters"].update({"max_steps": {"value": 3}, "max_seq_length": {"value": 64}, "eval_interval": {"value": 1},
+                              "eval_max_examples": {"value": 4}, "num_threads": {"value": 1}})
+    root = tmp_path_factory.mktemp("sweep")
+    path = _write(root / "quick.yaml", cfg)
+    out = root / "out"
+    old = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        code = sweep(path, out=out, params={"data": str(tiny_finetune["data"]),
+                                            "checkpoint_dir": str(tiny_finetune["ckpt"])})
+    finally:
+        if old is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = old
+    return out, code
+
+
+@pytest.mark.slow
+def test_offline_grid_sweep_of_two_real_finetune_trials(finetune_sweep):
+    out, code = finetune_sweep
+    assert code == 0
+    state = json.loads((out / "sweep_state.json").read_text())
+    trials = sorted(state["trials"], key=lambda t: t["index"])
+    assert [t["state"] for t in trials] == ["finished", "finished"], [t.get("note") for t in trials]
+    assert [t["params"]["lora_r"] for t in trials] == [4, 16]
+    for trial in trials:
+        run_dir = Path(trial["run_dir"])
+        run = json.loads((run_dir / "run.json").read_text())
+        assert run["stage"] == "finetune" and run["config"]["lora_r"] == trial["params"]["lora_r"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert trial["metric"] == pytest.approx(summary["val_loss"]) and summary["val_loss"] > 0
+        assert (run_dir / "final" / "lit_model.pth").is_file()
+        # an offline W&B run per trial, its config carrying the sweep params and the sweep id
+        assert list((run_dir / "wandb").glob("offline-run-*"))
+        params = yaml.safe_load((run_dir / "sweep_params.yaml").read_text())
+        assert params["sweep_id"]["value"] == state["sweep_id"] and params["lora_r"]["value"] == trial["params"]["lora_r"]
+        assert f"--out_dir={run_dir}" in trial["command"]
+    summary = json.loads((out / "sweep_summary.json").read_text())
+    assert summary["best"]["name"] in ("trial-000", "trial-001") and len(summary["rows"]) == 2
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(finetune_sweep, tmp_path):
+    from sweeps.report import report
+
+    out, _code = finetune_sweep
+    trial_dirs = sorted(out.glob("trial-*"))
+    index = report([out], out=tmp_path / "report")  # a sweep dir stands for its trials
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {"index.html", "curves.png", "pareto.png",
+                                                                   "budget_memory.png", "report.json"}
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
+    assert [r["lora_r"] for r in rows] == [4, 16] and all(r["val_loss"] and r["tokens/s"] for r in rows)
+    assert all(r["peak GiB"] and "%" in r["budget used"] for r in rows)
+    page = index.read_text()
+    assert page.count("data:image/png;base64,") == 3 and all(d.name in page for d in trial_dirs)
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the HTML was checked as text only")
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
+            capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "shot.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={profile}", "--window-size=1200,2400", f"--screenshot={shot}", index.as_uri()],
+                       capture_output=True, timeout=120)
+    # the page's own script counts the images the browser decoded and the table rows it built
+    assert 'data-images="3"' in dom and 'data-images-rendered="3"' in dom, dom[:500]
+    assert 'data-table-rows="2"' in dom
+    from PIL import Image
+
+    pixels = Image.open(shot).convert("L")
+    assert pixels.getextrema()[0] < 100  # something dark (axes, text) was drawn, not a blank page
+
+
+# --------------------------------------------------------------------------------------- dashboard
+def test_dashboard_spec_has_the_standard_panels_and_needs_online(monkeypatch):
+    from sweeps import dashboard
+
+    workspace = dashboard.build_workspace("my-team", "llm-challenge", "onegpu standard")
+    model = json.loads(workspace._to_model().model_dump_json(by_alias=True))  # the exact view W&B would store
+    text = json.dumps(model)
+    for metric in ("loss", "val_loss", "tokens_per_s", "mfu", "mem/cuda_peak_allocated_gib", "budget_used_pct",
+                   "val_score", "helm_score"):
+        assert f'"{metric}"' in text, metric
+    sections = {name: [type(p).__name__ for p in panels] for name, panels in dashboard.build_panels()}
+    sweep_panels = sections["Sweeps: rank x precision x quantization"]
+    assert "ParallelCoordinatesPlot" in sweep_panels and sweep_panels.count("ScatterPlot") == 2
+    import wandb_workspaces.reports.v2 as wr
+
+    parallel = dashboard.build_panels()[0][1][0]
+    assert [c.metric for c in parallel.columns[:4]] == [wr.Config(k) for k in ("lora_r", "lora_alpha", "precision", "quantize")]
+    report = dashboard.build_report("my-team", "llm-challenge", "onegpu standard")
+    assert report.title == "onegpu standard" and len(report.blocks) == 1 + 2 * len(sections)
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(UserError, match="cannot be created offline") as err:
+        dashboard.dashboard(project="llm-challenge")
+    assert "onegpu report" in err.value.fix
