@@ -66,6 +66,9 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
     else:
         data_dir = shared_datasets_dir()
     _check_local_copies(rec, data_dir)
+    for spec in rec["sources"]:  # field mappings of local files: checked before any heavy work
+        if "path" in spec:
+            _file_source(spec, Path(rec["_dir"]))
     tokenizer, tok_info = load_tokenizer(rec["tokenizer"])
     out = Path(out) if out is not None else runs_dir() / f"data-{rec['name']}"
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +177,7 @@ def _load_all(rec: dict, data_dir: Path | None) -> tuple[list[dict], list[dict],
             src = get_source(name)
             records = load_records(src, data_dir, subsets=spec.get("subsets"))
             opts = {k: spec[k] for k in src.options if k in spec}
+            opts["_state"] = {}  # per-source converter state (e.g. instances seen per NI task)
             if "languages" in src.options and "languages" not in opts and rec["languages"]:
                 opts["languages"] = rec["languages"]
             convert = lambda r, _src=src, _opts=opts: _src.convert(r, _src, **_opts)  # noqa: E731
@@ -182,7 +186,7 @@ def _load_all(rec: dict, data_dir: Path | None) -> tuple[list[dict], list[dict],
                 produced = list(convert(raw))
             except Exception as err:  # a malformed record never stops the build
                 c["malformed"] += 1
-                rejects.append(_reject("load", "malformed", name, None, f"record {i}: {type(err).__name__}: {err}",
+                rejects.append(_reject("malformed", "malformed", name, None, f"record {i}: {type(err).__name__}: {err}",
                                        _jsonable(raw)))
                 continue
             for item in produced:
@@ -202,15 +206,18 @@ def _load_all(rec: dict, data_dir: Path | None) -> tuple[list[dict], list[dict],
 
 def _file_source(spec: dict, base: Path):
     path = resolve_file(spec["path"], base)
-    ds = load_file_records(path, spec.get("format"))
+    ds, columns = load_file_records(path, spec.get("format"))
     fields = spec["fields"]
-    missing = [f"{target}: {col}" for target, col in fields.items() if col not in ds.column_names]
+    missing = [f"{target}: {col}" for target, col in fields.items() if col not in columns]
     if missing:
         raise UserError(f"source {spec['name']!r}: field mapping names column(s) missing from {path.name}: {missing}",
-                        fix=f"map to the file's fields: {', '.join(ds.column_names)}")
+                        fix=f"map to the file's fields: {', '.join(columns)}")
     name, lic, prov = spec["name"], spec["license"], spec["provenance"]
 
     def convert(r):
+        if "_malformed" in r:
+            raise ValueError(r["_malformed"])
+
         def text(key):
             v = r.get(fields[key]) if key in fields else ""
             if v is None:

@@ -114,7 +114,7 @@ def convert_self_instruct_seed(rec, src: Source, **_):
 
 
 def convert_natural_instructions(rec, src: Source, tasks: list[str] | None = None,
-                                 max_per_task: int | None = None, **_):
+                                 max_per_task: int | None = None, _state: dict | None = None, **_):
     # Local task files: one record per task {Definition, Instances}; hub (Muennighoff/natural-instructions):
     # one record per instance {task_name, definition, inputs, targets}.
     if "Instances" in rec:
@@ -132,6 +132,11 @@ def convert_natural_instructions(rec, src: Source, tasks: list[str] | None = Non
         task = _s(rec["task_name"])
         if tasks and not any(task.startswith(t) for t in tasks):
             return
+        if max_per_task is not None and _state is not None:  # hub rows come one instance at a time
+            seen = _state.setdefault(task, 0)
+            if seen >= max_per_task:
+                return
+            _state[task] = seen + 1
         yield make_row(src.name, _s(rec["definition"]), _s(rec["targets"]), input=_s(rec["inputs"]),
                        license=src.license, provenance=src.provenance, meta={"task": task})
 
@@ -190,7 +195,10 @@ def oasst_pairs(messages: list[dict], src: Source, languages: list[str] | None) 
 
 
 def convert_oasst_tree(rec, src: Source, languages: list[str] | None = None, **_):
-    yield from oasst_pairs(list(_oasst_flat_messages(rec)), src, languages)
+    # Local copy: OA export trees (nested replies). Hub oasst1: flat messages, grouped per tree by
+    # ``load_records`` into {"messages": [...]}.
+    messages = rec["messages"] if "messages" in rec else list(_oasst_flat_messages(rec))
+    yield from oasst_pairs(messages, src, languages)
 
 
 def convert_alpaca(rec, src: Source, **_):
@@ -298,7 +306,8 @@ def load_records(src: Source, data_dir: Path | None, subsets: list[str] | None =
         kwargs = dict(src.hub)
         if subsets and src.name == "flan_cot":
             kwargs["data_files"] = [f for f in kwargs["data_files"] if any(f"/{s}_train" in f for s in subsets)]
-        return load_dataset(**kwargs)
+        ds = load_dataset(**kwargs)
+        return _group_oasst_trees(ds) if src.name == "oasst1" else ds
     files = local_files(src, data_dir)
     if subsets and src.name == "flan_cot":
         files = [f for f in files if any(f.name.startswith(f"{s}_") for s in subsets)]
@@ -315,6 +324,15 @@ def load_records(src: Source, data_dir: Path | None, subsets: list[str] | None =
     return _with_file(out)
 
 
+def _group_oasst_trees(ds) -> Iterator[dict]:
+    """oasst1 on the hub is one row per message; the converter wants one record per tree."""
+    trees: dict[str, list[dict]] = {}
+    for msg in ds:
+        trees.setdefault(msg["message_tree_id"], []).append(msg)
+    for tree_id in sorted(trees):
+        yield {"message_tree_id": tree_id, "messages": trees[tree_id]}
+
+
 def _with_file(parts) -> Iterator[dict]:
     for f, ds in parts:
         for rec in ds:
@@ -328,15 +346,39 @@ def _ni_task_records(files: list[Path]) -> Iterator[dict]:
         yield {"_file": f.name, "Definition": doc.get("Definition", ""), "Instances": doc.get("Instances", [])}
 
 
-def load_file_records(path: Path, fmt: str | None = None) -> Any:
-    """A user's local json/jsonl/csv/tsv/parquet file as a ``datasets.Dataset``."""
+def load_file_records(path: Path, fmt: str | None = None) -> tuple[Any, list[str]]:
+    """A user's local json/jsonl/csv/tsv/parquet file: (records, column names).
+
+    Loaded as a ``datasets.Dataset``. A JSON Lines file that Arrow cannot parse (a broken line,
+    mixed types) is read line by line instead, so the good lines still load and each broken one
+    becomes a record that the converter rejects, never a crash.
+    """
     from datasets import load_dataset
 
     fmt = fmt or path.suffix.lstrip(".").lower()
     if fmt not in FILE_FORMATS:
         raise UserError(f"cannot tell the format of {path}", fix=f"add `format:` ({', '.join(FILE_FORMATS)})")
     kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
-    return load_dataset(FILE_FORMATS[fmt], data_files=str(path), split="train", **kwargs)
+    try:
+        ds = load_dataset(FILE_FORMATS[fmt], data_files=str(path), split="train", **kwargs)
+        return ds, list(ds.column_names)
+    except Exception as err:
+        if FILE_FORMATS[fmt] != "json":
+            raise UserError(f"could not read {path}: {type(err).__name__}: {err}",
+                            fix=f"check that it is a valid {fmt} file") from err
+    records, columns = [], {}
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError(f"line is a {type(rec).__name__}, not an object")
+            columns.update(dict.fromkeys(rec))
+        except ValueError as err:
+            rec = {"_malformed": f"line {i + 1}: {err}", "_text": line[:2000]}
+        records.append(rec)
+    return records, list(columns)
 
 
 def list_sources() -> None:
@@ -356,10 +398,11 @@ def list_sources() -> None:
             hub += f" [{s.hub['name']}]"
         if s.local is None:
             local = "-"
-        elif data_dir is None:
-            local = ", ".join(s.local["files"])
         else:
-            local = ", ".join(s.local["files"]) + ("" if local_files(s, data_dir) else " (missing)")
+            files = s.local["files"]
+            local = files[0] + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
+            if data_dir is not None and not local_files(s, data_dir):
+                local += " (missing)"
         rows.append((s.name, s.provenance, s.license, hub, local))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, tuple("-" * w for w in widths), *rows]:
