@@ -26,6 +26,7 @@ tests check against a plain forward pass.
 
 from __future__ import annotations
 
+import atexit
 import math
 import queue
 import random
@@ -47,6 +48,7 @@ from onegpu.errors import UserError
 
 GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
 MAX_TOP_LOGPROBS = 20
+PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens prefilled in one forward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +269,7 @@ class Engine:
         self.stats = {"requests": 0, "steps": 0, "max_batch": 0}
         self._worker = threading.Thread(target=self._run, name="onegpu-engine", daemon=True)
         self._worker.start()
+        atexit.register(self.shutdown)  # a daemon thread inside torch at interpreter exit aborts it
 
     def _load_model(self, config, quantize: str | None):
         from litgpt import GPT
@@ -358,6 +361,8 @@ class Engine:
         return request.future
 
     def shutdown(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         self._queue.put(None)
         self._worker.join(timeout=10)
@@ -380,19 +385,35 @@ class Engine:
                     self._active = []
 
     def _admit(self) -> bool:
-        """Move waiting requests into free slots; block when idle. False once shut down."""
-        while len(self._active) < self.max_batch_size:
+        """Move waiting requests into free slots (blocking when idle). False once shut down."""
+        incoming: list[GenRequest] = []
+        while len(self._active) + len(incoming) < self.max_batch_size:
             try:
-                req = self._queue.get(block=not self._active)
+                req = self._queue.get(block=not self._active and not incoming)
             except queue.Empty:
-                return True
+                break
             if req is None:
+                for waiting in incoming:
+                    waiting.future.set_exception(RuntimeError("the server is shutting down"))
                 return False
-            try:
-                self._prefill(req)
-            except Exception as err:
-                req.future.set_exception(err)
+            incoming.append(req)
+        # prompts of similar length are prefilled together (one weight pass for several prompts)
+        incoming.sort(key=lambda r: len(r.prompt_ids))
+        group: list[GenRequest] = []
+        for req in incoming:
+            if group and not self._fits(group, req):
+                self._prefill_group(group)
+                group = []
+            group.append(req)
+        if group:
+            self._prefill_group(group)
         return True
+
+    @staticmethod
+    def _fits(group: list[GenRequest], req: GenRequest) -> bool:
+        padded = len(req.prompt_ids) * (len(group) + 1)  # req is the longest (sorted)
+        real = sum(len(r.prompt_ids) for r in group) + len(req.prompt_ids)
+        return padded <= PREFILL_TOKEN_BUDGET and padded <= 1.25 * real + 64
 
     def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor, row_start: int, maxp1: int) -> torch.Tensor:
         for cache in self.caches:
@@ -405,24 +426,39 @@ class Engine:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[..., : self.vocab_size]
 
-    def _prefill(self, req: GenRequest) -> None:
-        self.stats["requests"] += 1
-        seed = req.seed if req.seed is not None else random.getrandbits(62)
-        req.generator = torch.Generator(device=self.device).manual_seed(seed)
-        ids = req.prompt_ids
-        slot = len(self._active)
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(len(ids), device=self.device)
-        hidden = self._hidden(idx, pos, slot, len(ids))[0]  # (T, C)
-        if req.echo:
-            self._score_prompt(req, hidden)
-        req.position = len(ids)
-        if req.max_new_tokens == 0:
-            self._finish(req)
+    def _prefill_group(self, group: list[GenRequest]) -> None:
+        """One forward over the group's prompts (right-padded) into the next free cache rows.
+
+        Padding writes junk K/V after a short prompt's end; its first decode step overwrites that
+        position before attending to it, and the causal mask hides the rest.
+        """
+        first_row = len(self._active)
+        longest = max(len(r.prompt_ids) for r in group)
+        pad = self.eos_id if self.eos_id is not None else 0
+        idx = torch.tensor([r.prompt_ids + [pad] * (longest - len(r.prompt_ids)) for r in group],
+                           dtype=torch.long, device=self.device)
+        pos = torch.arange(longest, device=self.device)
+        try:
+            hidden = self._hidden(idx, pos, first_row, longest)  # (k, T, C)
+            last = torch.stack([hidden[i, len(r.prompt_ids) - 1] for i, r in enumerate(group)])
+            logprobs = torch.log_softmax(self._logits(last), dim=-1)  # (k, V)
+            for i, req in enumerate(group):
+                self.stats["requests"] += 1
+                seed = req.seed if req.seed is not None else random.getrandbits(62)
+                req.generator = torch.Generator(device=self.device).manual_seed(seed)
+                req.position = len(req.prompt_ids)
+                if req.echo:
+                    self._score_prompt(req, hidden[i, : len(req.prompt_ids)])
+        except Exception as err:
+            for req in group:
+                req.future.set_exception(err)
             return
-        logprobs = torch.log_softmax(self._logits(hidden[-1:]), dim=-1)  # (1, V)
-        self._active.append(req)
-        self._accept(req, logprobs[0])
+        self._active.extend(group)  # rows first_row.. hold their caches now
+        for i, req in enumerate(group):
+            if req.max_new_tokens == 0:
+                self._finish(req)
+            else:
+                self._accept(req, logprobs[i])
 
     def _score_prompt(self, req: GenRequest, hidden: torch.Tensor) -> None:
         """Prompt-token logprobs: token i scored by the logits at position i-1 (the next-token ones)."""

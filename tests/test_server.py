@@ -1,0 +1,325 @@
+"""`onegpu serve` on the bundled model: a real uvicorn server on 127.0.0.1, started once per module.
+
+Checked against the contract (../shared/reference/challenge-api.md) and against a direct litgpt
+forward pass of the same checkpoint; ends with a real helm-run against the server.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from submission.launch import running_server
+
+FRANCE = "The capital of France is "  # the organizers' start-up probe
+
+
+@pytest.fixture(scope="module")
+def server(bundled_checkpoint):
+    # a 512-token context keeps the over-long-prompt test cheap on CPU (the default is HELM's 2048);
+    # one torch thread: on a shared 2-core box two OpenMP threads make small matmuls ~10x slower
+    with running_server(bundled_checkpoint, "--prompt_style", "raw", "--max_batch_size", "16",
+                        "--max_seq_length", "512", "--num_threads", "1") as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=300) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_checkpoint):
+    """The same checkpoint through plain litgpt: full forward passes, no KV cache, no batching."""
+    from litgpt import GPT, Config
+    from litgpt.tokenizer import Tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see `server`; restored after this module
+    config = Config.from_file(bundled_checkpoint / "model_config.yaml")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(torch.load(bundled_checkpoint / "lit_model.pth", weights_only=True), assign=True)
+    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
+    model.eval()
+    yield model, Tokenizer(bundled_checkpoint)
+    torch.set_num_threads(threads)
+
+
+def forward_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+
+
+def greedy_reference(reference, prompt: str, steps: int) -> tuple[list[int], list[float]]:
+    model, tokenizer = reference
+    ids = tokenizer.encode(prompt).tolist()
+    out, logprobs = [], []
+    for _ in range(steps):
+        lp = forward_logprobs(model, ids + out)[-1]
+        token = int(lp.argmax())
+        if token == tokenizer.eos_id:
+            break
+        out.append(token)
+        logprobs.append(float(lp[token]))
+    return out, logprobs
+
+
+def process(client, **body) -> dict:
+    response = client.post("/process", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_consistent(result: dict) -> None:
+    """Fields every /process response must satisfy."""
+    assert set(result) >= {"text", "tokens", "logprob", "request_time"}
+    assert "".join(t["text"] for t in result["tokens"]) == result["text"]
+    assert math.isclose(result["logprob"], sum(t["logprob"] for t in result["tokens"]), abs_tol=1e-4)
+    for token in result["tokens"]:
+        assert token["logprob"] <= 1e-6
+        assert all(v <= 1e-6 for v in token["top_logprob"].values()), "top_logprob must hold log-probabilities"
+
+
+def test_health_and_organizers_probe(client):
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    start = time.perf_counter()
+    result = process(client, prompt=FRANCE)  # sample-server defaults: 50 tokens, temperature 0.8
+    elapsed = time.perf_counter() - start
+    assert_consistent(result)
+    assert 0 < len(result["tokens"]) <= 50 and result["text"]
+    assert not result["text"].startswith(FRANCE)  # completion only
+    # request_time is real seconds spent on this request, not a token id
+    assert 0 < result["request_time"] <= elapsed
+    assert isinstance(result["request_time"], float)
+
+
+def test_greedy_text_and_logprobs_match_a_direct_forward_pass(client, reference):
+    prompt = "Water boils at a temperature of"
+    result = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=8, top_k_per_token=3,
+                     echo_prompt=False, stop_sequences=[], num_return_sequences=1, top_p=1)
+    assert_consistent(result)
+    ref_ids, ref_logprobs = greedy_reference(reference, prompt, 8)
+    _, tokenizer = reference
+    assert result["text"] == tokenizer.processor.decode(ref_ids, skip_special_tokens=False)
+    got = [t["logprob"] for t in result["tokens"]]
+    assert got == pytest.approx(ref_logprobs, abs=2e-4)
+    for token in result["tokens"]:  # greedy: the chosen token is the top one, 3 entries per token
+        assert len(token["top_logprob"]) == 3
+        assert max(token["top_logprob"].values()) == pytest.approx(token["logprob"], abs=1e-5)
+
+
+def test_echo_prompt_logprobs_are_next_token_logprobs(client, reference):
+    model, tokenizer = reference
+    prompt = "The quick brown fox jumps over the lazy dog."
+    result = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=0, echo_prompt=True,
+                     top_k_per_token=2)
+    assert_consistent(result)
+    assert result["text"] == prompt
+    ids = tokenizer.encode(prompt).tolist()
+    assert ids[0] == tokenizer.bos_id  # SmolLM2-Instruct via litgpt: BOS conditions the first token
+    expected = forward_logprobs(model, ids)
+    # token i is scored by the logits at position i-1 (the sample servers used position i)
+    want = [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert [t["logprob"] for t in result["tokens"]] == pytest.approx(want, abs=2e-4)
+    top = [max(t["top_logprob"].values()) for t in result["tokens"]]
+    assert top == pytest.approx([float(expected[i - 1].max()) for i in range(1, len(ids))], abs=2e-4)
+
+    # echo + completion: the prompt's tokens, then the same completion as without echo
+    plain = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=6)
+    echoed = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=6, echo_prompt=True)
+    assert_consistent(echoed)
+    assert echoed["text"] == prompt + plain["text"]
+    assert len(echoed["tokens"]) == len(ids) - 1 + len(plain["tokens"])
+    assert echoed["logprob"] == pytest.approx(result["logprob"] + plain["logprob"], abs=1e-3)
+
+
+def test_stop_sequences_cut_text_tokens_and_logprobs(client):
+    prompt = "Here is a list of fruits:\n1."
+    full = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=40)
+    assert_consistent(full)
+    text = full["text"]
+    # stops that occur in the greedy completion: a newline, a word, and one that ends mid-token
+    candidates = ["\n", "\n\n", "2.", text[len(text) // 2: len(text) // 2 + 2]]
+    stops = [s for s in candidates if s.strip("\n") != "" or s in text]
+    assert any(s in text for s in stops), f"no stop candidate occurs in {text!r}"
+    for stop in stops:
+        if stop not in text:
+            continue
+        cut = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=40, stop_sequences=[stop, "@@@"])
+        assert_consistent(cut)
+        assert cut["text"] == text[: text.index(stop)], stop
+        assert stop not in cut["text"]
+        # the kept tokens are the greedy tokens up to the stop (the last one may be cut mid-text)
+        n = len(cut["tokens"])
+        assert [t["logprob"] for t in cut["tokens"]] == pytest.approx([t["logprob"] for t in full["tokens"][:n]],
+                                                                      abs=2e-4)
+
+
+def test_eos_ends_generation(client):
+    # the bundled model is a chat model: given its own template it answers and emits <|im_end|>
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    result = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=120)
+    assert_consistent(result)
+    assert len(result["tokens"]) < 120
+    assert "<|im_end|>" not in result["text"] and "<|im_start|>" not in result["text"]
+
+
+def test_seed_makes_sampling_reproducible(client):
+    body = dict(prompt="Once upon a time", temperature=1.0, top_k=50, top_p=0.95, max_new_tokens=12)
+    # sent together, so they are sampled in one batch: each row has its own generator
+    with concurrent.futures.ThreadPoolExecutor(max_workers=5) as pool:
+        first, again, *rest = pool.map(lambda seed: process(client, seed=seed, **body), (1234, 1234, 1, 2, 3))
+    assert first["text"] == again["text"]
+    # logprobs agree up to float noise of different batch shapes
+    assert [t["logprob"] for t in first["tokens"]] == pytest.approx([t["logprob"] for t in again["tokens"]],
+                                                                    abs=2e-4)
+    assert process(client, seed=1234, **body)["text"] == first["text"]  # alone == in a batch
+    others = {r["text"] for r in rest}
+    assert len(others | {first["text"]}) > 1, "different seeds should give different samples"
+
+
+def test_tokenize_truncation_and_decode_round_trip(client):
+    texts = ["Hello world", "naïve café, 東京 🙂 — \"quotes\"\n\ttabs", "  leading spaces", "x" * 50]
+    for text in texts:
+        ids = client.post("/tokenize", json={"text": text, "truncation": False}).json()["tokens"]
+        decoded = client.post("/decode", json={"tokens": ids}).json()
+        assert decoded["text"] == text
+        assert client.post("/tokenize", json={"text": decoded["text"]}).json()["tokens"] == ids
+        assert decoded["request_time"] >= 0
+    long_text = " ".join(["token"] * 300)
+    full = client.post("/tokenize", json={"text": long_text, "truncation": False, "max_length": 10}).json()
+    cut = client.post("/tokenize", json={"text": long_text, "truncation": True, "max_length": 10}).json()
+    assert len(full["tokens"]) > 300 and len(cut["tokens"]) == 10
+    assert cut["tokens"] == full["tokens"][:10]
+    assert full["request_time"] >= 0
+    # /tokenize counts exactly what /process feeds the model (BOS included): HELM relies on it
+    assert full["tokens"][0] == client.post("/tokenize", json={"text": "x"}).json()["tokens"][0]
+    # HELM's truncation loop: tokenize with truncation, decode, re-tokenize -> the same ids
+    again = client.post("/tokenize", json={"text": client.post("/decode", json={"tokens": cut["tokens"]}).json()[
+        "text"]}).json()["tokens"]
+    assert again == cut["tokens"]
+
+
+def test_over_long_prompt_is_left_truncated_and_huge_budgets_rejected(client):
+    prompt = "one two three four five six seven. " * 80 + "The capital of France is"
+    n_tokens = len(client.post("/tokenize", json={"text": prompt, "truncation": False}).json()["tokens"])
+    assert n_tokens > 512  # the test server's context
+    result = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=3)
+    assert_consistent(result)
+    assert 0 < len(result["tokens"]) <= 3
+    # what is kept is BOS + the end of the prompt (the question): the same completion as that alone
+    ids = client.post("/tokenize", json={"text": prompt, "truncation": False}).json()["tokens"]
+    kept = ids[:1] + ids[-(512 - 3 - 1):]
+    tail = client.post("/decode", json={"tokens": kept}).json()["text"]
+    assert client.post("/tokenize", json={"text": tail}).json()["tokens"] == kept
+    assert result["text"] == process(client, prompt=tail, temperature=1e-7, max_new_tokens=3)["text"]
+    too_many = client.post("/process", json={"prompt": "hi", "max_new_tokens": 512})
+    assert too_many.status_code == 422 and "max_new_tokens" in too_many.json()["detail"]
+
+
+BAD_BODIES = [
+    ("/process", b"{not json", 422),
+    ("/process", b"\xff\xfe\x00", 400),
+    ("/process", json.dumps({"prompt": ""}).encode(), 422),
+    ("/process", json.dumps({"max_new_tokens": 5}).encode(), 422),
+    ("/process", json.dumps({"prompt": 5}).encode(), 422),
+    ("/process", json.dumps({"prompt": "hi", "max_new_tokens": -1}).encode(), 422),
+    ("/process", json.dumps({"prompt": "hi", "max_new_tokens": 10**9}).encode(), 422),
+    ("/process", json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 422),
+    ("/process", b'{"prompt": "hi", "temperature": NaN}', 422),
+    ("/process", json.dumps({"prompt": "hi", "stop_sequences": [""]}).encode(), 422),
+    ("/process", json.dumps({"prompt": "hi", "stop_sequences": "\n"}).encode(), 422),
+    ("/process", b'{"prompt": "\\ud800"}', 422),
+    ("/process", json.dumps(["prompt"]).encode(), 422),
+    ("/tokenize", json.dumps({"text": "hi", "max_length": 0}).encode(), 422),
+    ("/tokenize", json.dumps({"txt": "hi"}).encode(), 422),
+    ("/decode", json.dumps({"tokens": [1, -5]}).encode(), 422),
+    ("/decode", json.dumps({"tokens": [10**12]}).encode(), 422),
+    ("/decode", json.dumps({"tokens": ["a"]}).encode(), 422),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD_BODIES)
+def test_bad_input_is_a_4xx_with_a_message(client, path, body, status):
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_unknown_keys_and_missing_content_type_are_accepted(client):
+    response = client.post("/process", content=json.dumps({"prompt": FRANCE, "max_new_tokens": 2,
+                                                           "some_future_key": [1, 2]}))
+    assert response.status_code == 200, response.text
+    assert_consistent(response.json())
+
+
+def test_concurrent_requests_are_batched_and_long_ones_do_not_block_short_ones(client):
+    def call(body):
+        start = time.perf_counter()
+        result = process(client, **body)
+        return result, time.perf_counter() - start
+
+    short_prompts = [f"Question {i}: what is {i} plus {i}?\nAnswer:" for i in range(24)]
+    steps_before = client.get("/health").json()["stats"]["steps"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=26) as pool:
+        long = pool.submit(call, dict(prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", temperature=1e-7,
+                                      max_new_tokens=100))
+        time.sleep(0.5)  # the long request is decoding when the short ones arrive
+        shorts = [pool.submit(call, dict(prompt=p, temperature=1e-7, max_new_tokens=5, stop_sequences=["\n"]))
+                  for p in short_prompts]
+        short_results = [f.result() for f in shorts]
+        long_done_when_shorts_done = long.done()
+        long_result, long_time = long.result()
+    assert len(long_result["tokens"]) > 60, long_result["text"]
+    assert not long_done_when_shorts_done, "short requests waited for the long one"
+    for result, _ in short_results:
+        assert_consistent(result)
+        assert len(result["tokens"]) <= 5
+    stats = client.get("/health").json()["stats"]
+    assert stats["max_batch"] >= 8, stats
+    # batching changes nothing for greedy decoding: a request alone gives the same completion
+    for i in (0, 7, 23):
+        alone = process(client, prompt=short_prompts[i], temperature=1e-7, max_new_tokens=5, stop_sequences=["\n"])
+        assert alone["text"] == short_results[i][0]["text"]
+        assert [t["logprob"] for t in alone["tokens"]] == pytest.approx(
+            [t["logprob"] for t in short_results[i][0]["tokens"]], abs=2e-4)
+    assert stats["steps"] > steps_before
+
+
+def test_real_helm_run_against_the_server(server, tmp_path):
+    from onegpu.helm_env import helm_bin_dir
+
+    helm_run = helm_bin_dir() / "helm-run"
+    env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=server)
+    cmd = [str(helm_run), "--run-entries", "synthetic_reasoning:mode=pattern_match,model=neurips/local",
+           "--suite", "servertest", "--max-eval-instances", "5", "-n", "4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next((tmp_path / "benchmark_output" / "runs" / "servertest").glob("synthetic_reasoning*"))
+    stats = {(s["name"]["name"], s["name"].get("split")): s for s in json.loads((run_dir / "stats.json").read_text())
+             if not s["name"].get("perturbation")}
+    instances = sum(s["sum"] for (name, _), s in stats.items() if name == "num_instances")
+    assert instances == 5
+    assert 0.0 <= stats[("exact_match", "test")]["mean"] <= 1.0
+    assert stats[("num_prompt_tokens", "test")]["mean"] > 50  # counted with our /tokenize
+    assert 0 < stats[("num_completion_tokens", "test")]["mean"] <= 50
+    state = json.loads((run_dir / "scenario_state.json").read_text())
+    for request_state in state["request_states"]:
+        result = request_state["result"]
+        assert result["success"], result
+        completion = result["completions"][0]
+        assert completion["text"] == "".join(t["text"] for t in completion["tokens"])
+        assert "\n" not in completion["text"]  # HELM's stop sequence, applied by our server
+        assert result["request_time"] > 0
