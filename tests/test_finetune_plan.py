@@ -1,0 +1,29 @@
+"""Plan mode runs real steps and gives a verdict against the track's memory."""
+
+from __future__ import annotations
+
+import json
+
+from finetune.testing import make_data_dir, make_tiny_checkpoint
+
+
+def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_datasets):
+    from finetune.plan import plan
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", bundled_checkpoint)
+    data = make_data_dir(tmp_path / "data", shared_datasets, n_train=60, max_seq_length=128)
+    report = plan(data=str(data), checkpoint_dir=ckpt, track="rtx4090-24gb", budget="1h", micro_batch_size=2,
+                  steps=1, out_dir=tmp_path / "plan", num_threads=2)
+    assert report["fits"] and "fits rtx4090-24gb" in report["verdict"]
+    assert report["suggested_micro_batch_size"] >= 2
+    assert report["tokens_per_s"] > 0 and 0 < report["mfu"] < 1
+    assert report["tokens_per_epoch"] > 0
+    assert report["epochs_in_budget"] == report["tokens_in_budget"] / report["tokens_per_epoch"]
+    assert [m["micro_batch_size"] for m in report["measured"]] == [2, 4]
+    saved = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert saved["verdict"] == report["verdict"]
+    assert (tmp_path / "plan" / "plan.table.json").is_file() and list((tmp_path / "plan" / "wandb").glob("offline-run-*"))
+
+    small = plan(data=str(data), checkpoint_dir=ckpt, track="rtx4090-24gb", track_memory_gib=0.05,
+                 micro_batch_size=2, steps=1, out_dir=tmp_path / "plan-small", num_threads=2)
+    assert not small["fits"] and "does NOT fit" in small["verdict"] and small["suggested_micro_batch_size"] is None
