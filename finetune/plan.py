@@ -16,68 +16,55 @@ import inspect
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
-
-from finetune.lora import Precision, Quantize, Track
+from typing import Any
 
 
-def plan(
-    data: str | None = None,
-    checkpoint_dir: Path | None = None,
-    track: Track = "rtx4090-24gb",
-    budget: str | None = None,
-    precision: Precision | None = None,
-    quantize: Quantize | None = None,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_query: bool = True,
-    lora_key: bool = False,
-    lora_value: bool = True,
-    lora_projection: bool = False,
-    lora_mlp: bool = False,
-    lora_head: bool = False,
-    max_seq_length: int | None = None,
-    packing: bool = True,
-    micro_batch_size: int = 1,
-    activation_checkpointing: bool = False,
-    steps: int = 2,
-    max_micro_batch_size: int = 64,
-    track_memory_gib: float | None = None,
-    out_dir: Path | None = None,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    num_threads: int | None = None,
-) -> dict[str, Any]:
+def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float | None = None,
+         **options: Any) -> dict[str, Any]:
     """Run a few real steps of a fine-tuning config and say whether and how it fits the track.
 
+    Takes every option of ``onegpu finetune`` (so ``--config`` files are shared); the ones that
+    shape memory and speed (model, precision, quantize, LoRA layers, max_seq_length, packing,
+    micro_batch_size, activation_checkpointing, track, budget) are measured, the rest are accepted
+    and ignored.
+
     Args:
-        data: data-stage output dir (or W&B dataset artifact when online), as for ``onegpu finetune``.
-        checkpoint_dir: base litgpt checkpoint. Default: the bundled SmolLM2-135M.
-        track: ``rtx4090-24gb`` or ``a100-40gb``: the GPU memory to fit in and the default budget (24h).
-        budget: wall-clock budget like ``24h`` (default: the track's).
-        precision: as for ``onegpu finetune`` (default 32-true on CPU, bf16-true on CUDA).
-        quantize: QLoRA mode, e.g. ``bnb.nf4``.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA alpha.
-        lora_query: LoRA on the query projection.
-        lora_key: LoRA on the key projection.
-        lora_value: LoRA on the value projection.
-        lora_projection: LoRA on the attention output projection.
-        lora_mlp: LoRA on the MLP.
-        lora_head: LoRA on the LM head.
-        max_seq_length: tokens per row (default: the manifest's).
-        packing: pack examples into rows (as in training).
-        micro_batch_size: the micro-batch size to measure first (rows per step).
-        activation_checkpointing: recompute activations in backward.
         steps: measured optimizer steps per micro-batch size (after one warm-up step).
-        max_micro_batch_size: the largest micro-batch size to try.
+        max_micro_batch_size: the largest micro-batch size to try or suggest.
         track_memory_gib: override the track's GPU memory (GiB), e.g. to plan for another card.
-        out_dir: where the plan's run (W&B + plan.json) goes. Default: ``$ONEGPU_RUNS/finetune-plan``.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        num_threads: CPU threads for torch.
 
     Returns:
         The plan (also printed, and written to ``out_dir/plan.json`` and W&B).
     """
+    import inspect
+
+    from finetune.lora import finetune
+
+    args = {p.name: p.default for p in inspect.signature(finetune).parameters.values()}
+    args.update(options)
+    return _plan(steps, max_micro_batch_size, track_memory_gib, args)
+
+
+def _finetune_signature_and_doc() -> None:
+    """Give ``plan`` the options of ``finetune`` (signature + docstring Args) for jsonargparse's --help."""
+    from finetune.lora import finetune
+
+    import typing
+
+    # real annotation objects (both modules use postponed annotations, i.e. strings)
+    hints = {**typing.get_type_hints(finetune), **typing.get_type_hints(plan)}
+    own = [p.replace(annotation=hints[n]) for n, p in inspect.signature(plan).parameters.items() if n != "options"]
+    shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
+              for p in inspect.signature(finetune).parameters.values()]
+    plan.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared,
+                                           return_annotation=dict)
+    ft_doc = finetune.__doc__
+    ft_args = ft_doc[ft_doc.index("    Args:\n") + len("    Args:\n"): ft_doc.index("\n    Returns:")]
+    head, tail = plan.__doc__.split("\n    Returns:")
+    plan.__doc__ = head.rstrip() + "\n" + ft_args + "\n\n    Returns:" + tail
+
+
+def _plan(steps: int, max_micro_batch_size: int, track_memory_gib: float | None, args: dict[str, Any]) -> dict[str, Any]:
     import json
 
     import lightning as L
@@ -85,24 +72,24 @@ def plan(
     from litgpt.tokenizer import Tokenizer
 
     from finetune import telemetry
-    from finetune.lora import _Trainer, _validate, build_model, finetune
+    from finetune.lora import _Trainer, _validate, build_model
     from finetune.packing import batch_to, forward_hidden, loss_sum, use_flex_attention
     from onegpu.budget import TRACKS, format_duration
     from onegpu.tracking import Run
 
-    args = {p.name: p.default for p in inspect.signature(finetune).parameters.values()}
-    given = {k: v for k, v in locals().items() if k in args}
-    args.update(given)
-    args.pop("track_memory_gib", None)
-    args.update(global_batch_size=micro_batch_size, lora_dropout=0.0, max_steps=steps)
-    if out_dir is None:
+    args.update(global_batch_size=args["micro_batch_size"], lora_dropout=0.0, max_steps=steps)
+    if args.get("out_dir") is None:
         from onegpu.paths import runs_dir
 
-        out_dir = runs_dir() / "finetune-plan"
-    args["out_dir"] = out_dir
+        args["out_dir"] = runs_dir() / "finetune-plan"
+    else:
+        args["out_dir"] = Path(args["out_dir"]).expanduser()
+    out_dir = args["out_dir"]
+    track, packing, micro_batch_size = args["track"], args["packing"], args["micro_batch_size"]
+    lora_r, activation_checkpointing = args["lora_r"], args["activation_checkpointing"]
     cfg = _validate(args)  # same checks as the real run, before loading the model
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
     clock = cfg["_clock"]
     track_gib = float(track_memory_gib or TRACKS[track]["memory_gib"])
 
@@ -226,3 +213,6 @@ def plan(
     ]
     print("\n".join(lines), file=sys.stderr)
     return report
+
+
+_finetune_signature_and_doc()
