@@ -359,7 +359,7 @@ window.addEventListener("load", function () {{
 
 
 def report(
-    run_dirs: list[Path],
+    run_dirs: list[Path] | Path,
     out: Path = Path("runs/report"),
     score: str = "val_loss",
     maximize: bool = False,
@@ -368,15 +368,17 @@ def report(
     """Write a self-contained HTML page comparing runs (curves, budget, memory, Pareto, table).
 
     Args:
-        run_dirs: run dirs (``onegpu finetune --out_dir``), sweep dirs (``onegpu sweep --out``:
-            stands for all its trials) or eval dirs (``results.json``; attached to the fine-tune
-            run whose checkpoint they scored).
+        run_dirs: one dir, or a list ``'[DIR, DIR, ...]'``: run dirs (``onegpu finetune
+            --out_dir``), sweep dirs (``onegpu sweep --out``: stands for all its trials) or eval
+            dirs (``results.json``; attached to the fine-tune run whose checkpoint they scored).
         out: output dir: ``index.html`` (PNGs embedded), the same PNGs beside it, ``report.json``.
         score: the validation score on the Pareto plots: a key of the runs' ``summary.json`` /
             metrics (``val_loss``) or of an attached eval's results (``eval:KEY``).
         maximize: the score is better when higher (accuracy); default lower is better (loss).
         title: page title.
     """
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [Path(run_dirs)]
     if not run_dirs:
         raise UserError("no runs given", fix="pass run dirs, e.g. onegpu report runs/sweep-quickstart --out runs/report")
     runs = _attach_evals([load_run(p) for p in expand_dirs([Path(p) for p in run_dirs])])

@@ -478,10 +478,13 @@ def sweep(
     out = Path(out) if out else runs_dir() / f"sweep-{Path(sweep_config).stem}"
     probe_dir = out / "trial-000"
     target = check_command(cfg, validation_points(cfg), source)
-    out_flag = None
+    out_flag, resume_flag = None, None
     if target is not None:
         names = {n.split(S.NEST)[0] for n in S.flat_parameters(cfg["parameters"])}
         literal = " ".join(render_command(cfg, {}))
+        # A re-run of an interrupted trial continues from its last checkpoint when the verb can.
+        if "resume" in target.parameters() and "resume" not in names and "--resume" not in literal:
+            resume_flag = "--resume=auto"
         for candidate in ("out_dir", "out"):
             if candidate in target.parameters() and candidate not in names and f"--{candidate}" not in literal:
                 out_flag = candidate
@@ -563,13 +566,20 @@ def sweep(
             name = f"trial-{index:03d}"
             trial_dir = out / name
             trial_dir.mkdir(parents=True, exist_ok=True)
+            rerun = trial is not None and trial.get("params") == point
+            if trial is not None and not rerun and trial_dir.exists():  # bayes re-asked: new params, fresh dir
+                import shutil
+
+                shutil.rmtree(trial_dir)
+                trial_dir.mkdir(parents=True)
             if trial is None:
                 trial = {"index": index, "key": key, "name": name}
                 state.trials.append(trial)
-            trial.update({"params": point, "run_dir": str(trial_dir), "state": "running",
+            trial.update({"key": key, "params": point, "run_dir": str(trial_dir), "state": "running",
                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             json_file = trial_dir / "sweep_args.json"
-            argv = render_command(cfg, point, json_file) + ([f"--{out_flag}={trial_dir}"] if out_flag else [])
+            argv = render_command(cfg, point, json_file) + ([f"--{out_flag}={trial_dir}"] if out_flag else []) \
+                + ([resume_flag] if rerun and resume_flag and out_flag else [])
             trial["command"] = shlex.join(argv)
             state.save()
             json_file.write_text(json.dumps(S.nest(point)), encoding="utf-8")
@@ -586,7 +596,8 @@ def sweep(
             env.setdefault("WANDB_MODE", "offline")
             if cfg.get("project"):
                 env.setdefault("WANDB_PROJECT", cfg["project"])
-            tqdm.write(f"[{name}] {_short(point)}  (log: {trial_dir / 'trial.log'})")
+            varied = {k: v for k, v in point.items() if S.flat_parameters(cfg["parameters"])[k][0] != "param_single_value"}
+            tqdm.write(f"[{name}] {_short(varied or point)}  (log: {trial_dir / 'trial.log'})")
             previous = [metric_history(Path(t["run_dir"]), metric["name"]) for t in state.trials
                         if t is not trial and t.get("run_dir")] if metric else []
             t0 = time.time()
@@ -649,7 +660,9 @@ def sweep(
 
 def write_summary(state: SweepState, out: Path) -> dict[str, Any]:
     metric = state.config.get("metric") or {}
-    names = sorted({k for t in state.trials for k in t.get("params", {})})
+    # The swept parameters only; constants are in the config (and every trial's params).
+    flat = S.flat_parameters(state.config["parameters"])
+    names = [k for k in flat if flat[k][0] != "param_single_value"] or sorted(flat)
     columns = ["trial", "state", *names, metric.get("name", "metric"), "seconds", "note"]
     rows = [[t["name"], t["state"], *[t.get("params", {}).get(n) for n in names], t.get("metric"),
              t.get("seconds"), t.get("note", "")] for t in sorted(state.trials, key=lambda t: t["index"])]
