@@ -133,22 +133,28 @@ def load_run(path: Path) -> RunLog:
 
 def _attach_evals(runs: list[RunLog]) -> list[RunLog]:
     """Eval runs (results.json) whose checkpoint lies in a fine-tune run dir become that run's scores."""
-    train = [r for r in runs if not r.results or r.rows]
+    def is_eval(r: RunLog) -> bool:
+        return r.stage.startswith("eval") or (bool(r.results) and not r.rows)
+
+    train = [r for r in runs if not is_eval(r)]
     kept = list(train)
-    for ev in (r for r in runs if r.results and not r.rows):
+    for ev in (r for r in runs if is_eval(r)):
         ckpt = str(ev.config.get("checkpoint") or ev.config.get("checkpoint_dir") or "")
         owner = next((t for t in train if ckpt and Path(ckpt).resolve().is_relative_to(t.path.resolve())), None)
+        scores = _scores(ev.summary) or _scores(ev.results)
         if owner is not None:
-            owner.results.update({f"{ev.stage}:{k}": v for k, v in _scores(ev.results).items()})
+            owner.results.update({f"{ev.stage}:{k}": v for k, v in scores.items()})
         else:
+            ev.results = scores
             kept.append(ev)
     return kept
 
 
-def _scores(results: dict[str, Any]) -> dict[str, float]:
-    """Headline numbers of a results.json (its ``summary`` block if it has one, else top-level numbers)."""
-    block = results.get("summary") if isinstance(results.get("summary"), dict) else results
-    return {k: float(v) for k, v in block.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def _scores(doc: dict[str, Any]) -> dict[str, float]:
+    """Headline numbers of an eval: its summary.json, else results.json's ``summary`` block or top-level numbers."""
+    block = doc.get("summary") if isinstance(doc.get("summary"), dict) else doc
+    return {k: float(v) for k, v in block.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not k.endswith(("_s", "wall_s"))}
 
 
 # ------------------------------------------------------------------------------------------ plots
