@@ -215,8 +215,11 @@ def parse_helm_suite(suite_dir: Path) -> dict[str, Any]:
         name = spec.get("name", run_dir.name)
         metrics = read_run_stats(run_dir)
         key, value = main_metric(scenario_of(name), metrics)
+        per_instance = run_dir / "per_instance_stats.json"
+        n_instances = len({(x.get("instance_id"), x.get("train_trial_index")) for x in
+                           json.loads(per_instance.read_text(encoding="utf-8"))}) if per_instance.is_file() else None
         runs[name] = {"scenario": scenario_of(name), "main_metric": key, "main": value,
-                      "n_instances": metrics.get("num_instances"), "metrics": metrics}
+                      "n_instances": n_instances, "metrics": metrics}
     scenarios: dict[str, Any] = {}
     for run in runs.values():
         if run["main"] is None:
@@ -291,6 +294,7 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
             base_url = f"http://127.0.0.1:{port}"
             server_log = out / "server.log"
             server = start_server(ckpt, port, server_log, list(serve_args or []))
+            (out / "server.json").write_text(json.dumps({"pid": server.pid, "port": port, "url": base_url}))
             health = wait_for_health(server, base_url, server_log, server_timeout)
             print(f"[onegpu] server ready at {base_url} ({health.get('device')}, {health.get('dtype')})",
                   file=sys.stderr, flush=True)

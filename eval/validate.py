@@ -141,7 +141,8 @@ def summary_table(rows: list[list[Any]]) -> str:
 def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path = Path("runs/eval-val"),
              tasks: list[str] | None = None, limit: int | None = None, num_fewshot: int | None = None,
              batch_size: int = 8, prompt_style: str = "auto", device: str | None = None,
-             dtype: str | None = None, seed: int = 1234, log_samples: bool = True, fresh: bool = False) -> dict:
+             dtype: str | None = None, seed: int = 1234, log_samples: bool = True, fresh: bool = False,
+             num_threads: int | None = None) -> dict:
     """Run an lm-eval suite on a litgpt checkpoint; writes ``results.json`` and a W&B run in ``out``.
 
     Args:
@@ -161,6 +162,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
         seed: lm-eval's random/numpy/torch/few-shot seeds.
         log_samples: keep per-instance samples (``samples/<task>.jsonl`` and W&B sample tables).
         fresh: ignore per-task results from an earlier, interrupted run in ``out``.
+        num_threads: CPU threads for torch (default: half the cores; ignored on GPUs).
     """
     from eval.lm import resolve_checkpoint
 
@@ -180,7 +182,9 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
 
     import torch
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+        # Half the cores: on shared CPUs more threads than free cores make torch spin-wait (10x slower).
+        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 2) // 2))
     from lm_eval import simple_evaluate
 
     from eval.lm import LitGPTLM
@@ -197,7 +201,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
     exit_code = 1
     try:
         lineage = record_checkpoint_lineage(run, ckpt)
-        lm = LitGPTLM(ckpt, batch_size=batch_size, device=device, dtype=dtype, prompt_style=prompt_style)
+        lm = None  # loaded on the first task that is not already done (a resumed run may need none)
         merged: dict | None = None
         per_task: dict[str, dict] = {}
         samples: dict[str, list] = {}
@@ -216,6 +220,8 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
             print(f"[onegpu] [{i + 1}/{len(entries)}] {name} (limit={entry.get('limit')}, "
                   f"num_fewshot={entry.get('num_fewshot', 'task default')})", file=sys.stderr, flush=True)
             t0 = time.time()
+            if lm is None:
+                lm = LitGPTLM(ckpt, batch_size=batch_size, device=device, dtype=dtype, prompt_style=prompt_style)
             try:
                 result = simple_evaluate(
                     model=lm, tasks=[name], num_fewshot=entry.get("num_fewshot"), limit=entry.get("limit"),

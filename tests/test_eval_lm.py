@@ -1,0 +1,115 @@
+"""The lm-eval wrapper (`eval/lm.py`) scores exactly like lm-eval's own HFLM on the same weights,
+and loads adapter-only LoRA dirs like litgpt's merge_lora does."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models(bundled_checkpoint, shared_datasets, tmp_path_factory):
+    from lm_eval.models.huggingface import HFLM
+
+    from eval.hf_export import export_hf
+    from eval.lm import LitGPTLM
+
+    torch.set_num_threads(1)  # shared 2-core CI: a second thread spin-waits more than it computes
+    hf_dir = export_hf(bundled_checkpoint, tmp_path_factory.mktemp("hf") / "model")
+    ours = LitGPTLM(bundled_checkpoint, batch_size=4, device="cpu", dtype="float32", prompt_style="raw")
+    theirs = HFLM(pretrained=str(hf_dir), batch_size=4, device="cpu", dtype="float32")
+    return ours, theirs
+
+
+_MANAGER = []
+
+
+def _evaluate(lm, task, **kw):
+    from lm_eval import simple_evaluate
+
+    from eval.validate import task_manager
+
+    if not _MANAGER:  # indexing lm-eval's thousands of task YAMLs takes seconds: once per module
+        _MANAGER.append(task_manager()[0])
+    manager = _MANAGER[0]
+    return simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=True, **kw)
+
+
+def test_multiple_choice_matches_hflm(models):
+    ours, theirs = models
+    task = "onegpu_bigbench_emoji_movie"  # 5 choices per question, short prompts: cheap on a CPU
+    a = _evaluate(ours, task, limit=3)
+    b = _evaluate(theirs, task, limit=3)
+    lls_a = [float(r[0][0]) for s in a["samples"][task] for r in s["resps"]]
+    lls_b = [float(r[0][0]) for s in b["samples"][task] for r in s["resps"]]
+    assert len(lls_a) == len(lls_b) == 15
+    assert max(abs(x - y) for x, y in zip(lls_a, lls_b)) <= 1e-4
+    assert a["results"][task]["acc,none"] == pytest.approx(b["results"][task]["acc,none"], abs=1e-4)
+
+
+def test_generation_matches_hflm(models):
+    ours, theirs = models
+    kw = dict(limit=2, num_fewshot=0, gen_kwargs={"max_gen_toks": 16})
+    a = _evaluate(ours, "onegpu_gsm8k", **kw)
+    b = _evaluate(theirs, "onegpu_gsm8k", **kw)
+    gen_a = [s["resps"][0][0] for s in a["samples"]["onegpu_gsm8k"]]
+    gen_b = [s["resps"][0][0] for s in b["samples"]["onegpu_gsm8k"]]
+    assert gen_a == gen_b and all(g.strip() for g in gen_a)  # real text, identical
+    for key, value in b["results"]["onegpu_gsm8k"].items():
+        if isinstance(value, float):
+            assert a["results"]["onegpu_gsm8k"][key] == pytest.approx(value, abs=1e-4)
+
+
+def test_stop_strings_and_batching(models):
+    """Batched, left-padded decoding gives the same text as one request at a time, cut at the stop."""
+    from lm_eval.api.instance import Instance
+
+    ours, _ = models
+    prompts = ["The capital of France is", "Question: What is 2 plus 3?\nAnswer:", "List three colors:\n1."]
+    reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 12}), i) for i, p in enumerate(prompts)]
+    batched = ours.generate_until(reqs, disable_tqdm=True)
+    one_by_one = [ours.generate_until([r], disable_tqdm=True)[0] for r in reqs]
+    assert batched == one_by_one
+    assert all("\n" not in text for text in batched)
+
+
+def test_adapter_only_dir_equals_litgpt_merge(bundled_checkpoint, tmp_path):
+    """A dir with only lit_model.pth.lora + hyperparameters.yaml loads as litgpt's merge_lora output."""
+    import yaml
+    from litgpt.lora import GPT as LoRAGPT, Config as LoRAConfig, lora_filter
+    from litgpt.scripts.merge_lora import merge_lora
+
+    from eval.lm import load_litgpt_model, resolve_checkpoint
+
+    lora = {"lora_r": 4, "lora_alpha": 8, "lora_query": True, "lora_value": True}
+    config = LoRAConfig.from_file(bundled_checkpoint / "model_config.yaml", **lora)
+    torch.manual_seed(0)
+    model = LoRAGPT(config)
+    adapter = {k: (torch.randn_like(v) * 0.02) for k, v in model.state_dict().items() if lora_filter(k, v)}
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    torch.save(adapter, adapter_dir / "lit_model.pth.lora")
+    for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):  # litgpt's LoRA output layout
+        shutil.copy(bundled_checkpoint / name, adapter_dir / name)
+    (adapter_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(
+        {**lora, "checkpoint_dir": str(bundled_checkpoint), "precision": "32-true"}))
+
+    ckpt, base = resolve_checkpoint(adapter_dir)
+    assert base == bundled_checkpoint
+    ours = load_litgpt_model(ckpt, base, torch.device("cpu"), torch.float32)
+
+    merged_dir = tmp_path / "merged"
+    shutil.copytree(adapter_dir, merged_dir)
+    merge_lora(merged_dir)
+    reference = load_litgpt_model(merged_dir, None, torch.device("cpu"), torch.float32)
+    plain = load_litgpt_model(bundled_checkpoint, None, torch.device("cpu"), torch.float32)
+
+    idx = torch.randint(0, 1000, (1, 12))
+    with torch.inference_mode():
+        got, want, base_out = ours(idx), reference(idx), plain(idx)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, base_out, atol=1e-3)  # the adapter really changed the model
