@@ -33,7 +33,8 @@ from onegpu.paths import cache_dir
 INDEX_VERSION = "4"
 DEFAULT_N = 8
 _WORD = re.compile(r"\w+|[\u2190-\u2BFF\U0001F000-\U0001FAFF]")  # words, plus emoji/symbols (BIG-bench emoji tasks)
-_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier for the polynomial n-gram hash
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+_BITMAP_BITS = 26  # 64 MiB of bools; a few million eval grams fill ~5% of it  # odd 64-bit multiplier for the polynomial n-gram hash
 
 
 # ----------------------------------------------------------------------------------- hashing
@@ -283,6 +284,14 @@ def find_contaminated_words(words: np.ndarray, starts: np.ndarray, indexes: list
                             min_matches: int = 3) -> dict[int, tuple[str, int, int]]:
     """``find_contaminated`` on pre-hashed words (``data.filters.RowText``)."""
     grams, seg = ngram_hashes(words, starts, n)
+    # A bitmap over the low hash bits of every eval gram rules out most training grams with one
+    # lookup each; only the few that pass pay for a binary search in each index.
+    bitmap = np.zeros(1 << _BITMAP_BITS, dtype=bool)
+    low = np.uint64((1 << _BITMAP_BITS) - 1)
+    for index in indexes:
+        bitmap[(index.grams & low).astype(np.int64)] = True
+    maybe = bitmap[(grams & low).astype(np.int64)]
+    grams, seg = grams[maybe], seg[maybe]
     hits: dict[int, tuple[str, int, int]] = {}
     for index in indexes:
         if not len(index.grams) or not len(grams):

@@ -111,3 +111,42 @@ def test_report_mode_keeps_rows_but_counts_them(tmp_path, shared_datasets, bundl
     out = build(recipe, tmp_path / "out", data_dir=shared_datasets)
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["m"]["contaminated_kept"] == 3 and m["counts"]["m"]["train"] == 3
+
+
+def test_vectorised_minhash_equals_datasketch_and_finds_near_duplicates(shared_datasets):
+    """The near-dedup signatures are datasketch's MinHash values, computed a chunk at a time."""
+    import numpy as np
+    from datasketch import MinHash
+
+    from data.filters import RowText, minhash_signatures, near_duplicates
+
+    rows = [json.loads(line) for line in (shared_datasets / "gsm8k/train.jsonl").read_text().splitlines()[:40]]
+    texts = [r["question"] + " " + r["answer"] for r in rows]
+    rng = random.Random(3)
+    edited = []
+    for t in texts[:10]:  # a near copy: one word changed
+        words = t.split()
+        words[rng.randrange(len(words))] = "perhaps"
+        edited.append(" ".join(words))
+    text = RowText.of(texts + edited)
+    from data.decontam import ngram_hashes
+
+    grams, seg = ngram_hashes(text.words, text.starts, 5)
+    grams = grams & np.uint64(0xFFFFFFFF)
+    bounds = np.searchsorted(seg, np.arange(len(text) + 1))
+    sigs = minhash_signatures(grams, bounds, 64)
+    for i in range(5):
+        m = MinHash(num_perm=64, seed=1, hashfunc=int)
+        m.update_batch(grams[bounds[i]:bounds[i + 1]].tolist())
+        assert (m.hashvalues == sigs[i]).all()
+    dups = near_duplicates(text, list(range(len(text))), threshold=0.8)
+    true_jaccard = []
+    for k in range(10):
+        a = set(grams[bounds[k]:bounds[k + 1]].tolist())
+        b = set(grams[bounds[40 + k]:bounds[41 + k]].tolist())
+        true_jaccard.append(len(a & b) / len(a | b))
+    # 64 permutations estimate Jaccard within ~0.05: pairs well above the threshold must be found
+    expected = {40 + k: k for k in range(10) if true_jaccard[k] >= 0.93}
+    assert len(expected) >= 3
+    found = {i: j for i, (j, _) in dups.items()}
+    assert expected.items() <= found.items() and set(found) <= set(range(40, 50))
