@@ -395,7 +395,10 @@ def _run_trial(argv: list[str], trial_dir: Path, env: dict[str, str], config: di
         log.write(f"\n$ {shlex.join(argv)}\n")
         log.flush()
         # Own session: Ctrl-C on the sweep is forwarded deliberately, and a stop hits the whole trial tree.
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # SIGINT back to its default in the trial: a sweep started in the background (SIGINT ignored)
+        # must still be able to stop its trial gracefully.
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             while True:
                 try:

@@ -269,39 +269,52 @@ def tiny_finetune(tmp_path_factory, bundled_checkpoint, shared_datasets):
 
 @pytest.fixture(scope="module")
 def finetune_sweep(tmp_path_factory, tiny_finetune):
-    """The quickstart YAML's grid (lora_r 4 vs 16), with tiny-model settings, as real finetune trials."""
+    """The quickstart YAML's grid (lora_r 4 vs 16) as real finetune trials on the tiny model, killed
+    (SIGTERM to the sweep) mid-way through trial-000, then resumed by re-running the same command."""
     cfg = yaml.safe_load((REPO_ROOT / "sweeps/quickstart.yaml").read_text())
-    cfg["parameters"].update({"max_steps": {"value": 3}, "max_seq_length": {"value": 64}, "eval_interval": {"value": 1},
-                              "eval_max_examples": {"value": 4}, "num_threads": {"value": 1}})
+    cfg["parameters"].update({"max_steps": {"value": 24}, "save_interval": {"value": 2}, "max_seq_length": {"value": 64},
+                              "eval_interval": {"value": 8}, "eval_max_examples": {"value": 4},
+                              "num_threads": {"value": 1}})
     root = tmp_path_factory.mktemp("sweep")
-    path = _write(root / "quick.yaml", cfg)
-    out = root / "out"
-    old = os.environ.get("WANDB_MODE")
-    os.environ["WANDB_MODE"] = "offline"
-    try:
-        code = sweep(path, out=out, params={"data": str(tiny_finetune["data"]),
-                                            "checkpoint_dir": str(tiny_finetune["ckpt"])})
-    finally:
-        if old is None:
-            os.environ.pop("WANDB_MODE", None)
-        else:
-            os.environ["WANDB_MODE"] = old
-    return out, code
+    path, out = _write(root / "quick.yaml", cfg), root / "out"
+    params = f"{{data: {tiny_finetune['data']}, checkpoint_dir: {tiny_finetune['ckpt']}}}"
+    cmd = [sys.executable, "-m", "onegpu", "sweep", str(path), "--out", str(out), "--params", params]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 150
+    while not (out / "trial-000" / "checkpoints" / "step-000004").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.terminate()  # the sweep stops its trial (SIGINT first, so it can finish its W&B run) and records it
+    interrupted = {"code": proc.wait(timeout=60), "output": proc.stdout.read(),
+                   "state": json.loads((out / "sweep_state.json").read_text()),
+                   "final_existed": (out / "trial-000" / "final").exists()}
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return out, interrupted, resumed
 
 
 @pytest.mark.slow
-def test_offline_grid_sweep_of_two_real_finetune_trials(finetune_sweep):
-    out, code = finetune_sweep
-    assert code == 0
+def test_offline_grid_sweep_of_two_real_finetune_trials_resumes_after_a_kill(finetune_sweep):
+    out, interrupted, resumed = finetune_sweep
+    assert interrupted["code"] == 130, interrupted["output"][-2000:]
+    assert [t["state"] for t in interrupted["state"]["trials"]] == ["interrupted"]
+    assert not interrupted["final_existed"]
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+
     state = json.loads((out / "sweep_state.json").read_text())
     trials = sorted(state["trials"], key=lambda t: t["index"])
+    assert state["sweep_id"] == interrupted["state"]["sweep_id"]
     assert [t["state"] for t in trials] == ["finished", "finished"], [t.get("note") for t in trials]
     assert [t["params"]["lora_r"] for t in trials] == [4, 16]
+    # the interrupted trial continued from its last checkpoint instead of starting over
+    assert trials[0]["command"].endswith("--resume=auto") and "--resume" not in trials[1]["command"]
+    assert "resumed from" in (out / "trial-000" / "trial.log").read_text()
     for trial in trials:
         run_dir = Path(trial["run_dir"])
         run = json.loads((run_dir / "run.json").read_text())
         assert run["stage"] == "finetune" and run["config"]["lora_r"] == trial["params"]["lora_r"]
         summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["steps"] == 24
         assert trial["metric"] == pytest.approx(summary["val_loss"]) and summary["val_loss"] > 0
         assert (run_dir / "final" / "lit_model.pth").is_file()
         # an offline W&B run per trial, its config carrying the sweep params and the sweep id
@@ -311,6 +324,7 @@ def test_offline_grid_sweep_of_two_real_finetune_trials(finetune_sweep):
         assert f"--out_dir={run_dir}" in trial["command"]
     summary = json.loads((out / "sweep_summary.json").read_text())
     assert summary["best"]["name"] in ("trial-000", "trial-001") and len(summary["rows"]) == 2
+    assert "best: trial-00" in resumed.stdout
 
 
 def _chromium() -> str | None:
@@ -321,7 +335,7 @@ def _chromium() -> str | None:
 def test_report_renders_in_headless_chromium(finetune_sweep, tmp_path):
     from sweeps.report import report
 
-    out, _code = finetune_sweep
+    out, _interrupted, _resumed = finetune_sweep
     trial_dirs = sorted(out.glob("trial-*"))
     index = report([out], out=tmp_path / "report")  # a sweep dir stands for its trials
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {"index.html", "curves.png", "pareto.png",
