@@ -283,7 +283,7 @@ def plot_pareto(runs: list[RunLog], score_key: str, maximize: bool, path: Path) 
     legend += [Line2D([], [], marker=markers[p], ls="", color="gray", label=p) for p in precisions]
     legend.append(Line2D([], [], ls="--", color="gray", label="Pareto front"))
     fig.legend(handles=legend, loc="upper center", ncol=min(6, len(legend)), fontsize=8, bbox_to_anchor=(0.5, 1.08))
-    fig.suptitle(f"validation score vs speed and memory, by rank x precision", y=1.13)
+    fig.suptitle("validation score vs speed and memory, by rank x precision", y=1.13)
     fig.tight_layout()
     return _fig_to_png(fig, path)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shlex
 import signal
 import subprocess
@@ -48,7 +47,7 @@ def _macro_values(params: dict[str, Any], config: dict[str, Any], json_file: Pat
     # W&B hands nested parameters to the run as one dict-valued top-level key.
     values = create_sweep_command_args({"args": {k: {"value": v} for k, v in S.nest(params).items()}})
     values["interpreter"] = [sys.executable]  # W&B says "python"; ours is the venv's interpreter
-    values["program"] = [str(config.get("program", ""))]
+    values["program"] = [str(config["program"])] if config.get("program") else []
     values["env"] = ["/usr/bin/env"] if os.name != "nt" else []
     values["args_json_file"] = [str(json_file)] if json_file else []
     return values
@@ -72,6 +71,9 @@ def render_command(config: dict[str, Any], params: dict[str, Any], json_file: Pa
                 raise UserError(f"command: unknown macro {chunk}",
                                 fix="W&B knows ${env} ${interpreter} ${program} ${args} ${args_no_hyphens} "
                                     "${args_json} ${args_json_file} ${args_no_boolean_flags} ${args_no_equals}")
+            if name == "program" and not values["program"]:
+                raise UserError("command uses ${program} but the sweep config has no `program`",
+                                fix="add `program: onegpu` (or your script), or drop ${program} from command")
             argv += values[name]
         else:
             argv.append(chunk)
@@ -432,6 +434,10 @@ def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
             continue
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _short(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
@@ -465,8 +471,7 @@ def sweep(
     source = str(sweep_config)
     cfg = S.load_sweep_config(sweep_config)
     if params:
-        cfg = {**cfg, "parameters": {**cfg["parameters"],
-                                                        **{k: {"value": v} for k, v in params.items()}}}
+        cfg = {**cfg, "parameters": {**cfg["parameters"], **{k: {"value": v} for k, v in params.items()}}}
         S.validate_sweep_config(cfg, source=f"{source} + --params")
     method = cfg["method"]
     cap = min(c for c in (count, cfg.get("run_cap")) if c) if (count or cfg.get("run_cap")) else None
@@ -498,8 +503,13 @@ def sweep(
         preflight(target, cfg, validation_points(cfg), source, extra)
 
     if dry_run:
-        points = S.grid_points(cfg)[:cap] if method == "grid" else \
-            [S.sample_point(cfg, random.Random(seed + i)) for i in range(min(cap, 5))]
+        if method == "grid":
+            points = S.grid_points(cfg)[:cap]
+        else:  # random: the exact sequence of this seed; bayes: TPE starts from random draws too
+            draws = S.iter_random_points(cfg, seed)
+            points = [next(draws) for _ in range(min(cap, 5))]
+            if method == "bayes":
+                print("(bayes: later trials depend on earlier results; these are sample draws)")
         for i, point in enumerate(points):
             argv = render_command(cfg, point) + ([f"--{out_flag}={out / f'trial-{i:03d}'}"] if out_flag else [])
             print(f"trial-{i:03d}: {shlex.join(argv)}")
@@ -544,7 +554,7 @@ def sweep(
     run = Run("sweep", out / "sweep-run", {"sweep": cfg, "sweep_id": state.sweep_id, "source": source},
               name=state.sweep_id, group=state.sweep_id)
     # A kill of the sweep process becomes KeyboardInterrupt: the running trial is stopped and recorded.
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
     exit_code = 0
     try:
