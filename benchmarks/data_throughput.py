@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import decontam  # noqa: E402
-from data.build import _count_tokens, _subset, load_tokenizer  # noqa: E402
+from data.build import _count_tokens, _similarity_words, _subset, load_tokenizer  # noqa: E402
 from data.filters import RowText, exact_duplicates, near_duplicates, row_text  # noqa: E402
 from data.sources import SOURCES, Reject, load_records  # noqa: E402
 from onegpu.paths import shared_datasets_dir  # noqa: E402
@@ -90,7 +90,7 @@ def onegpu_phases(records: list[dict], data_dir: Path, tokenizer) -> list[tuple]
     dups, t = timed(lambda: exact_duplicates(words))
     results.append(("exact dedup", len(records), t, f"{len(dups)} dropped"))
     keep = [i for i in range(len(words)) if i not in dups]
-    near, t = timed(lambda: near_duplicates(words, keep))
+    near, t = timed(lambda: near_duplicates(_similarity_words(words, records), keep))
     results.append(("near dedup (MinHash/LSH)", len(keep), t, f"{len(near)} dropped, 64 perms, 5-word shingles"))
     indexes, t = timed(lambda: [decontam.load_index(name, data_dir) for name in EVAL_SETS])
     results.append(("decontam: load eval n-gram cache", sum(i.n_items for i in indexes), t,

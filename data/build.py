@@ -29,7 +29,8 @@ import xxhash
 from tqdm import tqdm
 
 from data import decontam
-from data.filters import RowText, detect_script_language, exact_duplicates, near_duplicates, row_text
+from data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
+                          similarity_text)
 from data.recipe import load_recipe, recipe_hash, resolve_file
 from data.schema import REQUIRED_FIELDS, make_row, render
 from data.sources import Reject, get_source, load_file_records, load_records, local_files
@@ -286,7 +287,8 @@ def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, 
              "exact_duplicate", "exact_duplicate")
         texts = _subset(texts, [i for i in range(len(texts)) if i not in d])
     if rec["dedup"]["near"]:
-        d = near_duplicates(texts, list(range(len(texts))), rec["dedup"]["threshold"], rec["dedup"]["num_perm"])
+        sim_texts = _similarity_words(texts, [rows[p] for p in alive])
+        d = near_duplicates(sim_texts, list(range(len(texts))), rec["dedup"]["threshold"], rec["dedup"]["num_perm"])
         drop({alive[i]: f"near duplicate of {rows[alive[j]]['id']} (estimated Jaccard {sim})" for i, (j, sim) in d.items()},
              "near_duplicate", "near_duplicate")
         texts = _subset(texts, [i for i in range(len(texts)) if i not in d])
@@ -324,6 +326,17 @@ def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, 
     drop(too_long, "too_long", "too_long")
     drop(too_short, "too_short", "too_short")
     return [rows[p] for p in alive], [token_counts[i] for i in keep]
+
+
+def _similarity_words(full: RowText, rows: list[dict], hasher=None) -> RowText:
+    """Word hashes near-dedup compares: ``full`` except rows whose ``similarity_text`` differs."""
+    hasher = hasher or decontam.WordHasher()
+    parts = []
+    for i, r in enumerate(rows):
+        t = similarity_text(r)
+        parts.append(full.row(i) if t is None else hasher.words(t))
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
+    return RowText(np.concatenate(parts) if parts else np.empty(0, np.uint64), starts)
 
 
 def _subset(text: RowText, keep: list[int]) -> RowText:

@@ -28,6 +28,18 @@ def row_text(row: dict) -> str:
     return "\n".join((row["instruction"], row["input"], row["output"]))
 
 
+def similarity_text(row: dict) -> str | None:
+    """What near-dedup compares when it differs from ``row_text``: input + output for rows with an input.
+
+    Task datasets (Natural Instructions, FLAN) repeat one long task definition as the instruction of
+    every instance; compared whole, two instances of a task look like near duplicates.
+    Returns None when ``row_text`` is the right text.
+    """
+    if row.get("input") and not row.get("messages"):
+        return "\n".join((row["input"], row["output"]))
+    return None
+
+
 @dataclass
 class RowText:
     """Word hashes of many rows, concatenated: ``words[starts[i]:starts[i+1]]`` is row i."""
@@ -111,7 +123,7 @@ def near_duplicates(text: RowText, candidates: list[int], threshold: float = 0.8
     # LSH bands tuned for recall (datasketch's default weighs misses and false candidates equally,
     # which finds only ~36% of pairs at exactly the threshold); false candidates are verified below.
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-    sigs: dict[int, np.ndarray] = {}
+    sigs = np.zeros((len(text), num_perm), dtype=np.uint32)  # signatures of kept rows, by row
     dups: dict[int, tuple[int, float]] = {}
     chunk = 2048
     with tqdm(total=len(candidates), desc="near-dedup", unit="row", leave=False, mininterval=1.0) as bar:
@@ -128,11 +140,13 @@ def near_duplicates(text: RowText, candidates: list[int], threshold: float = 0.8
             for i, sig in zip(ids, chunk_sigs):
                 lean = LeanMinHash(seed=MINHASH_SEED, hashvalues=sig, scheme="affine32")
                 best = None
-                for j in sorted(lsh.query(lean)):
-                    sim = float(np.count_nonzero(sig == sigs[j])) / num_perm  # = MinHash.jaccard
-                    if sim >= threshold:
-                        best = (j, round(sim, 3))
-                        break
+                found = lsh.query(lean)
+                if found:
+                    cands = np.array(sorted(found))
+                    sims = (sigs[cands] == sig).sum(axis=1) / num_perm  # = MinHash.jaccard, all at once
+                    ok = np.flatnonzero(sims >= threshold)
+                    if len(ok):
+                        best = (int(cands[ok[0]]), round(float(sims[ok[0]]), 3))
                 if best is None:
                     lsh.insert(i, lean, check_duplication=False)
                     sigs[i] = sig
