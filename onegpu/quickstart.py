@@ -45,9 +45,11 @@ def _steps(out: Path, checkpoint: Path) -> list[Step]:
                                                      "--out", str(val)], val / "results.json"),
         Step("test (HELM, offline synthetic conf)", ["eval", "helm", "--checkpoint", str(final), "--conf", "offline",
                                                      "--out", str(helm)], helm / "results.json"),
-        Step("sweep (2 trials)", ["sweep", str(REPO_ROOT / "sweeps/quickstart.yaml"), "--out", str(sweep)],
-             sweep / "sweep_summary.json"),
-        Step("report", ["report", str(ft), *[str(p) for p in sorted(sweep.glob("trial-*"))], "--out", str(report)],
+        # The sweep YAML names no data dir of its own: point its trials at this mix.
+        Step("sweep (2 trials)", ["sweep", str(REPO_ROOT / "sweeps/quickstart.yaml"), "--out", str(sweep),
+                                  "--params", json.dumps({"data": str(data)})], sweep / "sweep_summary.json"),
+        # A sweep dir stands for its trials; eval dirs attach their scores to the run they scored.
+        Step("report", ["report", json.dumps([str(ft), str(val), str(helm), str(sweep)]), "--out", str(report)],
              report / "index.html"),
     ]
 
@@ -81,8 +83,6 @@ def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: l
         if key in skip:
             print(f"== skip {step.name}", flush=True)
             continue
-        if key == "report":  # the trial dirs exist only now
-            step = _steps(out, checkpoint)[-1]
         if step.done_marker.exists():
             print(f"== {step.name}: already done ({step.done_marker})", flush=True)
             continue
