@@ -60,14 +60,19 @@ def load_suite(suite: str) -> dict[str, Any]:
     return {"name": path.stem, "path": str(path), "description": spec.get("description", ""), "tasks": tasks}
 
 
-def task_manager():
-    """lm-eval's TaskManager with the offline ``onegpu_*`` tasks included when the datasets exist."""
+def task_manager(names: list[str] | None = None):
+    """lm-eval's TaskManager with the offline ``onegpu_*`` tasks included when the datasets exist.
+
+    lm-eval's own thousands of task YAMLs are indexed only when a requested name needs them
+    (indexing them costs ~20 s on a slow CPU); ``names=None`` always includes them.
+    """
     from lm_eval.tasks import TaskManager
 
     from eval.tasks import offline_include_dir
 
     include = offline_include_dir()
-    return TaskManager(include_path=str(include) if include else None), include
+    offline_only = include is not None and names is not None and all(n.startswith("onegpu_") for n in names)
+    return TaskManager(include_path=str(include) if include else None, include_defaults=not offline_only), include
 
 
 def check_task_names(names: list[str], manager, include: Path | None) -> None:
@@ -177,7 +182,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
             entry["limit"] = limit
         if num_fewshot is not None:
             entry["num_fewshot"] = num_fewshot
-    manager, include = task_manager()
+    manager, include = task_manager([e["task"] for e in entries])
     check_task_names([e["task"] for e in entries], manager, include)
 
     import torch

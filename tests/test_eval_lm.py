@@ -33,8 +33,8 @@ def _evaluate(lm, task, **kw):
 
     from eval.validate import task_manager
 
-    if not _MANAGER:  # indexing lm-eval's thousands of task YAMLs takes seconds: once per module
-        _MANAGER.append(task_manager()[0])
+    if not _MANAGER:  # offline tasks only: indexing lm-eval's own thousands of YAMLs takes seconds
+        _MANAGER.append(task_manager(["onegpu_"])[0])
     manager = _MANAGER[0]
     return simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=True, **kw)
 
