@@ -3,11 +3,15 @@
 They generate the server's OpenAPI schema (``GET /openapi.json``), which the fuzz test feeds to
 schemathesis. Defaults are the organizers' sample servers'; HELM's extra keys are declared and
 used; any other key is accepted and ignored (the contract says unknown keys must be accepted).
+Types are strict (``"5"`` is not an int, ``0`` is not a bool; an int is a fine float): a request that
+breaks the schema is a 422 that says where, never a silent guess.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Hard caps that make "huge" inputs a 422 before any work; the engine also checks the model's own
 # context length (a 422 naming it).
@@ -25,8 +29,33 @@ def _encodable(text: str) -> str:
     return text
 
 
-class ProcessRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+def integral(value):
+    # JSON Schema's "integer" includes 3.0; strict ints would refuse it. Bools and strings stay refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+class _Request(BaseModel):
+    """Strict types, with integral floats (3.0) accepted where an int is expected."""
+
+    int_fields: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            for name in cls.int_fields:
+                if name in data:
+                    value = data[name]
+                    data[name] = [integral(v) for v in value] if isinstance(value, list) else integral(value)
+        return data
+
+
+class ProcessRequest(_Request):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    int_fields = ("num_samples", "num_return_sequences", "max_new_tokens", "top_k", "seed", "top_k_per_token")
 
     prompt: str = Field(..., min_length=1, description="the prompt (HELM's full few-shot prompt)")
     num_samples: int = Field(1, ge=1, le=64, description="sample servers' name; one completion is returned")
@@ -72,8 +101,9 @@ class ProcessResponse(BaseModel):
     request_time: float
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TokenizeRequest(_Request):
+    model_config = ConfigDict(extra="allow", strict=True)
+    int_fields = ("max_length",)
 
     text: str
     truncation: bool = True
@@ -90,8 +120,9 @@ class TokenizeResponse(BaseModel):
     request_time: float
 
 
-class DecodeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class DecodeRequest(_Request):
+    model_config = ConfigDict(extra="allow", strict=True)
+    int_fields = ("tokens",)
 
     tokens: list[int] = Field(..., max_length=1_000_000)
 

@@ -21,11 +21,10 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from onegpu.errors import UserError
-from submission.schemas import (DecodeRequest, DecodeResponse, ErrorResponse, ProcessRequest, ProcessResponse,
-                                TokenizeRequest, TokenizeResponse)
+from submission.schemas import DecodeResponse, ErrorResponse, ProcessResponse, TokenizeRequest, TokenizeResponse
 
 
 def _validation_message(errors: list) -> str:
@@ -38,25 +37,47 @@ def _validation_message(errors: list) -> str:
 
 def create_app(engine):
     """The FastAPI app serving ``engine`` (a :class:`submission.engine.Engine`)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
+    from pydantic import Field
+
+    from submission import schemas
     from submission.engine import GenRequest
+
+    # The schema states this model's real limit, so clients (and the fuzzer) see it up front.
+    class ProcessRequest(schemas.ProcessRequest):
+        max_new_tokens: int = Field(50, ge=0, le=max(0, engine.max_seq_length - 2),
+                                    description="upper bound on completion tokens (0 with echo_prompt scores the "
+                                                f"prompt); at most {engine.max_seq_length - 2} for this model")
+
+    tokenizer_vocab = engine.vocab_limit()
+
+    class DecodeRequest(schemas.DecodeRequest):
+        tokens: list[Annotated[int, Field(ge=0, lt=tokenizer_vocab)]] = Field(
+            ..., max_length=1_000_000, description=f"token ids, each in [0, {tokenizer_vocab})")
 
     app = FastAPI(title="onegpu submission server",
                   description="NeurIPS LLM Efficiency Challenge API: /process, /tokenize, /decode",
                   version="1")
-    errors = {422: {"model": ErrorResponse, "description": "invalid request (the message says what and why)"}}
+    errors = {400: {"model": ErrorResponse, "description": "the body is not UTF-8 JSON"},
+              422: {"model": ErrorResponse, "description": "invalid request (the message says what and why)"}}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
         return JSONResponse(status_code=422, content={"detail": _validation_message(exc.errors())})
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException):
+        detail = exc.detail
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = "the request body is not valid UTF-8 JSON; send a JSON object such as {\"prompt\": \"...\"}"
+        return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=exc.headers)
+
     def reject(message: str):
         return JSONResponse(status_code=422, content={"detail": message})
 
-    tokenizer_vocab = engine.vocab_limit()
 
     @app.get("/health")
     async def health() -> dict:
@@ -66,7 +87,6 @@ def create_app(engine):
                 "max_batch_size": engine.max_batch_size, "prompt_style": engine.prompt_style_name,
                 "stats": dict(engine.stats)}
 
-    @app.post("/process", response_model=ProcessResponse, responses=errors)
     async def process(body: ProcessRequest):
         start = time.perf_counter()
         echo = bool(body.echo_prompt)
@@ -92,6 +112,9 @@ def create_app(engine):
         return {"text": result["text"], "tokens": result["tokens"], "logprob": result["logprob"],
                 "request_time": time.perf_counter() - start}
 
+    process.__annotations__["body"] = ProcessRequest  # a local class: FastAPI cannot resolve the string annotation
+    app.post("/process", response_model=ProcessResponse, responses=errors)(process)
+
     @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
     async def tokenize(body: TokenizeRequest):
         start = time.perf_counter()
@@ -100,13 +123,15 @@ def create_app(engine):
             ids = ids[: body.max_length]
         return {"tokens": ids, "request_time": time.perf_counter() - start}
 
-    @app.post("/decode", response_model=DecodeResponse, responses=errors)
     async def decode(body: DecodeRequest):
         start = time.perf_counter()
         bad = [t for t in body.tokens if not 0 <= t < tokenizer_vocab]
         if bad:
             return reject(f"token ids {bad[:5]} are not in this tokenizer's vocabulary [0, {tokenizer_vocab})")
         return {"text": engine.decode(body.tokens), "request_time": time.perf_counter() - start}
+
+    decode.__annotations__["body"] = DecodeRequest
+    app.post("/decode", response_model=DecodeResponse, responses=errors)(decode)
 
     return JSONBodies(app)
 
