@@ -246,7 +246,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
                 **{k: v for k, v in _TSV.items() if k != "builder"}},
            local={**_TSV, "files": [f"flan_cot_samples/{n}_train.tsv" for n in _FLAN_COT]}, options=("subsets",),
            url="https://github.com/google-research/FLAN/tree/main/flan/v2/cot_data",
-           notes="flan strategyqa overlaps the BIG-bench strategyqa eval task: decontamination drops it"),
+           notes="`subsets: [aqua, qasc, ...]` picks files; flan strategyqa overlaps the BIG-bench strategyqa eval task: decontamination drops it"),
     Source("natural_instructions", "Super-NaturalInstructions task files (definition + instance)", "Apache-2.0",
            "human", convert_natural_instructions, hub={"path": "Muennighoff/natural-instructions", "split": "train"},
            local={"builder": "ni_json", "files": ["natural_instructions/tasks/*.json"]}, options=("tasks", "max_per_task"),

@@ -159,3 +159,21 @@ def test_cli_build_prints_progress_and_uses_the_shipped_recipe_format(tmp_path, 
     for bar in ("load", "tokenize", "near-dedup"):
         assert bar in err, bar
     assert (tmp_path / "out/manifest.json").is_file()
+
+
+def test_recipe_language_filter_drops_other_scripts(tmp_path, shared_datasets, bundled_checkpoint):
+    rows = [{"q": "Name three primary colours of light, please.", "a": "Red, green and blue are the three."},
+            {"q": "Назовите три основных цвета света, пожалуйста.", "a": "Красный, зелёный и синий."},
+            {"q": "请说出光的三原色是什么颜色。", "a": "光的三原色是红色、绿色和蓝色。"},
+            {"q": "What is the boiling point of water at sea level?", "a": "It boils at 100 degrees Celsius."}]
+    (tmp_path / "multi.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "tokenizer": "bundled", "val_rows_per_source": 0, "min_tokens": 1, "languages": ["en"],
+        "decontamination": {"eval_sets": ["truthfulqa"]},
+        "sources": [{"name": "multi", "path": "multi.jsonl", "fields": {"instruction": "q", "output": "a"},
+                     "license": "CC0-1.0", "provenance": "human"}]})
+    out = build(recipe, tmp_path / "out", data_dir=shared_datasets)
+    rejects = read_jsonl(out / "rejects.jsonl")
+    assert [r["stage"] for r in rejects] == ["language", "language"]
+    assert {r["row"]["instruction"][:3] for r in rejects} == {"Наз", "请说出"}
+    assert [r["instruction"][:4] for r in read_jsonl(out / "train.jsonl")].count("Name") == 1
