@@ -186,6 +186,7 @@ def _load_all(rec: dict, data_dir: Path | None) -> tuple[list[dict], list[dict],
             try:
                 produced = list(convert(raw))
             except Exception as err:  # a malformed record never stops the build
+                c["loaded"] += 1
                 c["malformed"] += 1
                 rejects.append(_reject("malformed", "malformed", name, None, f"record {i}: {type(err).__name__}: {err}",
                                        _jsonable(raw)))
@@ -194,6 +195,8 @@ def _load_all(rec: dict, data_dir: Path | None) -> tuple[list[dict], list[dict],
                 if isinstance(item, Reject):
                     stage = {"language": "language", "llm-generated": "llm_generated"}.get(item.reason, "malformed")
                     c[stage] += 1
+                    # "loaded" counts candidate rows; synthetic OASST messages are messages, not rows
+                    c["loaded"] += stage != "llm_generated"
                     rejects.append(_reject(stage, item.reason, name, None, item.detail, _jsonable(item.record)))
                     continue
                 c["loaded"] += 1
@@ -479,6 +482,11 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
         sel = selection[name]
         per_source[name] = {**{k: c.get(k, 0) for k in FILTER_STAGES}, "available": sel["available_rows"] + sel["val_rows"],
                             "val": sel["val_rows"], "train": sel["train_rows"], "train_tokens": sel["train_tokens"]}
+        remaining, after = c.get("loaded", 0), {}
+        for stage in FILTER_STAGES[2:]:  # rows left after each filter, in pipeline order
+            remaining -= c.get(stage, 0)
+            after[stage] = remaining
+        per_source[name]["remaining_after"] = after
         if c.get("contaminated_kept"):
             per_source[name]["contaminated_kept"] = c["contaminated_kept"]
         if "path" in spec:

@@ -79,6 +79,7 @@ def test_manifest_records_lineage_counts_and_token_stats(small_builds):
     for name, c in m["counts"].items():
         assert set(FILTER_STAGES) <= set(c)
         assert c["train"] > 0 and c["available"] <= c["loaded"]
+        assert c["remaining_after"]["too_short"] == c["available"]  # counts after each filter add up
     # the budget is met (weights share it; the last row of a source may overshoot a little)
     total = m["tokens"]["train"]["total"]
     assert 6000 <= total <= 6000 + 2 * 384 * len(SMALL["sources"])
