@@ -176,7 +176,15 @@ def _load_all(rec: dict, data_dir: Path | None) -> tuple[list[dict], list[dict],
             records, convert = _file_source(spec, Path(rec["_dir"]))
         else:
             src = get_source(name)
-            records = load_records(src, data_dir, subsets=spec.get("subsets"))
+            try:
+                records = load_records(src, data_dir, subsets=spec.get("subsets"))
+            except UserError:
+                raise
+            except Exception as err:  # offline, gated (LIMA), renamed on the hub...
+                where = f"the local copy in {data_dir}" if data_dir else f"the hub ({src.hub['path']})"
+                raise UserError(f"source {name!r} could not be loaded from {where}: {type(err).__name__}: {err}",
+                                fix="check the network / `huggingface-cli login` for gated sets, or point --data_dir "
+                                    "at local copies") from err
             opts = {k: spec[k] for k in src.options if k in spec}
             opts["_state"] = {}  # per-source converter state (e.g. instances seen per NI task)
             if "languages" in src.options and "languages" not in opts and rec["languages"]:
