@@ -93,7 +93,8 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
         run.summary(train_rows=len(train), val_rows=len(val), rejects=len(rejects),
                     train_tokens=manifest["tokens"]["train"]["total"], content_hash=manifest["content_hash"])
         run.log_artifact(out, f"data-{rec['name']}", "dataset",
-                         {k: manifest[k] for k in ("recipe_hash", "content_hash", "prompt_style", "max_seq_length", "seed")})
+                         {k: manifest[k] for k in ("recipe_hash", "content_hash", "prompt_style", "max_seq_length", "seed")},
+                         include=["*.jsonl", "manifest.json", "*.png"])
     except BaseException:
         run.finish(exit_code=1)
         raise

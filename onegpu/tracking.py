@@ -159,15 +159,25 @@ class Run:
                     print(f"[onegpu] note: could not use_artifact({name}): {err}", file=sys.stderr)
         self._write_run_json()
 
-    def log_artifact(self, path: str | Path, name: str, type: str, metadata: dict[str, Any] | None = None) -> str:
-        """Log a directory or file as a W&B artifact; returns ``name`` (recorded in run.json too)."""
+    def log_artifact(self, path: str | Path, name: str, type: str, metadata: dict[str, Any] | None = None,
+                     include: list[str] | None = None) -> str:
+        """Log a directory or file as a W&B artifact; returns ``name`` (recorded in run.json too).
+
+        ``include``: glob patterns relative to a directory ``path``; only matching files go in
+        (so a stage dir's own ``wandb/`` and ``run.json`` stay out of its dataset/model artifact).
+        """
         path = Path(path)
         self.meta.setdefault("artifacts", []).append({"name": name, "type": type, "path": str(path)})
         if self._wandb_run is not None:
             import wandb
 
             art = wandb.Artifact(name, type=type, metadata=_jsonable(metadata or {}))
-            if path.is_dir():
+            if path.is_dir() and include:
+                for pattern in include:
+                    for file in sorted(path.glob(pattern)):
+                        if file.is_file():
+                            art.add_file(str(file), name=str(file.relative_to(path)))
+            elif path.is_dir():
                 art.add_dir(str(path))
             else:
                 art.add_file(str(path))
