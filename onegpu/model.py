@@ -110,7 +110,8 @@ def prepare(model: str = "bundled", checkpoint_dir: Path | None = None, access_t
     else:
         local = Path(model).expanduser()
         name = local.name if local.is_dir() else model
-        out = Path(checkpoint_dir) if checkpoint_dir else cache_dir() / "checkpoints" / name.replace("/", "--")
+        # litgpt layout: checkpoints/<org>/<name>, as `litgpt download` writes it.
+        out = Path(checkpoint_dir) if checkpoint_dir else cache_dir() / "checkpoints" / name
         if force or not is_checkpoint(out):
             if local.is_dir():
                 _convert_hf_dir(local, out, model_name=None)

@@ -123,12 +123,13 @@ def _print_summary(out: Path, seconds: float, timings: dict[str, float]) -> None
     val = _read_json(out / "eval-val" / "results.json")
     helm = _read_json(out / "eval-helm" / "results.json")
     if summary:
-        shown = {k: summary[k] for k in ("val_loss", "tokens_per_sec", "mfu", "budget_used_pct") if k in summary}
-        lines.append(f"  fine-tune summary: {shown}")
+        shown = {k: summary[k] for k in ("steps", "first_loss", "final_loss", "val_loss", "tokens_seen",
+                                         "peak_memory_gib", "budget_used_pct", "stopped_by") if k in summary}
+        lines.append(f"  fine-tune summary: {json.dumps(shown)}")
     if val:
-        lines.append(f"  validation scores: {json.dumps(val.get('summary', val.get('results', {})))[:400]}")
+        lines.append(f"  validation score (mean over tasks): {val.get('val_score')}")
     if helm:
-        lines.append(f"  HELM scores:       {json.dumps(helm.get('summary', helm.get('scenarios', {})))[:400]}")
+        lines.append(f"  HELM test score (mean over scenarios): {helm.get('test_score')}")
     if timings:
         lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     lines += [
@@ -136,7 +137,7 @@ def _print_summary(out: Path, seconds: float, timings: dict[str, float]) -> None
         "The real thing, on a GPU (see README.md):",
         "  onegpu model prepare meta-llama/Llama-2-7b-hf",
         "  onegpu data build data/recipes/competition.yaml --out runs/mix",
-        "  onegpu finetune plan --config finetune/configs/llama2-7b-qlora-rtx4090.yaml",
+        "  onegpu finetune plan --config finetune/configs/llama2-7b-qlora-rtx4090.yaml --data runs/mix",
         "  onegpu finetune --config finetune/configs/llama2-7b-qlora-rtx4090.yaml --data runs/mix",
     ]
     print("\n".join(lines), flush=True)
