@@ -668,8 +668,9 @@ class _Trainer:
         print(f"[onegpu] done: {st.step} steps ({stopped_by}), loss {summary['first_loss']} -> {summary['final_loss']}, "
               f"val_loss {val_loss}; merged checkpoint: {final_dir}", file=sys.stderr)
         if stopped_by == "budget":
-            print(f"[onegpu] stopped by the budget clock with {format_duration(clock.remaining_s)} left; "
-                  f"{clock.stop_reason}", file=sys.stderr)
+            print(f"[onegpu] stopped by the budget clock after {st.step}/{total_steps} steps, "
+                  f"{format_duration(max(0.0, clock.remaining_s))} of the budget left after the merge. "
+                  f"Continue with --resume auto and a larger --budget.", file=sys.stderr)
         return summary
 
     # -------------------------------------------------------------------------- helpers

@@ -124,11 +124,12 @@ class BudgetClock:
     def should_stop(self, next_step_s: float = 0.0) -> bool:
         """True when one more step (of ``next_step_s``) would eat into the reserve."""
         if self.elapsed_s + max(0.0, next_step_s) >= self.train_deadline_s:
-            self.stop_reason = (
-                f"budget clock: {format_duration(self.elapsed_s)} of {format_duration(self.budget_s)} used; "
-                f"stopping to keep {format_duration(self.remaining_s)} for the final save and merge "
-                f"(reserve {format_duration(self.reserve_s)})"
-            )
+            if self.remaining_s > 0:
+                keep = f"stopping to keep {format_duration(self.remaining_s)} for the final save and merge"
+            else:  # a single step (or the model load) outlasted the budget: nothing could predict it
+                keep = f"already {format_duration(-self.remaining_s)} over; stopping now to save and merge"
+            self.stop_reason = (f"budget clock: {format_duration(self.elapsed_s)} of {format_duration(self.budget_s)} "
+                                f"used; {keep} (reserve {format_duration(self.reserve_s)})")
             return True
         return False
 
