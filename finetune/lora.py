@@ -656,6 +656,9 @@ class _Trainer:
         save_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
         final_dir = self._write_final(run, inner, tokenizer, fabric)
         samples = self._samples(run, inner, tokenizer, fabric) if self.cfg["num_samples"] else []
+        plot = plot_training_curves(cfg["out_dir"])
+        if plot is not None:
+            run.log_image("training_curves", plot)
         summary = {
             "steps": st.step, "total_steps": total_steps, "stopped_by": stopped_by, "final_loss": st.history[-1] if st.history else None,
             "first_loss": st.history[0] if st.history else None, "val_loss": val_loss,
@@ -768,6 +771,40 @@ class _Trainer:
         inner.train()
         run.log_table("samples", ["prompt", "generation"], rows)
         return rows
+
+
+def plot_training_curves(out_dir: Path) -> Path | None:
+    """``training_curves.png``: loss (train and val), non-padding tokens/s and MFU per step."""
+    from onegpu.tracking import read_metrics
+
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    train = {r["_step"]: r for r in rows if "loss" in r}  # a resumed run re-logs some steps: last wins
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(train)
+    val = sorted((r["_step"], r["val_loss"]) for r in rows if "val_loss" in r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
+    if val:
+        ax1.plot(*zip(*val), "o-", label="val loss")
+    ax1.set_xlabel("optimizer step")
+    ax1.legend()
+    ax2.plot(steps, [train[s]["tokens_per_s"] for s in steps], color="tab:green")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("non-padding tokens/s", color="tab:green")
+    ax3 = ax2.twinx()
+    ax3.plot(steps, [100 * train[s]["mfu"] for s in steps], color="tab:red", alpha=0.6)
+    ax3.set_ylabel("MFU %", color="tab:red")
+    fig.tight_layout()
+    path = out_dir / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def export_hf(lit_dir: Path, out: Path) -> Path:

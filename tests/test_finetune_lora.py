@@ -55,6 +55,7 @@ def test_lora_reduces_loss_and_writes_a_merged_litgpt_checkpoint(tmp_path, short
     assert run["lineage"][0]["digest"] == manifest_digest and run["lineage"][0]["type"] == "dataset"
     assert any(a["type"] == "model" for a in run["artifacts"])
     assert (out / "metrics.csv").is_file() and list((out / "wandb").glob("offline-run-*"))
+    assert (out / "training_curves.png").stat().st_size > 0
     samples = json.loads((out / "samples.table.json").read_text())
     assert samples["columns"] == ["prompt", "generation"] and len(samples["data"]) == 1
 
