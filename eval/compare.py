@@ -205,16 +205,19 @@ def _fmt(v: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------ the verb
-def compare(run_dirs: list[Path], out: Path = Path("runs/eval-compare")) -> dict:
+def compare(run_dirs: list[Path] | Path, out: Path = Path("runs/eval-compare")) -> dict:
     """Challenge score per run (win rates, geometric mean, open/hidden weighting) and a val-vs-test plot.
 
     Args:
         run_dirs: dirs written by ``onegpu eval val`` / ``onegpu eval helm``, or parents holding both
-            (e.g. one dir per fine-tuning run with ``eval-val/`` and ``eval-helm/`` inside).
+            (e.g. one dir per fine-tuning run with ``eval-val/`` and ``eval-helm/`` inside), as a
+            list (``'[runs/a, runs/b]'``) or one dir.
         out: where ``results.json``, ``val_vs_test.png`` and the W&B run go.
     """
     from onegpu.tracking import Run
 
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [Path(run_dirs)]
     if not run_dirs:
         raise UserError("no run dirs given", fix="onegpu eval compare RUN_DIR [RUN_DIR ...] --out DIR")
     runs = [load_run(Path(d)) for d in run_dirs]

@@ -109,9 +109,9 @@ def record_checkpoint_lineage(run, checkpoint: Path) -> dict:
     from eval.lm import checkpoint_lineage
 
     meta = checkpoint_lineage(checkpoint)
-    name = meta.get("artifact") or meta.get("run_id") or checkpoint.name
-    run.use_input(name=f"model-{name}".replace("/", "-"), type="model", digest=checkpoint_digest(checkpoint),
-                  path=checkpoint)
+    # A fine-tune logs its out/final as the W&B artifact "model-<its run id>" (finetune/lora.py).
+    name = f"model-{meta['wandb_run_id']}" if meta.get("wandb_run_id") else f"model-{checkpoint.name}"
+    run.use_input(name=name.replace("/", "-"), type="model", digest=checkpoint_digest(checkpoint), path=checkpoint)
     return meta
 
 
