@@ -27,6 +27,7 @@ tests check against a plain forward pass.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import math
 import queue
 import random
@@ -45,6 +46,7 @@ from litgpt.model import KVCache
 from torch import nn
 
 from onegpu.errors import UserError
+from onegpu.paths import cache_dir
 
 GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
 MAX_TOP_LOGPROBS = 20
@@ -55,7 +57,7 @@ PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens prefilled in one forward
 # Loading
 
 
-def resolve_checkpoint(checkpoint: Path) -> Path:
+def resolve_checkpoint(checkpoint: Path, base_checkpoint: Path | None = None) -> Path:
     """A loadable litgpt checkpoint dir for ``checkpoint``: merged as is, or base + LoRA merged.
 
     A dir holding only ``lit_model.pth.lora`` + ``hyperparameters.yaml`` (litgpt's LoRA layout,
@@ -76,12 +78,12 @@ def resolve_checkpoint(checkpoint: Path) -> Path:
                             fix="copy the base model's tokenizer files into the checkpoint dir")
         return checkpoint
     if (checkpoint / "lit_model.pth.lora").is_file():
-        return _merge_adapter(checkpoint)
+        return _merge_adapter(checkpoint, base_checkpoint)
     raise UserError(f"{checkpoint} holds neither lit_model.pth nor lit_model.pth.lora",
                     fix="pass a litgpt checkpoint dir (merged) or a LoRA adapter dir with hyperparameters.yaml")
 
 
-def _merge_adapter(adapter_dir: Path) -> Path:
+def _merge_adapter(adapter_dir: Path, base: Path | None = None) -> Path:
     import yaml
     from litgpt.scripts.merge_lora import merge_lora
 
@@ -90,22 +92,36 @@ def _merge_adapter(adapter_dir: Path) -> Path:
         raise UserError(f"adapter dir {adapter_dir} has no hyperparameters.yaml (it names the base checkpoint)",
                         fix="use the dir litgpt/onegpu finetune wrote, which holds both files")
     hparams = yaml.safe_load(hparams_file.read_text()) or {}
-    base = Path(str(hparams.get("checkpoint_dir", ""))).expanduser()
+    named = base is None
+    base = Path(base or str(hparams.get("checkpoint_dir", ""))).expanduser()
     if not (base / "lit_model.pth").is_file():
-        raise UserError(f"the adapter's base checkpoint {base} (hyperparameters.yaml: checkpoint_dir) is missing",
-                        fix="prepare the base model there (`onegpu model prepare ...`) or edit checkpoint_dir")
-    merged = Path(tempfile.mkdtemp(prefix="onegpu-merged-"))
+        where = "hyperparameters.yaml: checkpoint_dir" if named else "--base_checkpoint"
+        raise UserError(f"the adapter's base checkpoint {base} ({where}) has no lit_model.pth",
+                        fix="prepare the base model (`onegpu model prepare ...`) and pass --base_checkpoint DIR")
+    # merged once per (adapter, base): a restart (or a second server) reuses it
+    lora = adapter_dir / "lit_model.pth.lora"
+    key = hashlib.sha256(f"{lora.resolve()}|{lora.stat().st_size}|{lora.stat().st_mtime_ns}|{base.resolve()}"
+                         .encode()).hexdigest()[:16]
+    merged = cache_dir() / "merged" / f"{adapter_dir.name}-{key}"
+    if (merged / "lit_model.pth").is_file():
+        return merged
+    merged.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{merged.name}-", dir=merged.parent))
     for item in base.iterdir():  # tokenizer + configs of the base, never its weights
         if item.is_file() and item.name != "lit_model.pth":
-            (merged / item.name).symlink_to(item.resolve())
+            (work / item.name).symlink_to(item.resolve())
     for item in adapter_dir.iterdir():
         if item.is_file() and item.name != "lit_model.pth":
-            target = merged / item.name
+            target = work / item.name
             if target.exists() or target.is_symlink():
                 target.unlink()
             shutil.copy2(item, target)
     print(f"[onegpu serve] merging LoRA adapter {adapter_dir} into base {base} -> {merged}", file=sys.stderr)
-    merge_lora(merged, pretrained_checkpoint_dir=base, precision="32-true")
+    merge_lora(work, pretrained_checkpoint_dir=base)  # precision: the adapter's hyperparameters.yaml
+    try:
+        work.rename(merged)
+    except OSError:  # another process merged it first
+        shutil.rmtree(work, ignore_errors=True)
     return merged
 
 
@@ -212,11 +228,11 @@ class Engine:
 
     def __init__(self, checkpoint: Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
                  max_seq_length: int = 2048, quantize: str | None = None, prompt_style: str = "auto",
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, base_checkpoint: Path | None = None):
         from litgpt import Config, GPT
         from litgpt.tokenizer import Tokenizer
 
-        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.checkpoint = resolve_checkpoint(checkpoint, base_checkpoint)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -236,6 +252,7 @@ class Engine:
             torch.set_num_threads(num_threads)
 
         self.tokenizer = Tokenizer(self.checkpoint)
+        self.tokenizer.use_bos = self._training_bos(Path(checkpoint), base_checkpoint)
         self.prompt_style = load_prompt_style(prompt_style, self.checkpoint)
         self.prompt_style_name = type(self.prompt_style).__name__ if self.prompt_style else "raw"
         config = Config.from_file(self.checkpoint / "model_config.yaml")
@@ -270,6 +287,25 @@ class Engine:
         self._worker = threading.Thread(target=self._run, name="onegpu-engine", daemon=True)
         self._worker.start()
         atexit.register(self.shutdown)  # a daemon thread inside torch at interpreter exit aborts it
+
+    def _training_bos(self, source: Path, base_checkpoint: Path | None) -> bool:
+        """Whether prompts start with BOS: as the base model's tokenizer did when it was fine-tuned.
+
+        litgpt decides this partly from the checkpoint dir's *name* (SmolLM2-*-Instruct, Llama-3*),
+        so a fine-tune's ``out/final`` or a merged copy would silently lose the BOS its training
+        data had. The base named by ``--base_checkpoint`` or ``hyperparameters.yaml`` decides.
+        """
+        import yaml
+        from litgpt.tokenizer import Tokenizer
+
+        base = base_checkpoint
+        for hparams_file in (source / "hyperparameters.yaml", self.checkpoint / "hyperparameters.yaml"):
+            if base is None and hparams_file.is_file():
+                named = (yaml.safe_load(hparams_file.read_text()) or {}).get("checkpoint_dir")
+                base = Path(str(named)).expanduser() if named else None
+        if base is not None and base.is_dir() and (base / "tokenizer_config.json").is_file():
+            return Tokenizer(base).use_bos
+        return self.tokenizer.use_bos
 
     def _load_model(self, config, quantize: str | None):
         from litgpt import GPT

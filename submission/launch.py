@@ -45,24 +45,31 @@ def wait_healthy(base_url: str, proc: subprocess.Popen | None = None, timeout: f
 
 
 @contextlib.contextmanager
-def running_server(checkpoint: str | Path, *serve_args: str, port: int | None = None, timeout: float = 300.0,
-                   log_path: str | Path | None = None) -> Iterator[str]:
-    """Run ``onegpu serve --checkpoint CHECKPOINT ...`` on 127.0.0.1; yields its base URL."""
+def running_server(checkpoint: str | Path | None, *serve_args: str, port: int | None = None, timeout: float = 300.0,
+                   log_path: str | Path | None = None, command: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run ``onegpu serve --checkpoint CHECKPOINT ...`` on 127.0.0.1; yields its base URL.
+
+    ``command`` replaces ``onegpu serve --checkpoint ... --host ... --port ...`` (e.g. the
+    Dockerfile's CMD with host and port rewritten); ``port`` must then be the one it names.
+    """
     port = port or free_port()
-    cmd = [sys.executable, "-m", "onegpu", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-           "--port", str(port), *serve_args]
-    log = open(log_path, "w") if log_path else tempfile.TemporaryFile(mode="w+")
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if command is None:
+        command = [sys.executable, "-m", "onegpu", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        if checkpoint is not None:
+            command += ["--checkpoint", str(checkpoint)]
+    cmd = [*command, *serve_args]
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {})))
     base_url = f"http://127.0.0.1:{port}"
     try:
         try:
             wait_healthy(base_url, proc, timeout)
         except UserError:
-            log.seek(0) if not log_path else None
-            tail = log.read()[-3000:] if not log_path else Path(log_path).read_text()[-3000:]
-            raise UserError(f"onegpu serve did not become healthy: {' '.join(cmd)}\n{tail}",
-                            fix="run the command by hand to see the error")
+            log.seek(0)
+            raise UserError(f"onegpu serve did not become healthy: {' '.join(cmd)}\n{log.read()[-3000:]}",
+                            fix="run the command by hand to see the error") from None
         yield base_url
     finally:
         proc.send_signal(signal.SIGINT)

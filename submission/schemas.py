@@ -9,7 +9,7 @@ breaks the schema is a 422 that says where, never a silent guess.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -70,7 +70,7 @@ class ProcessRequest(_Request):
     echo_prompt: bool | None = Field(False, description="return the prompt's tokens (with logprobs) before the completion")
     top_k_per_token: int = Field(1, ge=0, le=MAX_TOP_K_PER_TOKEN,
                                  description="how many entries each token's top_logprob holds")
-    stop_sequences: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES,
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_STOP_SEQUENCES,
                                              description="stop before the first occurrence of any of these")
 
     @field_validator("prompt")

@@ -156,16 +156,28 @@ class JSONBodies:
         await self.app(scope, receive, send)
 
 
+# Environment fallbacks, so the Dockerfile's CMD stays one fixed exec-form command and the model
+# source comes from build args / `docker run -e` (see Dockerfile).
+ENV_DEFAULTS = {"checkpoint": "ONEGPU_CHECKPOINT", "wandb_artifact": "ONEGPU_WANDB_ARTIFACT",
+                "hub_model": "ONEGPU_HUB_MODEL", "base_checkpoint": "ONEGPU_BASE_CHECKPOINT",
+                "prompt_style": "ONEGPU_PROMPT_STYLE", "quantize": "ONEGPU_QUANTIZE",
+                "max_batch_size": "ONEGPU_MAX_BATCH_SIZE"}
+
+
 def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8080,
-          device: str = "auto", dtype: str = "auto", prompt_style: str = "auto", max_batch_size: int = 16,
+          device: str = "auto", dtype: str = "auto", prompt_style: str | None = None,
+          max_batch_size: int | None = None,
           max_seq_length: int = 2048, quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq",
                                                          "bnb.int8"] | None = None,
-          wandb_artifact: str | None = None, hub_model: str | None = None, num_threads: int | None = None,
-          access_log: bool = False) -> None:
+          wandb_artifact: str | None = None, hub_model: str | None = None, base_checkpoint: Path | None = None,
+          num_threads: int | None = None, access_log: bool = False) -> None:
     """Serve a checkpoint over the challenge's HTTP API until interrupted.
 
     Exactly one model source: ``--checkpoint`` (a litgpt checkpoint dir, or a LoRA adapter dir
-    whose hyperparameters.yaml names its base), ``--wandb_artifact`` or ``--hub_model``.
+    whose hyperparameters.yaml names its base), ``--wandb_artifact`` or ``--hub_model``. Options
+    left unset fall back to environment variables, which is how the Docker image is configured:
+    the source from ONEGPU_WANDB_ARTIFACT, else ONEGPU_HUB_MODEL, else ONEGPU_CHECKPOINT (first set
+    wins); ONEGPU_BASE_CHECKPOINT, ONEGPU_PROMPT_STYLE, ONEGPU_QUANTIZE, ONEGPU_MAX_BATCH_SIZE.
 
     Args:
         checkpoint: litgpt checkpoint dir (e.g. what `onegpu model prepare` printed, or a fine-tune's
@@ -176,8 +188,8 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
         dtype: auto (bfloat16 on GPUs that support it, float16 on older ones, float32 on CPU),
             float32, bfloat16 or float16.
         prompt_style: raw (prompt as sent), auto (the checkpoint's prompt_style.yaml if present,
-            else raw with a warning) or a litgpt prompt-style name (alpaca, chatml, ...).
-        max_batch_size: sequences decoded together (KV-cache rows); more uses more memory.
+            else raw with a warning; the default) or a litgpt prompt-style name (alpaca, smollm2, ...).
+        max_batch_size: sequences decoded together (KV-cache rows; default 16); more uses more memory.
         max_seq_length: context length served (prompt + completion), capped at the model's.
             HELM's neurips/local deployment uses 2048.
         quantize: bitsandbytes weight quantization on CUDA (bnb.nf4, bnb.nf4-dq, bnb.fp4,
@@ -185,13 +197,30 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
         wandb_artifact: a W&B model artifact (entity/project/name:alias) to download and serve
             (network and W&B login needed).
         hub_model: a Hugging Face hub id to download and convert with `onegpu model prepare`.
+        base_checkpoint: for an adapter-only source, the base checkpoint dir to merge into (default:
+            the checkpoint_dir its hyperparameters.yaml names).
         num_threads: torch CPU threads (default: torch's choice).
         access_log: log every HTTP request.
     """
+    import os
+
+    if not (checkpoint or wandb_artifact or hub_model):  # from the environment, first set wins
+        env = {name: os.environ.get(var) or None for name, var in ENV_DEFAULTS.items()}
+        if env["wandb_artifact"]:
+            wandb_artifact = env["wandb_artifact"]
+        elif env["hub_model"]:
+            hub_model = env["hub_model"]
+        else:
+            checkpoint = env["checkpoint"]
+    base_checkpoint = base_checkpoint or os.environ.get(ENV_DEFAULTS["base_checkpoint"]) or None
+    prompt_style = prompt_style or os.environ.get(ENV_DEFAULTS["prompt_style"]) or "auto"
+    quantize = quantize or os.environ.get(ENV_DEFAULTS["quantize"]) or None
+    max_batch_size = max_batch_size or int(os.environ.get(ENV_DEFAULTS["max_batch_size"]) or 16)
     sources = [s for s in (checkpoint, wandb_artifact, hub_model) if s]
     if len(sources) != 1:
-        raise UserError("onegpu serve needs exactly one model source",
-                        fix="pass one of --checkpoint DIR, --wandb_artifact NAME, --hub_model ID")
+        raise UserError(f"onegpu serve needs exactly one model source, got {len(sources)}",
+                        fix="pass one of --checkpoint DIR, --wandb_artifact NAME, --hub_model ID "
+                            "(or set ONEGPU_CHECKPOINT / ONEGPU_WANDB_ARTIFACT / ONEGPU_HUB_MODEL)")
     if not 0 < port < 65536:
         raise UserError(f"port {port} is out of range", fix="use 1-65535")
     if wandb_artifact:
@@ -209,7 +238,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     print(f"[onegpu serve] loading {checkpoint}", file=sys.stderr)
     engine = Engine(Path(checkpoint), device=device, dtype=dtype, max_batch_size=max_batch_size,
                     max_seq_length=max_seq_length, quantize=quantize, prompt_style=prompt_style,
-                    num_threads=num_threads)
+                    num_threads=num_threads, base_checkpoint=Path(base_checkpoint) if base_checkpoint else None)
     print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
           f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}; "
           f"listening on http://{host}:{port}", file=sys.stderr)

