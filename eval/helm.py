@@ -239,7 +239,8 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
     """Run HELM on a run-spec conf against `onegpu serve` on a checkpoint; writes ``results.json``.
 
     Args:
-        checkpoint: litgpt checkpoint dir, or a LoRA dir (lit_model.pth.lora + hyperparameters.yaml).
+        checkpoint: litgpt checkpoint dir, or a LoRA dir (lit_model.pth.lora + hyperparameters.yaml), or
+            ``wandb:ENTITY/PROJECT/model-RUNID:latest`` (a logged model artifact; online W&B).
         conf: ``offline`` (HELM synthetic scenarios, no downloads), ``quick`` (one entry per open-eval
             family), ``open-600`` (the organizers' 600-instance open-eval conf), ``open-small`` (their
             older small conf), or the path of a run-spec .conf file.

@@ -43,7 +43,12 @@ from onegpu.errors import UserError
 
 # ------------------------------------------------------------------------------------ loading
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
-    """(dir with weights/config, base dir for adapter-only checkpoints or None). Validates first."""
+    """(dir with weights/config, base dir for adapter-only checkpoints or None). Validates first.
+
+    ``wandb:ENTITY/PROJECT/NAME:VERSION`` downloads a logged ``model`` artifact first (online W&B).
+    """
+    if str(checkpoint).startswith("wandb:"):
+        checkpoint = fetch_wandb_artifact(str(checkpoint)[len("wandb:"):])
     path = Path(checkpoint).expanduser()
     if not path.is_dir():
         raise UserError(f"checkpoint dir {path} does not exist",
@@ -64,6 +69,25 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
         return path, Path(base)
     raise UserError(f"{path} holds neither lit_model.pth nor lit_model.pth.lora",
                     fix="point --checkpoint at a litgpt checkpoint dir or a LoRA output dir")
+
+
+def fetch_wandb_artifact(name: str) -> Path:
+    """Download a W&B ``model`` artifact (e.g. what ``onegpu finetune`` logged) into the cache."""
+    import os
+
+    from onegpu.paths import cache_dir
+
+    if os.environ.get("WANDB_MODE", "offline") in ("offline", "disabled", "dryrun"):
+        raise UserError(f"checkpoint wandb:{name} is a W&B artifact, but W&B is offline here",
+                        fix="`wandb login` and set WANDB_MODE=online, or pass the local checkpoint dir")
+    import wandb
+
+    target = cache_dir() / "artifacts" / name.replace("/", "--").replace(":", "-")
+    try:
+        return Path(wandb.Api().artifact(name, type="model").download(root=str(target)))
+    except Exception as err:  # wandb raises CommError/ValueError variants
+        raise UserError(f"could not download W&B artifact {name!r}: {err}",
+                        fix="use ENTITY/PROJECT/NAME:VERSION as shown on the artifact's W&B page") from err
 
 
 def _require(path: Path, names: tuple[str, ...]) -> None:

@@ -152,7 +152,8 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
 
     Args:
         checkpoint: litgpt checkpoint dir (merged), or a LoRA dir with ``lit_model.pth.lora`` +
-            ``hyperparameters.yaml`` (merged in memory with the base it names).
+            ``hyperparameters.yaml`` (merged in memory with the base it names), or
+            ``wandb:ENTITY/PROJECT/model-RUNID:latest`` (a logged model artifact; online W&B).
         suite: suite name (offline, quick, helm-open, helm-hidden-proxy) or a suite YAML path.
         out: run dir for ``results.json``, per-task results, samples and the W&B run.
         tasks: run these lm-eval tasks instead of the suite's (e.g. ``[onegpu_gsm8k,mmlu_anatomy]``).
