@@ -38,6 +38,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +196,67 @@ class SlotKVCache(KVCache):
         self.v.zero_()
 
 
+class PrefixCache:
+    """K/V of prompt prefixes, in blocks of ``block`` tokens, least recently used evicted first.
+
+    HELM sends every instance of a scenario with the same in-context examples in front, so most
+    of a 5-shot prompt was already computed for the request before. A block's key is its tokens
+    plus the key of the block before it, so a hit means the whole prefix matches exactly; K/V at a
+    position depend only on the tokens up to it, so reusing them is exact.
+    """
+
+    def __init__(self, caches: list, block: int = 64, budget_bytes: int = 1 << 30):
+        self.caches = caches
+        self.block = block
+        per_token = sum(c.k[0, :, 0].numel() * c.k.element_size() + c.v[0, :, 0].numel() * c.v.element_size()
+                        for c in caches)
+        self.capacity = budget_bytes // max(1, per_token * block)
+        self.blocks: OrderedDict = OrderedDict()  # key -> (k, v) stacked over layers
+        self.hits = 0  # prompt tokens not recomputed
+
+    def _keys(self, ids: list[int], limit: int):
+        key = None
+        for end in range(self.block, limit + 1, self.block):
+            key = hash((key, tuple(ids[end - self.block:end])))
+            yield end, key
+
+    def lookup(self, ids: list[int]) -> list:
+        """Keys of the cached blocks that start ``ids`` (leaving at least one token to compute)."""
+        found = []
+        for _end, key in self._keys(ids, len(ids) - 1):
+            if key not in self.blocks:
+                break
+            self.blocks.move_to_end(key)
+            found.append(key)
+        return found
+
+    def load(self, keys: list, row: int) -> int:
+        """Copy the blocks ``keys`` into cache row ``row``; returns the tokens covered."""
+        for i, key in enumerate(keys):
+            k, v = self.blocks[key]
+            start, stop = i * self.block, (i + 1) * self.block
+            for layer, cache in enumerate(self.caches):
+                cache.k[row, :, start:stop] = k[layer]
+                cache.v[row, :, start:stop] = v[layer]
+        self.hits += len(keys) * self.block
+        return len(keys) * self.block
+
+    def store(self, ids: list[int], row: int) -> None:
+        """Remember the full blocks of prompt ``ids``, whose K/V are in cache row ``row``."""
+        if self.capacity < 1:
+            return
+        for end, key in self._keys(ids, len(ids)):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+                continue
+            start = end - self.block
+            k = torch.stack([c.k[row, :, start:end] for c in self.caches]).clone()
+            v = torch.stack([c.v[row, :, start:end] for c in self.caches]).clone()
+            self.blocks[key] = (k, v)
+            while len(self.blocks) > self.capacity:
+                self.blocks.popitem(last=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # Requests
 
@@ -220,6 +282,7 @@ class GenRequest:
     out_top: list[dict[str, float]] = field(default_factory=list)
     prompt_entries: list[dict] = field(default_factory=list)
     position: int = 0  # the position of the next token to feed
+    cached_keys: list = field(default_factory=list)  # prefix-cache blocks this prompt starts with
     stop_text_cut: int | None = None
 
 
@@ -228,7 +291,8 @@ class Engine:
 
     def __init__(self, checkpoint: Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
                  max_seq_length: int = 2048, quantize: str | None = None, prompt_style: str = "auto",
-                 num_threads: int | None = None, base_checkpoint: Path | None = None):
+                 num_threads: int | None = None, base_checkpoint: Path | None = None,
+                 prefix_cache_mb: int = 1024):
         from litgpt import Config, GPT
         from litgpt.tokenizer import Tokenizer
 
@@ -275,6 +339,7 @@ class Engine:
             v_shape = (max_batch_size,) + tuple(ref.v.shape[1:])
             block.attn.kv_cache = SlotKVCache(k_shape, v_shape, self.device, self.dtype)
             self.caches.append(block.attn.kv_cache)
+        self.prefix_cache = PrefixCache(self.caches, budget_bytes=prefix_cache_mb << 20)
 
         self.eos_id = self.tokenizer.eos_id
         stop_token_seqs = [list(s) for s in (self.prompt_style.stop_tokens(self.tokenizer) if self.prompt_style
@@ -283,7 +348,7 @@ class Engine:
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
         self._active: list[GenRequest] = []
         self._stopping = False
-        self.stats = {"requests": 0, "steps": 0, "max_batch": 0}
+        self.stats = {"requests": 0, "steps": 0, "max_batch": 0, "prefix_tokens_reused": 0}
         self._worker = threading.Thread(target=self._run, name="onegpu-engine", daemon=True)
         self._worker.start()
         atexit.register(self.shutdown)  # a daemon thread inside torch at interpreter exit aborts it
@@ -433,8 +498,10 @@ class Engine:
                     waiting.future.set_exception(RuntimeError("the server is shutting down"))
                 return False
             incoming.append(req)
-        # prompts of similar length are prefilled together (one weight pass for several prompts)
-        incoming.sort(key=lambda r: len(r.prompt_ids))
+        for req in incoming:  # echo needs every prompt position's logits: no reuse there
+            req.cached_keys = [] if req.echo else self.prefix_cache.lookup(req.prompt_ids)
+        # prompts of similar (uncached) length are prefilled together (one weight pass for several)
+        incoming.sort(key=self._suffix_len)
         group: list[GenRequest] = []
         for req in incoming:
             if group and not self._fits(group, req):
@@ -445,11 +512,17 @@ class Engine:
             self._prefill_group(group)
         return True
 
-    @staticmethod
-    def _fits(group: list[GenRequest], req: GenRequest) -> bool:
-        padded = len(req.prompt_ids) * (len(group) + 1)  # req is the longest (sorted)
-        real = sum(len(r.prompt_ids) for r in group) + len(req.prompt_ids)
-        return padded <= PREFILL_TOKEN_BUDGET and padded <= 1.25 * real + 64
+    def _suffix_len(self, req: GenRequest) -> int:
+        return len(req.prompt_ids) - len(req.cached_keys) * self.prefix_cache.block
+
+    def _fits(self, group: list[GenRequest], req: GenRequest) -> bool:
+        longest = self._suffix_len(req)  # req is the longest (sorted)
+        padded = longest * (len(group) + 1)
+        real = sum(self._suffix_len(r) for r in group) + longest
+        # padded positions must stay inside the context for every row
+        inside = all(len(r.cached_keys) * self.prefix_cache.block + longest <= self.max_seq_length
+                     for r in group + [req])
+        return inside and padded <= PREFILL_TOKEN_BUDGET and padded <= 1.25 * real + 64
 
     def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor, row_start: int, maxp1: int) -> torch.Tensor:
         for cache in self.caches:
@@ -465,24 +538,33 @@ class Engine:
     def _prefill_group(self, group: list[GenRequest]) -> None:
         """One forward over the group's prompts (right-padded) into the next free cache rows.
 
-        Padding writes junk K/V after a short prompt's end; its first decode step overwrites that
-        position before attending to it, and the causal mask hides the rest.
+        A prompt whose first blocks are in the prefix cache gets them copied into its row and only
+        the rest computed (each row then has its own positions). Padding writes junk K/V after a
+        short prompt's end; its first decode step overwrites that position before attending to it,
+        and the causal mask hides the rest.
         """
         first_row = len(self._active)
-        longest = max(len(r.prompt_ids) for r in group)
         pad = self.eos_id if self.eos_id is not None else 0
-        idx = torch.tensor([r.prompt_ids + [pad] * (longest - len(r.prompt_ids)) for r in group],
-                           dtype=torch.long, device=self.device)
-        pos = torch.arange(longest, device=self.device)
         try:
-            hidden = self._hidden(idx, pos, first_row, longest)  # (k, T, C)
-            last = torch.stack([hidden[i, len(r.prompt_ids) - 1] for i, r in enumerate(group)])
+            offsets = [self.prefix_cache.load(r.cached_keys, first_row + i) for i, r in enumerate(group)]
+            self.stats["prefix_tokens_reused"] += sum(offsets)
+            suffixes = [r.prompt_ids[off:] for r, off in zip(group, offsets)]
+            longest = max(len(x) for x in suffixes)
+            idx = torch.tensor([x + [pad] * (longest - len(x)) for x in suffixes], dtype=torch.long,
+                               device=self.device)
+            if any(offsets):
+                pos = torch.tensor([[off + j for j in range(longest)] for off in offsets], device=self.device)
+            else:
+                pos = torch.arange(longest, device=self.device)
+            hidden = self._hidden(idx, pos, first_row, max(offsets) + longest)  # (k, T, C)
+            last = torch.stack([hidden[i, len(x) - 1] for i, x in enumerate(suffixes)])
             logprobs = torch.log_softmax(self._logits(last), dim=-1)  # (k, V)
             for i, req in enumerate(group):
                 self.stats["requests"] += 1
                 seed = req.seed if req.seed is not None else random.getrandbits(62)
                 req.generator = torch.Generator(device=self.device).manual_seed(seed)
                 req.position = len(req.prompt_ids)
+                self.prefix_cache.store(req.prompt_ids, first_row + i)
                 if req.echo:
                     self._score_prompt(req, hidden[i, : len(req.prompt_ids)])
         except Exception as err:

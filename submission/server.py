@@ -170,7 +170,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
           max_seq_length: int = 2048, quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq",
                                                          "bnb.int8"] | None = None,
           wandb_artifact: str | None = None, hub_model: str | None = None, base_checkpoint: Path | None = None,
-          num_threads: int | None = None, access_log: bool = False) -> None:
+          num_threads: int | None = None, prefix_cache_mb: int = 1024, access_log: bool = False) -> None:
     """Serve a checkpoint over the challenge's HTTP API until interrupted.
 
     Exactly one model source: ``--checkpoint`` (a litgpt checkpoint dir, or a LoRA adapter dir
@@ -200,6 +200,8 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
         base_checkpoint: for an adapter-only source, the base checkpoint dir to merge into (default:
             the checkpoint_dir its hyperparameters.yaml names).
         num_threads: torch CPU threads (default: torch's choice).
+        prefix_cache_mb: memory for K/V of recent prompt prefixes (HELM repeats the same few-shot
+            examples in every prompt of a scenario; those are computed once). 0 turns it off.
         access_log: log every HTTP request.
     """
     import os
@@ -238,7 +240,8 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     print(f"[onegpu serve] loading {checkpoint}", file=sys.stderr)
     engine = Engine(Path(checkpoint), device=device, dtype=dtype, max_batch_size=max_batch_size,
                     max_seq_length=max_seq_length, quantize=quantize, prompt_style=prompt_style,
-                    num_threads=num_threads, base_checkpoint=Path(base_checkpoint) if base_checkpoint else None)
+                    num_threads=num_threads, base_checkpoint=Path(base_checkpoint) if base_checkpoint else None,
+                    prefix_cache_mb=prefix_cache_mb)
     print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
           f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}; "
           f"listening on http://{host}:{port}", file=sys.stderr)

@@ -120,6 +120,22 @@ def test_greedy_text_and_logprobs_match_a_direct_forward_pass(client, reference)
         assert max(token["top_logprob"].values()) == pytest.approx(token["logprob"], abs=1e-5)
 
 
+def test_shared_prefix_is_reused_exactly(client, reference):
+    # HELM-style: the same in-context examples in front of every question
+    shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in [(2, 3), (7, 5), (10, 4),
+                                                                                         (6, 6), (9, 1), (8, 3)])
+    reused_before = client.get("/health").json()["stats"]["prefix_tokens_reused"]
+    process(client, prompt=shots + "Question: What is 4 plus 4?\nAnswer:", temperature=1e-7, max_new_tokens=3)
+    prompt = shots + "Question: What is 3 plus 5?\nAnswer:"
+    result = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=6, stop_sequences=["\n"])
+    assert client.get("/health").json()["stats"]["prefix_tokens_reused"] >= reused_before + 64
+    ref_ids, ref_logprobs = greedy_reference(reference, prompt, 6)
+    _, tokenizer = reference
+    full = tokenizer.processor.decode(ref_ids, skip_special_tokens=False)
+    assert result["text"] == full.split("\n")[0]
+    assert [t["logprob"] for t in result["tokens"]] == pytest.approx(ref_logprobs[: len(result["tokens"])], abs=2e-4)
+
+
 def test_echo_prompt_logprobs_are_next_token_logprobs(client, reference):
     model, tokenizer = reference
     prompt = "The quick brown fox jumps over the lazy dog."

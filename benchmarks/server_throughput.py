@@ -1,0 +1,256 @@
+"""Throughput of `onegpu serve` vs a naive server built the organizers' sample-server way.
+
+Replays a HELM-shaped request mix (the adapters of ../shared/reference/helm/run_specs_full_coarse_600_budget.conf):
+mostly 5-token multiple-choice requests with stop "\\n" (MMLU/TruthfulQA/BBQ, greedy), some 400-token
+GSM8K requests with stop "\\n\\n", 128-token CNN/DM summaries (temperature 0.3) and 64-token BIG-bench
+requests, built from the real datasets in ../shared/datasets. Each concurrency level (1, 4, 16) runs
+the same requests against both servers, alternating, and prints req/s, p50/p95 latency and tokens/s.
+
+The baseline is what the sample servers did: one request at a time (a lock), litgpt's
+``generate`` with a KV cache for all ``max_new_tokens`` (no EOS, no stop sequences), then the
+tokens' logprobs from one more forward pass.
+
+On a CPU the full mix takes long, so ``--shots`` and ``--token_scale`` scale it down (fewer
+in-context examples, every max_new_tokens times the scale); the table says what was used.
+
+    python benchmarks/server_throughput.py --requests 16 --shots 1 --token_scale 0.25 --num_threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from onegpu.paths import shared_datasets_dir  # noqa: E402
+from submission.launch import free_port, running_server, wait_healthy  # noqa: E402
+
+# (kind, share of requests, max_new_tokens, temperature, stop) as in the open-eval adapters
+MIX = [
+    ("mmlu", 0.625, 5, 0.0, ["\n"]),
+    ("gsm8k", 0.125, 400, 0.0, ["\n\n"]),
+    ("cnn_dm", 0.125, 128, 0.3, ["###"]),
+    ("big_bench", 0.125, 64, 0.0, ["\n"]),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# HELM-shaped prompts from the offline datasets
+
+
+def _mmlu_prompts(data: Path, shots: int, rng: random.Random) -> list[str]:
+    subject = "high_school_geography"
+    def rows(split):
+        with open(data / "mmlu" / split / f"{subject}_{split}.csv", newline="") as f:
+            return list(csv.DictReader(f))
+    def block(row, with_answer):
+        text = f"Question: {row['question']}\n" + "".join(
+            f"{letter}. {row[f'choice{i}']}\n" for i, letter in enumerate("ABCD")) + "Answer:"
+        return text + (f" {'ABCD'[int(row['answer'])]}\n\n" if with_answer else "")
+    head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    train = "".join(block(r, True) for r in rows("dev")[:shots])
+    return [head + train + block(r, False) for r in rng.sample(rows("test"), 64)]
+
+
+def _gsm8k_prompts(data: Path, shots: int, rng: random.Random) -> list[str]:
+    train = [json.loads(line) for line in open(data / "gsm8k" / "train.jsonl")][:shots]
+    test = [json.loads(line) for line in open(data / "gsm8k" / "test.jsonl")]
+    prefix = "".join(f"Q: {r['question']}\nA: {r['answer'].replace('####', 'The answer is')}\n\n" for r in train)
+    return [prefix + f"Q: {r['question']}\nA:" for r in rng.sample(test, 16)]
+
+
+def _cnn_prompts(data: Path, article_chars: int, rng: random.Random) -> list[str]:
+    rows = [json.loads(line) for line in open(next((data / "cnn_dailymail_sample").glob("*article*.jsonl")))]
+    return [f"###\nArticle: {r['article'][:article_chars]}\n\nSummarize the above article in 3 sentences.\nSummary:"
+            for r in rng.sample(rows, 16)]
+
+
+def _bigbench_prompts(data: Path, shots: int, rng: random.Random) -> list[str]:
+    task = json.loads((data / "bigbench" / "emoji_movie" / "task.json").read_text())
+    examples = task["examples"]
+    def target(ex):
+        return ex.get("target") or max(ex["target_scores"], key=ex["target_scores"].get)
+    def as_text(t):
+        return t if isinstance(t, str) else t[0]
+    prefix = "".join(f"{ex['input']}\n{as_text(target(ex))}\n\n" for ex in examples[:shots])
+    return [prefix + f"{ex['input']}\n" for ex in rng.sample(examples[shots:], 16)]
+
+
+def build_requests(n: int, shots: int, token_scale: float, seed: int) -> list[dict]:
+    data = shared_datasets_dir()
+    if data is None:
+        sys.exit("../shared/datasets (or ONEGPU_DATA_DIR) is needed for the HELM-shaped prompts")
+    rng = random.Random(seed)
+    pools = {"mmlu": _mmlu_prompts(data, shots, rng), "gsm8k": _gsm8k_prompts(data, shots, rng),
+             "cnn_dm": _cnn_prompts(data, 400 + 600 * shots, rng), "big_bench": _bigbench_prompts(data, shots, rng)}
+    counts = {kind: max(1, round(share * n)) for kind, share, *_ in MIX}
+    counts["mmlu"] = n - sum(c for k, c in counts.items() if k != "mmlu")
+    requests = []
+    for kind, _share, max_tokens, temperature, stop in MIX:
+        for i in range(counts[kind]):
+            requests.append({"kind": kind, "body": {
+                "prompt": pools[kind][i % len(pools[kind])], "temperature": temperature or 1e-7,
+                "max_new_tokens": max(5, round(max_tokens * token_scale)) if max_tokens > 5 else max_tokens,
+                "stop_sequences": stop, "echo_prompt": False, "top_k_per_token": 1, "num_return_sequences": 1,
+                "top_p": 1.0, "seed": i}})
+    rng.shuffle(requests)
+    return requests
+
+
+# ----------------------------------------------------------------------------------------------
+# The naive baseline server (the sample servers' way)
+
+
+def serve_baseline(checkpoint: str, port: int, num_threads: int | None) -> None:
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from litgpt import GPT, Config
+    from litgpt.generate.base import generate
+    from litgpt.tokenizer import Tokenizer
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    checkpoint = Path(checkpoint)
+    tokenizer = Tokenizer(checkpoint)
+    with torch.device("meta"):
+        model = GPT(Config.from_file(checkpoint / "model_config.yaml"))
+    model.load_state_dict(torch.load(checkpoint / "lit_model.pth", weights_only=True), assign=True)
+    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
+    model.eval()
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/process")
+    def process(body: dict):
+        start = time.perf_counter()
+        with lock, torch.inference_mode():
+            encoded = tokenizer.encode(body["prompt"])
+            max_returned = len(encoded) + int(body.get("max_new_tokens", 50))
+            model.max_seq_length = max_returned
+            model.set_kv_cache(batch_size=1)
+            if body.get("seed") is not None:
+                torch.manual_seed(body["seed"])
+            out = generate(model, encoded, max_returned, temperature=max(body.get("temperature", 0.8), 1e-5),
+                           top_k=body.get("top_k", 200), eos_id=None, include_prompt=True)
+            model.clear_kv_cache()
+            new = out[len(encoded):]
+            logprobs = torch.log_softmax(model(out[None, :-1])[0, len(encoded) - 1:].float(), -1)
+            chosen = logprobs.gather(1, new[:, None].long())[:, 0].tolist()
+        tokens = [{"text": tokenizer.decode(t), "logprob": lp, "top_logprob": {}} for t, lp in zip(new, chosen)]
+        return {"text": tokenizer.decode(new), "tokens": tokens, "logprob": sum(chosen),
+                "request_time": time.perf_counter() - start}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ----------------------------------------------------------------------------------------------
+# Load generator
+
+
+def run_level(base_url: str, requests: list[dict], concurrency: int) -> dict:
+    latencies, tokens = [], 0
+
+    def one(request):
+        start = time.perf_counter()
+        response = client.post(f"{base_url}/process", json=request["body"])
+        response.raise_for_status()
+        return time.perf_counter() - start, len(response.json()["tokens"])
+
+    with httpx.Client(timeout=3000, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+            for latency, n in pool.map(one, requests):
+                latencies.append(latency)
+                tokens += n
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {"req_s": len(requests) / wall, "p50": statistics.median(latencies),
+            "p95": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+            "tok_s": tokens / wall, "tokens": tokens, "wall": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None, help="litgpt checkpoint dir (default: the bundled model)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level and server")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--shots", type=int, default=5, help="in-context examples per prompt (HELM: 5)")
+    parser.add_argument("--token_scale", type=float, default=1.0, help="multiply every max_new_tokens > 5")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch threads per server")
+    parser.add_argument("--max_batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve-baseline", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.checkpoint is None:
+        from onegpu.model import prepare
+
+        args.checkpoint = str(prepare())
+    if args.serve_baseline is not None:
+        serve_baseline(args.checkpoint, args.serve_baseline, args.num_threads)
+        return
+
+    requests = build_requests(args.requests, args.shots, args.token_scale, args.seed)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    threads = ["--num_threads", str(args.num_threads)] if args.num_threads else []
+    port = free_port()
+    import subprocess
+
+    baseline = subprocess.Popen([sys.executable, __file__, "--checkpoint", args.checkpoint, "--serve-baseline",
+                                 str(port), *threads], env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    baseline_url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        with running_server(args.checkpoint, "--max_batch_size", str(args.max_batch_size), *threads) as onegpu_url:
+            wait_healthy(baseline_url, baseline)
+            for url in (onegpu_url, baseline_url):  # warm-up
+                httpx.post(f"{url}/process", json=requests[0]["body"], timeout=3000)
+            for concurrency in levels:
+                for name, url in (("onegpu serve", onegpu_url), ("naive baseline", baseline_url)):
+                    result = run_level(url, requests, concurrency)
+                    rows.append((concurrency, name, result))
+                    print(f"[bench] c={concurrency:<3} {name:<15} {result['req_s']:.3f} req/s "
+                          f"p50 {result['p50']:.2f}s p95 {result['p95']:.2f}s {result['tok_s']:.1f} tok/s",
+                          file=sys.stderr, flush=True)
+    finally:
+        baseline.terminate()
+        baseline.wait()
+
+    kinds = {}
+    for r in requests:
+        kinds[r["kind"]] = (kinds.get(r["kind"], (0, r["body"]["max_new_tokens"]))[0] + 1, r["body"]["max_new_tokens"])
+    print(f"\nRequest mix ({len(requests)} per level and server): "
+          + ", ".join(f"{k} x{n} (max_new_tokens {m})" for k, (n, m) in kinds.items())
+          + f"; {args.shots}-shot prompts; token_scale {args.token_scale}\n")
+    print("| concurrency | server | req/s | p50 latency (s) | p95 latency (s) | returned tokens/s | speed-up (req/s) |")
+    print("|---|---|---|---|---|---|---|")
+    by_level = {}
+    for concurrency, name, result in rows:
+        by_level.setdefault(concurrency, {})[name] = result
+    for concurrency in levels:
+        base = by_level[concurrency]["naive baseline"]["req_s"]
+        for name in ("onegpu serve", "naive baseline"):
+            r = by_level[concurrency][name]
+            print(f"| {concurrency} | {name} | {r['req_s']:.3f} | {r['p50']:.2f} | {r['p95']:.2f} | "
+                  f"{r['tok_s']:.1f} | {r['req_s'] / base:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
