@@ -39,7 +39,7 @@ ARG MODEL_ID=""
 ARG WANDB_ARTIFACT=""
 ARG PROMPT_STYLE=auto
 ARG QUANTIZE=""
-ARG MAX_BATCH_SIZE=32
+ARG MAX_BATCH_SIZE=16
 
 # Build-time fetch of a hub model (HF_TOKEN as a build secret for gated models; never in a layer).
 RUN --mount=type=secret,id=hf_token \

@@ -242,8 +242,9 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
                     max_seq_length=max_seq_length, quantize=quantize, prompt_style=prompt_style,
                     num_threads=num_threads, base_checkpoint=Path(base_checkpoint) if base_checkpoint else None,
                     prefix_cache_mb=prefix_cache_mb)
+    kv_gb = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in engine.caches) / 1e9
     print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
-          f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}; "
+          f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}, KV cache {kv_gb:.2f} GB; "
           f"listening on http://{host}:{port}", file=sys.stderr)
     try:
         uvicorn.run(create_app(engine), host=host, port=port, log_level="warning", access_log=access_log)
