@@ -99,15 +99,21 @@ def test_interrupt_stops_server_and_helm(bundled_checkpoint, helm_bin, tmp_path)
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
-def test_bad_input_is_a_clear_error(bundled_checkpoint, tmp_path):
+def test_bad_input_is_a_clear_error(tmp_path):
+    # Input is validated before any model is loaded: a dir that merely looks like a checkpoint will do.
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    for name in ("lit_model.pth", "model_config.yaml"):
+        (checkpoint / name).write_text("")
+
     def run(*args, env=None):
         return subprocess.run([sys.executable, "-m", "onegpu", "eval", "helm", *args, "--out", str(tmp_path / "o")],
                               capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, env=env or _env())
 
     missing = run("--checkpoint", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "fix:" in missing.stderr
-    conf = run("--checkpoint", str(bundled_checkpoint), "--conf", "no-such-conf")
+    conf = run("--checkpoint", str(checkpoint), "--conf", "no-such-conf")
     assert conf.returncode == 2 and "unknown HELM conf" in conf.stderr and "open-600" in conf.stderr
-    no_helm = run("--checkpoint", str(bundled_checkpoint), env={**_env(), "ONEGPU_HELM_BIN": str(tmp_path)})
+    no_helm = run("--checkpoint", str(checkpoint), env={**_env(), "ONEGPU_HELM_BIN": str(tmp_path)})
     assert no_helm.returncode == 2 and "helm-run" in no_helm.stderr and "fix:" in no_helm.stderr
     assert not (tmp_path / "o" / "server.json").exists()  # all rejected before a server started

@@ -52,17 +52,22 @@ def test_offline_suite_on_bundled_model_then_resume(bundled_checkpoint, shared_d
     assert json.loads((out / "results.json").read_text())["tasks"] == results["tasks"]
 
 
-def test_bad_input_is_a_clear_error(bundled_checkpoint, shared_datasets, tmp_path):
+def test_bad_input_is_a_clear_error(shared_datasets, tmp_path):
+    # Input is validated before any model is loaded: a dir that merely looks like a checkpoint will do.
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    for name in ("lit_model.pth", "model_config.yaml"):
+        (checkpoint / name).write_text("")
     missing = _onegpu("eval", "val", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert missing.returncode == 2
     assert "does not exist" in missing.stderr and "fix:" in missing.stderr
 
-    suite = _onegpu("eval", "val", "--checkpoint", str(bundled_checkpoint), "--suite", "no-such-suite",
+    suite = _onegpu("eval", "val", "--checkpoint", str(checkpoint), "--suite", "no-such-suite",
                     "--out", str(tmp_path / "o"))
     assert suite.returncode == 2
     assert "unknown suite" in suite.stderr and "offline" in suite.stderr and "helm-open" in suite.stderr
 
-    task = _onegpu("eval", "val", "--checkpoint", str(bundled_checkpoint), "--tasks", "[onegpu_gsm8kk]",
+    task = _onegpu("eval", "val", "--checkpoint", str(checkpoint), "--tasks", "[onegpu_gsm8kk]",
                    "--out", str(tmp_path / "o"))
     assert task.returncode == 2
     assert "unknown lm-eval task" in task.stderr and "onegpu_gsm8k" in task.stderr  # the did-you-mean hint
