@@ -59,6 +59,26 @@ def _match(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
     return None
 
 
+def _gather_list_positionals(fn, rest: list[str]) -> list[str]:
+    """``onegpu report A B C --out X``: several bare values for a list-typed first parameter.
+
+    jsonargparse reads a list positional as one JSON/YAML token (``'[A, B, C]'``); shells and users
+    expect space-separated paths, so consecutive bare tokens at the front become that one token.
+    """
+    import inspect
+    import json
+
+    params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
+    if not params or "list" not in str(params[0].annotation).lower():
+        return rest
+    bare = 0
+    while bare < len(rest) and not rest[bare].startswith("-"):
+        bare += 1
+    if bare <= 1 or (len(params) > 1 and bare <= len(params)):
+        return rest
+    return [json.dumps(rest[:bare]), *rest[bare:]]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -82,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
     fn = getattr(importlib.import_module(module_name), fn_name)
+    rest = _gather_list_positionals(fn, rest)
     try:
         result = CLI(fn, args=rest, prog=f"onegpu {' '.join(words)}", as_positional=True)
     except UserError as err:

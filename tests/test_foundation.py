@@ -98,3 +98,15 @@ def test_tracking_offline_run_writes_local_copies_and_wandb_dir(tmp_path):
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss", "val_loss", "_step"} <= set(header)
     assert list((tmp_path / "wandb").glob("offline-run-*")), "offline W&B run dir must exist for `wandb sync`"
+
+
+def test_cli_gathers_space_separated_dirs_for_list_arguments():
+    from onegpu.cli import _gather_list_positionals
+
+    def compare(run_dirs: list[Path] | Path, out: Path = Path("x")) -> None: ...
+
+    def build(recipe: Path, out: Path | None = None) -> None: ...
+
+    assert _gather_list_positionals(compare, ["a", "b", "--out", "o"]) == ['["a", "b"]', "--out", "o"]
+    assert _gather_list_positionals(compare, ["a", "--out", "o"]) == ["a", "--out", "o"]
+    assert _gather_list_positionals(build, ["r.yaml", "--out", "o"]) == ["r.yaml", "--out", "o"]
