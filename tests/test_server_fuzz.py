@@ -154,7 +154,7 @@ def test_fuzzed_requests_never_get_a_5xx(api_schema, docker_server, mode):
         return case
 
     @given(case=api_schema.as_strategy(generation_mode=mode).map(short))
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
               database=None, phases=[Phase.explicit, Phase.generate])
     def check(case):
         seen.add(case.operation.path)
