@@ -35,8 +35,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
-import warnings
 from concurrent.futures import Future
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -421,19 +419,24 @@ class Engine:
     def token_texts(self, ids: list[int], prefix_ids: list[int] | None = None) -> list[str]:
         """Per-token texts whose concatenation is ``decode(ids)`` (given the tokens before them).
 
-        Decoding a prefix and taking the new suffix keeps leading spaces (SentencePiece) and holds
-        back a partial UTF-8 character (shown as U+FFFD) until the token that completes it.
+        Each token's text is what decoding a short window ending with it adds to decoding the
+        window without it: leading spaces (SentencePiece) come out right, a partial UTF-8
+        character (U+FFFD) is held back until the token that completes it, and a long prompt costs
+        O(n) small decodes.
         """
-        context = list(prefix_ids or [])[-8:]
-        base = self._raw_decode(context)
-        texts, emitted = [], ""
-        for i in range(len(ids)):
-            full = self._raw_decode(context + ids[: i + 1])[len(base):]
-            if full.endswith("\ufffd") and i + 1 < len(ids):
+        window = 8
+        all_ids = list(prefix_ids or [])[-window:] + list(ids)
+        done = len(all_ids) - len(ids)  # tokens whose text has been emitted
+        texts = []
+        for i in range(done, len(all_ids)):
+            start = max(0, done - window)
+            before = self._raw_decode(all_ids[start:done])
+            after = self._raw_decode(all_ids[start:i + 1])
+            if after.endswith("\ufffd") and i + 1 < len(all_ids):
                 texts.append("")
                 continue
-            texts.append(full[len(emitted):] if full.startswith(emitted) else full)
-            emitted = full
+            texts.append(after[len(before):] if after.startswith(before) else after)
+            done = i + 1
         return texts
 
     def _raw_decode(self, ids: list[int]) -> str:
@@ -716,9 +719,3 @@ class Engine:
         return {"text": text, "tokens": tokens, "logprob": float(sum(t["logprob"] for t in tokens)),
                 "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.out_ids)}
 
-
-def now() -> float:
-    return time.perf_counter()
-
-
-warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")

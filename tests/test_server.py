@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
