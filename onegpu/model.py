@@ -54,7 +54,9 @@ SMOLLM2_TOKENIZER_CONFIG = {
     "eos_token": "<|im_end|>",
     "pad_token": "<|im_end|>",
     "unk_token": "<|endoftext|>",
-    "add_bos_token": False,
+    # litgpt prepends BOS for SmolLM2-*Instruct dirs by *name*; saying it here keeps that true for
+    # renamed copies too (a fine-tune's out/final), so training, eval and serving agree.
+    "add_bos_token": True,
     "add_prefix_space": False,
     "clean_up_tokenization_spaces": False,
     "model_max_length": 8192,

@@ -110,3 +110,15 @@ def test_cli_gathers_space_separated_dirs_for_list_arguments():
     assert _gather_list_positionals(compare, ["a", "b", "--out", "o"]) == ['["a", "b"]', "--out", "o"]
     assert _gather_list_positionals(compare, ["a", "--out", "o"]) == ["a", "--out", "o"]
     assert _gather_list_positionals(build, ["r.yaml", "--out", "o"]) == ["r.yaml", "--out", "o"]
+
+
+def test_bos_policy_does_not_depend_on_the_checkpoint_dir_name(bundled_checkpoint, tmp_path):
+    """litgpt decides BOS for SmolLM2 by dir name; a renamed copy (a fine-tune's final/) must agree."""
+    from litgpt import Tokenizer
+
+    renamed = tmp_path / "final"
+    renamed.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (renamed / name).write_bytes((bundled_checkpoint / name).read_bytes())
+    text = "Question: 2+2?"
+    assert Tokenizer(renamed).encode(text).tolist() == Tokenizer(bundled_checkpoint).encode(text).tolist()
