@@ -151,7 +151,12 @@ def cpu_benchmark(args: argparse.Namespace) -> str:
         lines.append(f"| {tool} | {med(tool, 'tok_s'):.1f} | {med(tool, 'step_s'):.2f} | {med(tool, 'tokens_per_step'):.0f} | "
                      f"{med(tool, 'rss'):.2f} | {mfu:.1%} |")
     speedup = med("onegpu", "tok_s") / med("litgpt", "tok_s")
+    # paired per round (onegpu then litgpt back to back): less exposed to load drift than a ratio of medians
+    paired = [a / b for a, b in zip(results["onegpu"]["tok_s"], results["litgpt"]["tok_s"])]
     mem = med("onegpu", "rss") / med("litgpt", "rss")
+    lines.append("")
+    lines.append("per-round tok/s ratios (onegpu/litgpt): " + ", ".join(f"{x:.2f}x" for x in paired)
+                 + f"; median {statistics.median(paired):.2f}x")
     lines.append("")
     lines.append(f"onegpu / litgpt: **{speedup:.2f}x** non-padding tokens/s at **{mem:.2f}x** peak RSS "
                  f"(goal >= 2.0x at <= 1.0x); medians of {args.rounds} alternating rounds, {args.steps} steps each, "
