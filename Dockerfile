@@ -26,19 +26,23 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 
 # Dependencies first (a code change does not reinstall torch), then the kit itself.
-COPY pyproject.toml README.md ./
+# requirements.txt: the pins `onegpu submission pack` writes (absent in the repo: the glob matches none)
+COPY pyproject.toml README.md requirements.tx[t] ./
 COPY onegpu/ onegpu/
 COPY data/ data/
 COPY finetune/ finetune/
 COPY eval/ eval/
 COPY submission/ submission/
 COPY sweeps/ sweeps/
-RUN pip install --no-cache-dir . && onegpu --help > /dev/null
+RUN if [ -f requirements.txt ]; then pip install --no-cache-dir -r requirements.txt; fi \
+    && pip install --no-cache-dir . && onegpu --help > /dev/null
 
 ARG MODEL_ID=""
 ARG WANDB_ARTIFACT=""
 ARG PROMPT_STYLE=auto
 ARG QUANTIZE=""
+ARG DTYPE=auto
+ARG POSTPROCESS=""
 ARG MAX_BATCH_SIZE=16
 
 # Build-time fetch of a hub model (HF_TOKEN as a build secret for gated models; never in a layer).
@@ -56,6 +60,8 @@ ENV ONEGPU_WANDB_ARTIFACT=${WANDB_ARTIFACT} \
     ONEGPU_CHECKPOINT=${MODEL_ID:+/models/base} \
     ONEGPU_PROMPT_STYLE=${PROMPT_STYLE} \
     ONEGPU_QUANTIZE=${QUANTIZE} \
+    ONEGPU_DTYPE=${DTYPE} \
+    ONEGPU_POSTPROCESS=${POSTPROCESS} \
     ONEGPU_MAX_BATCH_SIZE=${MAX_BATCH_SIZE}
 ENV ONEGPU_CHECKPOINT=${ONEGPU_CHECKPOINT:-/models/model}
 

@@ -134,3 +134,23 @@ class DecodeResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str | list
+
+
+class EffectivePromptRequest(_Request):
+    """Debug endpoint: what /process would feed the model for ``prompt``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    prompt: str = Field(..., description="a prompt as a client would send it to /process")
+    echo_prompt: bool = Field(False, description="as in /process: echo scoring sends the prompt untemplated")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        return _encodable(value)
+
+
+class EffectivePromptResponse(BaseModel):
+    prompt: str = Field(..., description="the text after the server's prompt template")
+    tokens: list[int] = Field(..., description="its token ids, as /process feeds them (before truncation)")
+    prompt_style: str = Field(..., description="the template applied: raw or a litgpt PromptStyle class name")

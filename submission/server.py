@@ -10,6 +10,8 @@ and documented in the README's "Submission server" section:
 * ``echo_prompt`` scores the prompt as sent (no template); the first returned prompt token has
   logprob 0.0 and an empty top_logprob when there is no BOS to condition on.
 * A prompt template (``--prompt_style``) wraps the prompt; the response never contains it.
+  ``effective_prompt`` is the one place that happens; ``POST /effective_prompt`` shows its result.
+* ``--postprocess`` rules (submission/postprocess.py) narrow completions; tokens follow the text.
 
 Handlers are ``async`` and only tokenize and wait: the engine's worker thread batches generation
 (see engine.py), so dozens of concurrent HELM requests share each forward pass.
@@ -35,8 +37,25 @@ def _validation_message(errors: list) -> str:
     return "; ".join(parts)
 
 
-def create_app(engine):
-    """The FastAPI app serving ``engine`` (a :class:`submission.engine.Engine`)."""
+def effective_prompt(engine, prompt: str, echo: bool = False) -> str:
+    """The text the model is fed for ``prompt``: the checkpoint's template applied (not for echo scoring).
+
+    Same call as the training side (``data.schema.render`` -> ``PromptStyle.apply(instruction)``),
+    so a fine-tuned model sees its training format.
+    """
+    if engine.prompt_style is None or echo:
+        return prompt
+    return engine.prompt_style.apply(prompt)
+
+
+def create_app(engine, postprocess: list[str] | None = None):
+    """The FastAPI app serving ``engine`` (a :class:`submission.engine.Engine`).
+
+    ``postprocess``: rule names from :mod:`submission.postprocess`, applied to non-echo completions.
+    """
+    from submission import postprocess as post
+
+    rules = post.parse_rules(postprocess)
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -85,15 +104,13 @@ def create_app(engine):
         return {"status": "ok", "checkpoint": str(engine.checkpoint), "device": str(engine.device),
                 "dtype": str(engine.dtype).removeprefix("torch."), "max_seq_length": engine.max_seq_length,
                 "max_batch_size": engine.max_batch_size, "prompt_style": engine.prompt_style_name,
+                "postprocess": rules,
                 "stats": dict(engine.stats)}
 
     async def process(body: ProcessRequest):
         start = time.perf_counter()
         echo = bool(body.echo_prompt)
-        prompt = body.prompt
-        if engine.prompt_style is not None and not echo:
-            prompt = engine.prompt_style.apply(prompt)
-        ids = engine.encode(prompt)
+        ids = engine.encode(effective_prompt(engine, body.prompt, echo))
         limit = engine.max_seq_length
         if body.max_new_tokens > limit - 2:
             return reject(f"max_new_tokens={body.max_new_tokens} leaves no room for a prompt in this model's "
@@ -109,11 +126,19 @@ def create_app(engine):
                              stop_sequences=list(body.stop_sequences or []), echo=echo,
                              top_logprobs=body.top_k_per_token)
         result = await asyncio.wrap_future(engine.submit(request))
+        if rules and not echo:
+            result = post.apply(result, rules, body.prompt)
         return {"text": result["text"], "tokens": result["tokens"], "logprob": result["logprob"],
                 "request_time": time.perf_counter() - start}
 
     process.__annotations__["body"] = ProcessRequest  # a local class: FastAPI cannot resolve the string annotation
     app.post("/process", response_model=ProcessResponse, responses=errors)(process)
+
+    @app.post("/effective_prompt", response_model=schemas.EffectivePromptResponse, responses=errors)
+    async def show_effective_prompt(body: schemas.EffectivePromptRequest):
+        """Debug: the text and token ids /process would feed the model for this prompt."""
+        text = effective_prompt(engine, body.prompt, bool(body.echo_prompt))
+        return {"prompt": text, "tokens": engine.encode(text), "prompt_style": engine.prompt_style_name}
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
     async def tokenize(body: TokenizeRequest):
@@ -161,11 +186,13 @@ class JSONBodies:
 ENV_DEFAULTS = {"checkpoint": "ONEGPU_CHECKPOINT", "wandb_artifact": "ONEGPU_WANDB_ARTIFACT",
                 "hub_model": "ONEGPU_HUB_MODEL", "base_checkpoint": "ONEGPU_BASE_CHECKPOINT",
                 "prompt_style": "ONEGPU_PROMPT_STYLE", "quantize": "ONEGPU_QUANTIZE",
-                "max_batch_size": "ONEGPU_MAX_BATCH_SIZE"}
+                "max_batch_size": "ONEGPU_MAX_BATCH_SIZE", "postprocess": "ONEGPU_POSTPROCESS",
+                "dtype": "ONEGPU_DTYPE"}
 
 
 def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8080,
-          device: str = "auto", dtype: str = "auto", prompt_style: str | None = None,
+          device: str = "auto", dtype: str | None = None, prompt_style: str | None = None,
+          postprocess: str | None = None,
           max_batch_size: int | None = None,
           max_seq_length: int = 2048, quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq",
                                                          "bnb.int8"] | None = None,
@@ -177,7 +204,8 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     whose hyperparameters.yaml names its base), ``--wandb_artifact`` or ``--hub_model``. Options
     left unset fall back to environment variables, which is how the Docker image is configured:
     the source from ONEGPU_WANDB_ARTIFACT, else ONEGPU_HUB_MODEL, else ONEGPU_CHECKPOINT (first set
-    wins); ONEGPU_BASE_CHECKPOINT, ONEGPU_PROMPT_STYLE, ONEGPU_QUANTIZE, ONEGPU_MAX_BATCH_SIZE.
+    wins); ONEGPU_BASE_CHECKPOINT, ONEGPU_PROMPT_STYLE, ONEGPU_POSTPROCESS, ONEGPU_DTYPE,
+    ONEGPU_QUANTIZE, ONEGPU_MAX_BATCH_SIZE.
 
     Args:
         checkpoint: litgpt checkpoint dir (e.g. what `onegpu model prepare` printed, or a fine-tune's
@@ -185,10 +213,13 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
         host: interface to bind (0.0.0.0 inside Docker).
         port: TCP port (80 inside Docker).
         device: auto (cuda if visible, else cpu), cpu, cuda or cuda:N.
-        dtype: auto (bfloat16 on GPUs that support it, float16 on older ones, float32 on CPU),
+        dtype: auto (the default; bfloat16 on GPUs that support it, float16 on older ones, float32 on CPU),
             float32, bfloat16 or float16.
         prompt_style: raw (prompt as sent), auto (the checkpoint's prompt_style.yaml if present,
             else raw with a warning; the default) or a litgpt prompt-style name (alpaca, smollm2, ...).
+        postprocess: comma-separated output rules, off by default: drop_answer_prefix, mc_letter,
+            cut_blank_line, strip (see submission/postprocess.py and the README for the HELM metric
+            each affects). Returned tokens/logprob are narrowed with the text.
         max_batch_size: sequences decoded together (KV-cache rows; default 16); more uses more memory.
         max_seq_length: context length served (prompt + completion), capped at the model's.
             HELM's neurips/local deployment uses 2048.
@@ -216,6 +247,11 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
             checkpoint = env["checkpoint"]
     base_checkpoint = base_checkpoint or os.environ.get(ENV_DEFAULTS["base_checkpoint"]) or None
     prompt_style = prompt_style or os.environ.get(ENV_DEFAULTS["prompt_style"]) or "auto"
+    dtype = dtype or os.environ.get(ENV_DEFAULTS["dtype"]) or "auto"
+    postprocess = postprocess if postprocess is not None else os.environ.get(ENV_DEFAULTS["postprocess"]) or None
+    from submission.postprocess import parse_rules
+
+    rules = parse_rules(postprocess)  # bad names fail before the model loads
     quantize = quantize or os.environ.get(ENV_DEFAULTS["quantize"]) or None
     max_batch_size = max_batch_size or int(os.environ.get(ENV_DEFAULTS["max_batch_size"]) or 16)
     sources = [s for s in (checkpoint, wandb_artifact, hub_model) if s]
@@ -244,9 +280,10 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
                     prefix_cache_mb=prefix_cache_mb)
     kv_gb = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in engine.caches) / 1e9
     print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
-          f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}, KV cache {kv_gb:.2f} GB; "
+          f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}, KV cache {kv_gb:.2f} GB, "
+          f"prompt style {engine.prompt_style_name}, postprocess {','.join(rules) or 'none'}; "
           f"listening on http://{host}:{port}", file=sys.stderr)
     try:
-        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning", access_log=access_log)
+        uvicorn.run(create_app(engine, rules), host=host, port=port, log_level="warning", access_log=access_log)
     finally:
         engine.shutdown()
