@@ -134,11 +134,14 @@ def create_app(engine, postprocess: list[str] | None = None):
     process.__annotations__["body"] = ProcessRequest  # a local class: FastAPI cannot resolve the string annotation
     app.post("/process", response_model=ProcessResponse, responses=errors)(process)
 
-    @app.post("/effective_prompt", response_model=schemas.EffectivePromptResponse, responses=errors)
     async def show_effective_prompt(body: schemas.EffectivePromptRequest):
         """Debug: the text and token ids /process would feed the model for this prompt."""
         text = effective_prompt(engine, body.prompt, bool(body.echo_prompt))
         return {"prompt": text, "tokens": engine.encode(text), "prompt_style": engine.prompt_style_name}
+
+    show_effective_prompt.__annotations__["body"] = schemas.EffectivePromptRequest
+    app.post("/effective_prompt", response_model=schemas.EffectivePromptResponse, responses=errors)(
+        show_effective_prompt)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
     async def tokenize(body: TokenizeRequest):
