@@ -34,3 +34,14 @@ def bundled_checkpoint() -> Path:
     from onegpu.model import prepare
 
     return prepare()
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn: give the child the default Ctrl-C behaviour.
+
+    A shell started in the background (nohup, `cmd &`, some CI runners) hands its children SIGINT
+    *ignored*, and Python then never raises KeyboardInterrupt; tests that send Ctrl-C need it back.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

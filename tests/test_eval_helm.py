@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import default_sigint
 from onegpu.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ def test_server_that_fails_to_start_shows_its_log(bundled_checkpoint, helm_bin, 
 def test_interrupt_stops_server_and_helm(bundled_checkpoint, helm_bin, tmp_path):
     out = tmp_path / "helm"
     proc = subprocess.Popen(_cmd(bundled_checkpoint, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO_ROOT, env=_env())
+                            text=True, cwd=REPO_ROOT, env=_env(), preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not (out / "helm-run.log").exists():

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import default_sigint
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
 from sweeps import runner, schema
@@ -199,7 +200,8 @@ def test_resume_after_interruption_skips_done_trials_and_keeps_failures(tmp_path
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "onegpu", "sweep", str(path), "--out", str(out)]
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 90
     while not (out / "trial-002" / "invocations.txt").exists():  # trials 0 and 1 are done, 2 is running
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
