@@ -38,117 +38,29 @@ from lm_eval.models.utils_hf import pad_and_concat
 from lm_eval import utils as lm_utils
 from tqdm import tqdm
 
-from onegpu.errors import UserError
+from onegpu.checkpoints import CheckpointRef, locate_checkpoint, merged_checkpoint, resolve_prompt_style
 
 
 # ------------------------------------------------------------------------------------ loading
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
-    """(dir with weights/config, base dir for adapter-only checkpoints or None). Validates first.
-
-    ``wandb:ENTITY/PROJECT/NAME:VERSION`` downloads a logged ``model`` artifact first (online W&B).
-    """
-    if str(checkpoint).startswith("wandb:"):
-        checkpoint = fetch_wandb_artifact(str(checkpoint)[len("wandb:"):])
-    path = Path(checkpoint).expanduser()
-    if not path.is_dir():
-        raise UserError(f"checkpoint dir {path} does not exist",
-                        fix="pass a litgpt checkpoint dir (e.g. the output of `onegpu model prepare` or "
-                            "`<finetune out>/final`)")
-    if (path / "lit_model.pth").is_file():
-        _require(path, ("model_config.yaml",))
-        return path, None
-    if (path / "lit_model.pth.lora").is_file():
-        _require(path, ("hyperparameters.yaml",))
-        import yaml
-
-        hparams = yaml.safe_load((path / "hyperparameters.yaml").read_text(encoding="utf-8")) or {}
-        base = hparams.get("checkpoint_dir")
-        if not base or not (Path(base) / "lit_model.pth").is_file():
-            raise UserError(f"adapter dir {path} names base checkpoint {base!r}, which has no lit_model.pth",
-                            fix="set `checkpoint_dir:` in its hyperparameters.yaml to the base model's litgpt dir")
-        return path, Path(base)
-    raise UserError(f"{path} holds neither lit_model.pth nor lit_model.pth.lora",
-                    fix="point --checkpoint at a litgpt checkpoint dir or a LoRA output dir")
-
-
-def fetch_wandb_artifact(name: str) -> Path:
-    """Download a W&B ``model`` artifact (e.g. what ``onegpu finetune`` logged) into the cache."""
-    import os
-
-    from onegpu.paths import cache_dir
-
-    if os.environ.get("WANDB_MODE", "offline") in ("offline", "disabled", "dryrun"):
-        raise UserError(f"checkpoint wandb:{name} is a W&B artifact, but W&B is offline here",
-                        fix="`wandb login` and set WANDB_MODE=online, or pass the local checkpoint dir")
-    import wandb
-
-    target = cache_dir() / "artifacts" / name.replace("/", "--").replace(":", "-")
-    try:
-        return Path(wandb.Api().artifact(name, type="model").download(root=str(target)))
-    except Exception as err:  # wandb raises CommError/ValueError variants
-        raise UserError(f"could not download W&B artifact {name!r}: {err}",
-                        fix="use ENTITY/PROJECT/NAME:VERSION as shown on the artifact's W&B page") from err
-
-
-def _require(path: Path, names: tuple[str, ...]) -> None:
-    missing = [n for n in names if not (path / n).is_file()]
-    if missing:
-        raise UserError(f"checkpoint dir {path} lacks {', '.join(missing)}",
-                        fix="use a complete litgpt checkpoint dir (see `onegpu model prepare`)")
+    """(checkpoint dir, base dir for adapter-only checkpoints or None), validated; see onegpu.checkpoints."""
+    ref = locate_checkpoint(checkpoint)
+    return ref.path, ref.base
 
 
 def load_litgpt_model(checkpoint: Path, base: Path | None, device: torch.device, dtype: torch.dtype):
-    """A litgpt GPT in eval mode; adapter-only dirs are merged in memory (litgpt's merge logic)."""
+    """A litgpt GPT in eval mode; adapter-only dirs are merged by litgpt's merge_lora (cached)."""
     from litgpt import GPT, Config
 
-    if base is None:
-        config = Config.from_file(checkpoint / "model_config.yaml")
-        with torch.device("meta"):
-            model = GPT(config)
-        state = torch.load(checkpoint / "lit_model.pth", mmap=True, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-        model.load_state_dict(state, assign=True)
-    else:
-        from litgpt.lora import GPT as LoRAGPT, Config as LoRAConfig, lora_filter, merge_lora_weights
-        from litgpt.scripts.merge_lora import load_lora_metadata
-
-        lora_params, _, _ = load_lora_metadata(checkpoint)
-        cfg_dir = checkpoint if (checkpoint / "model_config.yaml").is_file() else base
-        config = LoRAConfig.from_file(cfg_dir / "model_config.yaml", **lora_params)
-        with torch.device("meta"):
-            lora_model = LoRAGPT(config)
-        state = torch.load(base / "lit_model.pth", mmap=True, map_location="cpu", weights_only=True)
-        lora_state = torch.load(checkpoint / "lit_model.pth.lora", mmap=True, map_location="cpu", weights_only=True)
-        state = {**state.get("model", state), **lora_state.get("model", lora_state)}
-        lora_model.load_state_dict(state, strict=False, assign=True)
-        lora_model.to(dtype=torch.float32)
-        merge_lora_weights(lora_model)
-        merged = {k.replace("linear.", ""): v for k, v in lora_model.state_dict().items() if not lora_filter(k, v)}
-        config = Config.from_file(cfg_dir / "model_config.yaml")
-        with torch.device("meta"):
-            model = GPT(config)
-        model.load_state_dict(merged, assign=True)
+    checkpoint = merged_checkpoint(CheckpointRef(Path(checkpoint), base))
+    config = Config.from_file(checkpoint / "model_config.yaml")
+    with torch.device("meta"):
+        model = GPT(config)
+    state = torch.load(checkpoint / "lit_model.pth", mmap=True, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("model", state), assign=True)
     # The RoPE buffers were created on the meta device: build real ones before moving the model.
     model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
     return model.to(device=device, dtype=dtype).eval()
-
-
-def resolve_prompt_style(prompt_style: str, checkpoint: Path, base: Path | None):
-    """None for raw, else a litgpt PromptStyle ("auto" = the checkpoint's prompt_style.yaml)."""
-    from litgpt.prompts import has_prompt_style, load_prompt_style
-
-    if prompt_style == "raw":
-        return None
-    if prompt_style == "auto":
-        for d in (checkpoint, base):
-            if d is not None and has_prompt_style(d):
-                return load_prompt_style(d)
-        print(f"[onegpu] warning: {checkpoint} has no prompt_style.yaml; generation contexts are sent raw "
-              "(pass --prompt_style NAME to choose one)", file=sys.stderr)
-        return None
-    from data.schema import get_prompt_style
-
-    return get_prompt_style(prompt_style)
 
 
 def default_device() -> str:
@@ -187,7 +99,7 @@ class LitGPTLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.logits_cache = logits_cache
         self.add_bos_token = None  # the tokenizer's own default, like HFLM
-        self.prompt_style = resolve_prompt_style(prompt_style, ckpt, base)
+        self.prompt_style = resolve_prompt_style(prompt_style, ckpt, base, who="onegpu eval")
         self.vocab_size = self.model.config.vocab_size
 
     # lm-eval plumbing ---------------------------------------------------------------------
