@@ -4,7 +4,7 @@ The model is a fine-tune of the bundled SmolLM2-135M (default: /tmp/qs/finetune/
 `onegpu finetune finetune/configs/cpu-quickstart.yaml` on data/recipes/quickstart.yaml), which
 records its training template (prompt_style.yaml). Everything runs on CPU in a few minutes, so the
 instance counts are tiny (HELM offline conf: 2 synthetic scenarios x --helm_instances; lm-eval
-offline suite at its own limits): read the table as "what changes", not as a measurement.
+offline suite at its own limits, gsm8k at --gen_limit): read the table as "what changes", not as a measurement.
 
 * HELM: `onegpu eval helm --conf offline` with `--serve_args [--prompt_style raw|auto, --postprocess RULE]`,
   one full server + helm-run per row (the server is where the template and rules live).
@@ -27,7 +27,7 @@ from pathlib import Path
 RULES = ("drop_answer_prefix", "mc_letter", "cut_blank_line", "strip")
 
 
-def lm_eval_rows(checkpoint: Path, limit_scale: float, threads: int) -> list[dict]:
+def lm_eval_rows(checkpoint: Path, gen_limit: int, threads: int) -> list[dict]:
     import torch
     from lm_eval import simple_evaluate
 
@@ -54,6 +54,8 @@ def lm_eval_rows(checkpoint: Path, limit_scale: float, threads: int) -> list[dic
                 text = self.generations[(req.args[0], repr(req.args[1]))]
                 start, end = kept_span(text, self.rules, req.args[0])
                 out.append(text[start:end])
+                self.changed += out[-1] != text
+                self.generated += 1
             return out
 
     rows, mc_scores = [], {}
@@ -61,24 +63,24 @@ def lm_eval_rows(checkpoint: Path, limit_scale: float, threads: int) -> list[dic
         lm = RuledLM(str(checkpoint), batch_size=4, device="cpu", dtype="float32", prompt_style=style)
         lm.generations = {}
         for rules in ([], *[[r] for r in RULES]):
-            lm.rules = rules
+            lm.rules, lm.changed, lm.generated = rules, 0, 0
             row = {"prompt_style": "raw" if style == "raw" else "templated", "postprocess": ",".join(rules) or "none"}
             start = time.perf_counter()
             for entry in suite:
                 task = entry["task"]
-                generation = "gen_kwargs" in entry or task in ("onegpu_bigbench_emoji_movie", "onegpu_gsm8k")
-                if not generation and task in mc_scores:  # log-likelihood on raw contexts: style/rule-independent
+                if task in mc_scores:  # log-likelihood on raw contexts: style/rule-independent
                     row[task] = mc_scores[task]
                     continue
-                limit = max(1, round(entry.get("limit", 4) * limit_scale))
+                limit = gen_limit if "gen_kwargs" in entry else entry.get("limit")
                 result = simple_evaluate(model=lm, tasks=[task], num_fewshot=entry.get("num_fewshot"), limit=limit,
                                          gen_kwargs=entry.get("gen_kwargs"), task_manager=manager, bootstrap_iters=0,
                                          random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234,
                                          fewshot_random_seed=1234)
                 metrics = {k: v for k, v in result["results"][task].items() if k != "alias"}
                 row[task] = primary_metric(metrics)[1]
-                if not generation:
+                if result["configs"][task]["output_type"] != "generate_until":
                     mc_scores[task] = row[task]
+            row["generations changed"] = f"{lm.changed}/{lm.generated}"
             row["wall_s"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -102,6 +104,7 @@ def helm_rows(checkpoint: Path, out: Path, instances: int) -> list[dict]:
             mode = name.split(":", 1)[1].split(",")[0].removeprefix("mode=")
             row[f"{mode} EM"] = run["metrics"].get("exact_match")
             row[f"{mode} quasi-EM"] = run["metrics"].get("quasi_exact_match")
+            row[f"{mode} output tokens"] = run["metrics"].get("num_output_tokens")
         row.update(test_score=result.get("test_score"), wall_s=round(time.perf_counter() - start, 1))
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
@@ -123,8 +126,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/qs/finetune/final"),
                         help="a fine-tuned checkpoint with prompt_style.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-prompt-format"))
-    parser.add_argument("--helm_instances", type=int, default=3)
-    parser.add_argument("--limit_scale", type=float, default=1.0, help="scale the offline suite's limits")
+    parser.add_argument("--helm_instances", type=int, default=10)
+    parser.add_argument("--gen_limit", type=int, default=8,
+                        help="instances of the suite's generation task (gsm8k); the others keep the suite's limits")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip_helm", action="store_true")
     parser.add_argument("--skip_lm_eval", action="store_true")
@@ -134,7 +138,7 @@ def main() -> None:
                          "(onegpu finetune --config finetune/configs/cpu-quickstart.yaml ...)")
     tables = []
     if not args.skip_lm_eval:
-        tables.append(table(lm_eval_rows(args.checkpoint, args.limit_scale, args.threads),
+        tables.append(table(lm_eval_rows(args.checkpoint, args.gen_limit, args.threads),
                             "lm-eval offline suite (primary metric per task)"))
     if not args.skip_helm:
         tables.append(table(helm_rows(args.checkpoint, args.out, args.helm_instances),
