@@ -6,6 +6,7 @@ same litgpt call the fine-tune uses, so the server sees exactly what a fine-tune
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,11 @@ def test_serve_cli_rejects_unknown_rule_and_style_before_loading(untemplated_che
         result = subprocess.run([sys.executable, "-m", "onegpu", "serve", "--checkpoint", str(untemplated_checkpoint),
                                  flag, value], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and expect in result.stderr and "Traceback" not in result.stderr
+    # the Docker image sets rules through ONEGPU_POSTPROCESS (build arg POSTPROCESS): it is read and checked
+    env = dict(os.environ, ONEGPU_POSTPROCESS="cut_blank_line,trim")
+    result = subprocess.run([sys.executable, "-m", "onegpu", "serve", "--checkpoint", str(untemplated_checkpoint)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "trim" in result.stderr
 
 
 def _tokens(*texts: str) -> dict:
