@@ -327,7 +327,8 @@ def pack(model: str | None = None, track: Literal["a100-40gb", "rtx4090-24gb"] |
     if not model:
         raise UserError("no --model given", fix="pass --model DIR|entity/project/name:alias|org/name")
     if track not in TRACKS:
-        raise UserError(f"unknown track {track!r}", fix=f"use one of: {', '.join(TRACKS)}")
+        raise UserError("no --track given" if track is None else f"unknown track {track!r}",
+                        fix=f"pass --track with one of: {', '.join(TRACKS)}")
     if max_batch_size < 1 or max_seq_length < 2 or prefix_cache_mb < 0:
         raise UserError(f"max_batch_size={max_batch_size}, max_seq_length={max_seq_length}, "
                         f"prefix_cache_mb={prefix_cache_mb}", fix="use max_batch_size >= 1, max_seq_length >= 2, "
