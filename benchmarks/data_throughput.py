@@ -189,7 +189,7 @@ def main() -> None:
     cold = time.perf_counter() - cold
 
     ours = onegpu_phases(records, data_dir, tokenizer)
-    print(f"\n| phase | impl | records | wall s | CPU s | records/s (wall) | note |\n|---|---|---:|---:|---:|---:|---|")
+    print("\n| phase | impl | records | wall s | CPU s | records/s (wall) | note |\n|---|---|---:|---:|---:|---:|---|")
     for name, n, t, cpu, note in ours:
         rate = f"{n / t:,.0f}" if n and t > 0 else "-"
         print(f"| {name} | onegpu | {n} | {t:.2f} | {cpu:.2f} | {rate} | {note} |")

@@ -71,7 +71,7 @@ def cpu_benchmark(args: argparse.Namespace) -> str:
     from data.schema import render
     from finetune import telemetry
     from finetune.packing import tokenize_example
-    from finetune.testing import make_data_dir, shared_rows
+    from finetune.testing import make_data_dir
     from onegpu.model import prepare
     from onegpu.paths import shared_datasets_dir
 

@@ -102,7 +102,8 @@ def finetune(
         data: a data-stage output dir (train.jsonl, val.jsonl, manifest.json) or, with
             WANDB_MODE=online, a W&B ``dataset`` artifact name (``entity/project/name:alias``).
         checkpoint_dir: the base model, a litgpt checkpoint dir. Default: the bundled SmolLM2-135M.
-        out_dir: where metrics, checkpoints and ``final/`` go. Default: ``$ONEGPU_RUNS/finetune`` (./runs).
+        out_dir: where metrics, checkpoints and ``final/`` go. Default: ``$ONEGPU_RUNS/finetune`` (./runs), or
+            ``$ONEGPU_RUNS/sweep-<id>/<run id>`` under ``wandb agent``.
         precision: ``32-true`` (default on CPU), ``bf16-true`` (default on CUDA), ``bf16-mixed``,
             ``16-true``, ``16-mixed``. QLoRA needs a ``-true`` precision.
         quantize: QLoRA: quantize the frozen base with bitsandbytes: ``bnb.nf4``, ``bnb.nf4-dq``
@@ -300,7 +301,9 @@ def _validate(a: dict[str, Any]) -> dict[str, Any]:
     if a["out_dir"] is None:
         from onegpu.paths import runs_dir
 
-        a["out_dir"] = runs_dir() / "finetune"
+        # Under `wandb agent`, trials on one machine must not share (and resume!) one dir.
+        sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+        a["out_dir"] = runs_dir() / (f"sweep-{sweep_id}/{run_id}" if sweep_id and run_id else "finetune")
     a["out_dir"] = Path(a["out_dir"]).expanduser()
     if a["resume"] not in (None, "auto"):
         rp = Path(a["resume"]).expanduser()

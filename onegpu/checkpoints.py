@@ -134,9 +134,12 @@ def resolve_prompt_style(spec: str, checkpoint: Path, base: Path | None = None, 
         print(f"[{who}] warning: {checkpoint} has no prompt_style.yaml; prompts go in raw "
               "(pass --prompt_style NAME to wrap them in a template)", file=sys.stderr)
         return None
-    from data.schema import get_prompt_style
+    from litgpt.prompts import PromptStyle, prompt_styles
 
-    return get_prompt_style(spec)
+    if spec not in prompt_styles:
+        raise UserError(f"unknown prompt style {spec!r}",
+                        fix=f"use raw, auto, or one of litgpt's: {', '.join(sorted(prompt_styles))}")
+    return PromptStyle.from_name(spec)
 
 
 def _require(path: Path, names: tuple[str, ...]) -> None:

@@ -27,13 +27,9 @@ tests check against a plain forward pass.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import math
 import queue
 import random
-import shutil
-import sys
-import tempfile
 import threading
 from concurrent.futures import Future
 from collections import OrderedDict
@@ -44,8 +40,8 @@ import torch
 from litgpt.model import KVCache
 from torch import nn
 
+from onegpu.checkpoints import locate_checkpoint, merged_checkpoint, resolve_prompt_style
 from onegpu.errors import UserError
-from onegpu.paths import cache_dir
 
 GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
 MAX_TOP_LOGPROBS = 20
@@ -57,101 +53,13 @@ PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens prefilled in one forward
 
 
 def resolve_checkpoint(checkpoint: Path, base_checkpoint: Path | None = None) -> Path:
-    """A loadable litgpt checkpoint dir for ``checkpoint``: merged as is, or base + LoRA merged.
-
-    A dir holding only ``lit_model.pth.lora`` + ``hyperparameters.yaml`` (litgpt's LoRA layout,
-    whose ``checkpoint_dir`` names the base) is merged with litgpt's ``merge_lora`` into a
-    temporary dir that borrows the base's tokenizer files (by symlink).
-    """
-    checkpoint = Path(checkpoint).expanduser()
-    if not checkpoint.is_dir():
-        raise UserError(f"checkpoint dir {checkpoint} does not exist",
-                        fix="pass the dir that `onegpu model prepare` printed, or a fine-tune's out/final")
-    if (checkpoint / "lit_model.pth").is_file():
-        for name in ("model_config.yaml",):
-            if not (checkpoint / name).is_file():
-                raise UserError(f"{checkpoint} has lit_model.pth but no {name}",
-                                fix="point --checkpoint at a complete litgpt checkpoint dir")
-        if not any((checkpoint / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-            raise UserError(f"{checkpoint} has no tokenizer.json or tokenizer.model",
-                            fix="copy the base model's tokenizer files into the checkpoint dir")
-        return checkpoint
-    if (checkpoint / "lit_model.pth.lora").is_file():
-        return _merge_adapter(checkpoint, base_checkpoint)
-    raise UserError(f"{checkpoint} holds neither lit_model.pth nor lit_model.pth.lora",
-                    fix="pass a litgpt checkpoint dir (merged) or a LoRA adapter dir with hyperparameters.yaml")
-
-
-def _merge_adapter(adapter_dir: Path, base: Path | None = None) -> Path:
-    import yaml
-    from litgpt.scripts.merge_lora import merge_lora
-
-    hparams_file = adapter_dir / "hyperparameters.yaml"
-    if not hparams_file.is_file():
-        raise UserError(f"adapter dir {adapter_dir} has no hyperparameters.yaml (it names the base checkpoint)",
-                        fix="use the dir litgpt/onegpu finetune wrote, which holds both files")
-    hparams = yaml.safe_load(hparams_file.read_text()) or {}
-    named = base is None
-    base = Path(base or str(hparams.get("checkpoint_dir", ""))).expanduser()
-    if not (base / "lit_model.pth").is_file():
-        where = "hyperparameters.yaml: checkpoint_dir" if named else "--base_checkpoint"
-        raise UserError(f"the adapter's base checkpoint {base} ({where}) has no lit_model.pth",
-                        fix="prepare the base model (`onegpu model prepare ...`) and pass --base_checkpoint DIR")
-    # merged once per (adapter, base): a restart (or a second server) reuses it
-    lora = adapter_dir / "lit_model.pth.lora"
-    key = hashlib.sha256(f"{lora.resolve()}|{lora.stat().st_size}|{lora.stat().st_mtime_ns}|{base.resolve()}"
-                         .encode()).hexdigest()[:16]
-    merged = cache_dir() / "merged" / f"{adapter_dir.name}-{key}"
-    if (merged / "lit_model.pth").is_file():
-        return merged
-    merged.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{merged.name}-", dir=merged.parent))
-    for item in base.iterdir():  # tokenizer + configs of the base, never its weights
-        if item.is_file() and item.name != "lit_model.pth":
-            (work / item.name).symlink_to(item.resolve())
-    for item in adapter_dir.iterdir():
-        if item.is_file() and item.name != "lit_model.pth":
-            target = work / item.name
-            if target.exists() or target.is_symlink():
-                target.unlink()
-            shutil.copy2(item, target)
-    print(f"[onegpu serve] merging LoRA adapter {adapter_dir} into base {base} -> {merged}", file=sys.stderr)
-    merge_lora(work, pretrained_checkpoint_dir=base)  # precision: the adapter's hyperparameters.yaml
-    try:
-        work.rename(merged)
-    except OSError:  # another process merged it first
-        shutil.rmtree(work, ignore_errors=True)
-    return merged
-
-
-def download_wandb_artifact(name: str) -> Path:
-    """Download a W&B ``model`` artifact (``entity/project/name:alias``); needs network + login."""
-    try:
-        import wandb
-
-        artifact = wandb.Api().artifact(name, type="model")
-        return Path(artifact.download())
-    except Exception as err:  # wandb raises many types (CommError, ValueError...)
-        raise UserError(f"could not download W&B artifact {name!r}: {err}",
-                        fix="check the name (entity/project/name:alias), `wandb login` / WANDB_API_KEY, network") from err
+    """A loadable litgpt checkpoint dir: merged as is, or base + LoRA adapter merged once (cached)."""
+    return merged_checkpoint(locate_checkpoint(checkpoint, base_checkpoint))
 
 
 def load_prompt_style(spec: str, checkpoint: Path):
     """``raw`` -> None; ``auto`` -> the checkpoint's prompt_style.yaml or None (warns); else a litgpt name."""
-    from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style as litgpt_load, prompt_styles
-
-    if spec == "raw":
-        return None
-    if spec == "auto":
-        if has_prompt_style(checkpoint):
-            return litgpt_load(checkpoint)
-        print(f"[onegpu serve] warning: {checkpoint} has no prompt_style.yaml; serving prompts raw "
-              "(pass --prompt_style NAME to wrap them in a template)", file=sys.stderr)
-        return None
-    if spec not in prompt_styles:
-        raise UserError(f"unknown prompt style {spec!r}",
-                        fix=f"use raw, auto, or one of litgpt's: {', '.join(sorted(prompt_styles))}")
-    return PromptStyle.from_name(spec)
+    return resolve_prompt_style(spec, checkpoint, who="onegpu serve")
 
 
 class SlotKVCache(KVCache):
@@ -291,7 +199,7 @@ class Engine:
                  max_seq_length: int = 2048, quantize: str | None = None, prompt_style: str = "auto",
                  num_threads: int | None = None, base_checkpoint: Path | None = None,
                  prefix_cache_mb: int = 1024):
-        from litgpt import Config, GPT
+        from litgpt import Config
         from litgpt.tokenizer import Tokenizer
 
         self.checkpoint = resolve_checkpoint(checkpoint, base_checkpoint)

@@ -265,7 +265,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     if not 0 < port < 65536:
         raise UserError(f"port {port} is out of range", fix="use 1-65535")
     if wandb_artifact:
-        from submission.engine import download_wandb_artifact
+        from onegpu.checkpoints import download_wandb_artifact
 
         checkpoint = download_wandb_artifact(wandb_artifact)
     elif hub_model:

@@ -104,7 +104,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     # Input is validated before any model is loaded: a dir that merely looks like a checkpoint will do.
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
-    for name in ("lit_model.pth", "model_config.yaml"):
+    for name in ("lit_model.pth", "model_config.yaml", "tokenizer.json"):
         (checkpoint / name).write_text("")
 
     def run(*args, env=None):

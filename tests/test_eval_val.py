@@ -56,7 +56,7 @@ def test_bad_input_is_a_clear_error(shared_datasets, tmp_path):
     # Input is validated before any model is loaded: a dir that merely looks like a checkpoint will do.
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
-    for name in ("lit_model.pth", "model_config.yaml"):
+    for name in ("lit_model.pth", "model_config.yaml", "tokenizer.json"):
         (checkpoint / name).write_text("")
     missing = _onegpu("eval", "val", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert missing.returncode == 2
