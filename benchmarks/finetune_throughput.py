@@ -18,9 +18,11 @@ its ratio equals the tokens/s ratio.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temp dir removed at exit: each run writes a merged checkpoint, GBs per benchmark."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float, str]:
@@ -77,7 +86,7 @@ def cpu_benchmark(args: argparse.Namespace) -> str:
 
     ckpt = Path(prepare())
     datasets = shared_datasets_dir()
-    work = Path(tempfile.mkdtemp(prefix="ft-bench-"))
+    work = scratch_dir("ft-bench-")
     data = make_data_dir(work / "data", datasets, n_val=4, max_seq_length=args.max_seq_length, prompt_style="alpaca")
     # litgpt's JSON format: the same train rows, rendered by litgpt with the same alpaca style
     train_rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
@@ -181,7 +190,7 @@ def cuda_benchmark(args: argparse.Namespace) -> str:
     from onegpu.paths import shared_datasets_dir
 
     assert torch.cuda.is_available(), "--device cuda needs a GPU"
-    work = Path(tempfile.mkdtemp(prefix="ft-bench-cuda-"))
+    work = scratch_dir("ft-bench-cuda-")
     ckpt = work / "llama2-7b-random"
     ckpt.mkdir()
     config = Config.from_name("Llama-2-7b-hf")
