@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from onegpu.errors import UserError
+from submission.launch import free_port, log_tail, start_server, stop_process_group, wait_healthy
 
 CONFS_DIR = Path(__file__).resolve().parent / "helm_confs"
 # Organizers' confs, referenced by name from ../shared/reference/helm (never copied).
@@ -44,7 +45,6 @@ MAIN_METRICS = {
     "bbq": ("bbq_accuracy", "quasi_exact_match", "exact_match"),
 }
 FALLBACK_METRICS = ("exact_match", "quasi_exact_match", "rouge_2", "f1_score")
-LOG_TAIL_LINES = 40
 
 
 # ------------------------------------------------------------------------------------ confs
@@ -77,27 +77,6 @@ def conf_entries(conf_path: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ processes
-def stop_process_group(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
-    """SIGTERM the child's whole process group, then SIGKILL whatever is left after ``grace``."""
-    if proc is None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # The leader may be gone while group members linger (a worker that ignored SIGTERM).
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 @contextmanager
 def sigterm_as_interrupt():
     """SIGTERM raises KeyboardInterrupt in the main thread, so ``finally`` blocks clean up."""
@@ -113,54 +92,6 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(checkpoint: Path, port: int, log_path: Path, serve_args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "onegpu", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-           "--port", str(port), *serve_args]
-    print(f"[onegpu] starting: {' '.join(cmd[2:])}  (log: {log_path})", file=sys.stderr, flush=True)
-    log = open(log_path, "w", encoding="utf-8")
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-    finally:
-        log.close()  # the child holds its own copy
-
-
-def wait_for_health(proc: subprocess.Popen, base_url: str, log_path: Path, timeout: float) -> dict:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"`onegpu serve` exited with code {proc.returncode} before it was ready; its log "
-                            f"({log_path}) ends with:\n{log_tail(log_path)}",
-                            fix="fix the cause shown in the log (checkpoint, port, memory), then re-run")
-        try:
-            reply = httpx.get(f"{base_url}/health", timeout=2.0)
-            if reply.status_code == 200:
-                return reply.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise UserError(f"`onegpu serve` did not answer {base_url}/health within {timeout:.0f} s; its log ends with:"
-                    f"\n{log_tail(log_path)}", fix="raise --server_timeout for large models, or read the log")
 
 
 def run_logged(cmd: list[str], log_path: Path, env: dict, total: int | None = None, desc: str = "") -> int:
@@ -294,9 +225,11 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
             server_log = out / "server.log"
+            print(f"[onegpu] starting: onegpu serve --checkpoint {ckpt} --port {port} {' '.join(serve_args or [])} "
+                  f"(log: {server_log})", file=sys.stderr, flush=True)
             server = start_server(ckpt, port, server_log, list(serve_args or []))
             (out / "server.json").write_text(json.dumps({"pid": server.pid, "port": port, "url": base_url}))
-            health = wait_for_health(server, base_url, server_log, server_timeout)
+            health = wait_healthy(base_url, server, server_timeout, log_path=server_log)
             print(f"[onegpu] server ready at {base_url} ({health.get('device')}, {health.get('dtype')})",
                   file=sys.stderr, flush=True)
             env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=base_url)
