@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import decontam  # noqa: E402
-from data.build import _count_tokens, _similarity_words, _subset, load_tokenizer  # noqa: E402
-from data.filters import RowText, exact_duplicates, near_duplicates, row_text  # noqa: E402
-from data.sources import SOURCES, Reject, load_records  # noqa: E402
+from onegpu.data import decontam  # noqa: E402
+from onegpu.data.build import _count_tokens, _similarity_words, _subset, load_tokenizer  # noqa: E402
+from onegpu.data.filters import RowText, exact_duplicates, near_duplicates, row_text  # noqa: E402
+from onegpu.data.sources import SOURCES, Reject, load_records  # noqa: E402
 from onegpu.paths import shared_datasets_dir  # noqa: E402
 
 EVAL_SETS = ("mmlu", "truthfulqa", "gsm8k_test", "bbq", "bigbench")
@@ -110,7 +110,7 @@ def onegpu_phases(records: list[dict], data_dir: Path, tokenizer) -> list[tuple]
 def baseline_phases(records: list[dict], data_dir: Path, tokenizer) -> list[tuple]:
     from datasketch import MinHash, MinHashLSH
 
-    from data.schema import render
+    from onegpu.data.schema import render
 
     norm = [" ".join(re.findall(r"\w+", row_text(r).lower())) for r in records]
     results = Results()

@@ -43,9 +43,9 @@ def main() -> None:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from eval.hf_export import export_hf
-    from eval.lm import LitGPTLM
-    from eval.validate import task_manager
+    from onegpu.eval.hf_export import export_hf
+    from onegpu.eval.lm import LitGPTLM
+    from onegpu.eval.validate import task_manager
     from onegpu.model import prepare
 
     torch.set_num_threads(args.threads)

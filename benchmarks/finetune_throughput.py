@@ -77,10 +77,10 @@ def litgpt_rates(out: Path, skip: int) -> tuple[list[float], list[float]]:
 def cpu_benchmark(args: argparse.Namespace) -> str:
     import torch
 
-    from data.schema import render
-    from finetune import telemetry
-    from finetune.packing import tokenize_example
-    from finetune.testing import make_data_dir
+    from onegpu.data.schema import render
+    from onegpu.finetune import telemetry
+    from onegpu.finetune.packing import tokenize_example
+    from onegpu.finetune.testing import make_data_dir
     from onegpu.model import prepare
     from onegpu.paths import shared_datasets_dir
 
@@ -184,8 +184,8 @@ def cuda_benchmark(args: argparse.Namespace) -> str:
     from litgpt import GPT, Config
     from litgpt.utils import save_config
 
-    from finetune.plan import plan
-    from finetune.testing import make_data_dir
+    from onegpu.finetune.plan import plan
+    from onegpu.finetune.testing import make_data_dir
     from onegpu.model import prepare
     from onegpu.paths import shared_datasets_dir
 

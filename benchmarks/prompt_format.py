@@ -31,9 +31,9 @@ def lm_eval_rows(checkpoint: Path, gen_limit: int, threads: int) -> list[dict]:
     import torch
     from lm_eval import simple_evaluate
 
-    from eval.lm import LitGPTLM
-    from eval.validate import load_suite, primary_metric, task_manager
-    from submission.postprocess import kept_span
+    from onegpu.eval.lm import LitGPTLM
+    from onegpu.eval.validate import load_suite, primary_metric, task_manager
+    from onegpu.submission.postprocess import kept_span
 
     torch.set_num_threads(threads)
     suite = load_suite("offline")["tasks"]
@@ -88,7 +88,7 @@ def lm_eval_rows(checkpoint: Path, gen_limit: int, threads: int) -> list[dict]:
 
 
 def helm_rows(checkpoint: Path, out: Path, instances: int) -> list[dict]:
-    from eval.helm import helm
+    from onegpu.eval.helm import helm
 
     variants = [("raw", None), ("auto", None), *[("auto", r) for r in RULES]]
     rows = []

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from onegpu.paths import shared_datasets_dir  # noqa: E402
-from submission.launch import free_port, running_server, wait_healthy  # noqa: E402
+from onegpu.submission.launch import free_port, running_server, wait_healthy  # noqa: E402
 
 # (kind, share of requests, max_new_tokens, temperature, stop) as in the open-eval adapters
 MIX = [

@@ -28,12 +28,12 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-from data import decontam
-from data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
+from onegpu.data import decontam
+from onegpu.data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
                           similarity_text)
-from data.recipe import load_recipe, recipe_hash, resolve_file
-from data.schema import REQUIRED_FIELDS, make_row, render
-from data.sources import Reject, get_source, load_file_records, load_records, local_files
+from onegpu.data.recipe import load_recipe, recipe_hash, resolve_file
+from onegpu.data.schema import REQUIRED_FIELDS, make_row, render
+from onegpu.data.sources import Reject, get_source, load_file_records, load_records, local_files
 from onegpu.errors import UserError
 
 FILTER_STAGES = ("loaded", "llm_generated", "malformed", "language", "exact_duplicate", "near_duplicate", "contaminated",

@@ -15,7 +15,7 @@ import xxhash
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from tqdm import tqdm
 
-from data.decontam import WordHasher, ngram_hashes
+from onegpu.data.decontam import WordHasher, ngram_hashes
 
 SHINGLE = 5  # words per MinHash shingle: long enough that shared boilerplate rarely makes rows "similar"
 MINHASH_SEED = 1

@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from data.decontam import DEFAULT_N, EVAL_SETS
-from data.schema import PROVENANCES, get_prompt_style
-from data.sources import CHALLENGE_RULE, FILE_FORMATS, SOURCES, get_source
+from onegpu.data.decontam import DEFAULT_N, EVAL_SETS
+from onegpu.data.schema import PROVENANCES, get_prompt_style
+from onegpu.data.sources import CHALLENGE_RULE, FILE_FORMATS, SOURCES, get_source
 from onegpu.errors import UserError
 
 DEFAULTS: dict[str, Any] = {

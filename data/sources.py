@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from data.schema import make_row
+from onegpu.data.schema import make_row
 from onegpu.errors import UserError
 
 CHALLENGE_RULE = ("NeurIPS 2023 LLM Efficiency Challenge rules: only open-source, human-written data may be "

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from onegpu.errors import UserError
-from submission.launch import free_port, log_tail, start_server, stop_process_group, wait_healthy
+from onegpu.submission.launch import free_port, log_tail, start_server, stop_process_group, wait_healthy
 
 CONFS_DIR = Path(__file__).resolve().parent / "helm_confs"
 # Organizers' confs, referenced by name from ../shared/reference/helm (never copied).
@@ -184,8 +184,8 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
         serve_args: extra ``onegpu serve`` options, e.g. ``[--prompt_style,alpaca,--max_batch_size,8]``.
         fresh: delete earlier HELM output in ``out`` instead of resuming completed runs.
     """
-    from eval.lm import resolve_checkpoint
-    from eval.validate import checkpoint_digest, record_checkpoint_lineage
+    from onegpu.eval.lm import resolve_checkpoint
+    from onegpu.eval.validate import checkpoint_digest, record_checkpoint_lineage
     from onegpu.helm_env import helm_bin_dir
     from onegpu.tracking import Run
 

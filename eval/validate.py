@@ -68,7 +68,7 @@ def task_manager(names: list[str] | None = None):
     """
     from lm_eval.tasks import TaskManager
 
-    from eval.tasks import offline_include_dir
+    from onegpu.eval.tasks import offline_include_dir
 
     include = offline_include_dir()
     offline_only = include is not None and names is not None and all(n.startswith("onegpu_") for n in names)
@@ -106,7 +106,7 @@ def checkpoint_digest(checkpoint: Path) -> str:
 
 
 def record_checkpoint_lineage(run, checkpoint: Path) -> dict:
-    from eval.lm import checkpoint_lineage
+    from onegpu.eval.lm import checkpoint_lineage
 
     meta = checkpoint_lineage(checkpoint)
     # A fine-tune logs its out/final as the W&B artifact "model-<its run id>" (finetune/lora.py).
@@ -170,7 +170,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
         fresh: ignore per-task results from an earlier, interrupted run in ``out``.
         num_threads: CPU threads for torch (default: half the cores; ignored on GPUs).
     """
-    from eval.lm import resolve_checkpoint
+    from onegpu.eval.lm import resolve_checkpoint
 
     started = time.time()
     if checkpoint is None:
@@ -193,7 +193,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 2) // 2))
     from lm_eval import simple_evaluate
 
-    from eval.lm import LitGPTLM
+    from onegpu.eval.lm import LitGPTLM
     from onegpu.tracking import Run
 
     out = Path(out)

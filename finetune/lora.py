@@ -320,7 +320,7 @@ def build_model(fabric: Any, checkpoint_dir: Path, lora: dict[str, Any], quantiz
     import torch
     from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
 
-    from finetune.quantize import quantize_frozen_linears
+    from onegpu.finetune.quantize import quantize_frozen_linears
 
     config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora)
     dtype = getattr(torch, PRECISION_DTYPES[precision])
@@ -400,8 +400,8 @@ class _Trainer:
 
     # -------------------------------------------------------------------------------- data
     def _prepare_examples(self, tokenizer: Any) -> None:
-        from data.schema import get_prompt_style, render
-        from finetune.packing import tokenize_example
+        from onegpu.data.schema import get_prompt_style, render
+        from onegpu.finetune.packing import tokenize_example
 
         cfg, bundle = self.cfg, self.cfg["_data"]
         style_name = cfg["prompt_style"] or bundle.manifest.get("prompt_style")
@@ -441,7 +441,7 @@ class _Trainer:
         self._plans: dict[int, list] = {}
 
     def _epoch_plan(self, epoch: int) -> list:
-        from finetune.packing import plan_micro_batches
+        from onegpu.finetune.packing import plan_micro_batches
 
         if epoch not in self._plans:
             self._plans = {epoch: plan_micro_batches(self.lengths, self.max_seq_length, self.cfg["micro_batch_size"],
@@ -449,7 +449,7 @@ class _Trainer:
         return self._plans[epoch]
 
     def micro_batch(self, index: int) -> dict[str, Any]:
-        from finetune.packing import collate
+        from onegpu.finetune.packing import collate
 
         epoch, i = divmod(index, self.micro_per_epoch)
         rows = self._epoch_plan(epoch)[i]
@@ -461,9 +461,9 @@ class _Trainer:
         import torch
         from litgpt.tokenizer import Tokenizer
 
-        from finetune import checkpoint as ckpt_io
-        from finetune import telemetry
-        from finetune.packing import use_flex_attention
+        from onegpu.finetune import checkpoint as ckpt_io
+        from onegpu.finetune import telemetry
+        from onegpu.finetune.packing import use_flex_attention
         from onegpu.tracking import Run
 
         cfg = self.cfg
@@ -521,7 +521,7 @@ class _Trainer:
                telemetry, use_flex_attention, ckpt_root) -> dict[str, Any]:
         from tqdm import tqdm
 
-        from finetune.packing import batch_to, forward_hidden, loss_sum
+        from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum
         from onegpu.budget import format_duration
 
         cfg = self.cfg
@@ -683,7 +683,7 @@ class _Trainer:
     def _log_val(self, run, inner, fabric, st) -> float | None:
         import torch
 
-        from finetune.packing import batch_to, collate, forward_hidden, loss_sum, plan_micro_batches
+        from onegpu.finetune.packing import batch_to, collate, forward_hidden, loss_sum, plan_micro_batches
 
         if not self.val_examples:
             return None
@@ -712,7 +712,7 @@ class _Trainer:
         from litgpt.scripts.merge_lora import merge_lora
         from litgpt.utils import copy_config_files
 
-        from finetune.checkpoint import trainable_state_dict
+        from onegpu.finetune.checkpoint import trainable_state_dict
 
         cfg = self.cfg
         final = cfg["out_dir"] / "final"

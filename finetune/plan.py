@@ -38,7 +38,7 @@ def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float
     """
     import inspect
 
-    from finetune.lora import finetune
+    from onegpu.finetune.lora import finetune
 
     args = {p.name: p.default for p in inspect.signature(finetune).parameters.values()}
     args.update(options)
@@ -47,7 +47,7 @@ def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float
 
 def _finetune_signature_and_doc() -> None:
     """Give ``plan`` the options of ``finetune`` (signature + docstring Args) for jsonargparse's --help."""
-    from finetune.lora import finetune
+    from onegpu.finetune.lora import finetune
 
     import typing
 
@@ -71,10 +71,11 @@ def _plan(steps: int, max_micro_batch_size: int, track_memory_gib: float | None,
     import torch
     from litgpt.tokenizer import Tokenizer
 
-    from finetune import telemetry
-    from finetune.lora import _Trainer, _validate, build_model
-    from finetune.packing import batch_to, forward_hidden, loss_sum, use_flex_attention
-    from onegpu.budget import TRACKS, format_duration
+    from onegpu.finetune import telemetry
+    from onegpu.finetune.lora import _Trainer, _validate, build_model
+    from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum, use_flex_attention
+    from onegpu.budget import format_duration
+    from onegpu.contracts import TRACKS
     from onegpu.tracking import Run
 
     args.update(global_batch_size=args["micro_batch_size"], lora_dropout=0.0, max_steps=steps)
@@ -91,7 +92,7 @@ def _plan(steps: int, max_micro_batch_size: int, track_memory_gib: float | None,
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
     clock = cfg["_clock"]
-    track_gib = float(track_memory_gib or TRACKS[track]["memory_gib"])
+    track_gib = float(track_memory_gib or TRACKS[track].memory_gib)
 
     trainer = _Trainer(cfg)
     import yaml
@@ -121,7 +122,7 @@ def _plan(steps: int, max_micro_batch_size: int, track_memory_gib: float | None,
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(params, lr=1e-4))
     peak_flops, peak_src = telemetry.device_peak_flops(fabric.device, cfg["precision"])
 
-    from finetune.packing import collate, plan_micro_batches
+    from onegpu.finetune.packing import collate, plan_micro_batches
 
     def measure(mb: int) -> dict[str, Any]:
         plans = plan_micro_batches(trainer.lengths, trainer.max_seq_length, mb, packing, seed=0, epoch=0)

@@ -17,7 +17,7 @@ from typing import Any
 
 
 def shared_rows(datasets_dir: Path) -> list[dict[str, Any]]:
-    from data.schema import make_row
+    from onegpu.data.schema import make_row
 
     rows: list[dict[str, Any]] = []
     for path in sorted((datasets_dir / "dolly").glob("*.jsonl")):

@@ -22,13 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from onegpu.contracts import TRACKS
 from onegpu.errors import UserError
-
-# Tracks of the challenge: GPU memory and the wall-clock budget each one allows.
-TRACKS: dict[str, dict[str, Any]] = {
-    "rtx4090-24gb": {"gpu": "NVIDIA GeForce RTX 4090", "memory_gib": 24.0, "budget": "24h", "peak_flops_key": "rtx4090"},
-    "a100-40gb": {"gpu": "NVIDIA A100-SXM4-40GB", "memory_gib": 40.0, "budget": "24h", "peak_flops_key": "a100"},
-}
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -89,7 +84,7 @@ class BudgetClock:
         """``budget`` None -> the track preset's budget (24h)."""
         if budget is None:
             if track is not None and track in TRACKS:
-                budget = TRACKS[track]["budget"]
+                budget = TRACKS[track].budget
             else:
                 budget = "24h"
         budget_s = parse_duration(budget)

@@ -12,6 +12,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def stage_dir(stage: str) -> Path:
+    """The folder of a stage package (``data``, ``finetune``, ...), in a checkout or installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"onegpu.{stage}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def cache_dir() -> Path:
     """Model checkpoints and other one-off conversions. ``ONEGPU_CACHE`` overrides."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onegpu"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onegpu.errors import UserError
-from onegpu.paths import REPO_ROOT
+from onegpu.paths import stage_dir
 
 
 @dataclass
@@ -36,9 +36,9 @@ def _steps(out: Path, checkpoint: Path) -> list[Step]:
     data, ft, val, helm, sweep, report = (out / n for n in ("data", "finetune", "eval-val", "eval-helm", "sweep", "report"))
     final = ft / "final"
     return [
-        Step("data mix", ["data", "build", str(REPO_ROOT / "data/recipes/quickstart.yaml"), "--out", str(data)],
+        Step("data mix", ["data", "build", str(stage_dir("data") / "recipes/quickstart.yaml"), "--out", str(data)],
              data / "manifest.json"),
-        Step("fine-tune (LoRA, CPU)", ["finetune", "--config", str(REPO_ROOT / "finetune/configs/cpu-quickstart.yaml"),
+        Step("fine-tune (LoRA, CPU)", ["finetune", "--config", str(stage_dir("finetune") / "configs/cpu-quickstart.yaml"),
                                        "--checkpoint_dir", str(checkpoint), "--data", str(data), "--out_dir", str(ft)],
              final / "lit_model.pth"),
         Step("validation (lm-eval, offline suite)", ["eval", "val", "--checkpoint", str(final), "--suite", "offline",
@@ -46,7 +46,7 @@ def _steps(out: Path, checkpoint: Path) -> list[Step]:
         Step("test (HELM, offline synthetic conf)", ["eval", "helm", "--checkpoint", str(final), "--conf", "offline",
                                                      "--out", str(helm)], helm / "results.json"),
         # The sweep YAML names no data dir of its own: point its trials at this mix.
-        Step("sweep (2 trials)", ["sweep", str(REPO_ROOT / "sweeps/quickstart.yaml"), "--out", str(sweep),
+        Step("sweep (2 trials)", ["sweep", str(stage_dir("sweeps") / "quickstart.yaml"), "--out", str(sweep),
                                   "--params", json.dumps({"data": str(data)})], sweep / "sweep_summary.json"),
         # A sweep dir stands for its trials; eval dirs attach their scores to the run they scored.
         Step("report", ["report", json.dumps([str(ft), str(val), str(helm), str(sweep)]), "--out", str(report)],

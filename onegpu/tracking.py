@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from onegpu.contracts import atomic_write_json, read_jsonl
 from onegpu.paths import REPO_ROOT
 
 # Offline unless the user asked for something else: never require an account or a network.
@@ -219,7 +220,7 @@ class Run:
         self.meta["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.meta["exit_code"] = exit_code
         self._write_run_json()
-        (self.out_dir / "summary.json").write_text(json.dumps(self._summary, indent=2), encoding="utf-8")
+        atomic_write_json(self.out_dir / "summary.json", self._summary)
         write_metrics_csv(self._metrics_path, self.out_dir / "metrics.csv")
         if self._wandb_run is not None:
             self._wandb_run.finish(exit_code=exit_code)
@@ -232,25 +233,10 @@ class Run:
         self.finish(exit_code=0 if exc_type is None else 1)
 
     def _write_run_json(self) -> None:
-        doc = {**self.meta, "config": self.config, "lineage": self.lineage}
-        tmp = self.out_dir / "run.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-        tmp.replace(self.out_dir / "run.json")
+        atomic_write_json(self.out_dir / "run.json", {**self.meta, "config": self.config, "lineage": self.lineage})
 
 
-def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
-    path = Path(jsonl_path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill mid-write
-                continue
-    return rows
+read_metrics = read_jsonl  # metrics.jsonl rows (a line cut by a kill mid-write is skipped)
 
 
 def write_metrics_csv(jsonl_path: str | Path, csv_path: str | Path) -> None:

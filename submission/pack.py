@@ -255,7 +255,7 @@ def verify_config(config_path: Path, checkpoint: Path, on_cpu: bool, timeout: fl
     import httpx
     import yaml
 
-    from submission.launch import free_port, running_server
+    from onegpu.submission.launch import free_port, running_server
 
     cfg = yaml.safe_load(config_path.read_text())
     for key in ("checkpoint", "wandb_artifact", "hub_model"):
@@ -320,8 +320,8 @@ def pack(model: str | None = None, track: Literal["a100-40gb", "rtx4090-24gb"] |
     """
     import yaml
 
-    from submission.engine import load_prompt_style
-    from submission.postprocess import parse_rules
+    from onegpu.submission.engine import load_prompt_style
+    from onegpu.submission.postprocess import parse_rules
 
     # flags rather than positionals (`--model X --track Y`), as the submission docs write them
     if not model:

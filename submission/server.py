@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from onegpu.errors import UserError
-from submission.schemas import DecodeResponse, ErrorResponse, ProcessResponse, TokenizeRequest, TokenizeResponse
+from onegpu.submission.schemas import DecodeResponse, ErrorResponse, ProcessResponse, TokenizeRequest, TokenizeResponse
 
 
 def _validation_message(errors: list) -> str:
@@ -53,7 +53,7 @@ def create_app(engine, postprocess: list[str] | None = None):
 
     ``postprocess``: rule names from :mod:`submission.postprocess`, applied to non-echo completions.
     """
-    from submission import postprocess as post
+    from onegpu.submission import postprocess as post
 
     rules = post.parse_rules(postprocess)
     from fastapi import FastAPI, HTTPException, Request
@@ -62,8 +62,8 @@ def create_app(engine, postprocess: list[str] | None = None):
 
     from pydantic import Field
 
-    from submission import schemas
-    from submission.engine import GenRequest
+    from onegpu.submission import schemas
+    from onegpu.submission.engine import GenRequest
 
     # The schema states this model's real limit, so clients (and the fuzzer) see it up front.
     class ProcessRequest(schemas.ProcessRequest):
@@ -252,7 +252,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     prompt_style = prompt_style or os.environ.get(ENV_DEFAULTS["prompt_style"]) or "auto"
     dtype = dtype or os.environ.get(ENV_DEFAULTS["dtype"]) or "auto"
     postprocess = postprocess if postprocess is not None else os.environ.get(ENV_DEFAULTS["postprocess"]) or None
-    from submission.postprocess import parse_rules
+    from onegpu.submission.postprocess import parse_rules
 
     rules = parse_rules(postprocess)  # bad names fail before the model loads
     quantize = quantize or os.environ.get(ENV_DEFAULTS["quantize"]) or None
@@ -274,7 +274,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
         checkpoint = prepare(hub_model)
     import uvicorn
 
-    from submission.engine import Engine
+    from onegpu.submission.engine import Engine
 
     print(f"[onegpu serve] loading {checkpoint}", file=sys.stderr)
     engine = Engine(Path(checkpoint), device=device, dtype=dtype, max_batch_size=max_batch_size,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onegpu.contracts import find_run_dirs, read_json, read_jsonl
 from onegpu.errors import UserError
 
 # Where each number lives in what the stages log (first key found wins).
@@ -83,52 +84,15 @@ class RunLog:
         return used, total
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        return doc if isinstance(doc, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def expand_dirs(paths: list[Path]) -> list[Path]:
-    """Run dirs from the arguments: a sweep dir stands for its trials; a dir without run.json for
-    the run dirs one level below it."""
-    out: list[Path] = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_dir():
-            raise UserError(f"{path} is not a directory", fix="pass run dirs (with run.json), sweep dirs or eval dirs")
-        state = _read_json(path / "sweep_state.json")
-        if state.get("trials"):
-            out += [Path(t["run_dir"]) for t in state["trials"] if t.get("run_dir") and Path(t["run_dir"], "run.json").is_file()]
-        elif (path / "run.json").is_file() or (path / "results.json").is_file():
-            out.append(path)
-        else:
-            below = sorted(p.parent for p in path.glob("*/run.json"))
-            if not below:
-                raise UserError(f"{path} holds no run (no run.json, results.json or sweep_state.json)",
-                                fix="pass the --out dir of an onegpu verb or of `onegpu sweep`")
-            out += below
-    seen, unique = set(), []
-    for p in out:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            unique.append(p)
-    return unique
-
-
 def load_run(path: Path) -> RunLog:
-    from onegpu.tracking import read_metrics
-
-    meta = _read_json(path / "run.json")
+    meta = read_json(path / "run.json")
     config = meta.get("config", {}) if isinstance(meta.get("config"), dict) else {}
     name = config.get("run_name") or path.name
     if path.name.startswith("trial-") or name == "final":
         name = f"{path.parent.name}/{path.name}"
     return RunLog(path=path, name=str(name), stage=str(meta.get("stage", "?")), config=config,
-                  summary=_read_json(path / "summary.json"), rows=read_metrics(path / "metrics.jsonl"),
-                  results=_read_json(path / "results.json"))
+                  summary=read_json(path / "summary.json"), rows=read_jsonl(path / "metrics.jsonl"),
+                  results=read_json(path / "results.json"))
 
 
 def _attach_evals(runs: list[RunLog]) -> list[RunLog]:
@@ -387,7 +351,7 @@ def report(
         run_dirs = [Path(run_dirs)]
     if not run_dirs:
         raise UserError("no runs given", fix="pass run dirs, e.g. onegpu report runs/sweep-quickstart --out runs/report")
-    runs = _attach_evals([load_run(p) for p in expand_dirs([Path(p) for p in run_dirs])])
+    runs = _attach_evals([load_run(p) for p in find_run_dirs([Path(p) for p in run_dirs])])
     if not runs:
         raise UserError("none of the given dirs holds a finished or running run",
                         fix="pass dirs that contain run.json / metrics.jsonl")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from onegpu.errors import UserError
-from sweeps import schema as S
+from onegpu.sweeps import schema as S
 
 STATE_FILE = "sweep_state.json"
 SUMMARY_FILE = "sweep_summary.json"

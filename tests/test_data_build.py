@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.build import FILTER_STAGES, build
-from data.schema import REQUIRED_FIELDS
+from onegpu.data.build import FILTER_STAGES, build
+from onegpu.data.schema import REQUIRED_FIELDS
 from onegpu.paths import REPO_ROOT
 
 SMALL = {

@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from data import decontam
-from data.build import build
-from data.sources import SOURCES, Reject, load_records
+from onegpu.data import decontam
+from onegpu.data.build import build
+from onegpu.data.sources import SOURCES, Reject, load_records
 
 CHECKED = ("mmlu", "truthfulqa", "gsm8k_test", "bbq", "bigbench")
 
@@ -118,7 +118,7 @@ def test_vectorised_minhash_equals_datasketch_and_finds_near_duplicates(shared_d
     import numpy as np
     from datasketch import MinHash
 
-    from data.filters import RowText, minhash_signatures, near_duplicates
+    from onegpu.data.filters import RowText, minhash_signatures, near_duplicates
 
     rows = [json.loads(line) for line in (shared_datasets / "gsm8k/train.jsonl").read_text().splitlines()[:40]]
     texts = [r["question"] + " " + r["answer"] for r in rows]
@@ -129,7 +129,7 @@ def test_vectorised_minhash_equals_datasketch_and_finds_near_duplicates(shared_d
         words[rng.randrange(len(words))] = "perhaps"
         edited.append(" ".join(words))
     text = RowText.of(texts + edited)
-    from data.decontam import ngram_hashes
+    from onegpu.data.decontam import ngram_hashes
 
     grams, seg = ngram_hashes(text.words, text.starts, 5)
     grams = grams & np.uint64(0xFFFFFFFF)

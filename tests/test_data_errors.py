@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from data.build import build
+from onegpu.data.build import build
 from onegpu.cli import main
 from onegpu.errors import UserError
 

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from data.schema import PROVENANCES, REQUIRED_FIELDS, make_id, render
-from data.sources import SOURCES, Reject, list_sources, load_file_records, load_records, local_files
+from onegpu.data.schema import PROVENANCES, REQUIRED_FIELDS, make_id, render
+from onegpu.data.sources import SOURCES, Reject, list_sources, load_file_records, load_records, local_files
 
 
 def _convert(name, data_dir, **opts):

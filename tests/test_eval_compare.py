@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from eval.compare import challenge_score, geometric_mean, pearson, score_runs, spearman, win_rates
+from onegpu.eval.compare import challenge_score, geometric_mean, pearson, score_runs, spearman, win_rates
 from onegpu.paths import REPO_ROOT
 
 

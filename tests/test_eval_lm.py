@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 def models(bundled_checkpoint, shared_datasets, tmp_path_factory):
     from lm_eval.models.huggingface import HFLM
 
-    from eval.hf_export import export_hf
-    from eval.lm import LitGPTLM
+    from onegpu.eval.hf_export import export_hf
+    from onegpu.eval.lm import LitGPTLM
 
     torch.set_num_threads(1)  # shared 2-core CI: a second thread spin-waits more than it computes
     hf_dir = export_hf(bundled_checkpoint, tmp_path_factory.mktemp("hf") / "model")
@@ -31,7 +31,7 @@ _MANAGER = []
 def _evaluate(lm, task, **kw):
     from lm_eval import simple_evaluate
 
-    from eval.validate import task_manager
+    from onegpu.eval.validate import task_manager
 
     if not _MANAGER:  # offline tasks only: indexing lm-eval's own thousands of YAMLs takes seconds
         _MANAGER.append(task_manager(["onegpu_"])[0])
@@ -83,7 +83,7 @@ def test_adapter_only_dir_equals_litgpt_merge(bundled_checkpoint, tmp_path):
     from litgpt.lora import GPT as LoRAGPT, Config as LoRAConfig, lora_filter
     from litgpt.scripts.merge_lora import merge_lora
 
-    from eval.lm import load_litgpt_model, resolve_checkpoint
+    from onegpu.eval.lm import load_litgpt_model, resolve_checkpoint
 
     lora = {"lora_r": 4, "lora_alpha": 8, "lora_query": True, "lora_value": True}
     config = LoRAConfig.from_file(bundled_checkpoint / "model_config.yaml", **lora)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.testing import make_data_dir, make_tiny_checkpoint, shared_rows
+from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint, shared_rows
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def short_data(tmp_path_factory, shared_datasets) -> Path:
 
 
 def _run(out, data, ckpt, **kw):
-    from finetune.lora import finetune
+    from onegpu.finetune.lora import finetune
 
     args = dict(data=str(data), checkpoint_dir=ckpt, out_dir=out, max_steps=4, micro_batch_size=1,
                 global_batch_size=1, learning_rate=3e-3, warmup_steps=0, lora_dropout=0.0, eval_interval=0,
@@ -88,8 +88,8 @@ def test_telemetry_counts_equal_the_data(tmp_path, bundled_checkpoint, shared_da
     """Over one epoch the logged non-padding tokens, loss tokens and examples are exactly the data's."""
     from litgpt.tokenizer import Tokenizer
 
-    from data.schema import render
-    from finetune.packing import tokenize_example
+    from onegpu.data.schema import render
+    from onegpu.finetune.packing import tokenize_example
 
     root = tmp_path
     ckpt = make_tiny_checkpoint(root / "tiny", bundled_checkpoint)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune.packing import (IGNORE_INDEX, Example, block_diagonal_causal_mask, collate, forward_hidden, loss_sum,
+from onegpu.finetune.packing import (IGNORE_INDEX, Example, block_diagonal_causal_mask, collate, forward_hidden, loss_sum,
                               per_token_losses, plan_rows, tokenize_example)
 
 
@@ -22,7 +22,7 @@ def _bundled_lora_model(checkpoint_dir):
 def _examples(checkpoint_dir):
     from litgpt.tokenizer import Tokenizer
 
-    from data.schema import make_row, render
+    from onegpu.data.schema import make_row, render
 
     tok = Tokenizer(checkpoint_dir)
     rows = [

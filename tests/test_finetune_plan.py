@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from finetune.testing import make_data_dir, make_tiny_checkpoint
+from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
 
 
 def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_datasets):
-    from finetune.plan import plan
+    from onegpu.finetune.plan import plan
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", bundled_checkpoint)
     data = make_data_dir(tmp_path / "data", shared_datasets, n_train=60, max_seq_length=128)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.testing import make_data_dir, make_tiny_checkpoint
+from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
 from onegpu.errors import UserError
 
 
@@ -82,7 +82,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny, tmp_path):
 
 
 def test_budget_clock_stops_the_run_and_still_merges(tiny, tmp_path):
-    from finetune.lora import finetune
+    from onegpu.finetune.lora import finetune
 
     out = tmp_path / "budget"
     t0 = time.monotonic()
@@ -113,7 +113,7 @@ def _kw(tiny, out):
     ({"budget": "soon"}, "cannot read the duration"),
 ])
 def test_bad_config_fails_before_model_load(tiny, tmp_path, override, message, monkeypatch):
-    import finetune.lora as lora
+    import onegpu.finetune.lora as lora
 
     def no_model(*a, **k):  # the check must come first: loading the model would be a failure
         raise AssertionError("model was loaded before validation")
@@ -137,7 +137,7 @@ def test_empty_dataset_and_cli_exit_code(tiny, tmp_path, capsys):
 
 
 def test_bf16_on_cpu_warns_loudly(tiny, tmp_path):
-    from finetune.lora import _validate, finetune
+    from onegpu.finetune.lora import _validate, finetune
     import inspect
 
     args = {p.name: p.default for p in inspect.signature(finetune).parameters.values()}

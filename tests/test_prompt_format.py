@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from data.schema import render
+from onegpu.data.schema import render
 from onegpu.errors import UserError
-from submission import postprocess
-from submission.launch import running_server
+from onegpu.submission import postprocess
+from onegpu.submission.launch import running_server
 
 TRAINED_STYLE = "alpaca"  # what the data manifest named; the fine-tune renders rows with it
 QUESTION = "Name the capital of France."
@@ -81,7 +81,7 @@ def test_real_request_is_templated_and_postprocessed_consistently(client):
 def test_server_prompt_function_matches_render_for_every_style():
     from litgpt.prompts import PromptStyle
 
-    from submission.server import effective_prompt
+    from onegpu.submission.server import effective_prompt
 
     for style in ("alpaca", "smollm2", "llama3", "llama2", "flan"):
         engine = SimpleNamespace(prompt_style=PromptStyle.from_name(style))
@@ -91,7 +91,7 @@ def test_server_prompt_function_matches_render_for_every_style():
 
 
 def test_eval_uses_the_same_format(templated_checkpoint, untemplated_checkpoint, capsys):
-    from eval.lm import resolve_prompt_style
+    from onegpu.eval.lm import resolve_prompt_style
 
     style = resolve_prompt_style("auto", templated_checkpoint, None)
     assert style.apply(QUESTION) == render({"instruction": QUESTION, "input": "", "output": ""}, TRAINED_STYLE)[0]
@@ -100,7 +100,7 @@ def test_eval_uses_the_same_format(templated_checkpoint, untemplated_checkpoint,
 
 
 def test_missing_format_warns_and_serves_raw_unknown_style_lists_known(untemplated_checkpoint, capsys):
-    from submission.engine import load_prompt_style
+    from onegpu.submission.engine import load_prompt_style
 
     assert load_prompt_style("auto", untemplated_checkpoint) is None
     warning = capsys.readouterr().err

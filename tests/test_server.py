@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from submission.launch import running_server
+from onegpu.submission.launch import running_server
 
 FRANCE = "The capital of France is "  # the organizers' start-up probe
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
 from onegpu.paths import REPO_ROOT
-from submission.launch import free_port, running_server
+from onegpu.submission.launch import free_port, running_server
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 

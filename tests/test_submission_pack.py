@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from onegpu.errors import UserError
-from submission.launch import free_port, running_server
-from submission.pack import HEALTH_REQUEST, estimate_memory, pack, resolve_source
+from onegpu.submission.launch import free_port, running_server
+from onegpu.submission.pack import HEALTH_REQUEST, estimate_memory, pack, resolve_source
 
 
 @pytest.fixture(scope="module")

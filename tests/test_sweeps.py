@@ -25,8 +25,8 @@ import yaml
 from conftest import default_sigint
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
-from sweeps import runner, schema
-from sweeps.runner import render_command, sweep
+from onegpu.sweeps import runner, schema
+from onegpu.sweeps.runner import render_command, sweep
 
 SWEEP_YAMLS = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))
 
@@ -262,7 +262,7 @@ def test_bayes_through_optuna_and_hyperband_stops_a_bad_trial(tmp_path, toy):
 # ---------------------------------------------------------------- real fine-tuning trials + report
 @pytest.fixture(scope="module")
 def tiny_finetune(tmp_path_factory, bundled_checkpoint, shared_datasets):
-    from finetune.testing import make_data_dir, make_tiny_checkpoint
+    from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("sweep-tiny")
     return {"ckpt": make_tiny_checkpoint(root / "ckpt", bundled_checkpoint),
@@ -335,7 +335,7 @@ def _chromium() -> str | None:
 
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(finetune_sweep, tmp_path):
-    from sweeps.report import report
+    from onegpu.sweeps.report import report
 
     out, _interrupted, _resumed = finetune_sweep
     trial_dirs = sorted(out.glob("trial-*"))
@@ -373,7 +373,7 @@ def test_report_renders_in_headless_chromium(finetune_sweep, tmp_path):
 
 # --------------------------------------------------------------------------------------- dashboard
 def test_dashboard_spec_has_the_standard_panels_and_needs_online(monkeypatch):
-    from sweeps import dashboard
+    from onegpu.sweeps import dashboard
 
     workspace = dashboard.build_workspace("my-team", "llm-challenge", "onegpu standard")
     model = json.loads(workspace._to_model().model_dump_json(by_alias=True))  # the exact view W&B would store

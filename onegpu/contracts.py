@@ -1,0 +1,211 @@
+"""The hand-offs between stages, in one place: what each stage writes and the next one reads.
+
+Stages talk through files (data dir -> checkpoint dir -> results JSON). This module is the one
+definition of those files and of the small rules every stage must apply the same way:
+
+* ``QUANTIZE_MODES`` / ``Quantize``: the bitsandbytes weight formats (training and serving);
+* ``TRACKS`` / ``Track``: the challenge's two hardware tracks (GPU, its memory, the 24 h budget);
+* ``atomic_write_text`` / ``atomic_write_json`` / ``staged_dir``: write-to-temp-then-rename, so a
+  kill mid-write leaves the old file (or dir) or the new one, never half of one;
+* ``read_manifest`` / ``write_manifest``: a data dir's ``manifest.json``;
+* ``RunDir`` / ``find_run_dirs``: a run directory (``run.json``, ``metrics.jsonl``,
+  ``summary.json``, ``results.json``) as every reader (report, compare, sweep) sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from onegpu.errors import UserError
+
+# ------------------------------------------------------------------------------ quantization
+Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
+QUANTIZE_MODES: tuple[str, ...] = get_args(Quantize)
+
+
+# ------------------------------------------------------------------------------------ tracks
+Track = Literal["rtx4090-24gb", "a100-40gb"]
+
+
+@dataclass(frozen=True)
+class TrackSpec:
+    """One hardware track of the challenge."""
+
+    name: str
+    gpu: str
+    memory_mib: int  # what the driver reports as usable (nvidia-smi "Total")
+    budget: str  # the wall-clock budget of a run
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_mib / 1024
+
+
+TRACKS: dict[str, TrackSpec] = {
+    "rtx4090-24gb": TrackSpec("rtx4090-24gb", "NVIDIA GeForce RTX 4090", 24_564, "24h"),
+    "a100-40gb": TrackSpec("a100-40gb", "NVIDIA A100-SXM4-40GB", 40_960, "24h"),
+}
+assert tuple(TRACKS) == get_args(Track)
+
+
+def track_spec(name: str) -> TrackSpec:
+    if name not in TRACKS:
+        raise UserError(f"unknown track {name!r}", fix=f"use one of: {', '.join(TRACKS)}")
+    return TRACKS[name]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same dir and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, doc: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(doc, indent=indent, default=str))
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temp dir beside ``final``; on success it replaces ``final`` in one rename.
+
+    On an exception the temp dir is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if final.is_symlink() or final.is_file():
+        final.unlink()
+    elif final.exists():
+        shutil.rmtree(final)
+    os.rename(work, final)
+
+
+# ---------------------------------------------------------------------------------- manifest
+MANIFEST = "manifest.json"
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """A data dir's ``manifest.json`` (UserError naming the fix when it is missing or broken)."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{Path(data_dir)} has no {MANIFEST}", fix="pass the output dir of `onegpu data build`")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err})", fix="rebuild the data dir with `onegpu data build`") from err
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} is not a JSON object", fix="rebuild the data dir with `onegpu data build`")
+    return doc
+
+
+def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    return atomic_write_json(Path(data_dir) / MANIFEST, manifest)
+
+
+# ---------------------------------------------------------------------------------- run dirs
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or {} when it is missing, unreadable or not an object."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL log; a last line cut by a kill mid-write is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+@dataclass
+class RunDir:
+    """A run directory as every stage writes it (``onegpu.tracking.Run``)."""
+
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)  # run.json
+    summary: dict[str, Any] = field(default_factory=dict)  # summary.json
+    results: dict[str, Any] = field(default_factory=dict)  # results.json (eval stages)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunDir":
+        path = Path(path)
+        return cls(path, read_json(path / "run.json"), read_json(path / "summary.json"),
+                   read_json(path / "results.json"))
+
+    @property
+    def stage(self) -> str:
+        return str(self.meta.get("stage") or self.results.get("stage") or "?")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config = self.meta.get("config")
+        return config if isinstance(config, dict) else {}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / "metrics.jsonl")
+
+
+SWEEP_STATE = "sweep_state.json"
+
+
+def find_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Expand run dirs, sweep dirs (their trials) and parents of runs into run dirs, once each."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise UserError(f"{path} is not a directory", fix="pass run dirs (with run.json), sweep dirs or eval dirs")
+        state = read_json(path / SWEEP_STATE)
+        if state.get("trials"):
+            out += [Path(t["run_dir"]) for t in state["trials"]
+                    if t.get("run_dir") and Path(t["run_dir"], "run.json").is_file()]
+        elif (path / "run.json").is_file() or (path / "results.json").is_file():
+            out.append(path)
+        else:
+            below = sorted(p.parent for p in path.glob("*/run.json"))
+            if not below:
+                raise UserError(f"{path} holds no run (no run.json, results.json or {SWEEP_STATE})",
+                                fix="pass the --out dir of an onegpu verb or of `onegpu sweep`")
+            out += below
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
