@@ -184,7 +184,7 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
         serve_args: extra ``onegpu serve`` options, e.g. ``[--prompt_style,alpaca,--max_batch_size,8]``.
         fresh: delete earlier HELM output in ``out`` instead of resuming completed runs.
     """
-    from onegpu.eval.lm import resolve_checkpoint
+    from onegpu.inference import locate_checkpoint
     from onegpu.eval.validate import checkpoint_digest, record_checkpoint_lineage
     from onegpu.helm_env import helm_bin_dir
     from onegpu.tracking import Run
@@ -192,7 +192,7 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
     started = time.time()
     if checkpoint is None:
         raise UserError("no checkpoint given", fix="pass --checkpoint DIR (a litgpt checkpoint or LoRA output dir)")
-    ckpt, _base = resolve_checkpoint(checkpoint)
+    ckpt = locate_checkpoint(checkpoint).path
     conf_name, conf_path = resolve_conf(conf)
     entries = conf_entries(conf_path)
     if max_eval_instances is None:

@@ -5,6 +5,10 @@ This wrapper runs the litgpt ``GPT`` in-process and mirrors lm-eval's ``HFLM`` r
 (same tokenizer calls, same request ordering and padding, same one-token-continuation logits reuse),
 so its scores equal HFLM's on the same weights (``tests/test_eval_lm.py`` checks it to 1e-4).
 
+Model, dtype, tokenizer files, BOS and prompt style come from ``onegpu.inference.load``, the
+server's loader: prompts start with BOS exactly when the server's (and the fine-tune's) did, which
+is ``HFLM(add_bos_token=...)`` with the layer's decision, not the HF tokenizer's own default.
+
 * ``loglikelihood``: requests sorted longest-first, batched, right-padded, one full forward per
   batch (no KV cache). Contexts are scored **raw** (no prompt template): lm-eval's norm for
   multiple-choice tasks, and the only way scores stay comparable with other harness users.
@@ -18,7 +22,6 @@ so its scores equal HFLM's on the same weights (``tests/test_eval_lm.py`` checks
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +31,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
     Collator,
-    _add_special_kwargs,
     handle_stop_sequences,
     has_bos_prefix,
     normalize_gen_kwargs,
@@ -38,40 +40,7 @@ from lm_eval.models.utils_hf import pad_and_concat
 from lm_eval import utils as lm_utils
 from tqdm import tqdm
 
-from onegpu.checkpoints import CheckpointRef, locate_checkpoint, merged_checkpoint, resolve_prompt_style
-
-
-# ------------------------------------------------------------------------------------ loading
-def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
-    """(checkpoint dir, base dir for adapter-only checkpoints or None), validated; see onegpu.checkpoints."""
-    ref = locate_checkpoint(checkpoint)
-    return ref.path, ref.base
-
-
-def load_litgpt_model(checkpoint: Path, base: Path | None, device: torch.device, dtype: torch.dtype):
-    """A litgpt GPT in eval mode; adapter-only dirs are merged by litgpt's merge_lora (cached)."""
-    from litgpt import GPT, Config
-
-    checkpoint = merged_checkpoint(CheckpointRef(Path(checkpoint), base))
-    config = Config.from_file(checkpoint / "model_config.yaml")
-    with torch.device("meta"):
-        model = GPT(config)
-    state = torch.load(checkpoint / "lit_model.pth", mmap=True, map_location="cpu", weights_only=True)
-    model.load_state_dict(state.get("model", state), assign=True)
-    # The RoPE buffers were created on the meta device: build real ones before moving the model.
-    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> str:
-    # fp32 on CPU: bf16 matmuls there are hundreds of times slower.
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
+from onegpu import inference
 
 
 # ------------------------------------------------------------------------------------ the LM
@@ -83,23 +52,17 @@ class LitGPTLM(TemplateLM):
                  dtype: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  prompt_style: str = "auto", logits_cache: bool = True, **kwargs) -> None:
         super().__init__()
-        from transformers import AutoTokenizer
-
-        ckpt, base = resolve_checkpoint(checkpoint)
-        self.checkpoint, self.base = ckpt, base
-        self._device = torch.device(device or default_device())
-        self.dtype = getattr(torch, dtype or default_dtype(self._device.type))
-        tok_dir = ckpt if (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer.model").is_file() else base
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_litgpt_model(ckpt, base, self._device, self.dtype)
+        loaded = inference.load(checkpoint, device=device, dtype=dtype, prompt_style=prompt_style, who="onegpu eval")
+        self.checkpoint, self.base = loaded.ref.path, loaded.ref.base
+        self._device, self.dtype = loaded.device, loaded.dtype
+        self.model, self.prompt_style = loaded.model, loaded.prompt_style
+        # HFLM's add_bos_token, set by the layer's BOS rule (the server's): never the tokenizer's own default
+        self.add_bos_token = loaded.tokenizer.use_bos
+        self.tokenizer = inference.hf_tokenizer(loaded.checkpoint, self.add_bos_token)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = int(max_length or min(self.model.config.block_size, 2048))
         self._max_gen_toks = int(max_gen_toks)
         self.logits_cache = logits_cache
-        self.add_bos_token = None  # the tokenizer's own default, like HFLM
-        self.prompt_style = resolve_prompt_style(prompt_style, ckpt, base, who="onegpu eval")
         self.vocab_size = self.model.config.vocab_size
 
     # lm-eval plumbing ---------------------------------------------------------------------
@@ -131,17 +94,19 @@ class LitGPTLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
-        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
-        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-            special["add_special_tokens"] = False
-        encoding = self.tokenizer.encode(string, **special)
+        # HFLM.tok_encode with add_bos_token set: BOS by the rule, unless the text already starts with it
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token and not has_bos_prefix(
+                string, self.tokenizer.decode(self.prefix_token_id))
+        encoding = self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
         return encoding[-left_truncate_len:] if left_truncate_len else encoding
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     @torch.inference_mode()
-    def _forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at every position of the token ids ``idx`` (B, T): one full forward."""
         return self.model(idx)[..., : self.vocab_size]
 
     # loglikelihood ------------------------------------------------------------------------
@@ -170,7 +135,7 @@ class LitGPTLM(TemplateLM):
                 inplens.append(inp.shape[0])
             padding_len = max(inplens)
             batched = pad_and_concat(padding_len, inps, padding_side="right")
-            multi_logits = F.log_softmax(self._forward(batched).float(), dim=-1)
+            multi_logits = F.log_softmax(self.logits(batched).float(), dim=-1)
             for (request_str, ctx_tokens, _), logits, inplen, cont_toks in zip(chunk, multi_logits, inplens,
                                                                                cont_toks_list):
                 contlen = len(cont_toks)
@@ -287,13 +252,3 @@ class LitGPTLM(TemplateLM):
         # EOS is not part of the text (HFLM decodes with skip_special_tokens, same thing).
         return [[t for t in row if t != self.eot_token_id] for row in out]
 
-
-def checkpoint_lineage(checkpoint: Path) -> dict:
-    """What the checkpoint says about itself (``onegpu_model.json``), for run lineage."""
-    meta = checkpoint / "onegpu_model.json"
-    if meta.is_file():
-        try:
-            return json.loads(meta.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return {}
-    return {}

@@ -106,7 +106,7 @@ def checkpoint_digest(checkpoint: Path) -> str:
 
 
 def record_checkpoint_lineage(run, checkpoint: Path) -> dict:
-    from onegpu.eval.lm import checkpoint_lineage
+    from onegpu.inference import checkpoint_lineage
 
     meta = checkpoint_lineage(checkpoint)
     # A fine-tune logs its out/final as the W&B artifact "model-<its run id>" (finetune/lora.py).
@@ -164,18 +164,20 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
             prompt style name. Applied to generation contexts only; loglikelihood (multiple choice)
             requests are always scored raw, as lm-eval does for every model.
         device: ``cpu``, ``cuda``, ``cuda:1``... (default: cuda when available).
-        dtype: ``float32``, ``bfloat16``, ``float16`` (default: bf16 on GPUs that support it, else fp32).
+        dtype: ``float32``, ``bfloat16``, ``float16`` (default: bf16 on GPUs that support it, fp16 on older
+            GPUs, fp32 on CPU; the server's rule, onegpu.inference.default_dtype).
         seed: lm-eval's random/numpy/torch/few-shot seeds.
         log_samples: keep per-instance samples (``samples/<task>.jsonl`` and W&B sample tables).
         fresh: ignore per-task results from an earlier, interrupted run in ``out``.
         num_threads: CPU threads for torch (default: half the cores; ignored on GPUs).
     """
-    from onegpu.eval.lm import resolve_checkpoint
+    from onegpu.inference import locate_checkpoint, resolve_device
 
     started = time.time()
     if checkpoint is None:
         raise UserError("no checkpoint given", fix="pass --checkpoint DIR (a litgpt checkpoint or LoRA output dir)")
-    ckpt, base = resolve_checkpoint(checkpoint)  # validate before anything heavy
+    ref = locate_checkpoint(checkpoint)  # validate before anything heavy
+    ckpt, base = ref.path, ref.base
     spec = load_suite(suite)
     entries = [{"task": t} for t in tasks] if tasks else spec["tasks"]
     for entry in entries:
@@ -188,7 +190,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
 
     import torch
 
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+    if resolve_device(device).type == "cpu":
         # Half the cores: on shared CPUs more threads than free cores make torch spin-wait (10x slower).
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 2) // 2))
     from lm_eval import simple_evaluate

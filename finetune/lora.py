@@ -748,6 +748,8 @@ class _Trainer:
         with contextlib.redirect_stdout(io.StringIO()):  # merge_lora pprints its locals
             merge_lora(checkpoint_dir=staging, pretrained_checkpoint_dir=cfg["checkpoint_dir"])
         if cfg["export_hf"]:
+            from onegpu.inference import export_hf
+
             export_hf(staging, staging / "hf")
         if final.exists():
             shutil.rmtree(final)
@@ -809,28 +811,3 @@ def plot_training_curves(out_dir: Path) -> Path | None:
     plt.close(fig)
     return path
 
-
-def export_hf(lit_dir: Path, out: Path) -> Path:
-    """Merged litgpt checkpoint -> Hugging Face ``save_pretrained`` dir (needs the base's config.json)."""
-    import contextlib
-    import io
-
-    import torch
-    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
-
-    if not (lit_dir / "config.json").is_file():
-        raise UserError(f"cannot export to HF format: {lit_dir} has no config.json (the base checkpoint had none)",
-                        fix="drop --export_hf, or prepare the base with `onegpu model prepare` which keeps config.json")
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert_lit_checkpoint(lit_dir, out)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    state = torch.load(out / "model.pth", map_location="cpu", weights_only=True)
-    hf_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(lit_dir))
-    hf_model.load_state_dict(state, strict=False)
-    hf_model.save_pretrained(out, safe_serialization=True)
-    (out / "model.pth").unlink()
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "tokenizer.model"):
-        if (lit_dir / name).is_file():
-            shutil.copy(lit_dir / name, out / name)
-    return out

@@ -40,7 +40,7 @@ import torch
 from litgpt.model import KVCache
 from torch import nn
 
-from onegpu.checkpoints import locate_checkpoint, merged_checkpoint, resolve_prompt_style
+from onegpu import inference
 from onegpu.errors import UserError
 
 GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
@@ -49,17 +49,7 @@ PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens prefilled in one forward
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading
-
-
-def resolve_checkpoint(checkpoint: Path, base_checkpoint: Path | None = None) -> Path:
-    """A loadable litgpt checkpoint dir: merged as is, or base + LoRA adapter merged once (cached)."""
-    return merged_checkpoint(locate_checkpoint(checkpoint, base_checkpoint))
-
-
-def load_prompt_style(spec: str, checkpoint: Path):
-    """``raw`` -> None; ``auto`` -> the checkpoint's prompt_style.yaml or None (warns); else a litgpt name."""
-    return resolve_prompt_style(spec, checkpoint, who="onegpu serve")
+# The KV cache
 
 
 class SlotKVCache(KVCache):
@@ -199,35 +189,18 @@ class Engine:
                  max_seq_length: int = 2048, quantize: str | None = None, prompt_style: str = "auto",
                  num_threads: int | None = None, base_checkpoint: Path | None = None,
                  prefix_cache_mb: int = 1024):
-        from litgpt import Config
-        from litgpt.tokenizer import Tokenizer
-
-        self.checkpoint = resolve_checkpoint(checkpoint, base_checkpoint)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is visible", fix="use --device cpu")
-        self.device = torch.device(device)
-        if dtype == "auto":  # bf16 matmuls are very slow on CPUs; fp32 there
-            dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else (
-                "float16" if self.device.type == "cuda" else "float32")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"unknown dtype {dtype!r}", fix="use auto, float32, bfloat16 or float16")
-        self.dtype = getattr(torch, dtype)
-        if quantize is not None and self.device.type != "cuda":
-            raise UserError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes)", fix="drop --quantize on CPU")
         if max_batch_size < 1:
             raise UserError(f"max_batch_size={max_batch_size}", fix="use 1 or more")
         if num_threads:
             torch.set_num_threads(num_threads)
-
-        self.tokenizer = Tokenizer(self.checkpoint)
-        self.tokenizer.use_bos = self._training_bos(Path(checkpoint), base_checkpoint)
-        self.prompt_style = load_prompt_style(prompt_style, self.checkpoint)
+        # model, tokenizer (BOS rule), dtype and prompt style: the same loader as `onegpu eval val`
+        loaded = inference.load(checkpoint, base_checkpoint=base_checkpoint, device=device, dtype=dtype,
+                                quantize=quantize, prompt_style=prompt_style, who="onegpu serve")
+        self.checkpoint, self.device, self.dtype = loaded.checkpoint, loaded.device, loaded.dtype
+        self.tokenizer, self.model, self.prompt_style = loaded.tokenizer, loaded.model, loaded.prompt_style
         self.prompt_style_name = type(self.prompt_style).__name__ if self.prompt_style else "raw"
-        config = Config.from_file(self.checkpoint / "model_config.yaml")
+        config = self.model.config
         self.max_seq_length = min(max_seq_length, config.block_size)
-        self.model = self._load_model(config, quantize)
         self.vocab_size = config.vocab_size
         self.softcap = config.final_logit_softcapping
         # lm_head runs only where logits are needed (see module docstring)
@@ -258,54 +231,6 @@ class Engine:
         self._worker = threading.Thread(target=self._run, name="onegpu-engine", daemon=True)
         self._worker.start()
         atexit.register(self.shutdown)  # a daemon thread inside torch at interpreter exit aborts it
-
-    def _training_bos(self, source: Path, base_checkpoint: Path | None) -> bool:
-        """Whether prompts start with BOS: as the base model's tokenizer did when it was fine-tuned.
-
-        litgpt decides this partly from the checkpoint dir's *name* (SmolLM2-*-Instruct, Llama-3*),
-        so a fine-tune's ``out/final`` or a merged copy would silently lose the BOS its training
-        data had. The base named by ``--base_checkpoint`` or ``hyperparameters.yaml`` decides.
-        """
-        import yaml
-        from litgpt.tokenizer import Tokenizer
-
-        base = base_checkpoint
-        for hparams_file in (source / "hyperparameters.yaml", self.checkpoint / "hyperparameters.yaml"):
-            if base is None and hparams_file.is_file():
-                named = (yaml.safe_load(hparams_file.read_text()) or {}).get("checkpoint_dir")
-                base = Path(str(named)).expanduser() if named else None
-        if base is not None and base.is_dir() and (base / "tokenizer_config.json").is_file():
-            return Tokenizer(base).use_bos
-        return self.tokenizer.use_bos
-
-    def _load_model(self, config, quantize: str | None):
-        from litgpt import GPT
-
-        path = self.checkpoint / "lit_model.pth"
-        if quantize is None:
-            with torch.device("meta"):
-                model = GPT(config)
-            state = torch.load(str(path), mmap=True, weights_only=True, map_location="cpu")
-            state = state.get("model", state)
-            model.load_state_dict(state, assign=True)
-            # the rope caches were built on meta: rebuild them before moving
-            model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
-            return model.to(device=self.device, dtype=self.dtype).eval()
-        import lightning as L
-        from lightning.fabric.plugins import BitsandbytesPrecision
-        from litgpt.utils import load_checkpoint
-
-        choices = {"nf4", "nf4-dq", "fp4", "fp4-dq", "int8"}
-        if quantize.removeprefix("bnb.") not in choices:
-            raise UserError(f"unknown quantization {quantize!r}", fix=f"use one of bnb.{', bnb.'.join(sorted(choices))}")
-        mode = quantize.removeprefix("bnb.")
-        precision_dtype = torch.float16 if mode == "int8" else self.dtype
-        fabric = L.Fabric(accelerator="cuda", devices=1, plugins=BitsandbytesPrecision(mode, precision_dtype))
-        with fabric.init_module(empty_init=True):
-            model = GPT(config)
-        model = fabric.setup_module(model)
-        load_checkpoint(fabric, model, path)
-        return model.module.eval()
 
     # ------------------------------------------------------------------------------------------
     # Tokenizer helpers
@@ -365,6 +290,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     # Public API
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Next-token logits (T, vocab) at every position of ``ids``: one plain forward, no KV cache
+        and no batching, i.e. what the loaded model computes (to compare with `eval val`'s)."""
+        return self._logits(self.model(torch.tensor([ids], dtype=torch.long, device=self.device))[0])
 
     def submit(self, request: GenRequest) -> Future:
         if self._stopping:

@@ -320,7 +320,7 @@ def pack(model: str | None = None, track: Literal["a100-40gb", "rtx4090-24gb"] |
     """
     import yaml
 
-    from onegpu.submission.engine import load_prompt_style
+    from onegpu.inference import resolve_prompt_style
     from onegpu.submission.postprocess import parse_rules
 
     # flags rather than positionals (`--model X --track Y`), as the submission docs write them
@@ -335,7 +335,7 @@ def pack(model: str | None = None, track: Literal["a100-40gb", "rtx4090-24gb"] |
                                                                   "prefix_cache_mb >= 0")
     rules = parse_rules(postprocess)
     if prompt_style not in ("raw", "auto"):
-        load_prompt_style(prompt_style, Path("."))  # unknown names fail here, listing the known ones
+        resolve_prompt_style(prompt_style, Path("."))  # unknown names fail here, listing the known ones
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty", fix="pass another --out, or --force true to overwrite it")

@@ -23,8 +23,9 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
+from onegpu.contracts import Quantize
 from onegpu.errors import UserError
 from onegpu.submission.schemas import DecodeResponse, ErrorResponse, ProcessResponse, TokenizeRequest, TokenizeResponse
 
@@ -197,8 +198,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
           device: str = "auto", dtype: str | None = None, prompt_style: str | None = None,
           postprocess: str | None = None,
           max_batch_size: int | None = None,
-          max_seq_length: int = 2048, quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq",
-                                                         "bnb.int8"] | None = None,
+          max_seq_length: int = 2048, quantize: Quantize | None = None,
           wandb_artifact: str | None = None, hub_model: str | None = None, base_checkpoint: Path | None = None,
           num_threads: int | None = None, prefix_cache_mb: int = 1024, access_log: bool = False) -> None:
     """Serve a checkpoint over the challenge's HTTP API until interrupted.
@@ -265,7 +265,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     if not 0 < port < 65536:
         raise UserError(f"port {port} is out of range", fix="use 1-65535")
     if wandb_artifact:
-        from onegpu.checkpoints import download_wandb_artifact
+        from onegpu.inference import download_wandb_artifact
 
         checkpoint = download_wandb_artifact(wandb_artifact)
     elif hub_model:
