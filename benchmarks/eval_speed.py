@@ -43,9 +43,9 @@ def main() -> None:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from onegpu.eval.hf_export import export_hf
     from onegpu.eval.lm import LitGPTLM
     from onegpu.eval.validate import task_manager
+    from onegpu.inference import export_hf
     from onegpu.model import prepare
 
     torch.set_num_threads(args.threads)
@@ -57,10 +57,12 @@ def main() -> None:
     manager, _ = task_manager([t for t, _, _ in tasks])
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = export_hf(checkpoint, Path(tmp) / "hf")
-        models = {
-            "onegpu": LitGPTLM(checkpoint, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                               prompt_style="raw"),
-            "HFLM": HFLM(pretrained=str(hf_dir), batch_size=args.batch_size, device=args.device, dtype=args.dtype),
+        ours = LitGPTLM(checkpoint, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                        prompt_style="raw")
+        models = {  # HFLM with the BOS decision the inference layer made for ours: the same requests
+            "onegpu": ours,
+            "HFLM": HFLM(pretrained=str(hf_dir), batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                         add_bos_token=ours.add_bos_token),
         }
         times: dict[tuple[str, str], list[float]] = {}
         last: dict[tuple[str, str], dict] = {}

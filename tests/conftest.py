@@ -36,6 +36,37 @@ def bundled_checkpoint() -> Path:
     return prepare()
 
 
+def make_adapter(base: Path, out: Path) -> Path:
+    """A small random LoRA adapter on ``base``, laid out as litgpt's finetune writes it (no merged weights)."""
+    import shutil
+
+    import torch
+    import yaml
+    from litgpt.lora import GPT as LoRAGPT
+    from litgpt.lora import Config as LoRAConfig
+    from litgpt.prompts import save_prompt_style
+
+    hparams = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_query": True, "lora_value": True}
+    config = LoRAConfig.from_file(base / "model_config.yaml", **hparams)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LoRAGPT(config).state_dict().items() if "lora_" in k}
+    generator = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in shapes.items()}
+    out.mkdir(parents=True)
+    torch.save(weights, out / "lit_model.pth.lora")
+    (out / "hyperparameters.yaml").write_text(yaml.safe_dump(
+        {"checkpoint_dir": str(base), "precision": "32-true", **hparams}))
+    shutil.copy(base / "model_config.yaml", out / "model_config.yaml")
+    save_prompt_style("smollm2", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(bundled_checkpoint, tmp_path_factory) -> Path:
+    """An adapter-only dir on the bundled model (``make_adapter``), merged by whoever loads it."""
+    return make_adapter(bundled_checkpoint, tmp_path_factory.mktemp("adapter") / "out-final")
+
+
 def default_sigint() -> None:
     """Popen preexec_fn: give the child the default Ctrl-C behaviour.
 

@@ -1,9 +1,7 @@
-"""The lm-eval wrapper (`eval/lm.py`) scores exactly like lm-eval's own HFLM on the same weights,
-and loads adapter-only LoRA dirs like litgpt's merge_lora does."""
+"""The lm-eval wrapper (`eval/lm.py`) scores exactly like lm-eval's own HFLM on the same weights
+(HFLM given the same BOS decision, `add_bos_token`, that the inference layer makes for both)."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 import torch
@@ -15,13 +13,14 @@ pytestmark = pytest.mark.slow
 def models(bundled_checkpoint, shared_datasets, tmp_path_factory):
     from lm_eval.models.huggingface import HFLM
 
-    from onegpu.eval.hf_export import export_hf
     from onegpu.eval.lm import LitGPTLM
+    from onegpu.inference import export_hf
 
     torch.set_num_threads(1)  # shared 2-core CI: a second thread spin-waits more than it computes
     hf_dir = export_hf(bundled_checkpoint, tmp_path_factory.mktemp("hf") / "model")
     ours = LitGPTLM(bundled_checkpoint, batch_size=4, device="cpu", dtype="float32", prompt_style="raw")
-    theirs = HFLM(pretrained=str(hf_dir), batch_size=4, device="cpu", dtype="float32")
+    theirs = HFLM(pretrained=str(hf_dir), batch_size=4, device="cpu", dtype="float32",
+                  add_bos_token=ours.add_bos_token)
     return ours, theirs
 
 
@@ -76,40 +75,3 @@ def test_stop_strings_and_batching(models):
     assert batched == one_by_one
     assert all("\n" not in text for text in batched)
 
-
-def test_adapter_only_dir_equals_litgpt_merge(bundled_checkpoint, tmp_path):
-    """A dir with only lit_model.pth.lora + hyperparameters.yaml loads as litgpt's merge_lora output."""
-    import yaml
-    from litgpt.lora import GPT as LoRAGPT, Config as LoRAConfig, lora_filter
-    from litgpt.scripts.merge_lora import merge_lora
-
-    from onegpu.eval.lm import load_litgpt_model, resolve_checkpoint
-
-    lora = {"lora_r": 4, "lora_alpha": 8, "lora_query": True, "lora_value": True}
-    config = LoRAConfig.from_file(bundled_checkpoint / "model_config.yaml", **lora)
-    torch.manual_seed(0)
-    model = LoRAGPT(config)
-    adapter = {k: (torch.randn_like(v) * 0.02) for k, v in model.state_dict().items() if lora_filter(k, v)}
-    adapter_dir = tmp_path / "adapter"
-    adapter_dir.mkdir()
-    torch.save(adapter, adapter_dir / "lit_model.pth.lora")
-    for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):  # litgpt's LoRA output layout
-        shutil.copy(bundled_checkpoint / name, adapter_dir / name)
-    (adapter_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(
-        {**lora, "checkpoint_dir": str(bundled_checkpoint), "precision": "32-true"}))
-
-    ckpt, base = resolve_checkpoint(adapter_dir)
-    assert base == bundled_checkpoint
-    ours = load_litgpt_model(ckpt, base, torch.device("cpu"), torch.float32)
-
-    merged_dir = tmp_path / "merged"
-    shutil.copytree(adapter_dir, merged_dir)
-    merge_lora(merged_dir)
-    reference = load_litgpt_model(merged_dir, None, torch.device("cpu"), torch.float32)
-    plain = load_litgpt_model(bundled_checkpoint, None, torch.device("cpu"), torch.float32)
-
-    idx = torch.randint(0, 1000, (1, 12))
-    with torch.inference_mode():
-        got, want, base_out = ours(idx), reference(idx), plain(idx)
-    assert torch.allclose(got, want, atol=1e-4)
-    assert not torch.allclose(got, base_out, atol=1e-3)  # the adapter really changed the model

@@ -91,7 +91,7 @@ def test_server_prompt_function_matches_render_for_every_style():
 
 
 def test_eval_uses_the_same_format(templated_checkpoint, untemplated_checkpoint, capsys):
-    from onegpu.eval.lm import resolve_prompt_style
+    from onegpu.inference import resolve_prompt_style
 
     style = resolve_prompt_style("auto", templated_checkpoint, None)
     assert style.apply(QUESTION) == render({"instruction": QUESTION, "input": "", "output": ""}, TRAINED_STYLE)[0]
@@ -100,13 +100,13 @@ def test_eval_uses_the_same_format(templated_checkpoint, untemplated_checkpoint,
 
 
 def test_missing_format_warns_and_serves_raw_unknown_style_lists_known(untemplated_checkpoint, capsys):
-    from onegpu.submission.engine import load_prompt_style
+    from onegpu.inference import resolve_prompt_style
 
-    assert load_prompt_style("auto", untemplated_checkpoint) is None
+    assert resolve_prompt_style("auto", untemplated_checkpoint, who="onegpu serve") is None
     warning = capsys.readouterr().err
     assert "no prompt_style.yaml" in warning and "raw" in warning
     with pytest.raises(UserError) as err:
-        load_prompt_style("alpacca", untemplated_checkpoint)
+        resolve_prompt_style("alpacca", untemplated_checkpoint)
     assert "alpacca" in err.value.problem and "alpaca" in err.value.fix and "raw" in err.value.fix
 
 

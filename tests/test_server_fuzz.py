@@ -20,7 +20,6 @@ import httpx
 import pytest
 import schemathesis
 import torch
-import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
@@ -30,27 +29,6 @@ from onegpu.submission.launch import free_port, running_server
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
 
-def make_adapter(base: Path, out: Path) -> Path:
-    """A small random LoRA adapter on ``base``, laid out as litgpt's finetune writes it."""
-    from litgpt.lora import GPT as LoRAGPT
-    from litgpt.lora import Config as LoRAConfig
-    from litgpt.prompts import save_prompt_style
-
-    hparams = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_query": True, "lora_value": True}
-    config = LoRAConfig.from_file(base / "model_config.yaml", **hparams)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LoRAGPT(config).state_dict().items() if "lora_" in k}
-    generator = torch.Generator().manual_seed(0)
-    weights = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in shapes.items()}
-    out.mkdir(parents=True)
-    torch.save(weights, out / "lit_model.pth.lora")
-    (out / "hyperparameters.yaml").write_text(yaml.safe_dump(
-        {"checkpoint_dir": str(base), "precision": "32-true", **hparams}))
-    shutil.copy(base / "model_config.yaml", out / "model_config.yaml")
-    save_prompt_style("smollm2", out)
-    return out
-
-
 def docker_cmd() -> list[str]:
     match = re.search(r"^CMD (\[.*\])\s*$", DOCKERFILE.read_text(), flags=re.M)
     assert match, "the Dockerfile needs an exec-form CMD"
@@ -58,12 +36,7 @@ def docker_cmd() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def adapter(bundled_checkpoint, tmp_path_factory) -> Path:
-    return make_adapter(bundled_checkpoint, tmp_path_factory.mktemp("adapter") / "out-final")
-
-
-@pytest.fixture(scope="module")
-def docker_server(adapter, tmp_path_factory):
+def docker_server(lora_adapter, tmp_path_factory):
     cmd = docker_cmd()
     assert cmd[:2] == ["onegpu", "serve"] and "--host" in cmd and "--port" in cmd
     port = free_port()
@@ -71,7 +44,7 @@ def docker_server(adapter, tmp_path_factory):
     cmd[cmd.index("--host") + 1] = "127.0.0.1"
     cmd[cmd.index("--port") + 1] = str(port)
     # as in the image: the model dir from ONEGPU_CHECKPOINT, prompt style auto; a fresh merge cache
-    env = {"ONEGPU_CHECKPOINT": str(adapter), "ONEGPU_PROMPT_STYLE": "auto", "ONEGPU_WANDB_ARTIFACT": "",
+    env = {"ONEGPU_CHECKPOINT": str(lora_adapter), "ONEGPU_PROMPT_STYLE": "auto", "ONEGPU_WANDB_ARTIFACT": "",
            "ONEGPU_CACHE": str(tmp_path_factory.mktemp("cache"))}
     with running_server(None, "--max_seq_length", "96", "--max_batch_size", "8", "--num_threads", "1",
                         command=cmd, port=port, env=env) as base_url:
@@ -90,7 +63,7 @@ def test_dockerfile_lints_clean_and_keeps_weights_out():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_adapter_dir_is_merged_and_served(docker_server, adapter, bundled_checkpoint, tmp_path):
+def test_adapter_dir_is_merged_and_served(docker_server, lora_adapter, bundled_checkpoint, tmp_path):
     from litgpt import GPT, Config
     from litgpt.scripts.merge_lora import merge_lora
     from litgpt.tokenizer import Tokenizer
@@ -99,7 +72,7 @@ def test_adapter_dir_is_merged_and_served(docker_server, adapter, bundled_checkp
     torch.set_num_threads(1)
     try:
         reference_dir = tmp_path / "merged"
-        shutil.copytree(adapter, reference_dir)
+        shutil.copytree(lora_adapter, reference_dir)
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
             shutil.copy(bundled_checkpoint / name, reference_dir / name)
         merge_lora(reference_dir, pretrained_checkpoint_dir=bundled_checkpoint)
