@@ -18,7 +18,8 @@ from onegpu.errors import UserError
 # verb words -> (module, function, one-line description). Order is the order of --help.
 VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("quickstart",): ("onegpu.quickstart", "quickstart", "run the whole pipeline on the bundled model (offline, CPU)"),
-    ("model", "prepare"): ("onegpu.model", "prepare", "make a litgpt checkpoint: bundled SmolLM2 or a hub model id"),
+    ("model", "prepare"): ("onegpu.model", "prepare", "make a litgpt checkpoint: bundled SmolLM2, a hub id or a local HF dir"),
+    ("model", "push"): ("onegpu.publish", "push", "publish a fine-tuned checkpoint to the Hugging Face Hub with a lineage card"),
     ("data", "build"): ("onegpu.data.build", "build", "build a training mix from a recipe YAML -> train/val/rejects JSONL + manifest"),
     ("data", "sources"): ("onegpu.data.sources", "list_sources", "list the registered datasets with licence and provenance"),
     ("finetune",): ("onegpu.finetune.lora", "finetune", "LoRA/QLoRA fine-tuning with packing, telemetry and a budget clock"),
@@ -79,6 +80,49 @@ def _gather_list_positionals(fn, rest: list[str]) -> list[str]:
     return [json.dumps(rest[:bare]), *rest[bare:]]
 
 
+def _gather_list_options(fn, rest: list[str]) -> list[str]:
+    """``--results A B``: the bare values after a list-typed option become its one JSON list token.
+
+    (A value already written as a list, ``'[A, B]'``, or ``null`` is passed as is.)
+    """
+    import inspect
+    import json
+
+    lists = {p.name for p in inspect.signature(fn).parameters.values()
+             if p.default is not inspect.Parameter.empty and "list" in str(p.annotation).lower()}
+    out, i = [], 0
+    while i < len(rest):
+        token = rest[i]
+        out.append(token)
+        i += 1
+        if token.startswith("--") and token[2:] in lists:
+            end = i
+            while end < len(rest) and not rest[end].startswith("-"):
+                end += 1
+            values = rest[i:end]
+            if values and not (len(values) == 1 and (values[0].lstrip().startswith("[") or values[0] == "null")):
+                out.append(json.dumps(values))
+                i = end
+    return out
+
+
+def _optional_first_positional(fn, rest: list[str]) -> list[str]:
+    """``onegpu model prepare ORG/NAME``: one bare value first = the first parameter, even with a default.
+
+    jsonargparse makes only parameters without defaults positional. A verb whose first parameter
+    has a default also takes it as a bare first argument; ``--NAME VALUE`` keeps working.
+    """
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or params[0].default is inspect.Parameter.empty or params[0].kind not in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+        return rest
+    if not rest or rest[0].startswith("-") or (len(rest) > 1 and not rest[1].startswith("-")):
+        return rest  # no bare first value, or several: leave them to jsonargparse's own error
+    return [f"--{params[0].name}", rest[0], *rest[1:]]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -102,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
     fn = getattr(importlib.import_module(module_name), fn_name)
-    rest = _gather_list_positionals(fn, rest)
+    rest = _optional_first_positional(fn, _gather_list_options(fn, _gather_list_positionals(fn, rest)))
     try:
         result = CLI(fn, args=rest, prog=f"onegpu {' '.join(words)}", as_positional=True)
     except UserError as err:
