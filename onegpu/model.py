@@ -385,7 +385,8 @@ def litgpt_name_for(source: str, hf_config: dict[str, Any]) -> str:
     raise UserError(f"litgpt does not know {source!r} ({arch}; closest litgpt configs by architecture: "
                     f"{', '.join(close) or 'none'})",
                     fix=f"name the litgpt config to convert with: --model_name {close[0] if close else 'NAME'} "
-                        f"(families: {', '.join(litgpt_families())}; every name: `litgpt download list`)")
+                        f"(families: {', '.join(litgpt_families())}; "
+                        "the repos behind each config: `litgpt download list`)")
 
 
 def _fits(cfg, field: str, value: int) -> bool:

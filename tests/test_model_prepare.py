@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
@@ -53,6 +54,26 @@ def test_hub_id_without_network_names_network_and_token(tmp_path):
     assert not (tmp_path / "out").exists() and set(_left_behind(tmp_path)) <= {"hf-home"}
 
 
+def test_cli_takes_an_optional_first_positional_and_space_separated_list_options():
+    """jsonargparse's parsed config (--print_config runs nothing): what each form of the command means."""
+    def parsed(*args: str) -> dict:
+        res = _onegpu(*args, "--print_config")
+        assert res.returncode == 0, res.stderr
+        return yaml.safe_load(res.stdout)
+
+    assert parsed("model", "prepare", "org/name", "--revision", "abc")["model"] == "org/name"
+    assert parsed("model", "prepare", "--model", "org/name")["model"] == "org/name"
+    assert parsed("model", "prepare")["model"] == "bundled"
+    push = parsed("model", "push", "runs/ft/final", "--repo", "me/x", "--results", "runs/a", "runs/b",
+                  "--private", "true")
+    assert push["checkpoint"] == "runs/ft/final" and push["results"] == ["runs/a", "runs/b"] and push["private"] is True
+    listed = parsed("model", "push", "ck", "--repo", "me/x", "--results", "[runs/a, runs/b]")
+    assert listed["results"] == ["runs/a", "runs/b"]
+    assert parsed("eval", "val", "ckpt", "--tasks", "onegpu_bbq")["tasks"] == ["onegpu_bbq"]
+    two = _onegpu("model", "prepare", "org/a", "org/b")
+    assert two.returncode == 2 and "Unrecognized arguments" in two.stderr  # two sources: still an error
+
+
 def test_bad_source_and_bad_options_fail_before_any_work(tmp_path):
     res = _onegpu("model", "prepare", "not a model id")
     assert res.returncode == 2 and "neither 'bundled'" in res.stderr
@@ -73,16 +94,16 @@ def hf_dir_named_ft(tmp_path_factory, bundled_checkpoint) -> Path:
 
 
 def test_unknown_architecture_is_refused_with_closest_configs_and_model_name(tmp_path, hf_dir_named_ft):
-    from onegpu.model import prepare
-
+    """A dir/repo name litgpt does not list (a user's fine-tune): exit 2 before converting, with the fix."""
     out = tmp_path / "out"
-    with pytest.raises(UserError) as err:
-        prepare(str(hf_dir_named_ft), checkpoint_dir=out)
-    assert "litgpt does not know" in err.value.problem and "LlamaForCausalLM" in err.value.problem
+    res = _onegpu("model", "prepare", str(hf_dir_named_ft), "--checkpoint_dir", str(out))
+    assert res.returncode == 2, res.stderr
+    problem, fix = res.stderr.split("  fix: ")
+    assert "litgpt does not know" in problem and "LlamaForCausalLM" in problem
     # the closest configs by architecture are SmolLM2-135M's (same layers, widths, heads, vocab)
-    assert "SmolLM2-135M" in err.value.problem
-    assert err.value.fix.startswith("name the litgpt config to convert with: --model_name SmolLM2-135M")
-    assert "SmolLM2" in err.value.fix and "Llama" in err.value.fix  # the families
+    assert "closest litgpt configs by architecture: SmolLM2-135M" in problem
+    assert fix.startswith("name the litgpt config to convert with: --model_name SmolLM2-135M")
+    assert "families:" in fix and "SmolLM2" in fix and "Llama" in fix
     assert not out.exists() and _left_behind(tmp_path) == []
 
 

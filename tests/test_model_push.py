@@ -45,7 +45,7 @@ def trained(tmp_path_factory, shared_datasets, bundled_checkpoint) -> dict[str, 
     finetune(data=str(data), checkpoint_dir=bundled_checkpoint, out_dir=root / "ft", max_steps=3, micro_batch_size=2,
              global_batch_size=2, learning_rate=1e-3, warmup_steps=0, eval_interval=0, num_samples=0,
              save_interval=0, num_threads=2, progress=False)
-    validate(checkpoint=root / "ft" / "final", tasks=["onegpu_truthfulqa_mc1", "onegpu_mmlu_philosophy"], limit=3,
+    validate(checkpoint=root / "ft" / "final", tasks=["onegpu_truthfulqa_mc1", "onegpu_mmlu_philosophy"], limit=2,
              out=root / "eval-val", num_threads=2)
     return {"root": root, "data": data, "final": root / "ft" / "final", "eval": root / "eval-val"}
 
