@@ -56,7 +56,7 @@ def push(checkpoint: Path, repo: str | None = None, dry_run: Path | None = None,
         dry_run: write the exact folder that would be uploaded into this dir and stop before any
             network call (the dir must be new, empty, or an earlier dry run).
         weights: ``merged`` (HF-format safetensors, loads with transformers) or ``adapter`` (litgpt's
-            LoRA weights + the base model's hub id; needs a base prepared from the hub).
+            LoRA weights + the base model's hub id, for a base from `onegpu model prepare`).
         results: ``onegpu eval val`` / ``onegpu eval helm`` out dirs (with ``results.json``) whose
             scores go into the card, e.g. ``--results runs/eval-val runs/eval-helm``.
         data: the data dir the model was trained on, when it is no longer where
@@ -78,13 +78,21 @@ def push(checkpoint: Path, repo: str | None = None, dry_run: Path | None = None,
               f"(nothing uploaded)", file=sys.stderr)
         print(folder)
         return {"dry_run": str(folder), "repo": repo, "files": sorted(p.name for p in folder.iterdir())}
-    with tempfile.TemporaryDirectory(prefix="onegpu-push-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".push-", dir=_scratch_dir()) as tmp:
         folder = write_upload_folder(ref, Path(tmp) / "upload", repo, weights, lineage, license)
         message = commit_message or (f"onegpu push: {ref.path.name} (git {lineage['run'].get('git_sha') or '?'})")
         url = upload(api, folder, repo, private=private, revision=revision, commit_message=message)
     print(f"[onegpu push] uploaded {ref.path} -> {url}", file=sys.stderr)
     print(url)
     return {"repo": repo, "url": url}
+
+
+def _scratch_dir() -> Path:
+    # beside the checkpoints, not in /tmp: a merged 7B export is ~14 GB
+    from onegpu.paths import cache_dir
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    return cache_dir()
 
 
 def _check_repo_id(repo: str | None) -> None:
