@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 import yaml
 
-from onegpu.checkpoints import CheckpointRef, locate_checkpoint, merged_checkpoint
 from onegpu.contracts import RunDir, read_json, read_manifest
 from onegpu.errors import UserError
+from onegpu.inference import CheckpointRef, export_hf, locate_checkpoint, uses_bos
 from onegpu.model import PROVENANCE, file_sha256
 
 Weights = Literal["merged", "adapter"]
@@ -173,7 +173,7 @@ def write_upload_folder(ref: CheckpointRef, folder: Path, repo: str, weights: We
             if source.is_file():
                 shutil.copy(source, folder / name)
     else:
-        export_merged_hf(merged_checkpoint(ref), folder)
+        export_hf(ref.path, folder)  # the one litgpt -> HF export (merges an adapter-only dir first)
     write_chat_template(folder, ref)
     hparams = ref.path / "hyperparameters.yaml"
     if hparams.is_file():
@@ -182,19 +182,10 @@ def write_upload_folder(ref: CheckpointRef, folder: Path, repo: str, weights: We
     lineage = {**lineage, "repo": repo, "weights": weights}
     (folder / LINEAGE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
     (folder / "README.md").write_text(model_card(lineage, license), encoding="utf-8")
-    for path in folder.iterdir():  # some writers create 0600 files; the folder may be COPYed into an image
+    folder.chmod(0o755)  # temp-dir writers create 0700/0600; the folder may be COPYed into an image
+    for path in folder.iterdir():
         path.chmod(0o644)
     return folder
-
-
-def export_merged_hf(checkpoint: Path, folder: Path) -> None:
-    """The one call into the litgpt -> HF exporter (re-point here when the exporters merge)."""
-    import contextlib
-
-    from onegpu.eval.hf_export import export_hf
-
-    with contextlib.redirect_stdout(sys.stderr):  # litgpt's converter pprints; stdout's last line is the folder
-        export_hf(checkpoint, folder)
 
 
 def portable_hyperparameters(hparams: dict[str, Any], base_id: str | None) -> dict[str, Any]:
@@ -228,12 +219,11 @@ def write_chat_template(folder: Path, ref: CheckpointRef) -> None:
 
 
 def _template_needs_bos(folder: Path, ref: CheckpointRef) -> bool:
-    """litgpt prepended BOS in training, and the pushed HF tokenizer does not add it by itself."""
-    from litgpt import Tokenizer
+    """Training prepended BOS (onegpu.inference's rule), and the pushed HF tokenizer does not add it."""
     from transformers import AutoTokenizer
 
     tokenizer_dir = ref.path if (ref.path / "tokenizer.json").is_file() or ref.base is None else ref.base
-    if not Tokenizer(tokenizer_dir).use_bos:
+    if not uses_bos(ref, tokenizer_dir):
         return False
     hf = AutoTokenizer.from_pretrained(folder)
     return hf.bos_token_id is not None and hf("a").input_ids[:1] != [hf.bos_token_id]

@@ -88,7 +88,7 @@ def test_bad_source_and_bad_options_fail_before_any_work(tmp_path):
 @pytest.fixture(scope="module")
 def hf_dir_named_ft(tmp_path_factory, bundled_checkpoint) -> Path:
     """The bundled model in HF format, in a dir whose name litgpt does not know (like a user's fine-tune)."""
-    from onegpu.eval.hf_export import export_hf
+    from onegpu.inference import export_hf
 
     return export_hf(bundled_checkpoint, tmp_path_factory.mktemp("user") / "ft")
 

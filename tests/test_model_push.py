@@ -104,7 +104,7 @@ def test_dry_run_folder_loads_in_transformers_with_the_same_logits_and_a_lineage
 def test_adapter_dry_run_merges_back_onto_the_base_to_the_same_weights(trained, tmp_path, bundled_checkpoint):
     from huggingface_hub import ModelCard
 
-    from onegpu.checkpoints import locate_checkpoint, merged_checkpoint
+    from onegpu.inference import locate_checkpoint, merged_checkpoint
     from onegpu.publish import push
 
     folder = tmp_path / "adapter"
