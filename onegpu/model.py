@@ -453,24 +453,10 @@ def _convert_in_place(hf_dir: Path, staged: Path, model_name: str, provenance: d
     shutil.rmtree(hf_dir)
     _write_provenance(staged, provenance)
     verify_checkpoint(staged)
-    _make_readable(staged)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_readable(path: Path) -> None:
-    # mkdtemp/mkstemp create 0700/0600: a checkpoint prepared as root in a Docker build must stay
-    # readable by the image's non-root user, as a plain mkdir would have made it.
-    os.chmod(path, 0o777 & ~_umask())
 
 
 def _write_provenance(checkpoint: Path, provenance: dict[str, Any]) -> None:
     atomic_write_json(checkpoint / PROVENANCE, provenance)
-    os.chmod(checkpoint / PROVENANCE, 0o666 & ~_umask())
 
 
 def verify_checkpoint(path: Path) -> None:

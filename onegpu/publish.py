@@ -182,9 +182,6 @@ def write_upload_folder(ref: CheckpointRef, folder: Path, repo: str, weights: We
     lineage = {**lineage, "repo": repo, "weights": weights}
     (folder / LINEAGE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
     (folder / "README.md").write_text(model_card(lineage, license), encoding="utf-8")
-    folder.chmod(0o755)  # temp-dir writers create 0700/0600; the folder may be COPYed into an image
-    for path in folder.iterdir():
-        path.chmod(0o644)
     return folder
 
 
