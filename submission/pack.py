@@ -36,7 +36,7 @@ from typing import Literal
 from onegpu.contracts import TRACKS, Quantize, Track, TrackSpec, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
-from onegpu.submission.weights import MODEL_DIR, WeightsRoute, copy_serving_files, parse_route, pin_revision
+from onegpu.submission.weights import MODEL_DIR, WeightsRoute, embed_checkpoint, parse_route, pin_revision
 
 GIB = 1 << 30
 # CUDA context + allocator slack + prefill activations (one 2048-token sequence of a 7B is ~0.3 GiB).
@@ -403,9 +403,7 @@ def write_bundle(out: Path, source: dict, route: WeightsRoute, base: WeightsRout
     ignore = (REPO_ROOT / ".dockerignore").read_text()
     if route.kind == "embed":
         ignore += "\n# the embedded model (onegpu submission pack --weights embed)\n!model/\n!model/**\n"
-        from onegpu.inference import locate_checkpoint, merged_checkpoint
-
-        copied = copy_serving_files(merged_checkpoint(locate_checkpoint(source["path"])), out / "model")
+        copied = embed_checkpoint(source["path"], out / "model")
         print(f"[onegpu pack] embedded {', '.join(copied)} from {source['path']}", file=sys.stderr)
     (out / ".dockerignore").write_text(ignore)
     (out / "Dockerfile").write_text(render_dockerfile(route, base, options))

@@ -18,6 +18,7 @@ Every route is checked (and a hub revision pinned) before pack copies anything.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -79,14 +80,30 @@ def pin_revision(route: WeightsRoute) -> WeightsRoute:
     return WeightsRoute("hub", route.name, sha)
 
 
-def copy_serving_files(checkpoint: Path, out: Path) -> list[str]:
-    """Copy a merged checkpoint's serving files (symlinks followed) into ``out``; returns their names."""
+def embed_checkpoint(source: str | Path, out: Path, base_checkpoint: str | Path | None = None) -> list[str]:
+    """Copy the serving files of ``source`` (merged first if it is an adapter dir) into ``out``.
+
+    The copy is named ``model`` wherever it goes, and litgpt decides BOS partly from a dir's name, so
+    the BOS rule the model was fine-tuned with (``onegpu.inference.uses_bos``) is written into the
+    copy's ``tokenizer_config.json`` (``add_bos_token``) where the name alone would lose it.
+    """
+    from litgpt.tokenizer import Tokenizer
+
+    from onegpu.inference import locate_checkpoint, merged_checkpoint, uses_bos
+
+    ref = locate_checkpoint(source, base_checkpoint)
+    merged = merged_checkpoint(ref)
     out.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in SERVING_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, out / name)
+        if (merged / name).is_file():
+            shutil.copy2(merged / name, out / name)  # follows symlinks: the copy stands alone
             copied.append(name)
+    bos = uses_bos(ref, merged)
+    if Tokenizer(out).use_bos != bos:
+        config_file = out / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config_file.write_text(json.dumps({**config, "add_bos_token": bos}, indent=2), encoding="utf-8")
     return copied
 
 
@@ -100,13 +117,12 @@ def fetch(weights: str, out: Path = Path(MODEL_DIR), base_checkpoint: Path | Non
         out: where the merged checkpoint's serving files go (the image's model dir).
         base_checkpoint: for an adapter-only artifact, the prepared base checkpoint to merge it into.
     """
-    from onegpu.inference import download_wandb_artifact, locate_checkpoint, merged_checkpoint
+    from onegpu.inference import download_wandb_artifact
 
     route = parse_route(weights)
     if route.kind != "wandb":
         raise UserError(f"onegpu submission fetch takes a wandb: route, got {weights!r}",
                         fix="embed and hub: routes need no fetch (the Dockerfile COPYs / prepares them)")
-    ref = locate_checkpoint(download_wandb_artifact(route.name), base_checkpoint)
-    copied = copy_serving_files(merged_checkpoint(ref), Path(out))
+    copied = embed_checkpoint(download_wandb_artifact(route.name), Path(out), base_checkpoint)
     print(f"[onegpu fetch] {route} -> {out} ({', '.join(copied)})", file=sys.stderr)
     return Path(out)

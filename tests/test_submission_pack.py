@@ -75,20 +75,43 @@ def test_embed_is_the_default_and_the_folder_holds_only_serving_files(packed, fi
     assert info["verify"]["checkpoint"] == "model/"
 
 
-def test_adapter_only_dir_is_merged_before_it_is_embedded(bundled_checkpoint, tmp_path):
-    from test_server_fuzz import make_adapter
+def test_adapter_only_dir_is_merged_before_it_is_embedded(lora_adapter, tmp_path):
+    from litgpt.tokenizer import Tokenizer
 
-    adapter = make_adapter(bundled_checkpoint, tmp_path / "adapter")
+    from onegpu.inference import locate_checkpoint, merged_checkpoint, uses_bos
+
     out = tmp_path / "sub"
-    pack(model=str(adapter), track="a100-40gb", out=out, verify=False, zip=False)
+    pack(model=str(lora_adapter), track="a100-40gb", out=out, verify=False, zip=False)
     files = {p.name for p in (out / "model").iterdir()}
     assert {"lit_model.pth", "model_config.yaml", "tokenizer.json", "prompt_style.yaml"} <= files
     assert "lit_model.pth.lora" not in files and "hyperparameters.yaml" not in files
-    from onegpu.checkpoints import locate_checkpoint, merged_checkpoint
-
-    merged = merged_checkpoint(locate_checkpoint(adapter))  # the same cached merge pack used
+    ref = locate_checkpoint(lora_adapter)
+    merged = merged_checkpoint(ref)  # the same cached merge pack used
     assert (out / "model" / "lit_model.pth").read_bytes() == (merged / "lit_model.pth").read_bytes()
-    assert (out / "model" / "prompt_style.yaml").read_text() == (adapter / "prompt_style.yaml").read_text()
+    assert (out / "model" / "prompt_style.yaml").read_text() == (lora_adapter / "prompt_style.yaml").read_text()
+    # the copy, named `model` as in the image, keeps the BOS rule of the base it was fine-tuned from
+    assert Tokenizer(out / "model").use_bos == uses_bos(ref, merged)
+    shutil.rmtree(out)
+
+
+def test_embedded_copy_keeps_a_bos_rule_that_came_from_the_dir_name(bundled_checkpoint, tmp_path):
+    """litgpt gives Llama-3* dirs a BOS by name; the copy is named `model`, so pack writes the rule down."""
+    import json
+
+    from litgpt.tokenizer import Tokenizer
+
+    named = tmp_path / "Llama-3-ft"
+    named.mkdir()
+    for item in bundled_checkpoint.iterdir():
+        if item.name != "tokenizer_config.json":
+            (named / item.name).symlink_to(item)
+    config = json.loads((bundled_checkpoint / "tokenizer_config.json").read_text())
+    (named / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "add_bos_token"}))
+    assert Tokenizer(named).use_bos  # by name only
+    out = tmp_path / "sub"
+    pack(model=str(named), track="a100-40gb", out=out, verify=False, zip=False)
+    assert Tokenizer(out / "model").use_bos
+    assert json.loads((out / "model" / "tokenizer_config.json").read_text())["add_bos_token"] is True
     shutil.rmtree(out)
 
 
