@@ -416,6 +416,25 @@ def write_bundle(out: Path, source: dict, route: WeightsRoute, base: WeightsRout
     (out / "README.md").write_text(_readme(route, base, source, options, estimate, TRACKS[options["track"]]))
 
 
+def check_options(track: str | None, prompt_style: str, postprocess: str | None, max_batch_size: int,
+                  max_seq_length: int, prefix_cache_mb: int) -> list[str]:
+    """UserError for a missing track, impossible sizes or unknown names; returns the output rules."""
+    from onegpu.inference import resolve_prompt_style
+    from onegpu.submission.postprocess import parse_rules
+
+    if track not in TRACKS:
+        raise UserError("no --track given" if track is None else f"unknown track {track!r}",
+                        fix=f"pass --track with one of: {', '.join(TRACKS)}")
+    if max_batch_size < 1 or max_seq_length < 2 or prefix_cache_mb < 0:
+        raise UserError(f"max_batch_size={max_batch_size}, max_seq_length={max_seq_length}, "
+                        f"prefix_cache_mb={prefix_cache_mb}", fix="use max_batch_size >= 1, max_seq_length >= 2, "
+                                                                  "prefix_cache_mb >= 0")
+    rules = parse_rules(postprocess)
+    if prompt_style not in ("raw", "auto"):
+        resolve_prompt_style(prompt_style, Path("."))  # unknown names fail here, listing the known ones
+    return rules
+
+
 def pack(model: str | None = None, track: Track | None = None, out: Path = Path("runs/submission"),
          weights: str | None = None, base: str | None = None,
          prompt_style: str = "auto", postprocess: str | None = None,
@@ -455,30 +474,18 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
         zip: also write OUT.zip (with embedded weights it is as large as they are).
         force: overwrite a non-empty OUT.
     """
-    from onegpu.inference import resolve_prompt_style
-    from onegpu.submission.postprocess import parse_rules
-
     # flags rather than positionals (`--model X --track Y`), as the submission docs write them
-    if not model and weights and parse_route(weights).kind != "embed":
-        model = parse_route(weights).name
+    if weights is not None and not model and parse_route(weights).kind != "embed":
+        model = parse_route(weights).name  # (a malformed route fails here, before anything is resolved)
     if not model:
         raise UserError("no --model given", fix="pass --model DIR|entity/project/name:alias|org/name, or --weights "
                                                 "hub:ORG/NAME[@REVISION] / wandb:ENTITY/PROJECT/NAME:VERSION")
-    if track not in TRACKS:
-        raise UserError("no --track given" if track is None else f"unknown track {track!r}",
-                        fix=f"pass --track with one of: {', '.join(TRACKS)}")
-    if max_batch_size < 1 or max_seq_length < 2 or prefix_cache_mb < 0:
-        raise UserError(f"max_batch_size={max_batch_size}, max_seq_length={max_seq_length}, "
-                        f"prefix_cache_mb={prefix_cache_mb}", fix="use max_batch_size >= 1, max_seq_length >= 2, "
-                                                                  "prefix_cache_mb >= 0")
-    rules = parse_rules(postprocess)
-    if prompt_style not in ("raw", "auto"):
-        resolve_prompt_style(prompt_style, Path("."))  # unknown names fail here, listing the known ones
+    rules = check_options(track, prompt_style, postprocess, max_batch_size, max_seq_length, prefix_cache_mb)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty", fix="pass another --out, or --force true to overwrite it")
     if weights is not None:
-        parse_route(weights)  # a malformed route fails before the source is resolved
+        parse_route(weights)
     source = resolve_source(model)
     route, base_route = choose_route(weights, base, source)
     options = {"track": track, "prompt_style": prompt_style, "postprocess": ",".join(rules) or None, "dtype": dtype,
