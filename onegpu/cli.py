@@ -29,6 +29,7 @@ VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("eval", "compare"): ("onegpu.eval.compare", "compare", "challenge score across runs; validation vs test plot"),
     ("serve",): ("onegpu.submission.server", "serve", "serve a checkpoint over the challenge's HTTP API"),
     ("submission", "pack"): ("onegpu.submission.pack", "pack", "write a self-contained submission folder for a track"),
+    ("submission", "fetch"): ("onegpu.submission.weights", "fetch", "inside docker build: put a W&B model artifact into the image"),
     ("sweep",): ("onegpu.sweeps.runner", "sweep", "run a W&B sweep YAML offline on this machine"),
     ("report",): ("onegpu.sweeps.report", "report", "offline HTML report comparing runs"),
     ("dashboard",): ("onegpu.sweeps.dashboard", "dashboard", "create the W&B workspace for a project (online)"),
