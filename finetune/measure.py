@@ -1,0 +1,175 @@
+"""Measure the live-tensor peak of one real training step: the quantity ``finetune/memory.py`` predicts.
+
+The step is the trainer's own: ``lora.build_model`` (litgpt LoRA GPT, bitsandbytes QLoRA swap),
+``lora.make_optimizer``, ``packing.collate`` / ``forward_hidden`` / ``loss_sum``, backward,
+optimizer step, ``zero_grad(set_to_none=True)``, on synthetic full rows (random token ids, the
+last part of every example carrying the loss).
+
+How the peak is measured:
+
+* **CUDA**: ``torch.cuda.max_memory_allocated`` over the step (live tensor bytes; the caching
+  allocator's reserved bytes are reported beside it).
+* **CPU**: RSS would include the Python/torch runtime and the allocator's free lists, so it is not
+  used. Instead, ``torch.profiler`` with ``profile_memory=True`` records every allocation and free
+  of torch's CPU allocator during the step with the allocator's running total of live bytes; the
+  step's peak is the largest running total, added to the bytes that were live before the step and
+  stay live through it (parameters, buffers, bitsandbytes quantization state, optimizer states:
+  their unique storages, counted once). The step creates its batch inside the measured region,
+  as the trainer does.
+
+A warm-up step on a short batch runs first, so the optimizer states exist (steady state).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onegpu.finetune.memory import Workload
+
+
+@dataclass
+class StepMeasurement:
+    peak_bytes: int  # live tensor bytes at the step's peak
+    resident_bytes: int  # live before the step (weights, quantization state, optimizer states)
+    reserved_bytes: int | None  # CUDA caching allocator's peak reserved bytes
+    tokens: int
+    loss_tokens: int
+    step_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def synthetic_batch(w: Workload, vocab_size: int, examples_per_row: int = 2, seed: int = 0,
+                    tokens: int | None = None) -> dict[str, Any]:
+    """Full rows of ``max_seq_length`` random tokens; in each example the last ``loss_token_fraction`` carries the loss."""
+    from onegpu.finetune.packing import IGNORE_INDEX, Example, collate
+
+    rng = random.Random(seed)
+    T = tokens or w.max_seq_length
+    per_row = examples_per_row if w.packing else 1
+    examples, rows = [], []
+    for _ in range(w.micro_batch_size):
+        row = []
+        for k in range(per_row):
+            n = T // per_row + (T % per_row if k == 0 else 0)
+            ids = [rng.randrange(vocab_size) for _ in range(n)]
+            prompt = n - math.ceil(w.loss_token_fraction * n)
+            row.append(len(examples))
+            examples.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+        rows.append(row)
+    return collate(examples, rows, pad_id=0, pad_multiple=8 if w.device == "cuda" else 1)
+
+
+def resident_tensor_bytes(model: torch.nn.Module, optimizer: Any) -> int:
+    """Bytes of the unique storages held by the model and optimizer (incl. bitsandbytes quant state)."""
+    storages: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        state = getattr(t, "quant_state", None)
+        while state is not None:  # 4-bit: absmax, code, offset; double quantization nests a second state
+            for name in ("absmax", "code", "offset"):
+                add(getattr(state, name, None))
+            state = getattr(state, "state2", None)
+        for name in ("CB", "SCB"):  # int8
+            add(getattr(t, name, None))
+    for module in model.modules():  # bnb int8 layers keep CB/SCB on their matmul state
+        state = getattr(module, "state", None)
+        for name in ("CB", "SCB"):
+            add(getattr(state, name, None))
+    for param_state in optimizer.state.values():
+        for value in param_state.values():
+            add(value)
+    return sum(storages.values())
+
+
+class LiveTensorPeak:
+    """Context manager: peak live tensor bytes of the code inside it (see the module docstring)."""
+
+    def __init__(self, device: torch.device, resident_bytes: int = 0):
+        self.device = device
+        self.resident_bytes = resident_bytes
+        self.peak_bytes = 0
+        self.reserved_bytes: int | None = None
+
+    def __enter__(self) -> "LiveTensorPeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+            return
+        self._prof.__exit__(*exc)
+        from torch._C._profiler import _EventType
+
+        top, stack = 0, list(self._prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+                top = max(top, node.typed[1].total_allocated)
+        self.peak_bytes = self.resident_bytes + top
+
+
+def measure_step(checkpoint_dir: Path, w: Workload, seed: int = 0) -> StepMeasurement:
+    """Build the trainer's model for ``w`` from ``checkpoint_dir``, run a warm-up step, measure one step."""
+    import time
+
+    import lightning as L
+
+    from onegpu.finetune.lora import build_model, make_optimizer
+    from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum, use_flex_attention
+
+    fabric = L.Fabric(accelerator=w.device, devices=1, precision=w.precision)
+    fabric.seed_everything(seed, verbose=False)
+    lora = {"lora_r": w.lora_r, "lora_alpha": 2 * w.lora_r, "lora_dropout": w.lora_dropout, "lora_query": w.lora_query,
+            "lora_key": w.lora_key, "lora_value": w.lora_value, "lora_projection": w.lora_projection,
+            "lora_mlp": w.lora_mlp, "lora_head": w.lora_head}
+    model = build_model(fabric, checkpoint_dir, lora, w.quantize, w.max_seq_length, w.precision)
+    model = fabric.setup_module(model)
+    inner = model.module if hasattr(model, "module") else model
+    flex = w.packing and fabric.device.type == "cuda" and use_flex_attention(inner)
+    params = [p for p in inner.parameters() if p.requires_grad]
+    optimizer = fabric.setup_optimizers(make_optimizer(w.optimizer, params, 1e-4, 0.0))
+    vocab = inner.config.vocab_size
+
+    def step(tokens: int | None = None) -> dict[str, Any]:
+        batch = synthetic_batch(w, vocab, seed=seed, tokens=tokens)
+        tb = batch_to(batch, fabric.device)
+        hidden = forward_hidden(inner, tb, flex=flex, activation_checkpointing=w.activation_checkpointing)
+        loss, n = loss_sum(inner, hidden, tb["labels"])
+        fabric.backward(loss / max(1, n))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return batch
+
+    inner.train()
+    step(tokens=min(64, w.max_seq_length))  # warm-up: optimizer states, lazy buffers, compiled kernels
+    resident = resident_tensor_bytes(inner, optimizer) if fabric.device.type == "cpu" else 0
+    t0 = time.perf_counter()
+    with LiveTensorPeak(fabric.device, resident) as tracker:
+        batch = step()
+    return StepMeasurement(tracker.peak_bytes, resident, tracker.reserved_bytes, batch["n_tokens"],
+                           batch["n_loss_tokens"], time.perf_counter() - t0)
