@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +133,13 @@ class LiveTensorPeak:
         self.peak_bytes = self.resident_bytes + top
 
 
-def measure_step(checkpoint_dir: Path, w: Workload, seed: int = 0) -> StepMeasurement:
-    """Build the trainer's model for ``w`` from ``checkpoint_dir``, run a warm-up step, measure one step."""
+def measure_steps(checkpoint_dir: Path, w: Workload, shapes: list[dict[str, Any]], seed: int = 0) -> list[StepMeasurement]:
+    """Build the trainer's model for ``w`` once, run a warm-up step, then measure one step per shape.
+
+    A shape overrides the step-level fields of ``w`` (micro_batch_size, max_seq_length, packing,
+    activation_checkpointing, loss_token_fraction); the model-level ones (LoRA, quantize,
+    precision, optimizer) are fixed by ``w``.
+    """
     import time
 
     import lightning as L
@@ -147,18 +152,18 @@ def measure_step(checkpoint_dir: Path, w: Workload, seed: int = 0) -> StepMeasur
     lora = {"lora_r": w.lora_r, "lora_alpha": 2 * w.lora_r, "lora_dropout": w.lora_dropout, "lora_query": w.lora_query,
             "lora_key": w.lora_key, "lora_value": w.lora_value, "lora_projection": w.lora_projection,
             "lora_mlp": w.lora_mlp, "lora_head": w.lora_head}
-    model = build_model(fabric, checkpoint_dir, lora, w.quantize, w.max_seq_length, w.precision)
-    model = fabric.setup_module(model)
+    longest = max(s.get("max_seq_length", w.max_seq_length) for s in shapes)
+    model = fabric.setup_module(build_model(fabric, checkpoint_dir, lora, w.quantize, longest, w.precision))
     inner = model.module if hasattr(model, "module") else model
-    flex = w.packing and fabric.device.type == "cuda" and use_flex_attention(inner)
+    flex = fabric.device.type == "cuda" and use_flex_attention(inner)
     params = [p for p in inner.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(make_optimizer(w.optimizer, params, 1e-4, 0.0))
-    vocab = inner.config.vocab_size
 
-    def step(tokens: int | None = None) -> dict[str, Any]:
-        batch = synthetic_batch(w, vocab, seed=seed, tokens=tokens)
+    def step(shape: Workload, tokens: int | None = None) -> dict[str, Any]:
+        batch = synthetic_batch(shape, inner.config.vocab_size, seed=seed, tokens=tokens)
         tb = batch_to(batch, fabric.device)
-        hidden = forward_hidden(inner, tb, flex=flex, activation_checkpointing=w.activation_checkpointing)
+        hidden = forward_hidden(inner, tb, flex=flex and shape.packing,
+                                activation_checkpointing=shape.activation_checkpointing)
         loss, n = loss_sum(inner, hidden, tb["labels"])
         fabric.backward(loss / max(1, n))
         optimizer.step()
@@ -166,10 +171,40 @@ def measure_step(checkpoint_dir: Path, w: Workload, seed: int = 0) -> StepMeasur
         return batch
 
     inner.train()
-    step(tokens=min(64, w.max_seq_length))  # warm-up: optimizer states, lazy buffers, compiled kernels
+    step(w, tokens=min(64, longest))  # warm-up: optimizer states, lazy buffers, compiled kernels
     resident = resident_tensor_bytes(inner, optimizer) if fabric.device.type == "cpu" else 0
-    t0 = time.perf_counter()
-    with LiveTensorPeak(fabric.device, resident) as tracker:
-        batch = step()
-    return StepMeasurement(tracker.peak_bytes, resident, tracker.reserved_bytes, batch["n_tokens"],
-                           batch["n_loss_tokens"], time.perf_counter() - t0)
+    out = []
+    for fields in shapes:
+        shape = replace(w, **fields)
+        t0 = time.perf_counter()
+        with LiveTensorPeak(fabric.device, resident) as tracker:
+            batch = step(shape)
+        out.append(StepMeasurement(tracker.peak_bytes, resident, tracker.reserved_bytes, batch["n_tokens"],
+                                   batch["n_loss_tokens"], time.perf_counter() - t0))
+    return out
+
+
+def compare(checkpoint_dir: Path, w: Workload, shapes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Analytic vs measured peak for each shape: rows of the validation table."""
+    from litgpt import Config
+
+    from onegpu.finetune.memory import estimate_memory
+
+    config = Config.from_file(Path(checkpoint_dir) / "model_config.yaml")
+    rows = []
+    for fields, m in zip(shapes, measure_steps(checkpoint_dir, w, shapes)):
+        shape = replace(w, **fields, loss_token_fraction=m.loss_tokens / m.tokens)
+        analytic = estimate_memory(config, shape).tensor_peak
+        rows.append({"model": config.name, "method": f"QLoRA {w.quantize}" if w.quantize else "LoRA",
+                     "lora": lora_label(w), "micro_batch_size": shape.micro_batch_size,
+                     "max_seq_length": shape.max_seq_length, "packing": shape.packing,
+                     "activation_checkpointing": shape.activation_checkpointing,
+                     "analytic_bytes": analytic, "measured_bytes": m.peak_bytes,
+                     "error": analytic / m.peak_bytes - 1, "step_s": m.step_s})
+    return rows
+
+
+def lora_label(w: Workload) -> str:
+    layers = "".join(c for c, on in (("q", w.lora_query), ("k", w.lora_key), ("v", w.lora_value),
+                                     ("o", w.lora_projection), ("m", w.lora_mlp)) if on)
+    return f"r={w.lora_r} {layers}" + (f" dropout {w.lora_dropout}" if w.lora_dropout else "")
