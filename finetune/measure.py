@@ -133,55 +133,71 @@ class LiveTensorPeak:
         self.peak_bytes = self.resident_bytes + top
 
 
-def measure_steps(checkpoint_dir: Path, w: Workload, shapes: list[dict[str, Any]], seed: int = 0) -> list[StepMeasurement]:
-    """Build the trainer's model for ``w`` once, run a warm-up step, then measure one step per shape.
+class StepHarness:
+    """The trainer's model and optimizer for ``w``, built once; one training step per call.
 
-    A shape overrides the step-level fields of ``w`` (micro_batch_size, max_seq_length, packing,
-    activation_checkpointing, loss_token_fraction); the model-level ones (LoRA, quantize,
-    precision, optimizer) are fixed by ``w``.
+    ``step(shape)`` takes a Workload whose step-level fields (micro_batch_size, max_seq_length,
+    packing, activation_checkpointing, loss_token_fraction) may differ from the build's; the
+    model-level ones (LoRA, quantize, precision, optimizer) are the build's.
     """
-    import time
 
-    import lightning as L
+    def __init__(self, checkpoint_dir: Path, w: Workload, longest: int | None = None, seed: int = 0):
+        import lightning as L
 
-    from onegpu.finetune.lora import build_model, make_optimizer
-    from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum, use_flex_attention
+        from onegpu.finetune.lora import build_model, make_optimizer
+        from onegpu.finetune.packing import use_flex_attention
 
-    fabric = L.Fabric(accelerator=w.device, devices=1, precision=w.precision)
-    fabric.seed_everything(seed, verbose=False)
-    lora = {"lora_r": w.lora_r, "lora_alpha": 2 * w.lora_r, "lora_dropout": w.lora_dropout, "lora_query": w.lora_query,
-            "lora_key": w.lora_key, "lora_value": w.lora_value, "lora_projection": w.lora_projection,
-            "lora_mlp": w.lora_mlp, "lora_head": w.lora_head}
-    longest = max(s.get("max_seq_length", w.max_seq_length) for s in shapes)
-    model = fabric.setup_module(build_model(fabric, checkpoint_dir, lora, w.quantize, longest, w.precision))
-    inner = model.module if hasattr(model, "module") else model
-    flex = fabric.device.type == "cuda" and use_flex_attention(inner)
-    params = [p for p in inner.parameters() if p.requires_grad]
-    optimizer = fabric.setup_optimizers(make_optimizer(w.optimizer, params, 1e-4, 0.0))
+        self.w, self.seed = w, seed
+        self.fabric = L.Fabric(accelerator=w.device, devices=1, precision=w.precision)
+        self.fabric.seed_everything(seed, verbose=False)
+        lora = {"lora_r": w.lora_r, "lora_alpha": 2 * w.lora_r, "lora_dropout": w.lora_dropout,
+                "lora_query": w.lora_query, "lora_key": w.lora_key, "lora_value": w.lora_value,
+                "lora_projection": w.lora_projection, "lora_mlp": w.lora_mlp, "lora_head": w.lora_head}
+        self.longest = longest or w.max_seq_length
+        model = build_model(self.fabric, checkpoint_dir, lora, w.quantize, self.longest, w.precision)
+        self.model = self.fabric.setup_module(model)
+        self.inner = self.model.module if hasattr(self.model, "module") else self.model
+        self.flex = self.fabric.device.type == "cuda" and use_flex_attention(self.inner)
+        params = [p for p in self.inner.parameters() if p.requires_grad]
+        self.optimizer = self.fabric.setup_optimizers(make_optimizer(w.optimizer, params, 1e-4, 0.0))
+        self.inner.train()
 
-    def step(shape: Workload, tokens: int | None = None) -> dict[str, Any]:
-        batch = synthetic_batch(shape, inner.config.vocab_size, seed=seed, tokens=tokens)
-        tb = batch_to(batch, fabric.device)
-        hidden = forward_hidden(inner, tb, flex=flex and shape.packing,
-                                activation_checkpointing=shape.activation_checkpointing)
-        loss, n = loss_sum(inner, hidden, tb["labels"])
-        fabric.backward(loss / max(1, n))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return batch
+    def step(self, batch: dict[str, Any], activation_checkpointing: bool = False) -> float:
+        """One optimizer step of onegpu's trainer on a collated batch; returns the loss."""
+        from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum
 
-    inner.train()
-    step(w, tokens=min(64, longest))  # warm-up: optimizer states, lazy buffers, compiled kernels
-    resident = resident_tensor_bytes(inner, optimizer) if fabric.device.type == "cpu" else 0
-    out = []
-    for fields in shapes:
-        shape = replace(w, **fields)
+        tb = batch_to(batch, self.fabric.device)
+        hidden = forward_hidden(self.inner, tb, flex=self.flex and batch["packed"],
+                                activation_checkpointing=activation_checkpointing)
+        loss, n = loss_sum(self.inner, hidden, tb["labels"])
+        self.fabric.backward(loss / max(1, n))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()) / max(1, n)
+
+    def warm_up(self) -> None:
+        """A short step: optimizer states, lazy buffers and compiled kernels exist afterwards."""
+        self.step(synthetic_batch(replace(self.w, micro_batch_size=1), self.inner.config.vocab_size,
+                                  tokens=min(64, self.longest)))
+
+    def measure(self, shape: Workload) -> StepMeasurement:
+        import time
+
+        resident = resident_tensor_bytes(self.inner, self.optimizer) if self.fabric.device.type == "cpu" else 0
         t0 = time.perf_counter()
-        with LiveTensorPeak(fabric.device, resident) as tracker:
-            batch = step(shape)
-        out.append(StepMeasurement(tracker.peak_bytes, resident, tracker.reserved_bytes, batch["n_tokens"],
-                                   batch["n_loss_tokens"], time.perf_counter() - t0))
-    return out
+        with LiveTensorPeak(self.fabric.device, resident) as tracker:
+            batch = synthetic_batch(shape, self.inner.config.vocab_size, seed=self.seed)
+            self.step(batch, shape.activation_checkpointing)
+        return StepMeasurement(tracker.peak_bytes, resident, tracker.reserved_bytes, batch["n_tokens"],
+                               batch["n_loss_tokens"], time.perf_counter() - t0)
+
+
+def measure_steps(checkpoint_dir: Path, w: Workload, shapes: list[dict[str, Any]], seed: int = 0) -> list[StepMeasurement]:
+    """Build once, warm up, then measure one step per shape (fields overriding ``w``)."""
+    longest = max(s.get("max_seq_length", w.max_seq_length) for s in shapes)
+    harness = StepHarness(checkpoint_dir, w, longest, seed)
+    harness.warm_up()
+    return [harness.measure(replace(w, **fields)) for fields in shapes]
 
 
 def compare(checkpoint_dir: Path, w: Workload, shapes: list[dict[str, Any]]) -> list[dict[str, Any]]:
