@@ -178,6 +178,8 @@ def assumed_mfu(w: Workload, mfu: float | None, results_path: Path) -> tuple[flo
     from onegpu.contracts import read_json
 
     results = read_json(results_path)
+    if results and not results.get("cuda"):
+        return ASSUMED_MFU[method_key(w)], f"assumed for {method_key(w)} (the GPU check results are from a CPU run)"
     for row in results.get("train", []):
         if row.get("method") == method_key(w) and row.get("mfu"):
             return float(row["mfu"]), (f"measured by benchmarks/gpu_check.py on {results.get('device', '?')} "

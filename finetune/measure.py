@@ -67,7 +67,7 @@ def synthetic_batch(w: Workload, vocab_size: int, examples_per_row: int = 2, see
     return collate(examples, rows, pad_id=0, pad_multiple=8 if w.device == "cuda" else 1)
 
 
-def resident_tensor_bytes(model: torch.nn.Module, optimizer: Any) -> int:
+def resident_tensor_bytes(model: torch.nn.Module, optimizer: Any = None) -> int:
     """Bytes of the unique storages held by the model and optimizer (incl. bitsandbytes quant state)."""
     storages: dict[int, int] = {}
 
@@ -89,7 +89,7 @@ def resident_tensor_bytes(model: torch.nn.Module, optimizer: Any) -> int:
         state = getattr(module, "state", None)
         for name in ("CB", "SCB"):
             add(getattr(state, name, None))
-    for param_state in optimizer.state.values():
+    for param_state in (optimizer.state.values() if optimizer is not None else ()):
         for value in param_state.values():
             add(value)
     return sum(storages.values())
@@ -224,3 +224,36 @@ def lora_label(w: Workload) -> str:
     layers = "".join(c for c, on in (("q", w.lora_query), ("k", w.lora_key), ("v", w.lora_value),
                                      ("o", w.lora_projection), ("m", w.lora_mlp)) if on)
     return f"r={w.lora_r} {layers}" + (f" dropout {w.lora_dropout}" if w.lora_dropout else "")
+
+
+def tiny_llama_config(vocab: int = 8192, n_layer: int = 4, n_query_groups: int = 2) -> Any:
+    """A small random-init LLaMA-shaped litgpt config (the validation's second model)."""
+    from litgpt import Config
+
+    return Config(name="tiny-llama", block_size=1024, vocab_size=vocab, padded_vocab_size=vocab, n_layer=n_layer,
+                  n_head=4, n_query_groups=n_query_groups, n_embd=128, head_size=32, rotary_percentage=1.0,
+                  parallel_residual=False, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                  intermediate_size=352, rope_base=10000)
+
+
+def validation_cases(work: Path, bundled_checkpoint: Path) -> list[tuple[Path, Workload, list[dict[str, Any]]]]:
+    """(checkpoint, build workload, step shapes) of the analytic-vs-measured validation (CPU, fp32)."""
+    from onegpu.finetune.testing import save_random_checkpoint
+
+    tiny = save_random_checkpoint(Path(work) / "tiny-llama", tiny_llama_config())
+    cpu = {"precision": "32-true", "device": "cpu", "loss_token_fraction": 0.5}
+    return [
+        (tiny, Workload(lora_r=8, lora_dropout=0.0, **cpu),
+         [{"micro_batch_size": 2, "max_seq_length": 256},
+          {"micro_batch_size": 1, "max_seq_length": 512, "activation_checkpointing": True},
+          {"micro_batch_size": 4, "max_seq_length": 128, "packing": False}]),
+        (tiny, Workload(lora_r=16, lora_dropout=0.05, quantize="bnb.nf4", lora_key=True, lora_projection=True,
+                        lora_mlp=True, **cpu),
+         [{"micro_batch_size": 2, "max_seq_length": 256},
+          {"micro_batch_size": 2, "max_seq_length": 256, "activation_checkpointing": True}]),
+        (Path(bundled_checkpoint), Workload(lora_r=8, lora_dropout=0.0, **cpu),
+         [{"micro_batch_size": 1, "max_seq_length": 128}, {"micro_batch_size": 2, "max_seq_length": 128,
+                                                            "activation_checkpointing": True}]),
+        (Path(bundled_checkpoint), Workload(lora_r=16, lora_dropout=0.05, quantize="bnb.nf4", lora_mlp=True, **cpu),
+         [{"micro_batch_size": 1, "max_seq_length": 128, "activation_checkpointing": True}]),
+    ]
