@@ -11,6 +11,8 @@ events of torch's CPU allocator + the bytes resident before the step), not RSS.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -25,8 +27,10 @@ def main() -> None:
     torch.set_num_threads(2)
     print("| model | method | LoRA | micro-batch x seq | checkpointing | analytic MiB | measured MiB | error |")
     print("|---|---|---|---|---|---|---|---|")
+    with contextlib.redirect_stdout(io.StringIO()):  # prepare prints the checkpoint path
+        bundled = prepare()
     with tempfile.TemporaryDirectory() as work:
-        for checkpoint, w, shapes in validation_cases(Path(work), prepare()):
+        for checkpoint, w, shapes in validation_cases(Path(work), bundled):
             for r in compare(checkpoint, w, shapes):
                 print(f"| {r['model']} | {r['method']} | {r['lora']} | {r['micro_batch_size']} x {r['max_seq_length']}"
                       f"{'' if r['packing'] else ' (padded)'} | {'on' if r['activation_checkpointing'] else 'off'} | "

@@ -219,7 +219,7 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
     problems = option_problems(a)
     config, source = resolve_model(model_name, a.get("checkpoint_dir"), problems)
     if any(p.fatal for p in problems):
-        raise UserError("the config cannot be planned:\n  - " + "\n  - ".join(str(p) for p in problems if p.fatal),
+        raise UserError("the config cannot be planned:\n  - " + "\n  - ".join(str(p) for p in problems),
                         fix="correct the options above (all problems are listed)")
     problems += architecture_problems(config)
     w = workload_from(a, config, problems)

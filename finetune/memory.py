@@ -293,6 +293,8 @@ def layer_activation_bytes(config: Any, w: Workload, first: bool = False) -> dic
     attn_grad = w.qkv_lora > 0 or not first  # layer 0's attention sees no grad unless LoRA is on q/k/v
     if w.qkv_lora or int8:
         parts["qkv input (LoRA / int8) + rank-r middle"] = linear_input(d, int(w.qkv_lora > 0)) + r * w.qkv_lora * b
+    if 0 < w.qkv_lora < 3:  # litgpt's zero_pad: index_copy_ keeps the LoRA output of the enabled q/k/v parts
+        parts["qkv LoRA output (zero-padded)"] = (hh * w.lora_query + kv * w.lora_key + kv * w.lora_value) * b
     if attn_grad:
         if config.n_query_groups == config.n_head:  # MHA: v is a view that keeps the whole qkv output
             parts["q, k (RoPE'd) + qkv output (v view)"] = (2 * hh + hh + 2 * kv) * b
