@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from onegpu.finetune.memory import Workload, count_weights, estimate_memory, layer_activation_bytes, meta_model
+from onegpu.finetune.memory import Workload, count_weights, layer_activation_bytes, meta_model
 
 
 def tiny_config(vocab: int = 512, n_query_groups: int = 2, n_layer: int = 2):
