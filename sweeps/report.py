@@ -132,7 +132,7 @@ class RunLog:
         for task, entry in block.items():
             if not isinstance(entry, dict):
                 continue
-            metric = entry.get("primary_metric") or entry.get("main_metric") or "score"
+            metric = str(entry.get("primary_metric") or entry.get("main_metric") or "score").removesuffix(",none")
             value = entry.get("primary", entry.get("value"))
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[task] = (str(metric), float(value))
@@ -247,10 +247,17 @@ def _wrap(text: str, width: int = LABEL_WIDTH) -> str:
     return "\n".join(textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False)[:3]) or text
 
 
-def _legend_outside(fig, handles, labels) -> None:
-    if handles:
-        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.98), fontsize=8, frameon=False,
-                   handlelength=3)
+def _legend_outside(fig, axes, runs: list[RunLog]) -> None:
+    """One legend right of the panels: every run any panel drew, in run order, then other entries."""
+    by_label = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    labels = [r.legend for r in runs if r.legend in by_label]
+    labels += [label for label in by_label if label not in labels]
+    if labels:
+        fig.legend([by_label[label] for label in labels], labels, loc="upper left", bbox_to_anchor=(1.0, 0.98),
+                   fontsize=8, frameon=False, handlelength=3)
 
 
 def _figure(runs: list[RunLog], panels, x: str, xlabel: str, scale: dict[str, float]):
@@ -271,11 +278,7 @@ def _figure(runs: list[RunLog], panels, x: str, xlabel: str, scale: dict[str, fl
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    by_label = {}
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            by_label.setdefault(lab, h)
-    _legend_outside(fig, list(by_label.values()), list(by_label))
+    _legend_outside(fig, axes[0], runs)
     fig.tight_layout()
     return fig
 
@@ -322,7 +325,7 @@ def plot_task_scores(runs: list[RunLog], kind: str):
     ax.set_xlabel("score (higher is better)", fontsize=9)
     ax.set_title(EVAL_KINDS[kind][1], fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    _legend_outside(fig, *ax.get_legend_handles_labels())
+    _legend_outside(fig, [ax], runs)
     fig.tight_layout()
     return fig
 
@@ -409,8 +412,7 @@ def plot_pareto(runs: list[RunLog], score_key: str, maximize: bool):
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    _legend_outside(fig, handles, labels)
+    _legend_outside(fig, axes, runs)
     fig.suptitle("validation score vs speed and memory (numbers: runs)", fontsize=10)
     fig.tight_layout()
     for ax, at in labels_at:  # after the layout, which moves the points
