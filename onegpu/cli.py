@@ -195,10 +195,12 @@ def explain_parse_error(message: str, fn, prog: str, argv: list[str]) -> UserErr
         tokens = match.group(1).split()
         flag = next((t for t in tokens if t.startswith("--")), None)
         if flag is None:
-            required = [n.upper() for n, p in inspect.signature(fn).parameters.items()
-                        if p.default is inspect.Parameter.empty]
-            return UserError(f"unexpected argument {tokens[0]!r}",
-                             fix=f"usage: {' '.join([prog, *required])} [--OPTION VALUE ...]; {help_hint}")
+            params = list(inspect.signature(fn).parameters.values())
+            bare = [p.name.upper() for p in params if p.default is inspect.Parameter.empty]
+            if not bare and params:  # _optional_first_positional: the first option also goes bare
+                bare = [f"[{params[0].name.upper()}]"]
+            return UserError(f"unexpected argument(s): {' '.join(tokens)}",
+                             fix=f"usage: {' '.join([prog, *bare])} [--OPTION VALUE ...]; {help_hint}")
         name = flag[2:].split("=", 1)[0]
         return UserError(f"{prog} has no option --{name}",
                          fix=did_you_mean(name, options, prefix="--") + help_hint)

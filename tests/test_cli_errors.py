@@ -76,8 +76,10 @@ def test_other_parser_errors_are_problem_and_fix():
     assert_problem_and_fix(onegpu("report", "--maximize", "maybe"), "--maximize", "true or false")
     assert_problem_and_fix(onegpu("finetune", "--lora_r"), "--lora_r needs a value", "--lora_r VALUE")
     assert_problem_and_fix(onegpu("data", "build"), "missing RECIPE", "onegpu data build RECIPE")
-    assert_problem_and_fix(onegpu("data", "build", "a.yaml", "b.yaml"), "unexpected argument 'b.yaml'",
+    assert_problem_and_fix(onegpu("data", "build", "a.yaml", "b.yaml"), "unexpected argument(s): b.yaml",
                            "usage: onegpu data build RECIPE [--OPTION VALUE ...]")
+    assert_problem_and_fix(onegpu("model", "prepare", "org/a", "org/b"), "unexpected argument(s): org/a org/b",
+                           "usage: onegpu model prepare [MODEL] [--OPTION VALUE ...]")
     assert_problem_and_fix(onegpu("finetune", "--config", "no-such.yaml"), "--config: File does not exist",
                            "existing YAML file")
 
