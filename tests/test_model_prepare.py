@@ -71,7 +71,7 @@ def test_cli_takes_an_optional_first_positional_and_space_separated_list_options
     assert listed["results"] == ["runs/a", "runs/b"]
     assert parsed("eval", "val", "ckpt", "--tasks", "onegpu_bbq")["tasks"] == ["onegpu_bbq"]
     two = _onegpu("model", "prepare", "org/a", "org/b")
-    assert two.returncode == 2 and "Unrecognized arguments" in two.stderr  # two sources: still an error
+    assert two.returncode == 2 and "unexpected argument(s): org/a org/b" in two.stderr  # two sources: an error
 
 
 def test_bad_source_and_bad_options_fail_before_any_work(tmp_path):
