@@ -9,7 +9,8 @@ runs through optuna's TPE sampler (the maintained engine W&B's own Launch schedu
 
 Before any trial starts, every parameter value the sweep can produce is parsed with the target
 verb's own jsonargparse parser (``onegpu finetune``'s, when the command runs ``onegpu finetune``),
-so a typo fails in a second, naming the key, instead of after hours of trials.
+and each trial's options go through ``onegpu finetune``'s own ``resolve()``, so a typo or an
+impossible combination fails in a second, naming the key, instead of after hours of trials.
 
 Each trial runs in ``OUT/trial-NNN`` (passed as ``--out_dir`` when the verb has one) as an offline
 W&B run grouped under the sweep id, with the sweep params + sweep id in its W&B config (through
@@ -94,11 +95,6 @@ class Target:
     def name(self) -> str:
         return "onegpu " + " ".join(self.words)
 
-    def parameters(self) -> list[str]:
-        import inspect
-
-        return list(inspect.signature(self.fn).parameters)
-
     def parser(self):
         from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -109,24 +105,26 @@ class Target:
                                       sub_configs=True)
         return parser
 
+    def options(self) -> list[str]:
+        """The verb's option names, as its parser reads them (``--config`` and ``--help`` aside)."""
+        dests = (action.dest.split(".")[0] for action in self.parser()._actions)
+        return [d for d in dict.fromkeys(dests) if d not in ("help", "config", "print_config")]
+
 
 def find_target(argv: list[str]) -> Target | None:
     """``onegpu VERB ...`` (directly, via ``/usr/bin/env``, or ``python -m onegpu[.cli]``) -> its Target."""
-    import importlib
-
     from onegpu import cli
 
     for i, word in enumerate(argv):
         if Path(word).name == "onegpu" or (word == "-m" and i + 1 < len(argv) and argv[i + 1] in ("onegpu", "onegpu.cli")):
             start = i + 1 if word != "-m" else i + 2
-            found = cli._match(argv[start:])
+            found = cli.match_verb(argv[start:])
             if found is None:
                 raise UserError(f"command runs `onegpu {' '.join(argv[start:start + 2])}`, which is not an onegpu verb",
                                 fix="use e.g. onegpu finetune; `onegpu --help` lists the verbs")
             words, _rest = found
-            module, fn_name, _doc = cli.VERBS[words]
             try:
-                fn = getattr(importlib.import_module(module), fn_name)
+                fn = cli.verb_function(words)
             except (ImportError, AttributeError) as err:
                 raise UserError(f"the sweep runs `onegpu {' '.join(words)}`, which is not available here ({err})",
                                 fix="install the full onegpu package") from err
@@ -192,27 +190,37 @@ def check_command(config: dict[str, Any], points: list[dict[str, Any]], source: 
     return target
 
 
+def resolve_finetune_trial(options: dict[str, Any]) -> None:
+    """``onegpu finetune``'s own ``resolve()`` on a trial's options: data, checkpoint, precision vs
+    quantization... everything it checks before loading a model."""
+    from onegpu.finetune.config import finetune_options, option_names, resolve
+
+    resolve(finetune_options(**{name: value for name, value in options.items() if name in option_names()}))
+
+
+# Verbs whose trials can be resolved before they start: verb words -> a check of the parsed options.
+PREFLIGHT_CHECKS = {("finetune",): resolve_finetune_trial}
+
+
 def preflight(target: Target, config: dict[str, Any], points: list[dict[str, Any]], source: str,
               extra_args: list[str], limit: int = 64) -> None:
-    """Run the verb's own no-model checks (``finetune.lora._validate``: data, checkpoint, precision vs
-    quantization...) on each trial's arguments, so a combination it would reject fails now."""
+    """Put each trial's arguments through the verb's own checks (``PREFLIGHT_CHECKS``), so a
+    combination it would reject fails now."""
     import contextlib
-    import importlib
     import io
     import warnings
 
-    check = getattr(importlib.import_module(target.fn.__module__), "_validate", None)
+    check = PREFLIGHT_CHECKS.get(target.words)
     if check is None:
         return
-    parser = target.parser()
+    parser, names = target.parser(), target.options()
     for point in points[:limit]:
         ns = parser.parse_args(render_command(config, point)[target.argv_start:] + extra_args)
-        kwargs = {name: ns.get(name) for name in target.parameters()}
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                     contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
-                check(kwargs)
+                check({name: ns.get(name) for name in names})
         except UserError as err:
             named = {k: v for k, v in point.items() if str(v) in err.problem}
             varied = named or {k: v for k, v in point.items() if k in _varied_names(points)} or point
@@ -491,10 +499,11 @@ def sweep(
         names = {n.split(S.NEST)[0] for n in S.flat_parameters(cfg["parameters"])}
         literal = " ".join(render_command(cfg, {}))
         # A re-run of an interrupted trial continues from its last checkpoint when the verb can.
-        if "resume" in target.parameters() and "resume" not in names and "--resume" not in literal:
+        options = target.options()
+        if "resume" in options and "resume" not in names and "--resume" not in literal:
             resume_flag = "--resume=auto"
         for candidate in ("out_dir", "out"):
-            if candidate in target.parameters() and candidate not in names and f"--{candidate}" not in literal:
+            if candidate in options and candidate not in names and f"--{candidate}" not in literal:
                 out_flag = candidate
                 break
         extra = [f"--{out_flag}={probe_dir}"] if out_flag else []
