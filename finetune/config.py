@@ -384,8 +384,9 @@ def resolve(options: FinetuneOptions) -> FinetuneConfig:
     check_options(options)
     model = resolve_model(options.model, options.train.optimizer)
     dataset = load_data(options.data.data)
-    data = resolve_data_args(options.data, dataset.manifest, model_block_size(model.checkpoint_dir))
+    # The clock starts once the data is read: everything after it (tokenizing, loading) is charged.
     clock = BudgetClock.from_spec(options.budget.budget, options.budget.budget_reserve, options.budget.track)
+    data = resolve_data_args(options.data, dataset.manifest, model_block_size(model.checkpoint_dir))
     checkpoints = resolve_checkpoint_args(options.checkpoints)
     return FinetuneConfig(data=data, model=model, lora=options.lora, train=options.train, budget=options.budget,
                           checkpoints=checkpoints, eval=options.eval, logging=options.logging,
