@@ -447,13 +447,13 @@ def settle_max_seq_length(requested: int | None, manifest: dict[str, Any], block
 
 
 def resolve_data_args(data: DataArgs, manifest: dict[str, Any], block_size: int) -> DataArgs:
-    from onegpu.data.schema import get_prompt_style
-
+    """The prompt style (given, else the manifest's) and max_seq_length. The style's name is checked
+    against litgpt's when the trainer renders the rows: importing litgpt here would slow every
+    sweep pre-flight by the seconds it takes to import lightning."""
     style = data.prompt_style or manifest.get("prompt_style")
     if not style:
         raise UserError("no prompt style: the manifest has no prompt_style and none was given",
                         fix="pass --prompt_style NAME (a litgpt prompt style, e.g. alpaca or chatml)")
-    get_prompt_style(style)  # an unknown name fails here, naming litgpt's styles
     return dataclasses.replace(data, prompt_style=style,
                    max_seq_length=settle_max_seq_length(data.max_seq_length, manifest, block_size))
 
