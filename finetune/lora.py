@@ -44,16 +44,20 @@ SAMPLE_PROMPTS = (
 )
 
 
-def finetune(**options: Any) -> dict[str, Any]:
+def finetune(data: str | None = None, **options: Any) -> dict[str, Any]:
     """Fine-tune a litgpt checkpoint with LoRA (or QLoRA) on a data-stage mix; merge at the end.
 
     Takes the options of ``finetune_options`` (``finetune/config.py``) by their flat names, e.g.
-    ``finetune(data="runs/mix", lora_r=16)``; ``onegpu finetune --help`` lists them all.
+    ``finetune("runs/mix", lora_r=16)``; ``onegpu finetune --help`` lists them all.
+
+    Args:
+        data: a data-stage output dir (train.jsonl, val.jsonl, manifest.json) or, with
+            WANDB_MODE=online, a W&B ``dataset`` artifact name (``entity/project/name:alias``).
 
     Returns:
         The run summary (also in ``out_dir/summary.json``).
     """
-    return LoRATrainer(resolve(finetune_options(**options))).run()
+    return LoRATrainer(resolve(finetune_options(data=data, **options))).run()
 
 
 @dataclass(frozen=True)
@@ -422,7 +426,6 @@ class LoRATrainer:
             shutil.rmtree(stale, ignore_errors=True)
         lineage = self.lineage()
         with staged_dir(final) as staging:
-            staging.chmod(final.parent.stat().st_mode & 0o777)  # as readable as the out dir (a temp dir is 0700)
             lora_sd = {k: v for k, v in trainable_state_dict(self.inner).items() if "lora_" in k}
             torch.save({"model": lora_sd}, staging / "lit_model.pth.lora")
             copy_config_files(base, staging)

@@ -41,13 +41,15 @@ def test_cli_verbs_take_exactly_the_flat_options():
     from onegpu.finetune.lora import finetune
     from onegpu.finetune.plan import plan
 
-    def dests(fn) -> list[str]:
+    def options(fn) -> dict[str, tuple]:
         parser = ArgumentParser()
         parser.add_function_arguments(fn, as_group=False, as_positional=True, fail_untyped=True)
-        return [a.dest for a in parser._actions if a.dest not in ("help",)]
+        return {a.dest: (a.default, a.help) for a in parser._actions if a.dest not in ("help",)}
 
-    assert dests(finetune) == C.option_names()
-    assert dests(plan) == ["steps", "max_micro_batch_size", "track_memory_gib", *C.option_names()]
+    reference = options(C.finetune_options)
+    assert options(finetune) == reference  # `data`, finetune's own first parameter, reads and reads alike
+    assert list(reference) == C.option_names()
+    assert list(options(plan)) == ["steps", "max_micro_batch_size", "track_memory_gib", *C.option_names()]
 
 
 def test_option_checks_need_no_files_and_report_every_problem():
