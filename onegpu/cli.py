@@ -149,10 +149,23 @@ def _bare_bool_flags(fn, rest: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ parsing
+def verb_parameters(fn) -> dict[str, typing.Any]:
+    """A verb's options as its parser has them: name -> parameter (``.annotation`` evaluated, ``.default``).
+
+    Most verbs are plain functions. ``onegpu finetune`` and ``finetune plan`` take ``**options`` and
+    hand them to ``finetune_options``, which jsonargparse follows for the parser; asking jsonargparse's
+    own parameter resolver (internal, hence the pinned version) keeps the error messages, --help and
+    bare boolean flags below in step with every option the parser accepts.
+    """
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    return {p.name: p for p in get_signature_parameters(fn, logger=False)}
+
+
 def _type_hints(fn) -> dict[str, typing.Any]:
-    """Parameter name -> its evaluated annotation (stage modules use postponed annotations)."""
+    """Option name -> its evaluated annotation (stage modules use postponed annotations)."""
     try:
-        params = inspect.signature(fn, eval_str=True).parameters
+        params = verb_parameters(fn)
     except (NameError, TypeError):
         return {}
     return {name: p.annotation for name, p in params.items() if p.annotation is not inspect.Parameter.empty}
@@ -203,7 +216,7 @@ def _config_files(argv: list[str]) -> list[str]:
 def explain_parse_error(message: str, fn, prog: str, argv: list[str]) -> UserError:
     """jsonargparse's parse error for ``prog`` -> a UserError naming the problem and the fix."""
     hints = _type_hints(fn)
-    options = [*inspect.signature(fn).parameters, "config"]
+    options = [*verb_parameters(fn), "config"]
     help_hint = f"`{prog} --help` lists every option"
     configs = _config_files(argv)
 

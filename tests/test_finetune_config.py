@@ -38,6 +38,7 @@ def test_cli_verbs_take_exactly_the_flat_options():
     """`onegpu finetune` and `onegpu finetune plan` parse the flat names (what sweep YAMLs and users write)."""
     from jsonargparse import ArgumentParser
 
+    from onegpu import cli
     from onegpu.finetune.lora import finetune
     from onegpu.finetune.plan import plan
 
@@ -49,7 +50,11 @@ def test_cli_verbs_take_exactly_the_flat_options():
     reference = options(C.finetune_options)
     assert options(finetune) == reference  # `data`, finetune's own first parameter, reads and reads alike
     assert list(reference) == C.option_names()
-    assert list(options(plan)) == ["steps", "max_micro_batch_size", "track_memory_gib", *C.option_names()]
+    plan_own = ["steps", "max_micro_batch_size", "track_memory_gib", "analytic", "model_name", "mfu"]
+    assert list(options(plan)) == [*plan_own, *C.option_names()]
+    # the CLI's error messages, --help types and bare boolean flags see the same options
+    assert list(cli.verb_parameters(finetune)) == C.option_names()
+    assert list(cli.verb_parameters(plan)) == [*plan_own, *C.option_names()]
 
 
 def test_option_checks_need_no_files_and_report_every_problem():
