@@ -437,9 +437,17 @@ def model_block_size(checkpoint: Path) -> int:
     return int(yaml.safe_load((checkpoint / "model_config.yaml").read_text()).get("block_size", 2048))
 
 
+DEFAULT_MAX_SEQ_LENGTH = 512  # with no --max_seq_length and none in the data manifest
+
+
+def requested_max_seq_length(requested: int | None, manifest: dict[str, Any]) -> int:
+    """``--max_seq_length``, else the data manifest's, else 512 (before the model's block size caps it)."""
+    return requested or int(manifest.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
+
+
 def settle_max_seq_length(requested: int | None, manifest: dict[str, Any], block_size: int) -> int:
-    """The one rule: ``--max_seq_length``, else the manifest's, else 512; at most the model's block size."""
-    length = requested or int(manifest.get("max_seq_length") or 512)
+    """The one rule: ``requested_max_seq_length``, at most the model's block size."""
+    length = requested_max_seq_length(requested, manifest)
     if length > block_size:
         print(f"[onegpu] max_seq_length {length} > the model's block size {block_size}; using {block_size}",
               file=sys.stderr)
