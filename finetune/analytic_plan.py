@@ -21,6 +21,7 @@ from typing import Any
 
 from onegpu.contracts import TRACKS, atomic_write_json
 from onegpu.errors import UserError
+from onegpu.finetune.config import requested_max_seq_length
 from onegpu.finetune.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS, Workload,
                                     count_weights, estimate_memory, flops_per_token, largest_micro_batch, meta_model,
                                     recompute_factor)
@@ -29,7 +30,6 @@ from onegpu.finetune.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MO
 # bf16 reaches ~40% on A100-class cards; 4-bit QLoRA dequantizes every weight in every matmul (~0.6x).
 ASSUMED_MFU = {"lora": 0.40, "qlora-4bit": 0.25, "qlora-int8": 0.15}
 TRACK_PEAK_KEY = {"rtx4090-24gb": "rtx4090", "a100-40gb": "a100"}
-DEFAULT_SEQ = 512  # the trainer's default without a data manifest
 
 
 @dataclass
@@ -146,11 +146,9 @@ def architecture_problems(config: Any) -> list[Problem]:
 
 
 def workload_from(a: dict[str, Any], config: Any, problems: list[Problem]) -> Workload:
-    msl = a["max_seq_length"]
-    if msl is None:
-        manifest = Path(a["data"]) / "manifest.json" if a.get("data") else None
-        msl = int(json.loads(manifest.read_text()).get("max_seq_length") or DEFAULT_SEQ) \
-            if manifest is not None and manifest.is_file() else DEFAULT_SEQ
+    manifest = Path(a["data"]) / "manifest.json" if a.get("data") else None
+    manifest = json.loads(manifest.read_text()) if manifest is not None and manifest.is_file() else {}
+    msl = requested_max_seq_length(a["max_seq_length"], manifest)  # the trainer's rule, before the block-size cap
     if msl > config.block_size:
         problems.append(Problem(f"max_seq_length {msl} > {config.name}'s block size {config.block_size}; "
                                 f"the trainer uses {config.block_size}", f"--max_seq_length {config.block_size}"))

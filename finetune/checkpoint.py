@@ -1,9 +1,15 @@
-"""Atomic training checkpoints: LoRA weights + optimizer + scheduler + data position + RNG + budget clock.
+"""The training state and its atomic checkpoints (LoRA weights + optimizer + scheduler + TrainState).
+
+``TrainState`` is everything a resumed run needs besides the weights and the optimizer: the step,
+the data position, the counters, the RNG states and the budget clock. It is versioned
+(``TrainState.VERSION``): ``load_state_dict`` reads every version it knows and refuses newer ones
+with a clear message, and ``load`` reads the checkpoints written before the state had a version.
 
 Layout: ``<out>/checkpoints/step-000120/state.pt`` (+ ``meta.json``, human-readable). A checkpoint
-is written into ``.step-000120.tmp`` and renamed into place, so a SIGKILL mid-write leaves either
-the previous checkpoint or the new one, never half of one; ``latest`` ignores the temp dirs. Only
-trainable (LoRA) weights are saved: the frozen base comes from ``--checkpoint_dir`` on resume.
+is written into a temp dir beside it and renamed into place (``onegpu.contracts.staged_dir``), so
+a SIGKILL mid-write leaves either the previous checkpoint or the new one, never half of one;
+``latest`` ignores the temp dirs. Only trainable (LoRA) weights are saved: the frozen base comes
+from ``--checkpoint_dir`` on resume.
 """
 
 from __future__ import annotations
@@ -13,12 +19,69 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from onegpu.budget import BudgetClock
+from onegpu.contracts import staged_dir
+from onegpu.errors import UserError
+
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: restored from a checkpoint on ``--resume``, saved with every checkpoint."""
+
+    VERSION: ClassVar[int] = 1
+
+    clock: BudgetClock  # the run's budget clock (time spent by earlier segments carries over)
+    step: int = 0  # optimizer steps done
+    micro_index: int = 0  # micro-batches consumed (across epochs): the data position
+    tokens: int = 0  # non-padding tokens trained on
+    loss_tokens: int = 0  # tokens that carried a loss
+    examples: int = 0
+    slots: int = 0  # token slots computed (tokens + padding)
+    best_val_loss: float | None = None
+    history: list[float] = field(default_factory=list)  # training loss per step
+    rng: dict[str, Any] | None = None  # RNG states read from a checkpoint, applied by the trainer
+
+    def record_step(self, batches: list[dict[str, Any]], loss: float) -> None:
+        """Count one optimizer step over ``batches`` (collated micro-batches) with mean loss ``loss``."""
+        self.step += 1
+        self.micro_index += len(batches)
+        self.tokens += sum(b["n_tokens"] for b in batches)
+        self.loss_tokens += sum(b["n_loss_tokens"] for b in batches)
+        self.examples += sum(b["n_examples"] for b in batches)
+        self.slots += sum(b["n_slots"] for b in batches)
+        self.history.append(loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state now, with the RNG states of this moment and the clock's time spent so far."""
+        return {"version": self.VERSION, "step": self.step, "micro_index": self.micro_index, "tokens": self.tokens,
+                "loss_tokens": self.loss_tokens, "examples": self.examples, "slots": self.slots,
+                "best_val_loss": self.best_val_loss, "history": list(self.history), "rng": rng_state(),
+                "budget": self.clock.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the counters and the clock (a new segment starts now); keep the RNG states in ``rng``.
+
+        The RNG states are not applied here: building the model draws random numbers, so the trainer
+        applies them (``set_rng_state(state.rng)``) as the last thing before the loop.
+        """
+        version = state.get("version")
+        if version != self.VERSION:
+            raise UserError(f"the checkpoint holds training state version {version}; this onegpu reads version "
+                            f"{self.VERSION}", fix="resume with the onegpu version that wrote it, or start fresh "
+                                                   "(drop --resume / use a new --out_dir)")
+        for name in ("step", "micro_index", "tokens", "loss_tokens", "examples", "slots", "best_val_loss"):
+            setattr(self, name, state[name])
+        self.history = list(state["history"])
+        self.rng = state["rng"]
+        self.clock.restore(state["budget"])
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,19 +105,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(ckpt_root: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
     """Write ``step-XXXXXX`` atomically, then drop all but the newest ``keep_last``."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    with open(tmp / "state.pt", "rb") as fh:  # data on disk before the rename makes it visible
-        os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    with staged_dir(final) as tmp:
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        with open(tmp / "state.pt", "rb") as fh:  # data on disk before the rename makes it visible
+            os.fsync(fh.fileno())
     for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -73,4 +129,10 @@ def latest(ckpt_root: Path) -> Path | None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    """A checkpoint's ``state.pt``: model, optimizer, scheduler, ``train_state`` (a TrainState dict), wandb_id."""
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if "train_state" not in state and "progress" in state:
+        # written before TrainState had a version: the counters under "progress", RNG and clock beside them
+        state["train_state"] = {"version": 1, **state.pop("progress"), "rng": state.pop("rng"),
+                                "budget": state.pop("budget")}
+    return state

@@ -1,41 +1,40 @@
 """``onegpu finetune``: LoRA / QLoRA fine-tuning of a litgpt checkpoint on a data-stage mix.
 
-The recipe, top to bottom (one readable file, like litgpt's ``finetune/lora.py``):
+The recipe, top to bottom (one readable file, like litgpt's ``finetune/lora.py``; explicit,
+versioned state like torchtune's recipes):
 
-1. validate every option and the inputs before loading anything heavy (``UserError``);
-2. render rows with the data's prompt style (``data.schema.render``), tokenize, and plan
-   micro-batches: packed rows (several examples per row, block-diagonal causal attention,
-   positions restarting per example) or padded rows; loss on responses only by default;
-3. build litgpt's LoRA GPT on Lightning Fabric, load the base weights, quantize the frozen base
-   with bitsandbytes for QLoRA (CPU too), AdamW + warmup/cosine;
-4. train with gradient accumulation and clipping, logging honest telemetry (non-padding tokens/s,
-   LoRA-correct MFU, memory, budget used / ETA) to W&B and CSV; stop on the budget clock with a
-   reserve for the end; checkpoint atomically (``--resume auto`` continues exactly);
-5. at the end: ``out/final/`` = merged litgpt checkpoint + ``lit_model.pth.lora`` +
-   ``hyperparameters.yaml`` + ``prompt_style.yaml`` + ``onegpu_model.json``; sample generations;
-   a W&B ``model`` artifact with lineage to the dataset.
+* ``resolve`` (``finetune/config.py``): check every option and settle every default, load the data
+  once; bad input fails here (``UserError``), before anything heavy;
+* ``LoRATrainer.setup()``: render rows with the data's prompt style, tokenize, and plan
+  micro-batches (packed rows: several examples per row, block-diagonal causal attention, positions
+  restarting per example; or padded rows; loss on responses only by default); open the tracked
+  run; build litgpt's LoRA GPT on Lightning Fabric, load the base weights, quantize the frozen
+  base with bitsandbytes for QLoRA (CPU too), AdamW + warmup/cosine; restore a checkpoint's
+  weights, optimizer and ``TrainState`` on ``--resume``;
+* ``LoRATrainer.fit()``: the loop: ``train_step`` (gradient accumulation and clipping), honest
+  telemetry (non-padding tokens/s, LoRA-correct MFU, memory, budget used / ETA) to W&B and CSV,
+  ``maybe_validate``, ``maybe_save`` (atomic checkpoints; ``--resume auto`` continues exactly);
+  stops on the budget clock with a reserve for the end;
+* ``LoRATrainer.finalize()``: validation, a last checkpoint, ``out/final/`` = merged litgpt
+  checkpoint + ``lit_model.pth.lora`` + ``hyperparameters.yaml`` + ``prompt_style.yaml`` +
+  ``onegpu_model.json``; sample generations; a W&B ``model`` artifact with lineage to the
+  dataset; the curves plot and the summary.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from onegpu.errors import UserError
-
-Precision = Literal["32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed"]
-Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
-Optimizer = Literal["adamw", "paged_adamw", "adamw8bit"]
-Track = Literal["rtx4090-24gb", "a100-40gb"]
+from onegpu.finetune.config import FinetuneConfig, LoRAArgs, finetune_options, resolve
 
 # Fixed prompts for the sample-generation table: same prompts in every run, so runs compare.
 SAMPLE_PROMPTS = (
@@ -45,276 +44,449 @@ SAMPLE_PROMPTS = (
 )
 
 
-def finetune(
-    data: str | None = None,
-    checkpoint_dir: Path | None = None,
-    out_dir: Path | None = None,
-    precision: Precision | None = None,
-    quantize: Quantize | None = None,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
-    lora_query: bool = True,
-    lora_key: bool = False,
-    lora_value: bool = True,
-    lora_projection: bool = False,
-    lora_mlp: bool = False,
-    lora_head: bool = False,
-    max_seq_length: int | None = None,
-    packing: bool = True,
-    train_on_prompt: bool = False,
-    prompt_style: str | None = None,
-    micro_batch_size: int = 4,
-    global_batch_size: int = 8,
-    learning_rate: float = 3e-4,
-    weight_decay: float = 0.0,
-    optimizer: Optimizer = "adamw",
-    warmup_steps: int = 10,
-    min_lr_ratio: float = 0.1,
-    max_norm: float = 1.0,
-    epochs: float = 1.0,
-    max_steps: int | None = None,
-    neftune_alpha: float = 0.0,
-    activation_checkpointing: bool = False,
-    track: Track = "rtx4090-24gb",
-    budget: str | None = None,
-    budget_reserve: str = "auto",
-    save_interval: int = 50,
-    save_interval_minutes: float | None = 30.0,
-    keep_last: int = 2,
-    resume: str | None = None,
-    log_interval: int = 1,
-    eval_interval: int = 50,
-    eval_max_examples: int = 64,
-    sample_max_new_tokens: int = 48,
-    num_samples: int = 3,
-    export_hf: bool = False,
-    seed: int = 1337,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    num_threads: int | None = None,
-    wandb_project: str | None = None,
-    run_name: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+def finetune(data: str | None = None, **options: Any) -> dict[str, Any]:
     """Fine-tune a litgpt checkpoint with LoRA (or QLoRA) on a data-stage mix; merge at the end.
+
+    Takes the options of ``finetune_options`` (``finetune/config.py``) by their flat names, e.g.
+    ``finetune("runs/mix", lora_r=16)``; ``onegpu finetune --help`` lists them all.
 
     Args:
         data: a data-stage output dir (train.jsonl, val.jsonl, manifest.json) or, with
             WANDB_MODE=online, a W&B ``dataset`` artifact name (``entity/project/name:alias``).
-        checkpoint_dir: the base model, a litgpt checkpoint dir. Default: the bundled SmolLM2-135M.
-        out_dir: where metrics, checkpoints and ``final/`` go. Default: ``$ONEGPU_RUNS/finetune`` (./runs), or
-            ``$ONEGPU_RUNS/sweep-<id>/<run id>`` under ``wandb agent``.
-        precision: ``32-true`` (default on CPU), ``bf16-true`` (default on CUDA), ``bf16-mixed``,
-            ``16-true``, ``16-mixed``. QLoRA needs a ``-true`` precision.
-        quantize: QLoRA: quantize the frozen base with bitsandbytes: ``bnb.nf4``, ``bnb.nf4-dq``
-            (double quantization), ``bnb.fp4``, ``bnb.fp4-dq``, ``bnb.int8``. Works on CPU.
-        lora_r: LoRA rank (> 0).
-        lora_alpha: LoRA alpha; the update is scaled by alpha / r.
-        lora_dropout: dropout on the LoRA input.
-        lora_query: LoRA on the attention query projection.
-        lora_key: LoRA on the attention key projection.
-        lora_value: LoRA on the attention value projection.
-        lora_projection: LoRA on the attention output projection.
-        lora_mlp: LoRA on the MLP projections.
-        lora_head: LoRA on the LM head.
-        max_seq_length: tokens per row; longer examples are truncated (counted in the summary).
-            Default: the data manifest's ``max_seq_length`` (else 512), capped at the model's block size.
-        packing: pack several examples per row (block-diagonal causal attention, positions
-            restart per example). ``--packing false`` pads one example per row, like litgpt.
-        train_on_prompt: also take the loss on prompt tokens (default: responses only).
-        prompt_style: litgpt prompt style to render rows with. Default: the manifest's ``prompt_style``.
-        micro_batch_size: rows per forward/backward pass (packed rows when packing).
-        global_batch_size: rows per optimizer step; a multiple of micro_batch_size (the ratio is
-            the gradient accumulation).
-        learning_rate: peak learning rate.
-        weight_decay: AdamW weight decay.
-        optimizer: ``adamw`` (torch), ``paged_adamw`` (bitsandbytes, CUDA), ``adamw8bit`` (bitsandbytes).
-        warmup_steps: linear warm-up steps, then cosine decay to ``min_lr_ratio * learning_rate``.
-        min_lr_ratio: final learning rate as a fraction of the peak.
-        max_norm: gradient clipping norm (0 disables clipping; the norm is still logged).
-        epochs: passes over the training set (fractions allowed) when ``max_steps`` is not set.
-        max_steps: optimizer steps to run (overrides ``epochs``).
-        neftune_alpha: NEFTune embedding-noise alpha (0 = off; 5 is the paper's usual value).
-        activation_checkpointing: recompute each block's activations in backward (less memory, ~30% slower).
-        track: ``rtx4090-24gb`` or ``a100-40gb``: the budget preset (24h) and the memory plan mode checks.
-        budget: wall-clock budget, like ``24h``, ``90m``, ``30s``. Default: the track's 24h. Time
-            spent by earlier segments of a resumed run counts.
-        budget_reserve: time kept back for the final save + merge (``auto`` = 10% of the
-            budget, at most 20m), e.g. ``15m``.
-        save_interval: checkpoint every N optimizer steps (0 = off).
-        save_interval_minutes: also checkpoint when this many minutes passed since the last one.
-        keep_last: how many checkpoints to keep.
-        resume: ``auto`` = continue from the newest checkpoint in ``out_dir`` if there is one; or a
-            ``checkpoints/step-XXXXXX`` dir. Default: start fresh.
-        log_interval: log telemetry every N optimizer steps.
-        eval_interval: validation loss every N optimizer steps (0 = only at the end).
-        eval_max_examples: validation examples per evaluation.
-        sample_max_new_tokens: tokens generated per fixed prompt for the sample table.
-        num_samples: how many fixed prompts to generate for at the end (0 = skip).
-        export_hf: also write a Hugging Face format copy to ``final/hf/``.
-        seed: seed for initialisation, data order, dropout and noise.
-        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
-        num_threads: CPU threads for torch (default: torch's choice).
-        wandb_project: W&B project (default ``$WANDB_PROJECT`` or ``onegpu``).
-        run_name: W&B run name.
-        progress: show a tqdm progress bar.
 
     Returns:
         The run summary (also in ``out_dir/summary.json``).
     """
-    args = {k: v for k, v in locals().items()}
-    cfg = _validate(args)
-    return _Trainer(cfg).run()
+    return LoRATrainer(resolve(finetune_options(data=data, **options))).run()
 
 
-# --------------------------------------------------------------------------------------- validation
-@dataclass
-class DataBundle:
-    path: Path
-    manifest: dict[str, Any]
-    train_rows: list[dict[str, Any]]
-    val_rows: list[dict[str, Any]]
-    digest: str
-    name: str
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean loss per response token over the step's micro-batches
+    grad_norm: float  # before clipping
+    lr: float  # the learning rate the step used
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if not path.is_file():
-        return rows
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n} is not valid JSON ({err})",
-                                fix="rebuild the data dir with `onegpu data build`") from err
-    return rows
+class LoRATrainer:
+    """One fine-tuning run of a resolved config: ``setup()`` -> ``fit()`` -> ``finalize()``.
 
+    ``run()`` does all three inside the tracked run. Plan mode (``finetune/plan.py``) calls
+    ``setup()`` and ``train_step()`` on batches of its choosing. ``state`` (a ``TrainState``) is
+    what a checkpoint restores; ``setup()`` sets the rest, in this order: ``data`` (the
+    micro-batches) and ``total_steps``, ``tracker``, ``fabric``, ``model`` / ``inner`` (the
+    unwrapped GPT), ``optimizer``, ``scheduler``, ``meter`` (throughput).
+    """
 
-def resolve_data(data: str | None) -> Path:
-    if data is None:
-        raise UserError("no training data given", fix="pass --data DIR (the output dir of `onegpu data build`)")
-    path = Path(data).expanduser()
-    if path.is_dir():
-        return path
-    if os.environ.get("WANDB_MODE") == "online" and not path.exists():
-        import wandb
+    def __init__(self, cfg: FinetuneConfig):
+        from onegpu.finetune.checkpoint import TrainState
 
+        self.cfg = cfg
+        self.state = TrainState(clock=cfg.clock)
+        self.tracker = None  # the tracked run (onegpu.tracking.Run), opened by setup()
+        self.step_time_ema: float | None = None  # predicts the next step for the budget clock
+        self.steps_this_segment = 0  # since this process started (the ETA's rate)
+        self.last_save = time.monotonic()
+
+    def run(self) -> dict[str, Any]:
+        """setup -> fit -> finalize; the tracked run is closed with the exit code either way."""
+        exit_code = 1
         try:
-            return Path(wandb.Api().artifact(data, type="dataset").download())
-        except Exception as err:
-            raise UserError(f"could not fetch the W&B dataset artifact {data!r}: {err}",
-                            fix="check the artifact name (entity/project/name:alias) and `wandb login`") from err
-    raise UserError(f"data dir {str(path)!r} does not exist",
-                    fix="pass the output dir of `onegpu data build` (with train.jsonl and manifest.json), "
-                        "or a W&B dataset artifact with WANDB_MODE=online")
+            self.setup()
+            summary = self.finalize(self.fit())
+            exit_code = 0
+            return summary
+        finally:
+            if self.tracker is not None:
+                self.tracker.finish(exit_code=exit_code)
 
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str = "finetune") -> None:
+        """Data plan, the tracked run (``stage``), Fabric, model, optimizer; then the resumed state."""
+        import torch
+        from litgpt.tokenizer import Tokenizer
 
-def load_data(data: str | None) -> DataBundle:
-    path = resolve_data(data)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"{path} has no manifest.json", fix="pass the output dir of `onegpu data build`")
-    manifest_bytes = manifest_path.read_bytes()
-    manifest = json.loads(manifest_bytes)
-    train_rows = _read_jsonl(path / "train.jsonl")
-    if not train_rows:
-        raise UserError(f"the training set {path / 'train.jsonl'} is empty or missing",
-                        fix="rebuild the mix with `onegpu data build` (check its rejects.jsonl for why rows were dropped)")
-    val_rows = _read_jsonl(path / "val.jsonl")
-    digest = hashlib.sha256(manifest_bytes).hexdigest()
-    name = manifest.get("artifact") or manifest.get("name") or f"dataset-{str(manifest.get('recipe_hash', digest))[:12]}"
-    return DataBundle(path, manifest, train_rows, val_rows, digest, name)
+        from onegpu.budget import format_duration
+        from onegpu.data.schema import get_prompt_style
+        from onegpu.finetune import checkpoint as ckpt_io
 
+        cfg = self.cfg
+        if cfg.model.num_threads:
+            torch.set_num_threads(cfg.model.num_threads)
+        resume_path = self.resume_path()
+        checkpoint = ckpt_io.load(resume_path) if resume_path else None
+        self.tokenizer = Tokenizer(cfg.model.checkpoint_dir)
+        self.style = get_prompt_style(cfg.data.prompt_style)
+        self.plan_data()
+        self.tracker = self.open_run(stage, checkpoint)
+        if checkpoint is not None:
+            self.state.load_state_dict(checkpoint["train_state"])  # counters; the clock's new segment starts now
+        self.build()
+        if checkpoint is not None:
+            self.inner.load_state_dict(checkpoint["model"], strict=False)
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            print(f"[onegpu] resumed from {resume_path} at step {self.state.step}/{self.total_steps} "
+                  f"({format_duration(cfg.clock.elapsed_before_s)} of the budget already used)", file=sys.stderr)
+        self.start_telemetry()
+        if checkpoint is not None:  # last: building the model drew random numbers
+            ckpt_io.set_rng_state(self.state.rng)
 
-def _validate(a: dict[str, Any]) -> dict[str, Any]:
-    """Every check that needs no model: fail in seconds, not after loading 7B weights."""
-    import torch
+    def resume_path(self) -> Path | None:
+        from onegpu.finetune import checkpoint as ckpt_io
 
-    from onegpu.budget import BudgetClock
+        resume = self.cfg.checkpoints.resume
+        if resume == "auto":
+            return ckpt_io.latest(self.cfg.checkpoints.out_dir / "checkpoints")
+        return Path(resume).expanduser() if resume else None
 
-    a = dict(a)
-    if a["lora_r"] <= 0:
-        raise UserError(f"lora_r must be > 0 (got {a['lora_r']})", fix="use a LoRA rank such as --lora_r 8")
-    if a["lora_alpha"] <= 0:
-        raise UserError(f"lora_alpha must be > 0 (got {a['lora_alpha']})", fix="use e.g. --lora_alpha 16 (2x the rank)")
-    if not any(a[k] for k in ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp", "lora_head")):
-        raise UserError("LoRA is applied to no layer", fix="enable at least one of --lora_query/--lora_value/--lora_mlp ...")
-    if not 0 <= a["lora_dropout"] < 1:
-        raise UserError(f"lora_dropout must be in [0, 1) (got {a['lora_dropout']})", fix="use e.g. --lora_dropout 0.05")
-    if a["micro_batch_size"] <= 0 or a["global_batch_size"] <= 0 or a["global_batch_size"] % a["micro_batch_size"]:
-        raise UserError(f"global_batch_size ({a['global_batch_size']}) must be a positive multiple of "
-                        f"micro_batch_size ({a['micro_batch_size']})",
-                        fix="e.g. --micro_batch_size 4 --global_batch_size 16 (4 accumulation steps)")
-    if a["learning_rate"] <= 0:
-        raise UserError(f"learning_rate must be > 0 (got {a['learning_rate']})", fix="use e.g. --learning_rate 3e-4")
-    if a["max_steps"] is not None and a["max_steps"] <= 0:
-        raise UserError(f"max_steps must be > 0 (got {a['max_steps']})", fix="drop --max_steps to train for --epochs")
-    if a["max_steps"] is None and a["epochs"] <= 0:
-        raise UserError(f"epochs must be > 0 (got {a['epochs']})", fix="use e.g. --epochs 1 or set --max_steps")
-    if a["max_seq_length"] is not None and a["max_seq_length"] < 16:
-        raise UserError(f"max_seq_length {a['max_seq_length']} is too small", fix="use at least 16, e.g. 512 or 2048")
+    def plan_data(self) -> None:
+        """Tokenize the rows, skip examples that truncation left without a response token, plan micro-batches."""
+        from onegpu.finetune.packing import MicroBatches, tokenize_rows
 
-    # device and precision
-    if a["device"] == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible", fix="use --device cpu (or auto)")
-    dev = "cuda" if a["device"] == "cuda" or (a["device"] == "auto" and torch.cuda.is_available()) else "cpu"
-    a["device"] = dev
-    if a["precision"] is None:
-        a["precision"] = "bf16-true" if dev == "cuda" else "32-true"
-    if a["quantize"] is not None and "mixed" in a["precision"]:
-        raise UserError(f"--quantize {a['quantize']} cannot be combined with the mixed precision {a['precision']}",
-                        fix="use a -true precision with QLoRA: --precision bf16-true (GPU) or 32-true (CPU)")
-    if dev == "cpu" and a["precision"].startswith(("bf16", "16")):
-        warnings.warn(f"!!! precision {a['precision']} on CPU: half-precision matmuls on this CPU are emulated and "
-                      "can be ~100-500x slower than fp32. Use --precision 32-true on CPU. !!!", stacklevel=2)
-        print(f"[onegpu] WARNING: {a['precision']} on CPU is extremely slow here; --precision 32-true is the sane "
-              "default on CPU", file=sys.stderr)
-    if a["optimizer"] == "paged_adamw" and dev != "cuda":
-        raise UserError("paged_adamw pages optimizer state between GPU and CPU memory and needs CUDA",
-                        fix="use --optimizer adamw (or adamw8bit) on CPU")
+        cfg = self.cfg
+        msl = cfg.data.max_seq_length
+        train = tokenize_rows(cfg.dataset.train_rows, self.style, self.tokenizer, msl, cfg.data.train_on_prompt)
+        usable = [e for e in train if e.n_loss_tokens > 0]
+        if not usable:
+            raise UserError("no training example has a response token left after truncation",
+                            fix=f"raise --max_seq_length (now {msl}) or shorten the prompts")
+        self.n_truncated = sum(e.truncated for e in train)
+        self.n_no_loss = len(train) - len(usable)
+        if self.n_no_loss:
+            print(f"[onegpu] {self.n_no_loss} training examples lost every response token to truncation at "
+                  f"{msl} tokens; they are skipped (counted in summary.json as examples_no_loss_tokens)",
+                  file=sys.stderr)
+        val = tokenize_rows(cfg.dataset.val_rows[: cfg.eval.eval_max_examples], self.style, self.tokenizer, msl,
+                            cfg.data.train_on_prompt)
+        self.val_examples = [e for e in val if e.n_loss_tokens > 0]
+        self.data = MicroBatches(usable, msl, cfg.train.micro_batch_size, cfg.data.packing, cfg.train.seed,
+                                 pad_multiple=8 if cfg.model.device == "cuda" else 1)
+        self.steps_per_epoch = max(1, self.data.per_epoch // cfg.train.accumulation)
+        self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.steps_per_epoch))
 
-    # inputs
-    if a["checkpoint_dir"] is None:
-        from onegpu.model import prepare
+    def open_run(self, stage: str, checkpoint: dict[str, Any] | None) -> Any:
+        from onegpu.tracking import Run
 
-        a["checkpoint_dir"] = Path(prepare())
-    ckpt = Path(a["checkpoint_dir"]).expanduser()
-    missing = [n for n in ("lit_model.pth", "model_config.yaml") if not (ckpt / n).is_file()]
-    if missing:
-        raise UserError(f"{ckpt} is not a litgpt checkpoint (missing {', '.join(missing)})",
-                        fix="pass a dir made by `onegpu model prepare` (it prints the path), or omit "
-                            "--checkpoint_dir for the bundled model")
-    if not (ckpt / "tokenizer.json").is_file() and not (ckpt / "tokenizer.model").is_file():
-        raise UserError(f"{ckpt} has no tokenizer (tokenizer.json / tokenizer.model)",
-                        fix="re-run `onegpu model prepare` for this model")
-    a["checkpoint_dir"] = ckpt
-    a["_data"] = load_data(a["data"])
+        cfg = self.cfg
+        config = {**cfg.flat(), "gradient_accumulation": cfg.train.accumulation, "total_steps": self.total_steps,
+                  "budget_s": cfg.clock.budget_s, "budget_reserve_s": cfg.clock.reserve_s}
+        previous_id = (checkpoint or {}).get("wandb_id")
+        if previous_id:
+            config["resumed_from_wandb_id"] = previous_id
+        # Online, a resumed segment continues the same W&B run. Offline, a SIGKILLed run's id can
+        # still be held by its orphaned W&B service ("run ID is in use"), so a new offline run is
+        # started and linked through `resumed_from_wandb_id`; metrics.jsonl stays one file.
+        online = os.environ.get("WANDB_MODE", "offline") == "online"
+        run = Run(stage, cfg.checkpoints.out_dir, config, project=cfg.logging.wandb_project,
+                  name=cfg.logging.run_name, resume_id=previous_id if online else None)
+        run.use_input(cfg.dataset.name, "dataset", cfg.dataset.digest, cfg.dataset.path)
+        return run
 
-    # budget
-    clock = BudgetClock.from_spec(a["budget"], a["budget_reserve"], a["track"])
-    a["_clock"] = clock
-    if a["out_dir"] is None:
-        from onegpu.paths import runs_dir
+    def build(self) -> None:
+        """Fabric, the LoRA model (QLoRA-quantized if asked), the optimizer and the LR schedule."""
+        import lightning as L
+        import torch
 
-        # Under `wandb agent`, trials on one machine must not share (and resume!) one dir.
-        sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-        a["out_dir"] = runs_dir() / (f"sweep-{sweep_id}/{run_id}" if sweep_id and run_id else "finetune")
-    a["out_dir"] = Path(a["out_dir"]).expanduser()
-    if a["resume"] not in (None, "auto"):
-        rp = Path(a["resume"]).expanduser()
-        if not (rp / "state.pt").is_file():
-            raise UserError(f"--resume {a['resume']}: no state.pt there",
-                            fix="use --resume auto, or a dir like OUT/checkpoints/step-000100")
-    return a
+        from onegpu.finetune import telemetry
+        from onegpu.finetune.packing import use_flex_attention
+
+        cfg = self.cfg
+        self.fabric = L.Fabric(accelerator=cfg.model.device, devices=1, precision=cfg.model.precision)
+        self.fabric.seed_everything(cfg.train.seed, verbose=False)
+        model = build_model(self.fabric, cfg.model.checkpoint_dir, cfg.lora, cfg.model.quantize,
+                            cfg.data.max_seq_length, cfg.model.precision)
+        self.trainable_params, self.total_params = telemetry.count_parameters(model)
+        self.shapes = telemetry.linear_shapes(model)
+        self.model = self.fabric.setup_module(model)
+        self.inner = self.model.module if hasattr(self.model, "module") else self.model
+        self.flex = cfg.data.packing and use_flex_attention(self.inner)
+        self.params = [p for p in self.inner.parameters() if p.requires_grad]
+        optimizer = make_optimizer(cfg.train.optimizer, self.params, cfg.train.learning_rate, cfg.train.weight_decay)
+        self.optimizer = self.fabric.setup_optimizers(optimizer)
+        total, warmup, min_ratio = self.total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_factor(s, warmup, total, min_ratio))
+
+    def start_telemetry(self) -> None:
+        from onegpu.finetune import telemetry
+
+        self.peak_flops, self.peak_flops_source = telemetry.device_peak_flops(self.fabric.device,
+                                                                              self.cfg.model.precision)
+        self.meter = telemetry.Throughput(self.shapes, self.peak_flops)
+        self.tracker.summary(
+            trainable_params=self.trainable_params, total_params=self.total_params, peak_flops=self.peak_flops,
+            peak_flops_source=self.peak_flops_source, train_examples=len(self.data.examples),
+            train_tokens_per_epoch=sum(self.data.lengths), examples_truncated=self.n_truncated,
+            examples_no_loss_tokens=self.n_no_loss, steps_per_epoch=self.steps_per_epoch,
+            attention="flex" if self.flex else "sdpa")
+        print(f"[onegpu] {self.trainable_params:,} trainable / {self.total_params:,} parameters; "
+              f"{len(self.data.examples)} examples, {self.data.per_epoch} micro-batches per epoch, {self.total_steps} "
+              f"steps; MFU peak: {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_flops_source})", file=sys.stderr)
+
+    # --------------------------------------------------------------------------------------- fit
+    def fit(self) -> str:
+        """The training loop: optimizer steps until max_steps/epochs are done or the budget says stop.
+
+        Returns why it stopped: ``max_steps``, ``epochs`` or ``budget``.
+        """
+        from tqdm import tqdm
+
+        cfg, state = self.cfg, self.state
+        stopped_by = "max_steps" if cfg.train.max_steps else "epochs"
+        self.bar = tqdm(total=self.total_steps, initial=state.step, desc="finetune", disable=not cfg.logging.progress,
+                        unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.last_save = time.monotonic()
+        self.model.train()
+        while state.step < self.total_steps:
+            if cfg.clock.should_stop(next_step_s=self.step_time_ema or 0.0):
+                stopped_by = "budget"
+                print(f"\n[onegpu] {cfg.clock.stop_reason}", file=sys.stderr)
+                break
+            t0 = time.perf_counter()
+            batches = [self.data[state.micro_index + j] for j in range(cfg.train.accumulation)]
+            result = self.train_step(batches)
+            self.record_step(batches, result, time.perf_counter() - t0)
+            self.maybe_log(result)
+            self.bar.update(1)
+            self.maybe_validate()
+            self.maybe_save()
+        self.bar.close()
+        return stopped_by
+
+    def train_step(self, batches: list[dict[str, Any]]) -> StepResult:
+        """One optimizer step over collated micro-batches (gradient accumulation over the list).
+
+        The loss is summed over response tokens and divided by the response tokens of the whole
+        step, so packing, padding and accumulation all give the same loss.
+        """
+        import torch
+
+        from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum
+
+        cfg, fabric = self.cfg, self.fabric
+        denom = max(1, sum(b["n_loss_tokens"] for b in batches))
+        step_loss = 0.0
+        for j, b in enumerate(batches):
+            tb = batch_to(b, fabric.device)
+            with fabric.no_backward_sync(self.model, enabled=j < len(batches) - 1), fabric.autocast():
+                hidden = forward_hidden(self.inner, tb, flex=self.flex, neftune_alpha=cfg.train.neftune_alpha,
+                                        activation_checkpointing=cfg.train.activation_checkpointing)
+                loss, _ = loss_sum(self.inner, hidden, tb["labels"])
+            fabric.backward(loss / denom)
+            step_loss += loss.item()
+        if cfg.train.max_norm > 0:
+            grad_norm = float(fabric.clip_gradients(self.model, self.optimizer, max_norm=cfg.train.max_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in self.params if p.grad is not None])))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if fabric.device.type == "cuda":
+            torch.cuda.synchronize()
+        return StepResult(step_loss / denom, grad_norm, lr)
+
+    def record_step(self, batches: list[dict[str, Any]], result: StepResult, seconds: float) -> None:
+        for b in batches:
+            self.meter.add_micro_batch(b)
+        self.meter.add_step_time(seconds)
+        self.step_time_ema = seconds if self.step_time_ema is None else 0.8 * self.step_time_ema + 0.2 * seconds
+        self.steps_this_segment += 1
+        self.state.record_step(batches, result.loss)
+
+    def maybe_log(self, result: StepResult) -> None:
+        """Telemetry every ``log_interval`` steps and at the last step."""
+        from onegpu.finetune import telemetry
+
+        st, clock = self.state, self.cfg.clock
+        if st.step % self.cfg.logging.log_interval and st.step != self.total_steps:
+            return
+        rates = self.meter.rates()
+        remaining_train_s = max(0.0, clock.train_deadline_s - clock.elapsed_s)
+        metrics = {
+            "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "epoch": st.micro_index / self.data.per_epoch, **rates, "tokens_seen": st.tokens,
+            "loss_tokens_seen": st.loss_tokens, "examples_seen": st.examples, "padding_slots_seen": st.slots - st.tokens,
+            "wall_clock_s": clock.elapsed_s, "budget_used_pct": 100 * clock.used_fraction,
+            "eta_s": clock.eta_s(self.steps_this_segment, self.total_steps - st.step),
+            "projected_tokens_by_deadline": st.tokens + rates["tokens_per_s"] * remaining_train_s,
+            **{f"mem/{k}": v for k, v in telemetry.memory_stats(self.fabric.device).items()},
+        }
+        self.tracker.log(metrics, step=st.step)
+        self.bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{rates['tokens_per_s']:.0f}",
+                             mfu=f"{rates['mfu']:.1%}", budget=f"{100 * clock.used_fraction:.1f}%")
+        self.meter.reset_window()
+
+    def maybe_validate(self) -> None:
+        """Validation loss every ``eval_interval`` steps (the last step's comes from finalize)."""
+        every, step = self.cfg.eval.eval_interval, self.state.step
+        if every and step % every == 0 and step < self.total_steps:
+            self.validate()
+
+    def maybe_save(self) -> None:
+        """A checkpoint every ``save_interval`` steps or ``save_interval_minutes`` (the last one: finalize)."""
+        ckpt, step = self.cfg.checkpoints, self.state.step
+        due_steps = ckpt.save_interval and step % ckpt.save_interval == 0
+        due_time = ckpt.save_interval_minutes and time.monotonic() - self.last_save >= 60 * ckpt.save_interval_minutes
+        if (due_steps or due_time) and step < self.total_steps:
+            self.save_checkpoint()
+            self.last_save = time.monotonic()
+
+    def save_checkpoint(self) -> Path:
+        from onegpu.finetune import checkpoint as ckpt_io
+
+        st, ckpt = self.state, self.cfg.checkpoints
+        state = {"model": ckpt_io.trainable_state_dict(self.inner), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "train_state": st.state_dict(),
+                 "wandb_id": self.tracker.meta.get("wandb_id")}
+        meta = {"step": st.step, "total_steps": self.total_steps, "micro_index": st.micro_index,
+                "budget": self.cfg.clock.state_dict(), "train_state_version": st.VERSION,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return ckpt_io.save(ckpt.out_dir / "checkpoints", st.step, state, meta, ckpt.keep_last)
+
+    def validate(self) -> float | None:
+        """Mean validation loss per response token on the first ``eval_max_examples`` val rows (logged)."""
+        import torch
+
+        from onegpu.finetune.packing import MicroBatches, batch_to, forward_hidden, loss_sum
+
+        if not self.val_examples:
+            return None
+        cfg, fabric, inner = self.cfg, self.fabric, self.inner
+        batches = MicroBatches(self.val_examples, cfg.data.max_seq_length, cfg.train.micro_batch_size,
+                               cfg.data.packing, seed=0)
+        total, count = 0.0, 0
+        inner.eval()
+        with torch.no_grad(), fabric.autocast():
+            for i in range(batches.per_epoch):
+                b = batch_to(batches[i], fabric.device)
+                s, n = loss_sum(inner, forward_hidden(inner, b, flex=self.flex), b["labels"])
+                total += s.item()
+                count += n
+        inner.train()
+        val = total / max(1, count)
+        st = self.state
+        st.best_val_loss = val if st.best_val_loss is None else min(st.best_val_loss, val)
+        self.tracker.log({"val_loss": val, "val_ppl": math.exp(min(val, 50))}, step=st.step)
+        return val
+
+    # ---------------------------------------------------------------------------------- finalize
+    def finalize(self, stopped_by: str) -> dict[str, Any]:
+        """After the loop: validation, a last checkpoint, the merged ``final/``, samples, plot, summary."""
+        from onegpu.budget import format_duration
+        from onegpu.finetune import telemetry
+
+        cfg, st, clock = self.cfg, self.state, self.cfg.clock
+        t_end = time.perf_counter()
+        val_loss = self.validate()
+        self.save_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
+        final_dir = self.write_final()
+        samples = self.generate_samples() if cfg.eval.num_samples else []
+        plot = telemetry.plot_training_curves(cfg.checkpoints.out_dir)
+        if plot is not None:
+            self.tracker.log_image("training_curves", plot)
+        summary = {
+            "steps": st.step, "total_steps": self.total_steps, "stopped_by": stopped_by,
+            "final_loss": st.history[-1] if st.history else None,
+            "first_loss": st.history[0] if st.history else None, "val_loss": val_loss,
+            "tokens_seen": st.tokens, "loss_tokens_seen": st.loss_tokens, "examples_seen": st.examples,
+            "packing_efficiency_overall": st.tokens / max(1, st.slots), "final_dir": str(final_dir),
+            "finalize_s": round(time.perf_counter() - t_end, 3),
+            "peak_memory_gib": telemetry.peak_memory_gib(self.fabric.device), "n_samples": len(samples),
+            **clock.summary(),
+        }
+        self.tracker.summary(**summary)
+        print(f"[onegpu] done: {st.step} steps ({stopped_by}), loss {summary['first_loss']} -> "
+              f"{summary['final_loss']}, val_loss {val_loss}; merged checkpoint: {final_dir}", file=sys.stderr)
+        if stopped_by == "budget":
+            print(f"[onegpu] stopped by the budget clock after {st.step}/{self.total_steps} steps, "
+                  f"{format_duration(max(0.0, clock.remaining_s))} of the budget left after the merge. "
+                  f"Continue with --resume auto and a larger --budget.", file=sys.stderr)
+        return summary
+
+    def write_final(self) -> Path:
+        """out/final: LoRA weights + litgpt's hyperparameters/prompt style, merged by litgpt's merge_lora."""
+        import contextlib
+        import io
+
+        import torch
+        import yaml
+        from litgpt.prompts import save_prompt_style
+        from litgpt.scripts.merge_lora import merge_lora
+        from litgpt.utils import copy_config_files
+
+        from onegpu.contracts import staged_dir
+        from onegpu.finetune.checkpoint import trainable_state_dict
+
+        cfg = self.cfg
+        base = cfg.model.checkpoint_dir
+        final = cfg.checkpoints.out_dir / "final"
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a run killed while merging
+            shutil.rmtree(stale, ignore_errors=True)
+        lineage = self.lineage()
+        with staged_dir(final) as staging:
+            lora_sd = {k: v for k, v in trainable_state_dict(self.inner).items() if "lora_" in k}
+            torch.save({"model": lora_sd}, staging / "lit_model.pth.lora")
+            copy_config_files(base, staging)
+            hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.flat().items()}
+            hparams.update(checkpoint_dir=str(base.resolve()),
+                           # the merge rebuilds the model in this precision; merge in full precision on CPU
+                           precision="32-true" if cfg.model.precision.startswith("32")
+                           else cfg.model.precision.replace("-mixed", "-true"))
+            (staging / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False), encoding="utf-8")
+            save_prompt_style(self.style, staging)
+            (staging / "onegpu_model.json").write_text(json.dumps(lineage, indent=2), encoding="utf-8")
+            with contextlib.redirect_stdout(io.StringIO()):  # merge_lora pprints its locals
+                merge_lora(checkpoint_dir=staging, pretrained_checkpoint_dir=base)
+            if cfg.checkpoints.export_hf:
+                from onegpu.inference import export_hf
+
+                export_hf(staging, staging / "hf")
+        self.tracker.log_artifact(final, name=f"model-{self.tracker.meta.get('wandb_id') or 'local'}", type="model",
+                                  metadata=lineage)
+        return final
+
+    def lineage(self) -> dict[str, Any]:
+        """``final/onegpu_model.json``: where the model comes from (base, data, run, method)."""
+        cfg, base, data = self.cfg, self.cfg.model.checkpoint_dir, self.cfg.dataset
+        meta = self.tracker.meta
+        return {
+            "base_checkpoint": str(base.resolve()),
+            "base_model": json.loads((base / "onegpu_model.json").read_text())
+            if (base / "onegpu_model.json").is_file() else None,
+            "data_dir": str(data.path), "data_manifest_sha256": data.digest,
+            "data_recipe_hash": data.manifest.get("recipe_hash"), "dataset_artifact": data.name,
+            "prompt_style": cfg.data.prompt_style, "wandb_run_id": meta.get("wandb_id"),
+            "git_sha": meta.get("git_sha"), "method": "qlora" if cfg.model.quantize else "lora",
+            "quantize": cfg.model.quantize, "lora_r": cfg.lora.lora_r, "lora_alpha": cfg.lora.lora_alpha,
+        }
+
+    def generate_samples(self) -> list[list[str]]:
+        """Greedy generations for the fixed ``SAMPLE_PROMPTS`` (a W&B table), so runs compare."""
+        import torch
+        from litgpt.generate.base import generate
+
+        inner, fabric, tokenizer = self.inner, self.fabric, self.tokenizer
+        rows = []
+        inner.eval()
+        with torch.no_grad():
+            for instruction in SAMPLE_PROMPTS[: self.cfg.eval.num_samples]:
+                prompt = self.style.apply(instruction)
+                ids = tokenizer.encode(prompt, device=fabric.device)
+                max_ret = min(len(ids) + self.cfg.eval.sample_max_new_tokens, inner.max_seq_length)
+                inner.set_kv_cache(batch_size=1, max_seq_length=max_ret, device=fabric.device)
+                with fabric.autocast():
+                    out = generate(inner, ids, max_ret, temperature=0.0, eos_id=tokenizer.eos_id, include_prompt=False)
+                inner.clear_kv_cache()
+                rows.append([instruction, tokenizer.decode(out).strip()])
+        inner.train()
+        self.tracker.log_table("samples", ["prompt", "generation"], rows)
+        return rows
 
 
 # ------------------------------------------------------------------------------------------ model
-def build_model(fabric: Any, checkpoint_dir: Path, lora: dict[str, Any], quantize: str | None,
+def build_model(fabric: Any, checkpoint_dir: Path, lora: LoRAArgs, quantize: str | None,
                 max_seq_length: int, precision: str) -> Any:
     """litgpt LoRA GPT with the base weights loaded, LoRA-only trainable, QLoRA-quantized if asked."""
     import torch
@@ -322,7 +494,7 @@ def build_model(fabric: Any, checkpoint_dir: Path, lora: dict[str, Any], quantiz
 
     from onegpu.finetune.quantize import quantize_frozen_linears
 
-    config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora)
+    config = Config.from_file(checkpoint_dir / "model_config.yaml", **asdict(lora))
     dtype = getattr(torch, PRECISION_DTYPES[precision])
     if quantize:
         # Build and load on CPU; quantizing moves each base linear to the device as it goes, so the
@@ -379,435 +551,3 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
         return (step + 1) / (warmup_steps + 1)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ---------------------------------------------------------------------------------------- trainer
-@dataclass
-class _State:
-    step: int = 0  # optimizer steps done
-    micro_index: int = 0  # micro-batches consumed (across epochs): the data position
-    tokens: int = 0
-    loss_tokens: int = 0
-    examples: int = 0
-    slots: int = 0
-    best_val_loss: float | None = None
-    history: list[float] = field(default_factory=list)
-
-
-class _Trainer:
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
-
-    # -------------------------------------------------------------------------------- data
-    def _prepare_examples(self, tokenizer: Any) -> None:
-        from onegpu.data.schema import get_prompt_style, render
-        from onegpu.finetune.packing import tokenize_example
-
-        cfg, bundle = self.cfg, self.cfg["_data"]
-        style_name = cfg["prompt_style"] or bundle.manifest.get("prompt_style")
-        if not style_name:
-            raise UserError("no prompt style: the manifest has no prompt_style and none was given",
-                            fix="pass --prompt_style NAME (a litgpt prompt style, e.g. alpaca or chatml)")
-        self.style_name = style_name
-        self.style = get_prompt_style(style_name)
-        msl = cfg["max_seq_length"] or int(bundle.manifest.get("max_seq_length") or 512)
-        if msl > self.model_block_size:
-            print(f"[onegpu] max_seq_length {msl} > the model's block size {self.model_block_size}; using "
-                  f"{self.model_block_size}", file=sys.stderr)
-            msl = self.model_block_size
-        self.max_seq_length = msl
-
-        def build(rows):
-            out = []
-            for row in rows:
-                prompt, response = render(row, self.style)
-                out.append(tokenize_example(tokenizer, prompt, response, msl, cfg["train_on_prompt"]))
-            return out
-
-        self.train_examples = build(bundle.train_rows)
-        self.val_examples = build(bundle.val_rows[: cfg["eval_max_examples"]])
-        usable = [e for e in self.train_examples if e.n_loss_tokens > 0]
-        if not usable:
-            raise UserError("no training example has a response token left after truncation",
-                            fix=f"raise --max_seq_length (now {msl}) or shorten the prompts")
-        self.n_truncated = sum(e.truncated for e in self.train_examples)
-        self.n_no_loss = len(self.train_examples) - len(usable)
-        if self.n_no_loss:
-            print(f"[onegpu] {self.n_no_loss} training examples lost every response token to truncation at "
-                  f"{msl} tokens; they are skipped (counted in summary.json as examples_no_loss_tokens)",
-                  file=sys.stderr)
-        self.train_examples = usable
-        self.lengths = [len(e) for e in self.train_examples]
-        self._plans: dict[int, list] = {}
-
-    def _epoch_plan(self, epoch: int) -> list:
-        from onegpu.finetune.packing import plan_micro_batches
-
-        if epoch not in self._plans:
-            self._plans = {epoch: plan_micro_batches(self.lengths, self.max_seq_length, self.cfg["micro_batch_size"],
-                                                     self.cfg["packing"], self.cfg["seed"], epoch)}
-        return self._plans[epoch]
-
-    def micro_batch(self, index: int) -> dict[str, Any]:
-        from onegpu.finetune.packing import collate
-
-        epoch, i = divmod(index, self.micro_per_epoch)
-        rows = self._epoch_plan(epoch)[i]
-        return collate(self.train_examples, rows, pad_id=self.pad_id, pad_multiple=8 if self.device.type == "cuda" else 1)
-
-    # ------------------------------------------------------------------------------- run
-    def run(self) -> dict[str, Any]:
-        import lightning as L
-        import torch
-        from litgpt.tokenizer import Tokenizer
-
-        from onegpu.finetune import checkpoint as ckpt_io
-        from onegpu.finetune import telemetry
-        from onegpu.finetune.packing import use_flex_attention
-        from onegpu.tracking import Run
-
-        cfg = self.cfg
-        if cfg["num_threads"]:
-            torch.set_num_threads(cfg["num_threads"])
-        out_dir: Path = cfg["out_dir"]
-        ckpt_root = out_dir / "checkpoints"
-        resume_path = None
-        if cfg["resume"] == "auto":
-            resume_path = ckpt_io.latest(ckpt_root)
-        elif cfg["resume"]:
-            resume_path = Path(cfg["resume"]).expanduser()
-        resume_state = ckpt_io.load(resume_path) if resume_path else None
-
-        tokenizer = Tokenizer(cfg["checkpoint_dir"])
-        self.pad_id = 0
-        import yaml
-
-        model_cfg = yaml.safe_load((cfg["checkpoint_dir"] / "model_config.yaml").read_text())
-        self.model_block_size = int(model_cfg.get("block_size", 2048))
-        self._prepare_examples(tokenizer)
-        accum = cfg["global_batch_size"] // cfg["micro_batch_size"]
-        self.accum = accum
-        self.micro_per_epoch = len(self._epoch_plan(0))
-        steps_per_epoch = max(1, self.micro_per_epoch // accum)
-        total_steps = cfg["max_steps"] or max(1, int(cfg["epochs"] * steps_per_epoch))
-        self.total_steps = total_steps
-
-        clock = cfg["_clock"]
-        public_cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        public_cfg.update(max_seq_length=self.max_seq_length, prompt_style=self.style_name,
-                          gradient_accumulation=accum, total_steps=total_steps, budget_s=clock.budget_s,
-                          budget_reserve_s=clock.reserve_s)
-        previous_id = (resume_state or {}).get("wandb_id")
-        if previous_id:
-            public_cfg["resumed_from_wandb_id"] = previous_id
-        # Online, a resumed segment continues the same W&B run. Offline, a SIGKILLed run's id can
-        # still be held by its orphaned W&B service ("run ID is in use"), so a new offline run is
-        # started and linked through `resumed_from_wandb_id`; metrics.jsonl stays one file.
-        online = os.environ.get("WANDB_MODE", "offline") == "online"
-        run = Run("finetune", out_dir, public_cfg, project=cfg["wandb_project"], name=cfg["run_name"],
-                  resume_id=previous_id if online else None)
-        bundle = cfg["_data"]
-        run.use_input(bundle.name, "dataset", bundle.digest, bundle.path)
-        exit_code = 1
-        try:
-            summary = self._train(run, resume_state, resume_path, tokenizer, total_steps, steps_per_epoch, L, torch,
-                                  ckpt_io, telemetry, use_flex_attention, ckpt_root)
-            exit_code = 0
-            return summary
-        finally:
-            run.finish(exit_code=exit_code)
-
-    def _train(self, run, resume_state, resume_path, tokenizer, total_steps, steps_per_epoch, L, torch, ckpt_io,
-               telemetry, use_flex_attention, ckpt_root) -> dict[str, Any]:
-        from tqdm import tqdm
-
-        from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum
-        from onegpu.budget import format_duration
-
-        cfg = self.cfg
-        clock = cfg["_clock"]
-        if resume_state is not None:
-            clock.restore(resume_state["budget"])
-        fabric = L.Fabric(accelerator=cfg["device"], devices=1, precision=cfg["precision"])
-        self.device = fabric.device
-        fabric.seed_everything(cfg["seed"], verbose=False)
-        lora = {k: cfg[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_query", "lora_key", "lora_value",
-                                    "lora_projection", "lora_mlp", "lora_head")}
-        model = build_model(fabric, cfg["checkpoint_dir"], lora, cfg["quantize"], self.max_seq_length,
-                            cfg["precision"])
-        trainable, total = telemetry.count_parameters(model)
-        shapes = telemetry.linear_shapes(model)
-        model = fabric.setup_module(model)
-        inner = model.module if hasattr(model, "module") else model
-        self.flex = cfg["packing"] and use_flex_attention(inner)
-        params = [p for p in inner.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg["optimizer"], params, cfg["learning_rate"], cfg["weight_decay"])
-        optimizer = fabric.setup_optimizers(optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], total_steps, cfg["min_lr_ratio"]))
-        st = _State()
-        if resume_state is not None:
-            inner.load_state_dict(resume_state["model"], strict=False)
-            optimizer.load_state_dict(resume_state["optimizer"])
-            scheduler.load_state_dict(resume_state["scheduler"])
-            for k, v in resume_state["progress"].items():
-                setattr(st, k, v)
-            print(f"[onegpu] resumed from {resume_path} at step {st.step}/{total_steps} "
-                  f"({format_duration(clock.elapsed_before_s)} of the budget already used)", file=sys.stderr)
-
-        peak, peak_src = telemetry.device_peak_flops(fabric.device, cfg["precision"])
-        meter = telemetry.Throughput(shapes, peak)
-        run.summary(trainable_params=trainable, total_params=total, peak_flops=peak, peak_flops_source=peak_src,
-                    train_examples=len(self.train_examples), train_tokens_per_epoch=sum(self.lengths),
-                    examples_truncated=self.n_truncated, examples_no_loss_tokens=self.n_no_loss,
-                    steps_per_epoch=steps_per_epoch, attention="flex" if self.flex else "sdpa")
-        print(f"[onegpu] {trainable:,} trainable / {total:,} parameters; {len(self.train_examples)} examples, "
-              f"{self.micro_per_epoch} micro-batches per epoch, {total_steps} steps; MFU peak: {peak / 1e12:.2f} "
-              f"TFLOP/s ({peak_src})", file=sys.stderr)
-
-        def save_checkpoint() -> Path:
-            state = {
-                "model": ckpt_io.trainable_state_dict(inner), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "progress": st.__dict__.copy(), "rng": ckpt_io.rng_state(),
-                "budget": clock.state_dict(), "wandb_id": run.meta.get("wandb_id"),
-            }
-            meta = {"step": st.step, "total_steps": total_steps, "micro_index": st.micro_index,
-                    "budget": clock.state_dict(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            return ckpt_io.save(ckpt_root, st.step, state, meta, cfg["keep_last"])
-
-        bar = tqdm(total=total_steps, initial=st.step, desc="finetune", disable=not cfg["progress"], unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
-        last_save = time.monotonic()
-        ema_step = None
-        steps_this_segment = 0
-        stopped_by = "max_steps" if cfg["max_steps"] else "epochs"
-        model.train()
-        if resume_state is not None:  # last thing before the loop: nothing may draw from the RNG after it
-            ckpt_io.set_rng_state(resume_state["rng"])
-        while st.step < total_steps:
-            if clock.should_stop(next_step_s=ema_step or 0.0):
-                stopped_by = "budget"
-                print(f"\n[onegpu] {clock.stop_reason}", file=sys.stderr)
-                break
-            t0 = time.perf_counter()
-            batches = [self.micro_batch(st.micro_index + j) for j in range(self.accum)]
-            denom = max(1, sum(b["n_loss_tokens"] for b in batches))
-            step_loss = 0.0
-            for j, b in enumerate(batches):
-                meter.add_micro_batch(b)
-                tb = batch_to(b, fabric.device)
-                with fabric.no_backward_sync(model, enabled=j < self.accum - 1), fabric.autocast():
-                    hidden = forward_hidden(inner, tb, flex=self.flex, neftune_alpha=cfg["neftune_alpha"],
-                                            activation_checkpointing=cfg["activation_checkpointing"])
-                    loss, _ = loss_sum(inner, hidden, tb["labels"])
-                fabric.backward(loss / denom)
-                step_loss += loss.item()
-            if cfg["max_norm"] > 0:
-                grad_norm = float(fabric.clip_gradients(model, optimizer, max_norm=cfg["max_norm"]))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in params if p.grad is not None])))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if fabric.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            meter.add_step_time(dt)
-            ema_step = dt if ema_step is None else 0.8 * ema_step + 0.2 * dt
-            st.step += 1
-            steps_this_segment += 1
-            st.micro_index += self.accum
-            st.tokens += sum(b["n_tokens"] for b in batches)
-            st.loss_tokens += sum(b["n_loss_tokens"] for b in batches)
-            st.examples += sum(b["n_examples"] for b in batches)
-            st.slots += sum(b["n_slots"] for b in batches)
-            step_loss /= denom
-            st.history.append(step_loss)
-
-            if st.step % cfg["log_interval"] == 0 or st.step == total_steps:
-                rates = meter.rates()
-                remaining_train_s = max(0.0, clock.train_deadline_s - clock.elapsed_s)
-                eta = clock.eta_s(steps_this_segment, total_steps - st.step)
-                metrics = {
-                    "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "epoch": st.micro_index / self.micro_per_epoch,
-                    **rates, "tokens_seen": st.tokens, "loss_tokens_seen": st.loss_tokens, "examples_seen": st.examples,
-                    "padding_slots_seen": st.slots - st.tokens,
-                    "wall_clock_s": clock.elapsed_s, "budget_used_pct": 100 * clock.used_fraction,
-                    "eta_s": eta, "projected_tokens_by_deadline": st.tokens + rates["tokens_per_s"] * remaining_train_s,
-                    **{f"mem/{k}": v for k, v in telemetry.memory_stats(fabric.device).items()},
-                }
-                run.log(metrics, step=st.step)
-                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{rates['tokens_per_s']:.0f}",
-                                mfu=f"{rates['mfu']:.1%}", budget=f"{100 * clock.used_fraction:.1f}%")
-                meter.reset_window()
-            bar.update(1)
-
-            if cfg["eval_interval"] and st.step % cfg["eval_interval"] == 0 and st.step < total_steps:
-                self._log_val(run, inner, fabric, st)
-            due_steps = cfg["save_interval"] and st.step % cfg["save_interval"] == 0
-            due_time = cfg["save_interval_minutes"] and time.monotonic() - last_save >= 60 * cfg["save_interval_minutes"]
-            if (due_steps or due_time) and st.step < total_steps:
-                save_checkpoint()
-                last_save = time.monotonic()
-        bar.close()
-
-        # ------------------------------------------------------------------------- the end
-        t_end = time.perf_counter()
-        val_loss = self._log_val(run, inner, fabric, st)
-        save_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
-        final_dir = self._write_final(run, inner, tokenizer, fabric)
-        samples = self._samples(run, inner, tokenizer, fabric) if self.cfg["num_samples"] else []
-        plot = plot_training_curves(cfg["out_dir"])
-        if plot is not None:
-            run.log_image("training_curves", plot)
-        summary = {
-            "steps": st.step, "total_steps": total_steps, "stopped_by": stopped_by, "final_loss": st.history[-1] if st.history else None,
-            "first_loss": st.history[0] if st.history else None, "val_loss": val_loss,
-            "tokens_seen": st.tokens, "loss_tokens_seen": st.loss_tokens, "examples_seen": st.examples,
-            "packing_efficiency_overall": st.tokens / max(1, st.slots), "final_dir": str(final_dir),
-            "finalize_s": round(time.perf_counter() - t_end, 3), "peak_memory_gib": telemetry.peak_memory_gib(fabric.device),
-            "n_samples": len(samples), **clock.summary(),
-        }
-        run.summary(**summary)
-        print(f"[onegpu] done: {st.step} steps ({stopped_by}), loss {summary['first_loss']} -> {summary['final_loss']}, "
-              f"val_loss {val_loss}; merged checkpoint: {final_dir}", file=sys.stderr)
-        if stopped_by == "budget":
-            print(f"[onegpu] stopped by the budget clock after {st.step}/{total_steps} steps, "
-                  f"{format_duration(max(0.0, clock.remaining_s))} of the budget left after the merge. "
-                  f"Continue with --resume auto and a larger --budget.", file=sys.stderr)
-        return summary
-
-    # -------------------------------------------------------------------------- helpers
-    def _log_val(self, run, inner, fabric, st) -> float | None:
-        import torch
-
-        from onegpu.finetune.packing import batch_to, collate, forward_hidden, loss_sum, plan_micro_batches
-
-        if not self.val_examples:
-            return None
-        examples = [e for e in self.val_examples if e.n_loss_tokens > 0]
-        lengths = [len(e) for e in examples]
-        total, count = 0.0, 0
-        inner.eval()
-        with torch.no_grad(), fabric.autocast():
-            for rows in plan_micro_batches(lengths, self.max_seq_length, self.cfg["micro_batch_size"], self.cfg["packing"],
-                                           seed=0, epoch=0):
-                b = batch_to(collate(examples, rows, self.pad_id), fabric.device)
-                s, n = loss_sum(inner, forward_hidden(inner, b, flex=self.flex), b["labels"])
-                total += s.item()
-                count += n
-        inner.train()
-        val = total / max(1, count)
-        st.best_val_loss = val if st.best_val_loss is None else min(st.best_val_loss, val)
-        run.log({"val_loss": val, "val_ppl": math.exp(min(val, 50))}, step=st.step)
-        return val
-
-    def _write_final(self, run, inner, tokenizer, fabric) -> Path:
-        """out/final: LoRA weights + litgpt's hyperparameters/prompt style, merged by litgpt's merge_lora."""
-        import torch
-        import yaml
-        from litgpt.prompts import save_prompt_style
-        from litgpt.scripts.merge_lora import merge_lora
-        from litgpt.utils import copy_config_files
-
-        from onegpu.finetune.checkpoint import trainable_state_dict
-
-        cfg = self.cfg
-        final = cfg["out_dir"] / "final"
-        staging = cfg["out_dir"] / ".final.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-        lora_sd = {k: v for k, v in trainable_state_dict(inner).items() if "lora_" in k}
-        torch.save({"model": lora_sd}, staging / "lit_model.pth.lora")
-        copy_config_files(cfg["checkpoint_dir"], staging)
-        hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items() if not k.startswith("_")}
-        hparams.update(checkpoint_dir=str(cfg["checkpoint_dir"].resolve()), max_seq_length=self.max_seq_length,
-                       prompt_style=self.style_name,
-                       # the merge rebuilds the model in this precision; merge in full precision on CPU
-                       precision="32-true" if cfg["precision"].startswith("32") else cfg["precision"].replace("-mixed", "-true"))
-        (staging / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False), encoding="utf-8")
-        save_prompt_style(self.style, staging)
-        bundle = cfg["_data"]
-        lineage = {
-            "base_checkpoint": str(cfg["checkpoint_dir"].resolve()),
-            "base_model": json.loads((cfg["checkpoint_dir"] / "onegpu_model.json").read_text())
-            if (cfg["checkpoint_dir"] / "onegpu_model.json").is_file() else None,
-            "data_dir": str(bundle.path), "data_manifest_sha256": bundle.digest,
-            "data_recipe_hash": bundle.manifest.get("recipe_hash"), "dataset_artifact": bundle.name,
-            "prompt_style": self.style_name, "wandb_run_id": run.meta.get("wandb_id"),
-            "git_sha": run.meta.get("git_sha"), "method": "qlora" if cfg["quantize"] else "lora",
-            "quantize": cfg["quantize"], "lora_r": cfg["lora_r"], "lora_alpha": cfg["lora_alpha"],
-        }
-        (staging / "onegpu_model.json").write_text(json.dumps(lineage, indent=2), encoding="utf-8")
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):  # merge_lora pprints its locals
-            merge_lora(checkpoint_dir=staging, pretrained_checkpoint_dir=cfg["checkpoint_dir"])
-        if cfg["export_hf"]:
-            from onegpu.inference import export_hf
-
-            export_hf(staging, staging / "hf")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        run.log_artifact(final, name=f"model-{run.meta.get('wandb_id') or 'local'}", type="model", metadata=lineage)
-        return final
-
-    def _samples(self, run, inner, tokenizer, fabric) -> list[list[str]]:
-        import torch
-        from litgpt.generate.base import generate
-
-        rows = []
-        inner.eval()
-        with torch.no_grad():
-            for instruction in SAMPLE_PROMPTS[: self.cfg["num_samples"]]:
-                prompt = self.style.apply(instruction)
-                ids = tokenizer.encode(prompt, device=fabric.device)
-                max_ret = min(len(ids) + self.cfg["sample_max_new_tokens"], inner.max_seq_length)
-                inner.set_kv_cache(batch_size=1, max_seq_length=max_ret, device=fabric.device)
-                with fabric.autocast():
-                    out = generate(inner, ids, max_ret, temperature=0.0, eos_id=tokenizer.eos_id, include_prompt=False)
-                inner.clear_kv_cache()
-                rows.append([instruction, tokenizer.decode(out).strip()])
-        inner.train()
-        run.log_table("samples", ["prompt", "generation"], rows)
-        return rows
-
-
-def plot_training_curves(out_dir: Path) -> Path | None:
-    """``training_curves.png``: loss (train and val), non-padding tokens/s and MFU per step."""
-    from onegpu.tracking import read_metrics
-
-    rows = read_metrics(out_dir / "metrics.jsonl")
-    train = {r["_step"]: r for r in rows if "loss" in r}  # a resumed run re-logs some steps: last wins
-    if not train:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = sorted(train)
-    val = sorted((r["_step"], r["val_loss"]) for r in rows if "val_loss" in r)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
-    if val:
-        ax1.plot(*zip(*val), "o-", label="val loss")
-    ax1.set_xlabel("optimizer step")
-    ax1.legend()
-    ax2.plot(steps, [train[s]["tokens_per_s"] for s in steps], color="tab:green")
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("non-padding tokens/s", color="tab:green")
-    ax3 = ax2.twinx()
-    ax3.plot(steps, [100 * train[s]["mfu"] for s in steps], color="tab:red", alpha=0.6)
-    ax3.set_ylabel("MFU %", color="tab:red")
-    fig.tight_layout()
-    path = out_dir / "training_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-

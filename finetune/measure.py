@@ -144,15 +144,16 @@ class StepHarness:
     def __init__(self, checkpoint_dir: Path, w: Workload, longest: int | None = None, seed: int = 0):
         import lightning as L
 
+        from onegpu.finetune.config import LoRAArgs
         from onegpu.finetune.lora import build_model, make_optimizer
         from onegpu.finetune.packing import use_flex_attention
 
         self.w, self.seed = w, seed
         self.fabric = L.Fabric(accelerator=w.device, devices=1, precision=w.precision)
         self.fabric.seed_everything(seed, verbose=False)
-        lora = {"lora_r": w.lora_r, "lora_alpha": 2 * w.lora_r, "lora_dropout": w.lora_dropout,
-                "lora_query": w.lora_query, "lora_key": w.lora_key, "lora_value": w.lora_value,
-                "lora_projection": w.lora_projection, "lora_mlp": w.lora_mlp, "lora_head": w.lora_head}
+        lora = LoRAArgs(lora_r=w.lora_r, lora_alpha=2 * w.lora_r, lora_dropout=w.lora_dropout,
+                        lora_query=w.lora_query, lora_key=w.lora_key, lora_value=w.lora_value,
+                        lora_projection=w.lora_projection, lora_mlp=w.lora_mlp, lora_head=w.lora_head)
         self.longest = longest or w.max_seq_length
         model = build_model(self.fabric, checkpoint_dir, lora, w.quantize, self.longest, w.precision)
         self.model = self.fabric.setup_module(model)

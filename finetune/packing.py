@@ -55,6 +55,14 @@ def tokenize_example(tokenizer: Any, prompt: str, response: str, max_seq_length:
     return Example(ids[:max_seq_length], labels[:max_seq_length], truncated)
 
 
+def tokenize_rows(rows: list[dict[str, Any]], style: Any, tokenizer: Any, max_seq_length: int,
+                  train_on_prompt: bool = False) -> list[Example]:
+    """Data-stage rows rendered with a litgpt prompt style (``data.schema.render``), then tokenized."""
+    from onegpu.data.schema import render
+
+    return [tokenize_example(tokenizer, *render(row, style), max_seq_length, train_on_prompt) for row in rows]
+
+
 def plan_rows(lengths: list[int], max_seq_length: int, packing: bool, seed: int, epoch: int,
               window: int = 1024) -> list[list[int]]:
     """Example indices per row, for one epoch; deterministic in (seed, epoch) so resume is exact.
@@ -89,6 +97,36 @@ def plan_micro_batches(lengths: list[int], max_seq_length: int, micro_batch_size
                        seed: int, epoch: int) -> list[list[list[int]]]:
     rows = plan_rows(lengths, max_seq_length, packing, seed, epoch)
     return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+
+class MicroBatches:
+    """The micro-batches of a list of examples, epoch after epoch, by their global index.
+
+    Index ``i`` is micro-batch ``i % per_epoch`` of epoch ``i // per_epoch``; each epoch's plan is
+    deterministic in (seed, epoch), so the index alone is the data position a checkpoint stores.
+    """
+
+    def __init__(self, examples: list[Example], max_seq_length: int, micro_batch_size: int, packing: bool,
+                 seed: int, pad_id: int = 0, pad_multiple: int = 1):
+        self.examples = examples
+        self.lengths = [len(e) for e in examples]
+        self.max_seq_length, self.micro_batch_size, self.packing, self.seed = max_seq_length, micro_batch_size, packing, seed
+        self.pad_id, self.pad_multiple = pad_id, pad_multiple
+        self._plan: tuple[int, list[list[list[int]]]] = (0, self.epoch_plan(0))
+        self.per_epoch = len(self._plan[1])
+
+    def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
+        """Example indices per row, rows per micro-batch, for one epoch."""
+        return plan_micro_batches(self.lengths, self.max_seq_length, self.micro_batch_size, self.packing, self.seed, epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, i = divmod(index, self.per_epoch)
+        if self._plan[0] != epoch:
+            self._plan = (epoch, self.epoch_plan(epoch))
+        return self.collate(self._plan[1][i])
+
+    def collate(self, rows: list[list[int]]) -> dict[str, Any]:
+        return collate(self.examples, rows, self.pad_id, self.pad_multiple)
 
 
 def collate(examples: list[Example], rows: list[list[int]], pad_id: int = 0,

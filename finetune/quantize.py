@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from onegpu.contracts import QUANTIZE_MODES
 from onegpu.errors import UserError
-
-MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
 
 
 def quantize_frozen_linears(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
                             device: torch.device) -> int:
     """Replace the frozen base linears of the blocks in place; returns how many were quantized."""
-    if mode not in MODES:
-        raise UserError(f"unknown quantize mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
+    if mode not in QUANTIZE_MODES:
+        raise UserError(f"unknown quantize mode {mode!r}", fix=f"use one of {', '.join(QUANTIZE_MODES)}")
     import bitsandbytes as bnb
     from litgpt.lora import LoRALinear
 

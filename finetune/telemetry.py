@@ -15,6 +15,8 @@ are waste, not work):
 
 MFU = achieved FLOP/s / peak dense FLOP/s of the device at the training dtype
 (:data:`PEAK_FLOPS`; on CPU a measured fp32 matmul peak, :func:`measure_cpu_peak_flops`).
+
+``plot_training_curves`` draws the run's ``training_curves.png`` from its ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,16 +149,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Running counters over a training segment, turned into rates at each log step."""
+    """Counters over a window of steps (since the last log), turned into rates at each log step."""
 
     def __init__(self, shapes: dict[str, Any], peak_flops: float):
         self.shapes = shapes
         self.peak_flops = peak_flops
         self.reset_window()
-        self.total_tokens = 0
-        self.total_loss_tokens = 0
-        self.total_examples = 0
-        self.total_slots = 0
 
     def reset_window(self) -> None:
         self.win_tokens = self.win_examples = self.win_slots = 0
@@ -168,10 +167,6 @@ class Throughput:
         self.win_examples += batch["n_examples"]
         self.win_slots += batch["n_slots"]
         self.win_flops += step_flops(self.shapes, batch["n_tokens"], batch["n_loss_tokens"], batch["segment_lengths"])
-        self.total_tokens += batch["n_tokens"]
-        self.total_loss_tokens += batch["n_loss_tokens"]
-        self.total_examples += batch["n_examples"]
-        self.total_slots += batch["n_slots"]
 
     def add_step_time(self, seconds: float) -> None:
         self.win_time += seconds
@@ -188,3 +183,38 @@ class Throughput:
             "mfu": flops_s / self.peak_flops if self.peak_flops == self.peak_flops else float("nan"),
             "step_time_s": t / max(self.win_steps, 1),
         }
+
+
+# ------------------------------------------------------------------------------------------ plot
+def plot_training_curves(out_dir: Path) -> Path | None:
+    """``training_curves.png``: loss (train and val), non-padding tokens/s and MFU per step."""
+    from onegpu.tracking import read_metrics
+
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    train = {r["_step"]: r for r in rows if "loss" in r}  # a resumed run re-logs some steps: last wins
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(train)
+    val = sorted((r["_step"], r["val_loss"]) for r in rows if "val_loss" in r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
+    if val:
+        ax1.plot(*zip(*val), "o-", label="val loss")
+    ax1.set_xlabel("optimizer step")
+    ax1.legend()
+    ax2.plot(steps, [train[s]["tokens_per_s"] for s in steps], color="tab:green")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("non-padding tokens/s", color="tab:green")
+    ax3 = ax2.twinx()
+    ax3.plot(steps, [100 * train[s]["mfu"] for s in steps], color="tab:red", alpha=0.6)
+    ax3.set_ylabel("MFU %", color="tab:red")
+    fig.tight_layout()
+    path = out_dir / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -44,6 +44,8 @@ def make_data_dir(out: Path, datasets_dir: Path, *, n_train: int | None = None, 
     """A data-stage-shaped dir (train/val/manifest) from the offline datasets."""
     import random
 
+    from onegpu.contracts import write_manifest
+
     rows = shared_rows(datasets_dir)
     random.Random(seed).shuffle(rows)
     val, train = rows[:n_val], rows[n_val:]
@@ -61,7 +63,7 @@ def make_data_dir(out: Path, datasets_dir: Path, *, n_train: int | None = None, 
         "tokenizer": {"name": "SmolLM2-135M-Instruct"}, "counts": {"train": len(train), "val": len(val)},
         "seed": seed, "name": "test-mix",
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    write_manifest(out, manifest)
     (out / "rejects.jsonl").write_text("", encoding="utf-8")
     return out
 

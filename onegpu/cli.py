@@ -56,13 +56,22 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _match(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
-    # Longest match wins: `finetune plan` before `finetune`.
+def match_verb(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
+    """(verb words, the rest of argv) for ``argv`` after ``onegpu``, or None if it names no verb.
+
+    Longest match wins: ``finetune plan`` before ``finetune``. The sweep runner uses it too.
+    """
     for n in (2, 1):
         words = tuple(argv[:n])
         if len(words) == n and words in VERBS:
             return words, argv[n:]
     return None
+
+
+def verb_function(words: tuple[str, ...]):
+    """The function behind a verb (its signature and docstring are the verb's options)."""
+    module_name, fn_name, _doc = VERBS[words]
+    return getattr(importlib.import_module(module_name), fn_name)
 
 
 def _gather_list_positionals(fn, rest: list[str]) -> list[str]:
@@ -140,10 +149,23 @@ def _bare_bool_flags(fn, rest: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ parsing
+def verb_parameters(fn) -> dict[str, typing.Any]:
+    """A verb's options as its parser has them: name -> parameter (``.annotation`` evaluated, ``.default``).
+
+    Most verbs are plain functions. ``onegpu finetune`` and ``finetune plan`` take ``**options`` and
+    hand them to ``finetune_options``, which jsonargparse follows for the parser; asking jsonargparse's
+    own parameter resolver (internal, hence the pinned version) keeps the error messages, --help and
+    bare boolean flags below in step with every option the parser accepts.
+    """
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    return {p.name: p for p in get_signature_parameters(fn, logger=False)}
+
+
 def _type_hints(fn) -> dict[str, typing.Any]:
-    """Parameter name -> its evaluated annotation (stage modules use postponed annotations)."""
+    """Option name -> its evaluated annotation (stage modules use postponed annotations)."""
     try:
-        params = inspect.signature(fn, eval_str=True).parameters
+        params = verb_parameters(fn)
     except (NameError, TypeError):
         return {}
     return {name: p.annotation for name, p in params.items() if p.annotation is not inspect.Parameter.empty}
@@ -194,7 +216,7 @@ def _config_files(argv: list[str]) -> list[str]:
 def explain_parse_error(message: str, fn, prog: str, argv: list[str]) -> UserError:
     """jsonargparse's parse error for ``prog`` -> a UserError naming the problem and the fix."""
     hints = _type_hints(fn)
-    options = [*inspect.signature(fn).parameters, "config"]
+    options = [*verb_parameters(fn), "config"]
     help_hint = f"`{prog} --help` lists every option"
     configs = _config_files(argv)
 
@@ -259,19 +281,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    found = _match(argv)
+    found = match_verb(argv)
     if found is None:
         print(f"onegpu: unknown verb {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     words, rest = found
-    module_name, fn_name, _doc = VERBS[words]
+    module_name = VERBS[words][0]
     if not _available(module_name):
         print(f"onegpu: '{' '.join(words)}' is not available in this install (module {module_name} missing)",
               file=sys.stderr)
         return 2
     import jsonargparse
 
-    fn = getattr(importlib.import_module(module_name), fn_name)
+    fn = verb_function(words)
     prog = f"onegpu {' '.join(words)}"
     rest = _bare_bool_flags(fn, _optional_first_positional(
         fn, _gather_list_options(fn, _gather_list_positionals(fn, rest))))

@@ -4,17 +4,22 @@ The YAML is the one ``wandb sweep`` takes (W&B's schema; see ``sweeps/schema.py`
 the YAML's ``command`` with W&B's macros (``${env}``, ``${interpreter}``, ``${program}``,
 ``${args}``, ``${args_no_hyphens}``, ``${args_json}``, ``${args_json_file}``,
 ``${args_no_boolean_flags}``...) rendered by wandb's own agent code, so a YAML that works here
-works with ``wandb agent`` and the other way round. Grid and random follow W&B's engine; bayes
-runs through optuna's TPE sampler (the maintained engine W&B's own Launch scheduler also offers).
+works with ``wandb agent`` and the other way round. Which parameters a trial gets is a sampler's
+job (``GridSampler``, ``RandomSampler``: W&B's engine; ``BayesSampler``: optuna's TPE sampler, the
+maintained engine W&B's own Launch scheduler also offers), so the runner itself never branches on
+the method.
 
 Before any trial starts, every parameter value the sweep can produce is parsed with the target
 verb's own jsonargparse parser (``onegpu finetune``'s, when the command runs ``onegpu finetune``),
-so a typo fails in a second, naming the key, instead of after hours of trials.
+and each trial's options go through ``onegpu finetune``'s own ``resolve()``, so a typo or an
+impossible combination fails in a second, naming the key, instead of after hours of trials.
 
 Each trial runs in ``OUT/trial-NNN`` (passed as ``--out_dir`` when the verb has one) as an offline
 W&B run grouped under the sweep id, with the sweep params + sweep id in its W&B config (through
 ``WANDB_SWEEP_PARAM_PATH``, the file W&B's agent writes). ``OUT/sweep_state.json`` records every
 trial; re-running the same command skips finished and failed trials and re-runs interrupted ones.
+A bayes sweep keeps its optuna study in ``OUT/optuna.journal`` (optuna's own journal storage), so a
+resumed sweep continues from everything earlier invocations learned.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,11 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, read_json
 from onegpu.errors import UserError
 from onegpu.sweeps import schema as S
 
-STATE_FILE = "sweep_state.json"
+STATE_FILE = SWEEP_STATE
 SUMMARY_FILE = "sweep_summary.json"
+OPTUNA_JOURNAL = "optuna.journal"
 DONE_STATES = ("finished", "failed", "stopped")  # not re-run on resume (failed: unless --retry_failed)
 
 
@@ -94,11 +102,6 @@ class Target:
     def name(self) -> str:
         return "onegpu " + " ".join(self.words)
 
-    def parameters(self) -> list[str]:
-        import inspect
-
-        return list(inspect.signature(self.fn).parameters)
-
     def parser(self):
         from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -109,24 +112,26 @@ class Target:
                                       sub_configs=True)
         return parser
 
+    def options(self) -> list[str]:
+        """The verb's option names, as its parser reads them (``--config`` and ``--help`` aside)."""
+        dests = (action.dest.split(".")[0] for action in self.parser()._actions)
+        return [d for d in dict.fromkeys(dests) if d not in ("help", "config", "print_config")]
+
 
 def find_target(argv: list[str]) -> Target | None:
     """``onegpu VERB ...`` (directly, via ``/usr/bin/env``, or ``python -m onegpu[.cli]``) -> its Target."""
-    import importlib
-
     from onegpu import cli
 
     for i, word in enumerate(argv):
         if Path(word).name == "onegpu" or (word == "-m" and i + 1 < len(argv) and argv[i + 1] in ("onegpu", "onegpu.cli")):
             start = i + 1 if word != "-m" else i + 2
-            found = cli._match(argv[start:])
+            found = cli.match_verb(argv[start:])
             if found is None:
                 raise UserError(f"command runs `onegpu {' '.join(argv[start:start + 2])}`, which is not an onegpu verb",
                                 fix="use e.g. onegpu finetune; `onegpu --help` lists the verbs")
             words, _rest = found
-            module, fn_name, _doc = cli.VERBS[words]
             try:
-                fn = getattr(importlib.import_module(module), fn_name)
+                fn = cli.verb_function(words)
             except (ImportError, AttributeError) as err:
                 raise UserError(f"the sweep runs `onegpu {' '.join(words)}`, which is not available here ({err})",
                                 fix="install the full onegpu package") from err
@@ -192,27 +197,37 @@ def check_command(config: dict[str, Any], points: list[dict[str, Any]], source: 
     return target
 
 
+def resolve_finetune_trial(options: dict[str, Any]) -> None:
+    """``onegpu finetune``'s own ``resolve()`` on a trial's options: data, checkpoint, precision vs
+    quantization... everything it checks before loading a model."""
+    from onegpu.finetune.config import finetune_options, option_names, resolve
+
+    resolve(finetune_options(**{name: value for name, value in options.items() if name in option_names()}))
+
+
+# Verbs whose trials can be resolved before they start: verb words -> a check of the parsed options.
+PREFLIGHT_CHECKS = {("finetune",): resolve_finetune_trial}
+
+
 def preflight(target: Target, config: dict[str, Any], points: list[dict[str, Any]], source: str,
               extra_args: list[str], limit: int = 64) -> None:
-    """Run the verb's own no-model checks (``finetune.lora._validate``: data, checkpoint, precision vs
-    quantization...) on each trial's arguments, so a combination it would reject fails now."""
+    """Put each trial's arguments through the verb's own checks (``PREFLIGHT_CHECKS``), so a
+    combination it would reject fails now."""
     import contextlib
-    import importlib
     import io
     import warnings
 
-    check = getattr(importlib.import_module(target.fn.__module__), "_validate", None)
+    check = PREFLIGHT_CHECKS.get(target.words)
     if check is None:
         return
-    parser = target.parser()
+    parser, names = target.parser(), target.options()
     for point in points[:limit]:
         ns = parser.parse_args(render_command(config, point)[target.argv_start:] + extra_args)
-        kwargs = {name: ns.get(name) for name in target.parameters()}
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                     contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
-                check(kwargs)
+                check({name: ns.get(name) for name in names})
         except UserError as err:
             named = {k: v for k, v in point.items() if str(v) in err.problem}
             varied = named or {k: v for k, v in point.items() if k in _varied_names(points)} or point
@@ -259,15 +274,11 @@ def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
 def read_metric(run_dir: Path, name: str) -> float | None:
     """A trial's final value of ``name``: its ``summary.json``, else ``results.json``, else the last
     ``metrics.jsonl`` row that has it. Dotted names reach into nested JSON (``results.val.acc``)."""
-    candidates = [run_dir / "summary.json", run_dir / "results.json",
-                  *sorted(p for p in run_dir.glob("*/summary.json") if "wandb" not in p.parts),
-                  *sorted(p for p in run_dir.glob("*/results.json") if "wandb" not in p.parts)]
-    for path in candidates:
-        try:
-            flat = _flatten(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError):
-            continue
-        value = flat.get(name)
+    run = RunDir.load(run_dir)
+    below = [p for pattern in ("*/summary.json", "*/results.json")
+             for p in sorted(run.path.glob(pattern)) if "wandb" not in p.parts]
+    for doc in (run.summary, run.results, *map(read_json, below)):
+        value = _flatten(doc).get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     history = metric_history(run_dir, name)
@@ -276,10 +287,8 @@ def read_metric(run_dir: Path, name: str) -> float | None:
 
 def metric_history(run_dir: Path, name: str) -> list[float]:
     """Every logged value of ``name`` in ``metrics.jsonl``, in order (W&B's "iterations")."""
-    from onegpu.tracking import read_metrics
-
     out = []
-    for row in read_metrics(run_dir / "metrics.jsonl"):
+    for row in RunDir(Path(run_dir)).metrics():
         value = _flatten(row).get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
             out.append(float(value))
@@ -308,20 +317,114 @@ class SweepState:
         return cls(path, "sweep-" + uuid.uuid4().hex[:8], digest, config)
 
     def save(self) -> None:
-        doc = {"sweep_id": self.sweep_id, "digest": self.digest, "config": self.config, "trials": self.trials}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write_json(self.path, {"sweep_id": self.sweep_id, "digest": self.digest, "config": self.config,
+                                      "trials": self.trials})
 
-    def find(self, key: str) -> dict[str, Any] | None:
-        return next((t for t in self.trials if t["key"] == key), None)
+    def trial(self, index: int) -> dict[str, Any] | None:
+        return next((t for t in self.trials if t["index"] == index), None)
+
+    def is_done(self, index: int, retry_failed: bool) -> bool:
+        trial = self.trial(index)
+        return trial is not None and (trial["state"] == "finished"
+                                      or (trial["state"] in DONE_STATES and not retry_failed))
 
 
-def _key(params: dict[str, Any]) -> str:
-    return S.config_digest(params)
+# ---------------------------------------------------------------------------------- samplers
+class Sampler:
+    """Which parameters trial ``index`` runs with; ``tell`` hands back how the trial went."""
+
+    total: int  # trials in this sweep
+    preview_note: str | None = None  # printed by --dry_run above the previewed trials
+
+    def open(self, out: Path, sweep_id: str) -> None:
+        """Attach to the sweep dir (where a sampler keeps what must survive a resume)."""
+
+    def ask(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def tell(self, index: int, trial: dict[str, Any]) -> None:
+        """The finished trial record (``state``, ``metric``) of an ``ask``."""
+
+    def preview(self) -> list[dict[str, Any]]:
+        """The trials --dry_run prints (no side effects)."""
+        return [self.ask(i) for i in range(self.total)]
 
 
-# ---------------------------------------------------------------------------------- optuna (bayes)
+class GridSampler(Sampler):
+    """W&B's grid: the product of the values, parameter names sorted; ``--count`` takes the first N."""
+
+    def __init__(self, config: dict[str, Any], cap: int | None, seed: int):
+        self.points = S.grid_points(config)[:cap] if cap else S.grid_points(config)
+        self.total = len(self.points)
+
+    def ask(self, index: int) -> dict[str, Any]:
+        return self.points[index]
+
+
+class RandomSampler(Sampler):
+    """W&B's random search: trial ``index`` gets the index-th draw of the seeded sequence (resumable)."""
+
+    def __init__(self, config: dict[str, Any], cap: int, seed: int):
+        self.total = cap
+        self.draws = S.iter_random_points(config, seed)
+        self.drawn: list[dict[str, Any]] = []
+
+    def ask(self, index: int) -> dict[str, Any]:
+        while len(self.drawn) <= index:
+            self.drawn.append(next(self.draws))
+        return self.drawn[index]
+
+    def preview(self) -> list[dict[str, Any]]:
+        return [self.ask(i) for i in range(min(self.total, 5))]
+
+
+class BayesSampler(Sampler):
+    """Bayesian search through optuna's TPE sampler; the study lives in ``OUT/optuna.journal``."""
+
+    preview_note = "(bayes: later trials depend on earlier results; these are sample draws)"
+
+    def __init__(self, config: dict[str, Any], cap: int, seed: int):
+        self.config, self.total, self.seed = config, cap, seed
+        self.space = _optuna_space(config)  # an unsupported distribution fails here, before any trial
+        self.study = None
+        self.asked: dict[int, Any] = {}
+
+    def preview(self) -> list[dict[str, Any]]:  # TPE starts from random draws too
+        draws = S.iter_random_points(self.config, self.seed)
+        return [next(draws) for _ in range(min(self.total, 5))]
+
+    def open(self, out: Path, sweep_id: str) -> None:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+        from optuna.trial import TrialState
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        goal = (self.config.get("metric") or {}).get("goal", "minimize")
+        self.study = optuna.create_study(
+            study_name=sweep_id, storage=JournalStorage(JournalFileBackend(str(out / OPTUNA_JOURNAL))),
+            load_if_exists=True, direction="maximize" if goal == "maximize" else "minimize",
+            sampler=optuna.samplers.TPESampler(seed=self.seed))
+        for stale in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.study.tell(stale.number, state=TrialState.FAIL)  # asked by an interrupted invocation
+
+    def ask(self, index: int) -> dict[str, Any]:
+        self.asked[index] = self.study.ask(self.space)
+        return _from_optuna(self.config, self.space, self.asked[index].params)
+
+    def tell(self, index: int, trial: dict[str, Any]) -> None:
+        from optuna.trial import TrialState
+
+        asked = self.asked.pop(index)
+        if trial["state"] == "finished" and trial["metric"] is not None:
+            self.study.tell(asked, trial["metric"])
+        else:
+            self.study.tell(asked, state=TrialState.FAIL if trial["state"] == "failed" else TrialState.PRUNED)
+
+
+SAMPLERS = {"grid": GridSampler, "random": RandomSampler, "bayes": BayesSampler}
+
+
 def _optuna_space(config: dict[str, Any]) -> dict[str, Any]:
     """W&B parameters -> optuna distributions (constants stay out of the search space)."""
     import math
@@ -358,18 +461,6 @@ def _optuna_space(config: dict[str, Any]) -> dict[str, Any]:
                             fix="use values, int/float min-max, q_uniform, log_uniform_values or log_uniform "
                                 "for method: bayes, or switch to method: random")
     return space
-
-
-def _to_optuna(config: dict[str, Any], space: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    flat = S.flat_parameters(config["parameters"])
-    out = {}
-    for name, dist in space.items():
-        value = params[name]
-        values = flat[name][1].get("values")
-        if values is not None and list(dist.choices) != values:  # chosen by index
-            value = values.index(value)
-        out[name] = value
-    return out
 
 
 def _from_optuna(config: dict[str, Any], space: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
@@ -442,6 +533,7 @@ def _short(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
 
+# ------------------------------------------------------------------------------------- the sweep
 def sweep(
     sweep_config: Path,
     out: Path | None = None,
@@ -473,179 +565,104 @@ def sweep(
     if params:
         cfg = {**cfg, "parameters": {**cfg["parameters"], **{k: {"value": v} for k, v in params.items()}}}
         S.validate_sweep_config(cfg, source=f"{source} + --params")
-    method = cfg["method"]
-    cap = min(c for c in (count, cfg.get("run_cap")) if c) if (count or cfg.get("run_cap")) else None
-    if method != "grid" and cap is None:
-        raise UserError(f"{source}: a {method} sweep never runs out of trials",
+    sampler = SAMPLERS[cfg["method"]](cfg, trial_cap(cfg, count, source), seed)
+    out = Path(out) if out else runs_dir() / f"sweep-{Path(sweep_config).stem}"
+    launch = Launch.checked(cfg, source, out)  # everything the sweep can produce parses, before any trial
+    if dry_run:
+        if sampler.preview_note:
+            print(sampler.preview_note)
+        for i, point in enumerate(sampler.preview()):
+            print(f"trial-{i:03d}: {shlex.join(launch.argv(point, out / f'trial-{i:03d}'))}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    state = SweepState.load_or_new(out, cfg, source)
+    sampler.open(out, state.sweep_id)
+    return run_trials(state, sampler, launch, out, source, retry_failed)
+
+
+def trial_cap(config: dict[str, Any], count: int | None, source: str) -> int | None:
+    """How many trials: the smaller of ``--count`` and the YAML's ``run_cap`` (None: all of a grid)."""
+    caps = [c for c in (count, config.get("run_cap")) if c]
+    cap = min(caps) if caps else None
+    if config["method"] != "grid" and cap is None:
+        raise UserError(f"{source}: a {config['method']} sweep never runs out of trials",
                         fix="pass --count N (or set run_cap in the YAML)")
     if cap is not None and cap < 1:
         raise UserError(f"--count {count} must be at least 1", fix="pass --count 1 or more")
-    space = _optuna_space(cfg) if method == "bayes" else None
+    return cap
 
-    # Everything the sweep can produce must parse with the target verb before any trial starts.
-    out = Path(out) if out else runs_dir() / f"sweep-{Path(sweep_config).stem}"
-    probe_dir = out / "trial-000"
-    target = check_command(cfg, validation_points(cfg), source)
-    out_flag, resume_flag = None, None
-    if target is not None:
-        names = {n.split(S.NEST)[0] for n in S.flat_parameters(cfg["parameters"])}
-        literal = " ".join(render_command(cfg, {}))
+
+@dataclass
+class Launch:
+    """How a trial is started: the YAML's command, plus ``--out_dir`` (and ``--resume=auto`` when an
+    interrupted trial runs again) for a verb that has them and a sweep that does not set them."""
+
+    config: dict[str, Any]
+    target: Target | None
+    out_flag: str | None = None
+    resume_flag: str | None = None
+
+    @classmethod
+    def checked(cls, config: dict[str, Any], source: str, out: Path) -> "Launch":
+        points = validation_points(config)
+        launch = cls(config, check_command(config, points, source))
+        if launch.target is None:
+            return launch
+        options = launch.target.options()
+        names = {n.split(S.NEST)[0] for n in S.flat_parameters(config["parameters"])}
+        literal = " ".join(render_command(config, {}))
         # A re-run of an interrupted trial continues from its last checkpoint when the verb can.
-        if "resume" in target.parameters() and "resume" not in names and "--resume" not in literal:
-            resume_flag = "--resume=auto"
-        for candidate in ("out_dir", "out"):
-            if candidate in target.parameters() and candidate not in names and f"--{candidate}" not in literal:
-                out_flag = candidate
-                break
-        extra = [f"--{out_flag}={probe_dir}"] if out_flag else []
-        if out_flag:  # the injected flag must parse too
-            check_command(cfg, validation_points(cfg)[:1], source, extra)
-        preflight(target, cfg, validation_points(cfg), source, extra)
+        if "resume" in options and "resume" not in names and "--resume" not in literal:
+            launch.resume_flag = "--resume=auto"
+        launch.out_flag = next((c for c in ("out_dir", "out")
+                                if c in options and c not in names and f"--{c}" not in literal), None)
+        extra = [f"--{launch.out_flag}={out / 'trial-000'}"] if launch.out_flag else []
+        if launch.out_flag:  # the injected flag must parse too
+            check_command(config, points[:1], source, extra)
+        preflight(launch.target, config, points, source, extra)
+        return launch
 
-    if dry_run:
-        if method == "grid":
-            points = S.grid_points(cfg)[:cap]
-        else:  # random: the exact sequence of this seed; bayes: TPE starts from random draws too
-            draws = S.iter_random_points(cfg, seed)
-            points = [next(draws) for _ in range(min(cap, 5))]
-            if method == "bayes":
-                print("(bayes: later trials depend on earlier results; these are sample draws)")
-        for i, point in enumerate(points):
-            argv = render_command(cfg, point) + ([f"--{out_flag}={out / f'trial-{i:03d}'}"] if out_flag else [])
-            print(f"trial-{i:03d}: {shlex.join(argv)}")
-        return 0
+    def argv(self, point: dict[str, Any], trial_dir: Path, json_file: Path | None = None,
+             rerun: bool = False) -> list[str]:
+        argv = render_command(self.config, point, json_file)
+        if self.out_flag:
+            argv.append(f"--{self.out_flag}={trial_dir}")
+            if rerun and self.resume_flag:
+                argv.append(self.resume_flag)
+        return argv
 
-    out.mkdir(parents=True, exist_ok=True)
-    state = SweepState.load_or_new(out, cfg, source)
-    metric = cfg.get("metric")
-    goal = (metric or {}).get("goal", "minimize")
 
-    if method == "grid":
-        planned = S.grid_points(cfg)
-        if cap:
-            planned = planned[:cap]
-        total = len(planned)
-        next_point = iter(planned)
-    elif method == "random":
-        total = cap
-        draws = S.iter_random_points(cfg, seed)
-        next_point = (next(draws) for _ in range(cap))
-    else:
-        total = cap
-
-    study = None
-    if method == "bayes":
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        direction = "maximize" if goal == "maximize" else "minimize"
-        study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=seed))
-        for trial in state.trials:  # replay what earlier invocations learned
-            if trial["state"] == "finished" and trial.get("metric") is not None:
-                study.add_trial(optuna.trial.create_trial(
-                    params=_to_optuna(cfg, space, trial["params"]), distributions=space, value=trial["metric"]))
-
+def run_trials(state: SweepState, sampler: Sampler, launch: Launch, out: Path, source: str,
+               retry_failed: bool) -> int:
+    """The loop: each trial not done yet, asked from the sampler, run, told; a summary at the end."""
     from tqdm import tqdm
 
     from onegpu.tracking import Run
 
-    print(f"sweep {state.sweep_id}: {method}, {total} trial(s) -> {out}"
-          + (f"; each runs `{target.name}`" if target else ""), flush=True)
+    cfg = state.config
+    metric = cfg.get("metric") or {}
+    print(f"sweep {state.sweep_id}: {cfg['method']}, {sampler.total} trial(s) -> {out}"
+          + (f"; each runs `{launch.target.name}`" if launch.target else ""), flush=True)
     run = Run("sweep", out / "sweep-run", {"sweep": cfg, "sweep_id": state.sweep_id, "source": source},
               name=state.sweep_id, group=state.sweep_id)
     # A kill of the sweep process becomes KeyboardInterrupt: the running trial is stopped and recorded.
     previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
+    bar = tqdm(total=sampler.total, desc="trials", unit="trial", dynamic_ncols=True)
     exit_code = 0
     try:
-        for index in range(total):
-            if method == "bayes":
-                optuna_trial = None
-                existing = next((t for t in state.trials if t["index"] == index), None)
-                if existing and (existing["state"] == "finished" or
-                                 (existing["state"] in DONE_STATES and not retry_failed)):
-                    bar.update(1)
-                    continue
-                optuna_trial = study.ask(space)
-                point = _from_optuna(cfg, space, optuna_trial.params)
-            else:
-                point = next(next_point)
-                optuna_trial = None
-            key = _key(point) if method == "grid" else f"{index}:{_key(point)}"
-            trial = state.find(key) or next((t for t in state.trials if t["index"] == index and method == "bayes"), None)
-            if trial and (trial["state"] == "finished" or (trial["state"] in DONE_STATES and not retry_failed)):
+        for index in range(sampler.total):
+            if state.is_done(index, retry_failed):
                 bar.update(1)
                 continue
-            name = f"trial-{index:03d}"
-            trial_dir = out / name
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            rerun = trial is not None and trial.get("params") == point
-            if trial is not None and not rerun and trial_dir.exists():  # bayes re-asked: new params, fresh dir
-                import shutil
-
-                shutil.rmtree(trial_dir)
-                trial_dir.mkdir(parents=True)
-            if trial is None:
-                trial = {"index": index, "key": key, "name": name}
-                state.trials.append(trial)
-            trial.update({"key": key, "params": point, "run_dir": str(trial_dir), "state": "running",
-                          "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            json_file = trial_dir / "sweep_args.json"
-            argv = render_command(cfg, point, json_file) + ([f"--{out_flag}={trial_dir}"] if out_flag else []) \
-                + ([resume_flag] if rerun and resume_flag and out_flag else [])
-            trial["command"] = shlex.join(argv)
-            state.save()
-            json_file.write_text(json.dumps(S.nest(point)), encoding="utf-8")
-            # The file W&B's agent writes: wandb.init merges it into the run config.
-            import yaml
-
-            param_file = trial_dir / "sweep_params.yaml"
-            param_file.write_text(yaml.safe_dump({**{k: {"value": v} for k, v in S.nest(point).items()},
-                                                  "sweep_id": {"value": state.sweep_id},
-                                                  "sweep_trial": {"value": name}}), encoding="utf-8")
-            env = {**os.environ, "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_RUN_GROUP": state.sweep_id,
-                   "ONEGPU_SWEEP_ID": state.sweep_id, "ONEGPU_TRIAL_DIR": str(trial_dir),
-                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-            env.setdefault("WANDB_MODE", "offline")
-            if cfg.get("project"):
-                env.setdefault("WANDB_PROJECT", cfg["project"])
-            varied = {k: v for k, v in point.items() if S.flat_parameters(cfg["parameters"])[k][0] != "param_single_value"}
-            tqdm.write(f"[{name}] {_short(varied or point)}  (log: {trial_dir / 'trial.log'})")
-            previous = [metric_history(Path(t["run_dir"]), metric["name"]) for t in state.trials
-                        if t is not trial and t.get("run_dir")] if metric else []
-            t0 = time.time()
-            code, stop_reason = _run_trial(argv, trial_dir, env, cfg, previous)
-            trial["seconds"] = round(time.time() - t0, 1)
-            trial["returncode"] = code
-            trial["metric"] = read_metric(trial_dir, metric["name"]) if metric else None
-            if stop_reason:
-                trial["state"], trial["note"] = "stopped", stop_reason
-            elif code == 0:
-                trial["state"] = "finished"
-                if metric and trial["metric"] is None:
-                    trial["note"] = f"exited 0 but logged no {metric['name']!r}"
-            else:
-                trial["state"] = "failed"
-                tail = (trial_dir / "trial.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-                trial["note"] = f"exit {code}: " + " | ".join(tail)[-400:]
-            state.save()
-            if study is not None:
-                import optuna
-
-                if trial["state"] == "finished" and trial["metric"] is not None:
-                    study.tell(optuna_trial, trial["metric"])
-                else:
-                    study.tell(optuna_trial, state=optuna.trial.TrialState.FAIL if trial["state"] == "failed"
-                               else optuna.trial.TrialState.PRUNED)
+            trial = run_trial(state, index, sampler.ask(index), launch, out)
+            sampler.tell(index, trial)
             run.log({"trial": index, "metric": trial["metric"], "seconds": trial["seconds"],
                      "failed": int(trial["state"] == "failed")}, step=index)
-            tqdm.write(f"[{name}] {trial['state']}" + (f" {metric['name']}={trial['metric']}" if metric else "")
+            tqdm.write(f"[{trial['name']}] {trial['state']}" + (f" {metric['name']}={trial['metric']}" if metric else "")
                        + (f" ({trial['note']})" if trial.get("note") else ""))
             bar.update(1)
-            target_value = (metric or {}).get("target")
-            if target_value is not None and trial["metric"] is not None and (
-                    trial["metric"] <= target_value if goal == "minimize" else trial["metric"] >= target_value):
-                tqdm.write(f"sweep: {metric['name']}={trial['metric']} reached the target {target_value}; stopping")
+            if reached_target(metric, trial):
+                tqdm.write(f"sweep: {metric['name']}={trial['metric']} reached the target {metric['target']}; stopping")
                 break
     except KeyboardInterrupt:
         for trial in state.trials:
@@ -658,8 +675,8 @@ def sweep(
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
         summary = write_summary(state, out)
-        columns, rows = summary["columns"], summary["rows"]
-        run.log_table("trials", columns, rows)
+        rows = summary["rows"]
+        run.log_table("trials", summary["columns"], rows)
         best = summary.get("best")
         run.summary(trials=len(rows), finished=sum(r[1] == "finished" for r in rows),
                     failed=sum(r[1] == "failed" for r in rows), best_trial=best and best["name"],
@@ -669,6 +686,79 @@ def sweep(
         raise KeyboardInterrupt
     print(format_table(summary))
     return 0 if any(t["state"] == "finished" for t in state.trials) else 1
+
+
+def reached_target(metric: dict[str, Any], trial: dict[str, Any] | None) -> bool:
+    """``metric.target`` in the YAML: a trial that reached it ends the sweep."""
+    target, value = metric.get("target"), (trial or {}).get("metric")
+    if target is None or value is None:
+        return False
+    return value <= target if metric.get("goal", "minimize") == "minimize" else value >= target
+
+
+def run_trial(state: SweepState, index: int, point: dict[str, Any], launch: Launch, out: Path) -> dict[str, Any]:
+    """Run trial ``index`` with ``point`` in ``OUT/trial-NNN`` and record it in the sweep state."""
+    from tqdm import tqdm
+
+    cfg, name = state.config, f"trial-{index:03d}"
+    trial_dir = out / name
+    trial = state.trial(index)
+    rerun = trial is not None and trial.get("params") == point  # interrupted (or retried): same params
+    if trial is not None and not rerun and trial_dir.exists():  # new params for this index: a fresh dir
+        shutil.rmtree(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    if trial is None:
+        trial = {"index": index, "name": name}
+        state.trials.append(trial)
+    trial.update({"params": point, "run_dir": str(trial_dir), "state": "running",
+                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    json_file = trial_dir / "sweep_args.json"
+    argv = launch.argv(point, trial_dir, json_file, rerun)
+    trial["command"] = shlex.join(argv)
+    state.save()
+    env = trial_env(state, point, trial_dir, json_file)
+    flat = S.flat_parameters(cfg["parameters"])
+    varied = {k: v for k, v in point.items() if flat[k][0] != "param_single_value"}
+    tqdm.write(f"[{name}] {_short(varied or point)}  (log: {trial_dir / 'trial.log'})")
+    metric = cfg.get("metric")
+    previous = [metric_history(Path(t["run_dir"]), metric["name"]) for t in state.trials
+                if t is not trial and t.get("run_dir")] if metric else []
+    t0 = time.time()
+    code, stop_reason = _run_trial(argv, trial_dir, env, cfg, previous)
+    trial["seconds"] = round(time.time() - t0, 1)
+    trial["returncode"] = code
+    trial["metric"] = read_metric(trial_dir, metric["name"]) if metric else None
+    if stop_reason:
+        trial["state"], trial["note"] = "stopped", stop_reason
+    elif code == 0:
+        trial["state"] = "finished"
+        if metric and trial["metric"] is None:
+            trial["note"] = f"exited 0 but logged no {metric['name']!r}"
+    else:
+        trial["state"] = "failed"
+        tail = (trial_dir / "trial.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        trial["note"] = f"exit {code}: " + " | ".join(tail)[-400:]
+    state.save()
+    return trial
+
+
+def trial_env(state: SweepState, point: dict[str, Any], trial_dir: Path, json_file: Path) -> dict[str, str]:
+    """The trial's inputs as W&B's agent hands them over (``${args_json_file}``, the sweep-params
+    file ``wandb.init`` merges into the run config) and its environment."""
+    import yaml
+
+    json_file.write_text(json.dumps(S.nest(point)), encoding="utf-8")
+    param_file = trial_dir / "sweep_params.yaml"
+    param_file.write_text(yaml.safe_dump({**{k: {"value": v} for k, v in S.nest(point).items()},
+                                          "sweep_id": {"value": state.sweep_id},
+                                          "sweep_trial": {"value": trial_dir.name}}), encoding="utf-8")
+    env = {**os.environ, "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_RUN_GROUP": state.sweep_id,
+           "ONEGPU_SWEEP_ID": state.sweep_id, "ONEGPU_TRIAL_DIR": str(trial_dir),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.setdefault("WANDB_MODE", "offline")
+    if state.config.get("project"):
+        env.setdefault("WANDB_PROJECT", state.config["project"])
+    return env
 
 
 def write_summary(state: SweepState, out: Path) -> dict[str, Any]:

@@ -137,10 +137,39 @@ def test_empty_dataset_and_cli_exit_code(tiny, tmp_path, capsys):
 
 
 def test_bf16_on_cpu_warns_loudly(tiny, tmp_path):
-    from onegpu.finetune.lora import _validate, finetune
-    import inspect
+    from onegpu.finetune.config import finetune_options, resolve
 
-    args = {p.name: p.default for p in inspect.signature(finetune).parameters.values()}
-    args.update(_kw(tiny, tmp_path / "w"), precision="bf16-true", device="cpu")
     with pytest.warns(UserWarning, match="32-true"):
-        _validate(args)
+        resolve(finetune_options(**_kw(tiny, tmp_path / "w"), precision="bf16-true", device="cpu"))
+
+
+def test_resume_from_a_checkpoint_in_the_previous_format_continues_exactly(tiny, tmp_path):
+    """Checkpoints written before TrainState had a version (counters under "progress", RNG and
+    clock beside them) still resume exactly; a newer TrainState version is refused, naming the fix."""
+    import torch
+
+    from onegpu.finetune.checkpoint import TrainState
+    from onegpu.finetune.lora import finetune
+    from onegpu.budget import BudgetClock
+
+    out = tmp_path / "legacy"
+    finetune(**{**_kw(tiny, out), "max_steps": 4, "save_interval": 2, "keep_last": 3})
+    reference = _losses(out)
+    step2 = out / "checkpoints" / "step-000002"
+    state = torch.load(step2 / "state.pt", weights_only=False)
+    train_state = state.pop("train_state")
+    assert train_state["version"] == TrainState.VERSION and train_state["step"] == 2
+    legacy = {**state, "progress": {k: train_state[k] for k in ("step", "micro_index", "tokens", "loss_tokens",
+                                                               "examples", "slots", "best_val_loss", "history")},
+              "rng": train_state["rng"], "budget": train_state["budget"]}
+    torch.save(legacy, step2 / "state.pt")
+
+    summary = finetune(**{**_kw(tiny, out), "max_steps": 4, "resume": str(step2)})
+    assert summary["steps"] == 4 and summary["budget_segments"] == 2
+    resumed = _losses(out)  # steps 3 and 4 logged again by the resumed segment (later lines win)
+    assert [resumed[s] for s in (3, 4)] == pytest.approx([reference[s] for s in (3, 4)], rel=1e-5, abs=1e-6)
+
+    newer = {**train_state, "version": TrainState.VERSION + 1}
+    with pytest.raises(UserError, match=f"version {TrainState.VERSION + 1}") as err:
+        TrainState(clock=BudgetClock.from_spec("1h")).load_state_dict(newer)
+    assert "start fresh" in err.value.fix

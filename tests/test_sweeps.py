@@ -259,6 +259,47 @@ def test_bayes_through_optuna_and_hyperband_stops_a_bad_trial(tmp_path, toy):
     assert time.time() - t0 < 25
 
 
+def test_bayes_resume_continues_the_optuna_study_from_its_journal(tmp_path, toy):
+    """An interrupted bayes sweep resumes from optuna's own storage (OUT/optuna.journal): the finished
+    trial stays told, the interrupted one is marked failed there and its index asked anew."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    # x in [3, 4]: every trial sleeps >= 2 x 2 s, long enough to be interrupted mid-way
+    path = _toy_yaml(tmp_path, toy, method="bayes",
+                     parameters={"x": {"min": 3.0, "max": 4.0}, "iters": {"value": 2}, "sleep": {"value": 2.0}})
+    out = tmp_path / "bayes"
+    cmd = [sys.executable, "-m", "onegpu", "sweep", str(path), "--out", str(out), "--count", "3", "--seed", "7"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=default_sigint)
+    deadline = time.time() + 120
+    while not (out / "trial-001" / "invocations.txt").exists():  # trial 0 is done, 1 is running
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, proc.stdout.read()
+    first = json.loads((out / "sweep_state.json").read_text())
+    assert [t["state"] for t in first["trials"]] == ["finished", "interrupted"]
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = sorted(json.loads((out / "sweep_state.json").read_text())["trials"], key=lambda t: t["index"])
+    assert [t["state"] for t in trials] == ["finished"] * 3
+    assert trials[0]["params"] == first["trials"][0]["params"]  # kept, not run again
+    assert trials[1]["params"] != first["trials"][1]["params"]  # asked anew, in a fresh dir
+    assert [len((out / t["name"] / "invocations.txt").read_text().split()) for t in trials] == [1, 1, 1]
+    study = optuna.load_study(study_name=first["sweep_id"],
+                              storage=JournalStorage(JournalFileBackend(str(out / "optuna.journal"))))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
+                                               TrialState.COMPLETE]
+    told = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert [t.params["x"] for t in told] == [t["params"]["x"] for t in trials]
+    assert [t.value for t in told] == pytest.approx([t["metric"] for t in trials])
+
+
 # ---------------------------------------------------------------- real fine-tuning trials + report
 @pytest.fixture(scope="module")
 def tiny_finetune(tmp_path_factory, bundled_checkpoint, shared_datasets):
