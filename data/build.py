@@ -17,10 +17,13 @@ absolute output paths in them; everything iterates in a fixed order).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ from tqdm import tqdm
 
 from onegpu.data import decontam
 from onegpu.data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
-                          similarity_text)
+                                 similarity_words)
 from onegpu.data.recipe import load_recipe, recipe_hash, resolve_file
 from onegpu.data.schema import REQUIRED_FIELDS, make_row, render
 from onegpu.data.sources import Reject, get_source, load_file_records, load_records, local_files
@@ -42,7 +45,8 @@ FILTER_STAGES = ("loaded", "llm_generated", "malformed", "language", "exact_dupl
 MAX_TOKENS_PER_CHAR = 0.5
 
 
-def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, seed: int | None = None) -> Path:
+def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, seed: int | None = None,
+          parallel: bool = True) -> Path:
     """Build a training mix from a recipe YAML into OUT (train/val/rejects JSONL, manifest, plot).
 
     Args:
@@ -52,6 +56,8 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
         data_dir: folder with local copies of the datasets (layout of ../shared/datasets). Default:
             $ONEGPU_DATA_DIR, else ../shared/datasets beside the checkout, else the Hugging Face hub.
         seed: overrides the recipe's seed.
+        parallel: tokenize on tokenizers' thread pool, overlapped with near-dedup. false: one thread,
+            one stage after the other (the same outputs, byte for byte; slower when a core is free).
 
     Returns:
         The output directory.
@@ -81,7 +87,7 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
     try:
         rows, rejects, counts = _load_all(rec, data_dir)
         _precheck_budget(rec, rows)
-        kept, token_counts = _filter(rec, rows, rejects, counts, data_dir, tokenizer)
+        kept, token_counts = filter_rows(rec, rows, rejects, counts, data_dir, tokenizer, parallel)
         train, val, selection = _sample(rec, kept, token_counts)
         manifest = _write_outputs(out, rec, data_dir, tok_info, rows, kept, token_counts, train, val, rejects,
                                   counts, selection, package_versions())
@@ -271,11 +277,16 @@ def _precheck_budget(rec: dict, rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------- filter
-def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, Counter], data_dir: Path | None,
-            tokenizer) -> tuple[list[dict], list[int]]:
+def filter_rows(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, Counter], data_dir: Path | None,
+                tokenizer, parallel: bool = True) -> tuple[list[dict], list[int]]:
+    """The filter stage: (kept rows, their token counts); each drop goes to ``rejects`` and ``counts``.
+
+    Reads the recipe keys ``languages``, ``dedup``, ``decontamination``, ``prompt_style``,
+    ``max_seq_length`` and ``min_tokens``, and records the eval sets checked in ``rec["_eval_report"]``.
+    """
     alive = list(range(len(rows)))
 
-    def drop(positions: dict[int, str], stage: str, reason: str, extra=None) -> None:
+    def drop(positions: dict[int, str], stage: str, reason: str) -> None:
         nonlocal alive
         for p in sorted(positions):
             r = rows[p]
@@ -297,14 +308,52 @@ def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, 
         d = exact_duplicates(texts)
         drop({alive[i]: f"same normalised text as {rows[alive[j]]['id']}" for i, j in d.items()},
              "exact_duplicate", "exact_duplicate")
-        texts = _subset(texts, [i for i in range(len(texts)) if i not in d])
-    if rec["dedup"]["near"]:
-        sim_texts = _similarity_words(texts, [rows[p] for p in alive])
-        d = near_duplicates(sim_texts, list(range(len(texts))), rec["dedup"]["threshold"], rec["dedup"]["num_perm"])
-        drop({alive[i]: f"near duplicate of {rows[alive[j]]['id']} (estimated Jaccard {sim})" for i, (j, sim) in d.items()},
-             "near_duplicate", "near_duplicate")
-        texts = _subset(texts, [i for i in range(len(texts)) if i not in d])
+        texts = texts.subset([i for i in range(len(texts)) if i not in d])
 
+    # Contamination is judged row by row, so it is checked before near-dedup on every row left: then a
+    # row near-dedup keeps is final at once, and is tokenized while later rows are still compared.
+    # Rows are dropped in stage order all the same (a near duplicate is never counted as contaminated).
+    dc = rec["decontamination"]
+    hits = _contamination(rec, data_dir, texts)
+    candidates = alive
+    with TokenCounter(tokenizer, rec["prompt_style"], parallel) as counter:
+        def decided(kept: list[int]) -> None:
+            counter.submit([candidates[i] for i in kept if dc["action"] != "drop" or i not in hits], rows)
+
+        near: dict[int, tuple[int, float]] = {}
+        if rec["dedup"]["near"]:
+            near = near_duplicates(similarity_words(texts, [rows[p] for p in candidates]), list(range(len(texts))),
+                                   rec["dedup"]["threshold"], rec["dedup"]["num_perm"], on_kept=decided)
+        else:
+            decided(list(range(len(texts))))
+        n_tokens = counter.counts()
+    drop({candidates[i]: f"near duplicate of {rows[candidates[j]]['id']} (estimated Jaccard {sim})"
+          for i, (j, sim) in near.items()}, "near_duplicate", "near_duplicate")
+
+    hits = {i: hit for i, hit in hits.items() if i not in near}
+    per_eval: dict[str, Counter] = defaultdict(Counter)
+    for i, (eval_name, item, shared) in hits.items():
+        per_eval[eval_name][rows[candidates[i]]["source"]] += 1
+    for name, by_source in per_eval.items():
+        rec["_eval_report"][name]["contaminated_rows_by_source"] = dict(sorted(by_source.items()))
+    if dc["action"] == "drop":
+        drop({candidates[i]: f"{eval_name}: shares {shared} {dc['n']}-grams with eval item #{item}"
+              for i, (eval_name, item, shared) in hits.items()}, "contaminated", "contaminated")
+    else:
+        for i in hits:
+            counts[rows[candidates[i]]["source"]]["contaminated_kept"] += 1
+
+    too_long = {p: f"{n_tokens[p]} tokens > max_seq_length {rec['max_seq_length']}"
+                for p in alive if n_tokens[p] > rec["max_seq_length"]}
+    too_short = {p: f"{n_tokens[p]} tokens < min_tokens {rec['min_tokens']}"
+                 for p in alive if n_tokens[p] < rec["min_tokens"]}
+    drop(too_long, "too_long", "too_long")
+    drop(too_short, "too_short", "too_short")
+    return [rows[p] for p in alive], [n_tokens[p] for p in alive]
+
+
+def _contamination(rec: dict, data_dir: Path | None, texts: RowText) -> dict[int, tuple[str, int, int]]:
+    """{row: (eval set, eval item, shared n-grams)}; records each eval set's status in rec["_eval_report"]."""
     dc = rec["decontamination"]
     indexes, eval_report = [], {}
     for name in tqdm(dc["eval_sets"], desc="eval n-grams", unit="set", leave=False):
@@ -315,68 +364,82 @@ def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, 
         indexes.append(idx)
         eval_report[name] = {"status": "checked", "items": idx.n_items, "ngrams": int(len(idx.grams)),
                              "items_shorter_than_n": idx.short_items, "boilerplate_ngrams_ignored": idx.dropped_boilerplate}
-    hits = decontam.find_contaminated_words(texts.words, texts.starts, indexes, dc["n"], dc["min_matches"])
-    per_eval: dict[str, Counter] = defaultdict(Counter)
-    for i, (eval_name, item, shared) in hits.items():
-        per_eval[eval_name][rows[alive[i]]["source"]] += 1
-    for name, by_source in per_eval.items():
-        eval_report[name]["contaminated_rows_by_source"] = dict(sorted(by_source.items()))
     rec["_eval_report"] = eval_report
-    if dc["action"] == "drop":
-        drop({alive[i]: f"{eval_name}: shares {shared} {dc['n']}-grams with eval item #{item}"
-              for i, (eval_name, item, shared) in hits.items()}, "contaminated", "contaminated")
-    else:
-        for i, (eval_name, item, shared) in hits.items():
-            counts[rows[alive[i]]["source"]]["contaminated_kept"] += 1
-
-    token_counts = _count_tokens([rows[p] for p in alive], rec["prompt_style"], tokenizer)
-    too_long = {alive[i]: f"{n} tokens > max_seq_length {rec['max_seq_length']}"
-                for i, n in enumerate(token_counts) if n > rec["max_seq_length"]}
-    too_short = {alive[i]: f"{n} tokens < min_tokens {rec['min_tokens']}"
-                 for i, n in enumerate(token_counts) if n < rec["min_tokens"]}
-    keep = [i for i in range(len(alive)) if alive[i] not in too_long and alive[i] not in too_short]
-    drop(too_long, "too_long", "too_long")
-    drop(too_short, "too_short", "too_short")
-    return [rows[p] for p in alive], [token_counts[i] for i in keep]
+    return decontam.find_contaminated_words(texts.words, texts.starts, indexes, dc["n"], dc["min_matches"])
 
 
-def _similarity_words(full: RowText, rows: list[dict], hasher=None) -> RowText:
-    """Word hashes near-dedup compares: ``full`` except rows whose ``similarity_text`` differs."""
-    hasher = hasher or decontam.WordHasher()
-    parts = []
-    for i, r in enumerate(rows):
-        t = similarity_text(r)
-        parts.append(full.row(i) if t is None else hasher.words(t))
-    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
-    return RowText(np.concatenate(parts) if parts else np.empty(0, np.uint64), starts)
+@contextlib.contextmanager
+def tokenizers_pool(enabled: bool) -> Iterator[None]:
+    """tokenizers' Rust thread pool on (or off) for the batch calls inside, then back as it was.
 
-
-def _subset(text: RowText, keep: list[int]) -> RowText:
-    parts = [text.row(i) for i in keep]
-    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
-    return RowText(np.concatenate(parts) if parts else np.empty(0, np.uint64), starts)
-
-
-def _count_tokens(rows: list[dict], style: str, tokenizer, batch: int = 1024) -> list[int]:
-    texts = []
-    for r in rows:
-        prompt, response = render(r, style)
-        texts.append(prompt + response)
-    counts: list[int] = []
-    # The CLI turns tokenizers' thread pool off (forks elsewhere); batch encoding is where it pays.
+    The CLI turns the pool off for the whole process (onegpu/cli.py): a process that forks after the
+    pool has started hands its child a tokenizer with the pool disabled (older versions deadlock), and
+    other verbs fork (DataLoader workers, servers). The data stage starts no process while it
+    encodes, so it turns the pool on around its batch calls only; tokenizers reads the variable at
+    each call.
+    """
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if enabled else "false"
     try:
-        for start in tqdm(range(0, len(texts), batch), desc="tokenize", unit="batch", leave=False, mininterval=1.0):
-            enc = tokenizer.encode_batch_fast(texts[start:start + batch], add_special_tokens=False) \
-                if hasattr(tokenizer, "encode_batch_fast") else tokenizer.encode_batch(texts[start:start + batch], add_special_tokens=False)
-            counts += [len(e.ids) + 1 for e in enc]  # + eos, as the fine-tune appends it
+        yield
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
-    return counts
+
+
+def count_tokens(rows: list[dict], style: str, tokenizer, parallel: bool = True) -> list[int]:
+    """Tokens of each row as training will see it: the rendered prompt + response, + EOS.
+
+    One batch call into the Rust tokenizer; with ``parallel`` it runs on tokenizers' thread pool.
+    """
+    texts = ["".join(render(r, style)) for r in rows]
+    with tokenizers_pool(parallel):
+        encoded = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    return [len(e) + 1 for e in encoded]  # + eos, as the fine-tune appends it
+
+
+class TokenCounter:
+    """Token counts of rows submitted as their fate is decided; ``counts()`` waits for all of them.
+
+    parallel: each submitted batch is rendered and encoded on a background thread through
+    tokenizers' thread pool (Rust, without the GIL), so encoding overlaps whatever the main thread
+    does next (near-dedup). Otherwise rows are counted one batch at a time in ``counts()``, on one
+    thread: the plain path, which gives the same numbers.
+    """
+
+    def __init__(self, tokenizer, style: str, parallel: bool, batch: int = 4096):
+        self.tokenizer, self.style, self.parallel, self.batch = tokenizer, style, parallel, batch
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenize") if parallel else None
+        self._jobs: list[tuple[list[int], Any]] = []  # (row positions, future or their rows)
+        self._bar = tqdm(total=0, desc="tokenize", unit="row", leave=False, mininterval=1.0)
+
+    def _count(self, rows: list[dict]) -> list[int]:
+        counts = count_tokens(rows, self.style, self.tokenizer, self.parallel)
+        self._bar.update(len(rows))
+        return counts
+
+    def submit(self, positions: list[int], rows: list[dict]) -> None:
+        for start in range(0, len(positions), self.batch):
+            part = positions[start:start + self.batch]
+            self._bar.total += len(part)
+            batch = [rows[p] for p in part]
+            self._jobs.append((part, self._executor.submit(self._count, batch) if self._executor else batch))
+
+    def counts(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for positions, job in self._jobs:
+            out.update(zip(positions, job.result() if self._executor else self._count(job)))
+        return out
+
+    def __enter__(self) -> TokenCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._executor:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._bar.close()
 
 
 # ----------------------------------------------------------------------------------- sample

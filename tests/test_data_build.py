@@ -48,8 +48,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def small_builds(tmp_path_factory, shared_datasets, bundled_checkpoint):
     tmp = tmp_path_factory.mktemp("data")
     recipe = write_recipe(tmp / "small.yaml", SMALL)
-    a = build(recipe, tmp / "a", data_dir=shared_datasets)
-    b = build(recipe, tmp / "b", data_dir=shared_datasets)
+    a = build(recipe, tmp / "a", data_dir=shared_datasets)  # tokenizers' pool, overlapped with near-dedup
+    b = build(recipe, tmp / "b", data_dir=shared_datasets, parallel=False)  # one thread, stage after stage
     return recipe, a, b
 
 
@@ -107,10 +107,15 @@ def test_every_dropped_row_is_in_rejects_with_reason_and_stage(small_builds):
     assert near and all("near duplicate of" in r["detail"] for r in near)
 
 
-def test_same_recipe_and_seed_give_byte_identical_outputs(small_builds, tmp_path, shared_datasets):
+def test_same_recipe_and_seed_give_byte_identical_outputs_parallel_or_plain(small_builds, tmp_path, shared_datasets):
+    """Build a tokenizes on tokenizers' thread pool while near-dedup runs; build b on one thread, one
+    stage after another. Same recipe and seed: the same files, byte for byte."""
     recipe, a, b = small_builds
     for name in ("train.jsonl", "val.jsonl", "rejects.jsonl", "manifest.json", "composition.png"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    m = json.loads((a / "manifest.json").read_text())
+    for stage in ("near_duplicate", "contaminated", "too_long"):  # the stages that now overlap all dropped rows
+        assert sum(c[stage] for c in m["counts"].values()) > 0, stage
     other = build(recipe, tmp_path / "c", data_dir=shared_datasets, seed=8)
     assert (other / "train.jsonl").read_bytes() != (a / "train.jsonl").read_bytes()
 
