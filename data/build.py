@@ -31,13 +31,15 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
+from onegpu.contracts import atomic_write_text, write_manifest
 from onegpu.data import decontam
 from onegpu.data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
                                  similarity_words)
 from onegpu.data.recipe import load_recipe, recipe_hash, resolve_file
-from onegpu.data.schema import REQUIRED_FIELDS, make_row, render
+from onegpu.data.schema import REQUIRED_FIELDS, encode_examples, make_row, render
 from onegpu.data.sources import Reject, get_source, load_file_records, load_records, local_files
 from onegpu.errors import UserError
+from onegpu.paths import cache_dir
 
 FILTER_STAGES = ("loaded", "llm_generated", "malformed", "language", "exact_duplicate", "near_duplicate", "contaminated",
                  "too_long", "too_short")
@@ -127,8 +129,13 @@ def _check_local_copies(rec: dict, data_dir: Path | None) -> None:
 
 
 def load_tokenizer(spec: str):
-    """(tokenizers.Tokenizer, info) for ``bundled`` | a checkpoint dir | a hub model id."""
-    from tokenizers import Tokenizer
+    """(litgpt Tokenizer, info) for ``bundled`` | a checkpoint dir | a hub model id.
+
+    The same litgpt ``Tokenizer`` the fine-tune loads from its checkpoint, so BOS/EOS follow the
+    same rule (``onegpu.data.schema.encode_example``). A hub id's tokenizer files are downloaded
+    (not the weights) into ``$ONEGPU_CACHE/tokenizers/<id>``.
+    """
+    from litgpt.tokenizer import Tokenizer
 
     if spec == "bundled":
         from onegpu.model import bundled_checkpoint_dir, is_checkpoint, prepare
@@ -136,39 +143,46 @@ def load_tokenizer(spec: str):
         path = bundled_checkpoint_dir()
         if not is_checkpoint(path):
             path = prepare()
-    else:
+    elif Path(spec).expanduser().is_dir():
         path = Path(spec).expanduser()
-    if path.is_dir():
-        tj = path / "tokenizer.json"
-        if not tj.is_file():
-            raise UserError(f"tokenizer: {path} has no tokenizer.json",
-                            fix="point `tokenizer:` at a litgpt/HF checkpoint dir with tokenizer.json, or use `bundled`")
-        tok = Tokenizer.from_file(str(tj))
-        cfg_path = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-        digest = hashlib.sha256(tj.read_bytes()).hexdigest()
-        name = path.name
     elif "/" in spec and not spec.startswith((".", "/", "~")):
-        try:
-            from transformers import AutoTokenizer
-
-            hf = AutoTokenizer.from_pretrained(spec)
-        except Exception as err:  # offline, gated, or misspelt
-            raise UserError(f"tokenizer {spec!r} could not be loaded from the hub: {err}",
-                            fix="check the model id and network (HF_TOKEN for gated models), or use a local checkpoint dir") from err
-        tok = hf.backend_tokenizer
-        cfg = {"eos_token": hf.eos_token}
-        digest = hashlib.sha256(tok.to_str().encode()).hexdigest()
-        name = spec
+        path = _hub_tokenizer_dir(spec)
     else:
         raise UserError(f"tokenizer {spec!r} is neither a directory nor a hub id",
                         fix="use `bundled`, a checkpoint dir holding tokenizer.json, or a hub id like meta-llama/Llama-2-7b-hf")
+    vocab = next((path / f for f in ("tokenizer.json", "tokenizer.model") if (path / f).is_file()), None)
+    if vocab is None:
+        raise UserError(f"tokenizer: {path} has neither tokenizer.json nor tokenizer.model",
+                        fix="point `tokenizer:` at a litgpt/HF checkpoint dir with tokenizer.json, or use `bundled`")
+    tok = Tokenizer(path)
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     eos = cfg.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
-    info = {"spec": spec, "name": name, "tokenizer_json_sha256": digest,
-            "vocab_size": tok.get_vocab_size(), "eos_token": eos,
-            "counting": "len(encode(prompt + response)) + 1 for eos"}
+    info = {"spec": spec, "name": spec if path.is_relative_to(cache_dir() / "tokenizers") else path.name,
+            f"{vocab.name.replace('.', '_')}_sha256": hashlib.sha256(vocab.read_bytes()).hexdigest(),
+            "vocab_size": tok.processor.get_vocab_size() if tok.backend == "huggingface" else tok.vocab_size,
+            "eos_token": eos, "eos_id": tok.eos_id, "bos_id": tok.bos_id, "uses_bos": tok.use_bos,
+            "counting": "prompt (+ BOS when the tokenizer uses one) + response + EOS, as training tokenizes "
+                        "(onegpu.data.schema.encode_example)"}
     return tok, info
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json"]
+
+
+def _hub_tokenizer_dir(model_id: str) -> Path:
+    # named after the model, as litgpt names checkpoint dirs: litgpt's BOS rule reads the dir name
+    local = cache_dir() / "tokenizers" / model_id
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model_id, local_dir=local, allow_patterns=TOKENIZER_FILES)
+    except Exception as err:  # offline, gated, or misspelt
+        raise UserError(f"tokenizer {model_id!r} could not be loaded from the hub: {type(err).__name__}: {err}",
+                        fix="check the model id and network (HF_TOKEN for gated models), or use a local checkpoint dir") from err
+    return local
 
 
 # ----------------------------------------------------------------------------------- load
@@ -390,14 +404,14 @@ def tokenizers_pool(enabled: bool) -> Iterator[None]:
 
 
 def count_tokens(rows: list[dict], style: str, tokenizer, parallel: bool = True) -> list[int]:
-    """Tokens of each row as training will see it: the rendered prompt + response, + EOS.
+    """Tokens of each row as training sees them (``encode_examples``: BOS + prompt + response + EOS).
 
-    One batch call into the Rust tokenizer; with ``parallel`` it runs on tokenizers' thread pool.
+    Batch calls into the Rust tokenizer; with ``parallel`` they run on tokenizers' thread pool.
     """
-    texts = ["".join(render(r, style)) for r in rows]
+    examples = [render(r, style) for r in rows]
     with tokenizers_pool(parallel):
-        encoded = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    return [len(e) + 1 for e in encoded]  # + eos, as the fine-tune appends it
+        encoded = encode_examples(tokenizer, examples)
+    return [len(prompt) + len(response) for prompt, response in encoded]
 
 
 class TokenCounter:
@@ -523,11 +537,9 @@ def _take(pool: list[int], target, unit: str, token_counts: list[int], rng, repl
 
 # ----------------------------------------------------------------------------------- outputs
 def _dump_jsonl(path: Path, items: list[dict]) -> str:
-    data = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items).encode("utf-8")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return hashlib.sha256(data).hexdigest()
+    text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+    atomic_write_text(path, text)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _stats(values: list[int]) -> dict[str, Any]:
@@ -587,9 +599,7 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
         "content_hash": hashlib.sha256(f"{train_sha}\n{val_sha}".encode()).hexdigest(),
         "versions": versions,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out / "manifest.json")
+    write_manifest(out, manifest)
     return manifest
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 import xxhash
 
+from onegpu.contracts import staged_dir
 from onegpu.paths import cache_dir
 
 INDEX_VERSION = "4"
@@ -245,19 +246,18 @@ def load_index(name: str, data_dir: Path | None, n: int = DEFAULT_N, max_item_sh
     else:
         files, key, origin = [], "hub", "hub"
     digest = hashlib.sha256(f"{INDEX_VERSION}|{name}|{n}|{max_item_share}|{key}".encode()).hexdigest()[:16]
-    path = cache_dir() / "decontam" / f"{name}-n{n}-{digest}.npz"
-    if path.is_file():
-        z = np.load(path)
+    cached = cache_dir() / "decontam" / f"{name}-n{n}-{digest}"
+    if (cached / "index.npz").is_file():
+        z = np.load(cached / "index.npz")
         meta = json.loads(str(z["meta"]))
         return EvalIndex(name, z["grams"], z["items"], meta["n_items"], meta["short_items"],
                          meta["dropped_boilerplate"], origin, z["item_ngrams"])
     texts = (t for f in files for t in eval_set.read_local(f)) if files else eval_set.hub()
     index = build_index(name, texts, n, max_item_share, origin)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
     meta = {"n_items": index.n_items, "short_items": index.short_items, "dropped_boilerplate": index.dropped_boilerplate}
-    np.savez(tmp, grams=index.grams, items=index.items, item_ngrams=index.item_ngrams, meta=np.array(json.dumps(meta)))
-    tmp.replace(path)
+    with staged_dir(cached) as work:  # a build killed mid-write leaves no half index behind
+        np.savez(work / "index.npz", grams=index.grams, items=index.items, item_ngrams=index.item_ngrams,
+                 meta=np.array(json.dumps(meta)))
     return index
 
 

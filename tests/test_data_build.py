@@ -153,6 +153,28 @@ def test_exact_duplicates_count_and_tokens_caps_and_replacement(tmp_path, shared
     assert m["tokenizer"]["spec"] == str(bundled_checkpoint)
 
 
+def test_manifest_token_counts_are_what_training_tokenizes_bos_included(small_builds, tmp_path, shared_datasets,
+                                                                        bundled_checkpoint):
+    """The manifest counts each row with the fine-tune's own tokenize_example: BOS + prompt + response + EOS."""
+    from litgpt.tokenizer import Tokenizer
+
+    from onegpu.data.schema import render
+    from onegpu.finetune.packing import tokenize_example
+
+    tok = Tokenizer(bundled_checkpoint)
+    assert tok.use_bos
+    alpaca = write_recipe(tmp_path / "alpaca.yaml", {**SMALL, "prompt_style": "alpaca", "sources": SMALL["sources"][:2]})
+    for out, style in ((small_builds[1], "smollm2"), (build(alpaca, tmp_path / "out", data_dir=shared_datasets), "alpaca")):
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["tokenizer"]["uses_bos"] and m["tokenizer"]["bos_id"] == tok.bos_id
+        for split in ("train", "val"):
+            examples = [tokenize_example(tok, *render(r, style), max_seq_length=10**6)
+                        for r in read_jsonl(out / f"{split}.jsonl")]
+            lengths = [len(e) for e in examples]
+            assert sum(lengths) == m["tokens"][split]["total"] and max(lengths) == m["tokens"][split]["max"], (style, split)
+            assert all(e.input_ids[0] == tok.bos_id for e in examples)  # alpaca's BOS is prepended and counted
+
+
 def test_cli_build_prints_progress_and_uses_the_shipped_recipe_format(tmp_path, shared_datasets, bundled_checkpoint, capfd):
     from onegpu.cli import main
 
