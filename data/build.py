@@ -346,13 +346,14 @@ def filter_rows(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[s
 
     hits = {i: hit for i, hit in hits.items() if i not in near}
     per_eval: dict[str, Counter] = defaultdict(Counter)
-    for i, (eval_name, item, shared) in hits.items():
+    for i, (eval_name, *_) in hits.items():
         per_eval[eval_name][rows[candidates[i]]["source"]] += 1
     for name, by_source in per_eval.items():
         rec["_eval_report"][name]["contaminated_rows_by_source"] = dict(sorted(by_source.items()))
     if dc["action"] == "drop":
-        drop({candidates[i]: f"{eval_name}: shares {shared} {dc['n']}-grams with eval item #{item}"
-              for i, (eval_name, item, shared) in hits.items()}, "contaminated", "contaminated")
+        drop({candidates[i]: f"{eval_name}: shares {shared} {dc['n']}-grams with eval item #{item} "
+                             f"({asked} of them in what it asks)"
+              for i, (eval_name, item, shared, asked) in hits.items()}, "contaminated", "contaminated")
     else:
         for i in hits:
             counts[rows[candidates[i]]["source"]]["contaminated_kept"] += 1
@@ -366,8 +367,8 @@ def filter_rows(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[s
     return [rows[p] for p in alive], [n_tokens[p] for p in alive]
 
 
-def _contamination(rec: dict, data_dir: Path | None, texts: RowText) -> dict[int, tuple[str, int, int]]:
-    """{row: (eval set, eval item, shared n-grams)}; records each eval set's status in rec["_eval_report"]."""
+def _contamination(rec: dict, data_dir: Path | None, texts: RowText) -> dict[int, decontam.Hit]:
+    """{row: (eval set, eval item, shared n-grams, on its prompt side)}; each set's status -> rec["_eval_report"]."""
     dc = rec["decontamination"]
     indexes, eval_report = [], {}
     for name in tqdm(dc["eval_sets"], desc="eval n-grams", unit="set", leave=False):
@@ -379,7 +380,8 @@ def _contamination(rec: dict, data_dir: Path | None, texts: RowText) -> dict[int
         eval_report[name] = {"status": "checked", "items": idx.n_items, "ngrams": int(len(idx.grams)),
                              "items_shorter_than_n": idx.short_items, "boilerplate_ngrams_ignored": idx.dropped_boilerplate}
     rec["_eval_report"] = eval_report
-    return decontam.find_contaminated_words(texts.words, texts.starts, indexes, dc["n"], dc["min_matches"])
+    return decontam.find_contaminated_words(texts.words, texts.starts, indexes, dc["n"], dc["min_matches"],
+                                            dc["answer_matches"])
 
 
 @contextlib.contextmanager
@@ -589,8 +591,8 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
         "data_dir": str(data_dir) if data_dir else "hub",
         "counts": per_source,
         "selection": selection,
-        "decontamination": {"n": rec["decontamination"]["n"], "min_matches": rec["decontamination"]["min_matches"],
-                            "action": rec["decontamination"]["action"], "eval_sets": rec["_eval_report"]},
+        "decontamination": {**{k: rec["decontamination"][k] for k in ("n", "min_matches", "answer_matches", "action")},
+                            "eval_sets": rec["_eval_report"]},
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "tokens": {"train": _stats([token_counts[i] for i in train]), "val": _stats([token_counts[i] for i in val]),
                    "by_source": {name: _stats([token_counts[i] for i in train if kept[i]["source"] == name])
