@@ -30,6 +30,7 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -129,7 +130,7 @@ def side_by_side(records: list[dict], data_dir: Path, tokenizer, rounds: int) ->
             counts: dict[str, Counter] = defaultdict(Counter)
             rec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPE.items()}
             (kept, tokens), wall, cpu, before, after = timed(
-                lambda: filter_rows(rec, records, rejects, counts, data_dir, tokenizer, parallel=parallel))
+                partial(filter_rows, rec, records, rejects, counts, data_dir, tokenizer, parallel=parallel))
             outcome = ([k["id"] for k in kept], tokens, [(x["stage"], x["id"], x["detail"]) for x in rejects])
             if reference is None:
                 reference = outcome
