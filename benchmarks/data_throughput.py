@@ -48,7 +48,8 @@ STYLE = "smollm2"
 # survivor is tokenized and kept, so the token counts of both paths can be compared).
 RECIPE = {"languages": None, "prompt_style": STYLE, "max_seq_length": 10**9, "min_tokens": 0,
           "dedup": {"exact": True, "near": True, "threshold": 0.8, "num_perm": 64},
-          "decontamination": {"eval_sets": list(EVAL_SETS), "n": decontam.DEFAULT_N, "min_matches": 3, "action": "drop"}}
+          "decontamination": {"eval_sets": list(EVAL_SETS), "n": decontam.DEFAULT_N, "min_matches": 3,
+                              "answer_matches": decontam.DEFAULT_ANSWER_MATCHES, "action": "drop"}}
 
 
 def real_rows(data_dir: Path) -> list[dict]:
