@@ -32,6 +32,7 @@ import time
 from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -144,10 +145,9 @@ def side_by_side(records: list[dict], data_dir: Path, tokenizer, rounds: int) ->
         path = "parallel (pool, overlapped with near-dedup)" if parallel else "plain (one thread, stage after stage)"
         print(f"| {r} | {path} | {kept} | {tokens} | {wall:.1f} | {cpu:.1f} | {before:.1f} / {after:.1f} |")
     for parallel in (False, True):
-        walls = sorted(x[4] for x in results if x[1] == parallel)
-        cpus = sorted(x[5] for x in results if x[1] == parallel)
-        print(f"| median | {'parallel' if parallel else 'plain'} | | | {walls[len(walls) // 2]:.1f} | "
-              f"{cpus[len(cpus) // 2]:.1f} | |")
+        mine = [x for x in results if x[1] == parallel]
+        print(f"| median | {'parallel' if parallel else 'plain'} | | | {median(x[4] for x in mine):.1f} | "
+              f"{median(x[5] for x in mine):.1f} | |")
     wall = {(r, parallel): w for r, parallel, _, _, w, *_ in results}
     ratios = [wall[r, False] / wall[r, True] for r in range(rounds)]
     print(f"\nplain/parallel wall per round: {', '.join(f'{x:.2f}x' for x in ratios)}; outputs identical in every run")
