@@ -1,37 +1,56 @@
 """Data stage throughput: 100k records through dedup + decontamination + tokenization.
 
-The records are built from ../shared/datasets (NI, Flan CoT, GSM8K, Dolly, OASST, CNN/DM):
+The records are built from ../shared/datasets (NI, Flan CoT, GSM8K, Dolly, OASST, CNN/DM, LIMA):
 real rows, plus copies perturbed three ways until there are N: exact copies after normalisation
 (case/spacing), near copies (a few words changed), and fresh variants (a new sentence appended).
 
-onegpu's phases are timed on all N records; a straightforward baseline (sha256 per row, datasketch
-MinHash updated shingle by shingle, a Python set of eval n-gram strings, tokenizer.encode per row)
-runs on a slice of them and is reported as records/s, since it is far too slow for 100k.
+Two tables, one run:
 
-    python benchmarks/data_throughput.py               # 100k records (goal: < 60 s on 2 cores)
-    python benchmarks/data_throughput.py --n 20000 --baseline_n 2000
+1. Where the time goes (``--profile``, on by default): each phase of the filter stage timed on its
+   own, one after the other, tokenization both on one thread and on tokenizers' thread pool.
+2. Side by side, in alternation (``--rounds``): ``onegpu.data.build.filter_rows`` (the code
+   ``onegpu data build`` runs) on the same records with ``parallel=False`` (one thread, one stage
+   after the other) and ``parallel=True`` (tokenization on the pool, overlapped with near-dedup).
+   Both must give the same kept rows, token counts and rejects; the script checks it.
+
+The machine may be shared: each row shows the 1-minute load average before and after it, and CPU
+seconds (all threads of this process) beside wall seconds. With the kernel's autogroup scheduling
+(Linux desktops and many VMs), a busy machine gives this session a fixed share of the cores, however
+many threads it runs; then only the CPU seconds shrink, not the wall time.
+
+    python benchmarks/data_throughput.py                 # 100k records, 2 rounds (goal: < 30 s wall on 2 cores)
+    python benchmarks/data_throughput.py --n 20000 --rounds 3 --profile false
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
-import re
 import sys
 import time
+from collections import Counter, defaultdict
+from functools import partial
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from onegpu.data import decontam  # noqa: E402
-from onegpu.data.build import _count_tokens, _similarity_words, _subset, load_tokenizer  # noqa: E402
-from onegpu.data.filters import RowText, exact_duplicates, near_duplicates, row_text  # noqa: E402
-from onegpu.data.sources import SOURCES, Reject, load_records  # noqa: E402
-from onegpu.paths import shared_datasets_dir  # noqa: E402
+from onegpu.data import decontam
+from onegpu.data.build import count_tokens, filter_rows, load_tokenizer
+from onegpu.data.filters import RowText, exact_duplicates, near_duplicates, row_text, similarity_words
+from onegpu.data.schema import render
+from onegpu.data.sources import SOURCES, Reject, load_records
+from onegpu.paths import shared_datasets_dir
 
 EVAL_SETS = ("mmlu", "truthfulqa", "gsm8k_test", "bbq", "bigbench")
+STYLE = "smollm2"
+# The filter-stage settings of data/recipes/quickstart.yaml, without the length filters (every
+# survivor is tokenized and kept, so the token counts of both paths can be compared).
+RECIPE = {"languages": None, "prompt_style": STYLE, "max_seq_length": 10**9, "min_tokens": 0,
+          "dedup": {"exact": True, "near": True, "threshold": 0.8, "num_perm": 64},
+          "decontamination": {"eval_sets": list(EVAL_SETS), "n": decontam.DEFAULT_N, "min_matches": 3,
+                              "answer_matches": decontam.DEFAULT_ANSWER_MATCHES, "action": "drop"}}
 
 
 def real_rows(data_dir: Path) -> list[dict]:
@@ -64,114 +83,86 @@ def make_records(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-CPU: dict[str, float] = {}  # phase -> CPU seconds of this process (the machine is shared: wall time is noisy)
-
-
 def timed(fn):
+    """(value, wall s, CPU s of every thread of this process, load average before, after)."""
+    load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
     value = fn()
-    CPU["last"] = time.process_time() - cpu
-    return value, time.perf_counter() - start
+    return value, time.perf_counter() - start, time.process_time() - cpu, load, os.getloadavg()[0]
 
 
-class Results(list):
-    """Rows of (phase, records, wall s, CPU s, note); the CPU time of the last ``timed`` call."""
+def profile(records: list[dict], data_dir: Path, tokenizer) -> None:
+    """Each phase on its own, one thread unless it says pool."""
+    rows: list[tuple] = []
 
-    def append(self, item):
-        name, n, t, note = item
-        super().append((name, n, t, CPU.get("last", 0.0), note))
+    def phase(name, n, fn, note=""):
+        value, wall, cpu, before, after = timed(fn)
+        rows.append((name, n, wall, cpu, before, after, note(value) if callable(note) else note))
+        return value
 
-
-def onegpu_phases(records: list[dict], data_dir: Path, tokenizer) -> list[tuple]:
-    results = Results()
-    texts, t = timed(lambda: [row_text(r) for r in records])
-    words, t_norm = timed(lambda: RowText.of(texts))
-    results.append(("normalise (word hashes)", len(records), t_norm, "xxh64 per word, memoised"))
-    dups, t = timed(lambda: exact_duplicates(words))
-    results.append(("exact dedup", len(records), t, f"{len(dups)} dropped"))
+    words = phase("normalise (word hashes)", len(records), lambda: RowText.of([row_text(r) for r in records]))
+    dups = phase("exact dedup", len(records), lambda: exact_duplicates(words), lambda d: f"{len(d)} dropped")
     keep = [i for i in range(len(words)) if i not in dups]
-    near, t = timed(lambda: near_duplicates(_similarity_words(words, records), keep))
-    results.append(("near dedup (MinHash/LSH)", len(keep), t, f"{len(near)} dropped, 64 perms, 5-word shingles"))
-    indexes, t = timed(lambda: [decontam.load_index(name, data_dir) for name in EVAL_SETS])
-    results.append(("decontam: load eval n-gram cache", sum(i.n_items for i in indexes), t,
-                    f"{sum(len(i.grams) for i in indexes)} 8-grams"))
-    kept_after_near = [i for i in keep if i not in near]
-    survivors_text = _subset(words, kept_after_near)
-    hits, t = timed(lambda: decontam.find_contaminated_words(survivors_text.words, survivors_text.starts, indexes))
-    results.append(("decontam: check rows", len(kept_after_near), t, f"{len(hits)} contaminated"))
-    # as in `onegpu data build`: only rows that survive dedup and decontamination are tokenized
-    survivors = [records[i] for k, i in enumerate(kept_after_near) if k not in hits]
-    counts, t = timed(lambda: _count_tokens(survivors, "smollm2", tokenizer))
-    results.append(("tokenize survivors (render + batch encode)", len(survivors), t,
-                    f"{sum(counts)} tokens, {sum(counts) / t:,.0f} tokens/s"))
-    return results
+    texts = words.subset(keep)
+    sim = similarity_words(texts, [records[i] for i in keep])
+    near = phase("near dedup (MinHash/LSH)", len(keep), lambda: near_duplicates(sim, list(range(len(keep)))),
+                 lambda d: f"{len(d)} dropped")
+    indexes = phase("decontam: load eval n-gram cache", 0, lambda: [decontam.load_index(e, data_dir) for e in EVAL_SETS])
+    unique = [i for i in range(len(keep)) if i not in near]  # positions in `texts`
+    survivors = texts.subset(unique)
+    hits = phase("decontam: check rows", len(unique), lambda: decontam.find_contaminated_words(
+        survivors.words, survivors.starts, indexes), lambda h: f"{len(h)} contaminated")
+    left = [records[keep[i]] for k, i in enumerate(unique) if k not in hits]
+    phase(f"render ({STYLE} template)", len(left), lambda: [render(r, STYLE) for r in left])
+    for pool in (False, True):
+        phase(f"tokenize: render + encode, {'pool' if pool else 'one thread'}", len(left),
+              lambda pool=pool: count_tokens(left, STYLE, tokenizer, parallel=pool), lambda c: f"{sum(c)} tokens")
+    print("\nWhere the time goes (each phase alone)\n")
+    print("| phase | records | wall s | CPU s | load before/after | note |\n|---|---:|---:|---:|---|---|")
+    for name, n, wall, cpu, before, after, note in rows:
+        print(f"| {name} | {n} | {wall:.2f} | {cpu:.2f} | {before:.1f} / {after:.1f} | {note} |")
 
 
-def baseline_phases(records: list[dict], data_dir: Path, tokenizer) -> list[tuple]:
-    from datasketch import MinHash, MinHashLSH
-
-    from onegpu.data.schema import render
-
-    norm = [" ".join(re.findall(r"\w+", row_text(r).lower())) for r in records]
-    results = Results()
-
-    def exact():
-        seen, dups = set(), 0
-        for t in norm:
-            h = hashlib.sha256(t.encode()).hexdigest()
-            dups += h in seen
-            seen.add(h)
-        return dups
-    _, t = timed(exact)
-    results.append(("exact dedup", len(records), t, "sha256 per row"))
-
-    def near():
-        lsh = MinHashLSH(threshold=0.8, num_perm=64)
-        for i, t in enumerate(norm):
-            m = MinHash(num_perm=64)
-            w = t.split()
-            for j in range(max(len(w) - 4, 1)):
-                m.update(" ".join(w[j:j + 5]).encode())
-            lsh.query(m)
-            lsh.insert(i, m)
-    _, t = timed(near)
-    results.append(("near dedup (MinHash/LSH)", len(records), t, "MinHash.update per shingle"))
-
-    def build_set():
-        grams = set()
-        for name in EVAL_SETS:
-            e = decontam.EVAL_SETS[name]
-            for f in decontam._files(e, data_dir):
-                for text in e.read_local(f):
-                    w = re.findall(r"\w+", text.lower())
-                    grams.update(" ".join(w[j:j + 8]) for j in range(len(w) - 7))
-        return grams
-    grams, t = timed(build_set)
-    results.append(("decontam: build eval n-gram set", 0, t, f"{len(grams)} 8-gram strings (every run)"))
-
-    def check():
-        hits = 0
-        for t in norm:
-            w = t.split()
-            hits += any(" ".join(w[j:j + 8]) in grams for j in range(len(w) - 7))
-        return hits
-    _, t = timed(check)
-    results.append(("decontam: check rows", len(records), t, "set lookup per n-gram"))
-
-    def tokenize():
-        return [len(tokenizer.encode("".join(render(r, "smollm2")), add_special_tokens=False).ids) for r in records]
-    _, t = timed(tokenize)
-    results.append(("tokenize (render + encode per row)", len(records), t, ""))
-    return results
+def side_by_side(records: list[dict], data_dir: Path, tokenizer, rounds: int) -> None:
+    results, reference = [], None
+    for r in range(rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)  # alternate which path goes first
+        for parallel in order:
+            rejects: list[dict] = []
+            counts: dict[str, Counter] = defaultdict(Counter)
+            rec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPE.items()}
+            (kept, tokens), wall, cpu, before, after = timed(
+                partial(filter_rows, rec, records, rejects, counts, data_dir, tokenizer, parallel=parallel))
+            outcome = ([k["id"] for k in kept], tokens, [(x["stage"], x["id"], x["detail"]) for x in rejects])
+            if reference is None:
+                reference = outcome
+            assert outcome == reference, "the parallel and plain paths disagree"
+            results.append((r, parallel, len(kept), sum(tokens), wall, cpu, before, after))
+    print(f"\nSide by side: filter_rows on {len(records)} records (dedup + decontamination + tokenization), "
+          f"{rounds} rounds in alternation\n")
+    print("| round | path | rows kept | tokens | wall s | CPU s | load before/after |\n|---:|---|---:|---:|---:|---:|---|")
+    for r, parallel, kept, tokens, wall, cpu, before, after in results:
+        path = "parallel (pool, overlapped with near-dedup)" if parallel else "plain (one thread, stage after stage)"
+        print(f"| {r} | {path} | {kept} | {tokens} | {wall:.1f} | {cpu:.1f} | {before:.1f} / {after:.1f} |")
+    for parallel in (False, True):
+        mine = [x for x in results if x[1] == parallel]
+        print(f"| median | {'parallel' if parallel else 'plain'} | | | {median(x[4] for x in mine):.1f} | "
+              f"{median(x[5] for x in mine):.1f} | |")
+    wall = {(r, parallel): w for r, parallel, _, _, w, *_ in results}
+    ratios = [wall[r, False] / wall[r, True] for r in range(rounds)]
+    print(f"\nplain/parallel wall per round: {', '.join(f'{x:.2f}x' for x in ratios)}; outputs identical in every run")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000, help="records for onegpu")
-    parser.add_argument("--baseline_n", type=int, default=5_000, help="records for the baseline (0: skip it)")
+    parser.add_argument("--n", type=int, default=100_000, help="records")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of plain vs parallel")
+    parser.add_argument("--profile", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+                        help="also time each phase on its own first")
     parser.add_argument("--data_dir", type=Path, default=None, help="default: ../shared/datasets")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as the CLI sets it; the data stage opts in
     import datasets
 
     datasets.disable_progress_bars()
@@ -181,31 +172,13 @@ def main() -> None:
     tokenizer, _ = load_tokenizer("bundled")
     rows = real_rows(data_dir)
     records = make_records(rows, args.n)
-    print(f"{len(records)} records ({len(rows)} real rows + perturbed copies); eval sets: {', '.join(EVAL_SETS)}")
-    # warm the eval n-gram cache first, so the table shows the steady state (and say what cold costs)
-    cold = time.perf_counter()
-    for name in EVAL_SETS:
+    print(f"{len(records)} records ({len(rows)} real rows + perturbed copies); eval sets: {', '.join(EVAL_SETS)}; "
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+    for name in EVAL_SETS:  # build the eval n-gram caches first: the tables show the steady state
         decontam.load_index(name, data_dir)
-    cold = time.perf_counter() - cold
-
-    ours = onegpu_phases(records, data_dir, tokenizer)
-    print("\n| phase | impl | records | wall s | CPU s | records/s (wall) | note |\n|---|---|---:|---:|---:|---:|---|")
-    for name, n, t, cpu, note in ours:
-        rate = f"{n / t:,.0f}" if n and t > 0 else "-"
-        print(f"| {name} | onegpu | {n} | {t:.2f} | {cpu:.2f} | {rate} | {note} |")
-    total, total_cpu = sum(r[2] for r in ours), sum(r[3] for r in ours)
-    print(f"| **total (dedup + decontam + tokenize)** | onegpu | {len(records)} | **{total:.1f}** | {total_cpu:.1f} | "
-          f"{len(records) / total:,.0f} | eval n-gram cache built once (cold): {cold:.1f} s |")
-    if args.baseline_n:
-        base = baseline_phases(records[: args.baseline_n], data_dir, tokenizer)
-        for name, n, t, cpu, note in base:
-            rate = f"{n / t:,.0f}" if n and t > 0 else "-"
-            print(f"| {name} | baseline | {n} | {t:.2f} | {cpu:.2f} | {rate} | {note} |")
-        per_record = sum(r[2] for r in base if r[1]) / args.baseline_n
-        fixed = sum(r[2] for r in base if not r[1])
-        print(f"| **total, extrapolated to {len(records)}** | baseline | {len(records)} | "
-              f"**{fixed + per_record * len(records):.1f}** | - | {1 / per_record:,.0f} | "
-              f"measured on {args.baseline_n}, + {fixed:.1f} s eval set build |")
+    if args.profile:
+        profile(records, data_dir, tokenizer)
+    side_by_side(records, data_dir, tokenizer, args.rounds)
 
 
 if __name__ == "__main__":

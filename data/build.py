@@ -17,10 +17,13 @@ absolute output paths in them; everything iterates in a fixed order).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +31,15 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
+from onegpu.contracts import atomic_write_text, write_manifest
 from onegpu.data import decontam
 from onegpu.data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
-                          similarity_text)
+                                 similarity_words)
 from onegpu.data.recipe import load_recipe, recipe_hash, resolve_file
-from onegpu.data.schema import REQUIRED_FIELDS, make_row, render
+from onegpu.data.schema import REQUIRED_FIELDS, encode_examples, make_row, render
 from onegpu.data.sources import Reject, get_source, load_file_records, load_records, local_files
 from onegpu.errors import UserError
+from onegpu.paths import cache_dir
 
 FILTER_STAGES = ("loaded", "llm_generated", "malformed", "language", "exact_duplicate", "near_duplicate", "contaminated",
                  "too_long", "too_short")
@@ -42,7 +47,8 @@ FILTER_STAGES = ("loaded", "llm_generated", "malformed", "language", "exact_dupl
 MAX_TOKENS_PER_CHAR = 0.5
 
 
-def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, seed: int | None = None) -> Path:
+def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, seed: int | None = None,
+          parallel: bool = True) -> Path:
     """Build a training mix from a recipe YAML into OUT (train/val/rejects JSONL, manifest, plot).
 
     Args:
@@ -52,6 +58,8 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
         data_dir: folder with local copies of the datasets (layout of ../shared/datasets). Default:
             $ONEGPU_DATA_DIR, else ../shared/datasets beside the checkout, else the Hugging Face hub.
         seed: overrides the recipe's seed.
+        parallel: tokenize on tokenizers' thread pool, overlapped with near-dedup. false: one thread,
+            one stage after the other (the same outputs, byte for byte; slower when a core is free).
 
     Returns:
         The output directory.
@@ -81,7 +89,7 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
     try:
         rows, rejects, counts = _load_all(rec, data_dir)
         _precheck_budget(rec, rows)
-        kept, token_counts = _filter(rec, rows, rejects, counts, data_dir, tokenizer)
+        kept, token_counts = filter_rows(rec, rows, rejects, counts, data_dir, tokenizer, parallel)
         train, val, selection = _sample(rec, kept, token_counts)
         manifest = _write_outputs(out, rec, data_dir, tok_info, rows, kept, token_counts, train, val, rejects,
                                   counts, selection, package_versions())
@@ -121,8 +129,13 @@ def _check_local_copies(rec: dict, data_dir: Path | None) -> None:
 
 
 def load_tokenizer(spec: str):
-    """(tokenizers.Tokenizer, info) for ``bundled`` | a checkpoint dir | a hub model id."""
-    from tokenizers import Tokenizer
+    """(litgpt Tokenizer, info) for ``bundled`` | a checkpoint dir | a hub model id.
+
+    The same litgpt ``Tokenizer`` the fine-tune loads from its checkpoint, so BOS/EOS follow the
+    same rule (``onegpu.data.schema.encode_example``). A hub id's tokenizer files are downloaded
+    (not the weights) into ``$ONEGPU_CACHE/tokenizers/<id>``.
+    """
+    from litgpt.tokenizer import Tokenizer
 
     if spec == "bundled":
         from onegpu.model import bundled_checkpoint_dir, is_checkpoint, prepare
@@ -130,39 +143,46 @@ def load_tokenizer(spec: str):
         path = bundled_checkpoint_dir()
         if not is_checkpoint(path):
             path = prepare()
-    else:
+    elif Path(spec).expanduser().is_dir():
         path = Path(spec).expanduser()
-    if path.is_dir():
-        tj = path / "tokenizer.json"
-        if not tj.is_file():
-            raise UserError(f"tokenizer: {path} has no tokenizer.json",
-                            fix="point `tokenizer:` at a litgpt/HF checkpoint dir with tokenizer.json, or use `bundled`")
-        tok = Tokenizer.from_file(str(tj))
-        cfg_path = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-        digest = hashlib.sha256(tj.read_bytes()).hexdigest()
-        name = path.name
     elif "/" in spec and not spec.startswith((".", "/", "~")):
-        try:
-            from transformers import AutoTokenizer
-
-            hf = AutoTokenizer.from_pretrained(spec)
-        except Exception as err:  # offline, gated, or misspelt
-            raise UserError(f"tokenizer {spec!r} could not be loaded from the hub: {err}",
-                            fix="check the model id and network (HF_TOKEN for gated models), or use a local checkpoint dir") from err
-        tok = hf.backend_tokenizer
-        cfg = {"eos_token": hf.eos_token}
-        digest = hashlib.sha256(tok.to_str().encode()).hexdigest()
-        name = spec
+        path = _hub_tokenizer_dir(spec)
     else:
         raise UserError(f"tokenizer {spec!r} is neither a directory nor a hub id",
                         fix="use `bundled`, a checkpoint dir holding tokenizer.json, or a hub id like meta-llama/Llama-2-7b-hf")
+    vocab = next((path / f for f in ("tokenizer.json", "tokenizer.model") if (path / f).is_file()), None)
+    if vocab is None:
+        raise UserError(f"tokenizer: {path} has neither tokenizer.json nor tokenizer.model",
+                        fix="point `tokenizer:` at a litgpt/HF checkpoint dir with tokenizer.json, or use `bundled`")
+    tok = Tokenizer(path)
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     eos = cfg.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
-    info = {"spec": spec, "name": name, "tokenizer_json_sha256": digest,
-            "vocab_size": tok.get_vocab_size(), "eos_token": eos,
-            "counting": "len(encode(prompt + response)) + 1 for eos"}
+    info = {"spec": spec, "name": spec if path.is_relative_to(cache_dir() / "tokenizers") else path.name,
+            f"{vocab.name.replace('.', '_')}_sha256": hashlib.sha256(vocab.read_bytes()).hexdigest(),
+            "vocab_size": tok.processor.get_vocab_size() if tok.backend == "huggingface" else tok.vocab_size,
+            "eos_token": eos, "eos_id": tok.eos_id, "bos_id": tok.bos_id, "uses_bos": tok.use_bos,
+            "counting": "prompt (+ BOS when the tokenizer uses one) + response + EOS, as training tokenizes "
+                        "(onegpu.data.schema.encode_example)"}
     return tok, info
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json"]
+
+
+def _hub_tokenizer_dir(model_id: str) -> Path:
+    # named after the model, as litgpt names checkpoint dirs: litgpt's BOS rule reads the dir name
+    local = cache_dir() / "tokenizers" / model_id
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model_id, local_dir=local, allow_patterns=TOKENIZER_FILES)
+    except Exception as err:  # offline, gated, or misspelt
+        raise UserError(f"tokenizer {model_id!r} could not be loaded from the hub: {type(err).__name__}: {err}",
+                        fix="check the model id and network (HF_TOKEN for gated models), or use a local checkpoint dir") from err
+    return local
 
 
 # ----------------------------------------------------------------------------------- load
@@ -271,11 +291,16 @@ def _precheck_budget(rec: dict, rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------- filter
-def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, Counter], data_dir: Path | None,
-            tokenizer) -> tuple[list[dict], list[int]]:
+def filter_rows(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, Counter], data_dir: Path | None,
+                tokenizer, parallel: bool = True) -> tuple[list[dict], list[int]]:
+    """The filter stage: (kept rows, their token counts); each drop goes to ``rejects`` and ``counts``.
+
+    Reads the recipe keys ``languages``, ``dedup``, ``decontamination``, ``prompt_style``,
+    ``max_seq_length`` and ``min_tokens``, and records the eval sets checked in ``rec["_eval_report"]``.
+    """
     alive = list(range(len(rows)))
 
-    def drop(positions: dict[int, str], stage: str, reason: str, extra=None) -> None:
+    def drop(positions: dict[int, str], stage: str, reason: str) -> None:
         nonlocal alive
         for p in sorted(positions):
             r = rows[p]
@@ -297,14 +322,53 @@ def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, 
         d = exact_duplicates(texts)
         drop({alive[i]: f"same normalised text as {rows[alive[j]]['id']}" for i, j in d.items()},
              "exact_duplicate", "exact_duplicate")
-        texts = _subset(texts, [i for i in range(len(texts)) if i not in d])
-    if rec["dedup"]["near"]:
-        sim_texts = _similarity_words(texts, [rows[p] for p in alive])
-        d = near_duplicates(sim_texts, list(range(len(texts))), rec["dedup"]["threshold"], rec["dedup"]["num_perm"])
-        drop({alive[i]: f"near duplicate of {rows[alive[j]]['id']} (estimated Jaccard {sim})" for i, (j, sim) in d.items()},
-             "near_duplicate", "near_duplicate")
-        texts = _subset(texts, [i for i in range(len(texts)) if i not in d])
+        texts = texts.subset([i for i in range(len(texts)) if i not in d])
 
+    # Contamination is judged row by row, so it is checked before near-dedup on every row left: then a
+    # row near-dedup keeps is final at once, and is tokenized while later rows are still compared.
+    # Rows are dropped in stage order all the same (a near duplicate is never counted as contaminated).
+    dc = rec["decontamination"]
+    hits = _contamination(rec, data_dir, texts)
+    candidates = alive
+    with TokenCounter(tokenizer, rec["prompt_style"], parallel) as counter:
+        def decided(kept: list[int]) -> None:
+            counter.submit([candidates[i] for i in kept if dc["action"] != "drop" or i not in hits], rows)
+
+        near: dict[int, tuple[int, float]] = {}
+        if rec["dedup"]["near"]:
+            near = near_duplicates(similarity_words(texts, [rows[p] for p in candidates]), list(range(len(texts))),
+                                   rec["dedup"]["threshold"], rec["dedup"]["num_perm"], on_kept=decided)
+        else:
+            decided(list(range(len(texts))))
+        n_tokens = counter.counts()
+    drop({candidates[i]: f"near duplicate of {rows[candidates[j]]['id']} (estimated Jaccard {sim})"
+          for i, (j, sim) in near.items()}, "near_duplicate", "near_duplicate")
+
+    hits = {i: hit for i, hit in hits.items() if i not in near}
+    per_eval: dict[str, Counter] = defaultdict(Counter)
+    for i, (eval_name, *_) in hits.items():
+        per_eval[eval_name][rows[candidates[i]]["source"]] += 1
+    for name, by_source in per_eval.items():
+        rec["_eval_report"][name]["contaminated_rows_by_source"] = dict(sorted(by_source.items()))
+    if dc["action"] == "drop":
+        drop({candidates[i]: f"{eval_name}: shares {shared} {dc['n']}-grams with eval item #{item} "
+                             f"({asked} of them in what it asks)"
+              for i, (eval_name, item, shared, asked) in hits.items()}, "contaminated", "contaminated")
+    else:
+        for i in hits:
+            counts[rows[candidates[i]]["source"]]["contaminated_kept"] += 1
+
+    too_long = {p: f"{n_tokens[p]} tokens > max_seq_length {rec['max_seq_length']}"
+                for p in alive if n_tokens[p] > rec["max_seq_length"]}
+    too_short = {p: f"{n_tokens[p]} tokens < min_tokens {rec['min_tokens']}"
+                 for p in alive if n_tokens[p] < rec["min_tokens"]}
+    drop(too_long, "too_long", "too_long")
+    drop(too_short, "too_short", "too_short")
+    return [rows[p] for p in alive], [n_tokens[p] for p in alive]
+
+
+def _contamination(rec: dict, data_dir: Path | None, texts: RowText) -> dict[int, decontam.Hit]:
+    """{row: (eval set, eval item, shared n-grams, on its prompt side)}; each set's status -> rec["_eval_report"]."""
     dc = rec["decontamination"]
     indexes, eval_report = [], {}
     for name in tqdm(dc["eval_sets"], desc="eval n-grams", unit="set", leave=False):
@@ -315,68 +379,83 @@ def _filter(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[str, 
         indexes.append(idx)
         eval_report[name] = {"status": "checked", "items": idx.n_items, "ngrams": int(len(idx.grams)),
                              "items_shorter_than_n": idx.short_items, "boilerplate_ngrams_ignored": idx.dropped_boilerplate}
-    hits = decontam.find_contaminated_words(texts.words, texts.starts, indexes, dc["n"], dc["min_matches"])
-    per_eval: dict[str, Counter] = defaultdict(Counter)
-    for i, (eval_name, item, shared) in hits.items():
-        per_eval[eval_name][rows[alive[i]]["source"]] += 1
-    for name, by_source in per_eval.items():
-        eval_report[name]["contaminated_rows_by_source"] = dict(sorted(by_source.items()))
     rec["_eval_report"] = eval_report
-    if dc["action"] == "drop":
-        drop({alive[i]: f"{eval_name}: shares {shared} {dc['n']}-grams with eval item #{item}"
-              for i, (eval_name, item, shared) in hits.items()}, "contaminated", "contaminated")
-    else:
-        for i, (eval_name, item, shared) in hits.items():
-            counts[rows[alive[i]]["source"]]["contaminated_kept"] += 1
-
-    token_counts = _count_tokens([rows[p] for p in alive], rec["prompt_style"], tokenizer)
-    too_long = {alive[i]: f"{n} tokens > max_seq_length {rec['max_seq_length']}"
-                for i, n in enumerate(token_counts) if n > rec["max_seq_length"]}
-    too_short = {alive[i]: f"{n} tokens < min_tokens {rec['min_tokens']}"
-                 for i, n in enumerate(token_counts) if n < rec["min_tokens"]}
-    keep = [i for i in range(len(alive)) if alive[i] not in too_long and alive[i] not in too_short]
-    drop(too_long, "too_long", "too_long")
-    drop(too_short, "too_short", "too_short")
-    return [rows[p] for p in alive], [token_counts[i] for i in keep]
+    return decontam.find_contaminated_words(texts.words, texts.starts, indexes, dc["n"], dc["min_matches"],
+                                            dc["answer_matches"])
 
 
-def _similarity_words(full: RowText, rows: list[dict], hasher=None) -> RowText:
-    """Word hashes near-dedup compares: ``full`` except rows whose ``similarity_text`` differs."""
-    hasher = hasher or decontam.WordHasher()
-    parts = []
-    for i, r in enumerate(rows):
-        t = similarity_text(r)
-        parts.append(full.row(i) if t is None else hasher.words(t))
-    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
-    return RowText(np.concatenate(parts) if parts else np.empty(0, np.uint64), starts)
+@contextlib.contextmanager
+def tokenizers_pool(enabled: bool) -> Iterator[None]:
+    """tokenizers' Rust thread pool on (or off) for the batch calls inside, then back as it was.
 
-
-def _subset(text: RowText, keep: list[int]) -> RowText:
-    parts = [text.row(i) for i in keep]
-    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
-    return RowText(np.concatenate(parts) if parts else np.empty(0, np.uint64), starts)
-
-
-def _count_tokens(rows: list[dict], style: str, tokenizer, batch: int = 1024) -> list[int]:
-    texts = []
-    for r in rows:
-        prompt, response = render(r, style)
-        texts.append(prompt + response)
-    counts: list[int] = []
-    # The CLI turns tokenizers' thread pool off (forks elsewhere); batch encoding is where it pays.
+    The CLI turns the pool off for the whole process (onegpu/cli.py): a process that forks after the
+    pool has started hands its child a tokenizer with the pool disabled (older versions deadlock), and
+    other verbs fork (DataLoader workers, servers). The data stage starts no process while it
+    encodes, so it turns the pool on around its batch calls only; tokenizers reads the variable at
+    each call.
+    """
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if enabled else "false"
     try:
-        for start in tqdm(range(0, len(texts), batch), desc="tokenize", unit="batch", leave=False, mininterval=1.0):
-            enc = tokenizer.encode_batch_fast(texts[start:start + batch], add_special_tokens=False) \
-                if hasattr(tokenizer, "encode_batch_fast") else tokenizer.encode_batch(texts[start:start + batch], add_special_tokens=False)
-            counts += [len(e.ids) + 1 for e in enc]  # + eos, as the fine-tune appends it
+        yield
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
-    return counts
+
+
+def count_tokens(rows: list[dict], style: str, tokenizer, parallel: bool = True) -> list[int]:
+    """Tokens of each row as training sees them (``encode_examples``: BOS + prompt + response + EOS).
+
+    Batch calls into the Rust tokenizer; with ``parallel`` they run on tokenizers' thread pool.
+    """
+    examples = [render(r, style) for r in rows]
+    with tokenizers_pool(parallel):
+        encoded = encode_examples(tokenizer, examples)
+    return [len(prompt) + len(response) for prompt, response in encoded]
+
+
+class TokenCounter:
+    """Token counts of rows submitted as their fate is decided; ``counts()`` waits for all of them.
+
+    parallel: each submitted batch is rendered and encoded on a background thread through
+    tokenizers' thread pool (Rust, without the GIL), so encoding overlaps whatever the main thread
+    does next (near-dedup). Otherwise rows are counted one batch at a time in ``counts()``, on one
+    thread: the plain path, which gives the same numbers.
+    """
+
+    def __init__(self, tokenizer, style: str, parallel: bool, batch: int = 4096):
+        self.tokenizer, self.style, self.parallel, self.batch = tokenizer, style, parallel, batch
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenize") if parallel else None
+        self._jobs: list[tuple[list[int], Any]] = []  # (row positions, future or their rows)
+        self._bar = tqdm(total=0, desc="tokenize", unit="row", leave=False, mininterval=1.0)
+
+    def _count(self, rows: list[dict]) -> list[int]:
+        counts = count_tokens(rows, self.style, self.tokenizer, self.parallel)
+        self._bar.update(len(rows))
+        return counts
+
+    def submit(self, positions: list[int], rows: list[dict]) -> None:
+        for start in range(0, len(positions), self.batch):
+            part = positions[start:start + self.batch]
+            self._bar.total += len(part)
+            batch = [rows[p] for p in part]
+            self._jobs.append((part, self._executor.submit(self._count, batch) if self._executor else batch))
+
+    def counts(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for positions, job in self._jobs:
+            out.update(zip(positions, job.result() if self._executor else self._count(job)))
+        return out
+
+    def __enter__(self) -> TokenCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._executor:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._bar.close()
 
 
 # ----------------------------------------------------------------------------------- sample
@@ -460,11 +539,9 @@ def _take(pool: list[int], target, unit: str, token_counts: list[int], rng, repl
 
 # ----------------------------------------------------------------------------------- outputs
 def _dump_jsonl(path: Path, items: list[dict]) -> str:
-    data = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items).encode("utf-8")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return hashlib.sha256(data).hexdigest()
+    text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+    atomic_write_text(path, text)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _stats(values: list[int]) -> dict[str, Any]:
@@ -514,8 +591,8 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
         "data_dir": str(data_dir) if data_dir else "hub",
         "counts": per_source,
         "selection": selection,
-        "decontamination": {"n": rec["decontamination"]["n"], "min_matches": rec["decontamination"]["min_matches"],
-                            "action": rec["decontamination"]["action"], "eval_sets": rec["_eval_report"]},
+        "decontamination": {**{k: rec["decontamination"][k] for k in ("n", "min_matches", "answer_matches", "action")},
+                            "eval_sets": rec["_eval_report"]},
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "tokens": {"train": _stats([token_counts[i] for i in train]), "val": _stats([token_counts[i] for i in val]),
                    "by_source": {name: _stats([token_counts[i] for i in train if kept[i]["source"] == name])
@@ -524,9 +601,7 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
         "content_hash": hashlib.sha256(f"{train_sha}\n{val_sha}".encode()).hexdigest(),
         "versions": versions,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out / "manifest.json")
+    write_manifest(out, manifest)
     return manifest
 
 

@@ -3,10 +3,20 @@
 Why n = 8 words (not GPT-3's 13): the open eval is full of short items. With 13-grams, most MMLU
 questions, TruthfulQA questions and BIG-bench inputs have no complete 13-gram outside their answer
 choices, so a copied item can slip through. 8-grams (PaLM's choice for its contamination study)
-catch every planted item in ``tests/test_data_decontam.py`` while flagging <= 1% of clean rows.
+catch every planted item in ``tests/test_data_decontam.py``.
 Eval n-grams shared by many eval items are template boilerplate ("which of the following is
-..."); they say nothing about one item and are dropped from the index (``max_item_share``), which is
-what keeps false positives down.
+..."); they say nothing about one item and are dropped from the index (``max_item_share``).
+
+Where a match falls matters. Worked solutions share stock phrases ("multiply by 100 to express the
+answer as a percentage"): a clean GSM8K-train row can share a 10-word run of one with a test
+solution, 3 n-grams, and nothing of the question. So each indexed n-gram remembers whether it
+starts in the item's prompt side (question, context, input, answer options) or in its reference
+answer, and a row counts as a copy when it shares ``min_matches`` n-grams with the item *and one of
+them is on the prompt side* (items whose prompt is too short to hold an n-gram of its own are
+spared that condition), or when it shares ``answer_matches`` answer-side n-grams (a solution
+copied without its question: a ~15-word run). ``benchmarks/decontam_precision.py`` measures the
+rule against its variants (false positives on held-out clean GSM8K-train rows, recall on planted
+eval items).
 
 Text is normalised (lower case, ``\\w+`` words) so punctuation and spacing changes do not hide a
 copy. Each eval set's n-grams are computed once and cached as a sorted uint64 array in
@@ -28,10 +38,12 @@ from typing import Callable, Iterator
 import numpy as np
 import xxhash
 
+from onegpu.contracts import staged_dir
 from onegpu.paths import cache_dir
 
-INDEX_VERSION = "4"
+INDEX_VERSION = "6"
 DEFAULT_N = 8
+DEFAULT_ANSWER_MATCHES = 8  # answer-side n-grams that alone make a copy (a ~15-word run)
 _WORD = re.compile(r"\w+|[\u2190-\u2BFF\U0001F000-\U0001FAFF]")  # words, plus emoji/symbols (BIG-bench emoji tasks)
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 _BITMAP_BITS = 26  # 64 MiB of bools; a few million eval grams fill ~5% of it  # odd 64-bit multiplier for the polynomial n-gram hash
@@ -84,59 +96,68 @@ def _valid_starts(starts: np.ndarray, n: int, total: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- eval sets
+Item = tuple[str, str]  # (prompt side, answer side) of one eval item
+
+
 @dataclass
 class EvalSet:
+    """One eval set; its readers yield each item as (what the model is asked, the reference answer)."""
     name: str
     description: str
     local: list[str]  # globs relative to the data dir
-    read_local: Callable[[Path], Iterator[str]]
-    hub: Callable[[], Iterator[str]] | None = None
+    read_local: Callable[[Path], Iterator[Item]]
+    hub: Callable[[], Iterator[Item]] | None = None
 
 
-def _read_mmlu_csv(path: Path) -> Iterator[str]:
+def _read_mmlu_csv(path: Path) -> Iterator[Item]:
     with open(path, newline="", encoding="utf-8") as fh:
-        for rec in csv.DictReader(fh):
-            yield " ".join([rec.get("question", "")] + [rec.get(f"choice{i}", "") for i in range(4)])
+        for rec in csv.DictReader(fh):  # the choices are part of what the model is asked
+            yield " ".join([rec.get("question", "")] + [rec.get(f"choice{i}", "") for i in range(4)]), ""
 
 
-def _read_truthfulqa_csv(path: Path) -> Iterator[str]:
+def _read_truthfulqa_csv(path: Path) -> Iterator[Item]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         for rec in csv.DictReader(fh):
-            yield f"{rec.get('Question', '')} {rec.get('Best Answer', '')}"
+            yield rec.get("Question", ""), rec.get("Best Answer", "")
 
 
-def _read_jsonl(fields: tuple[str, ...]) -> Callable[[Path], Iterator[str]]:
-    def read(path: Path) -> Iterator[str]:
+def _join(rec: dict, fields: tuple[str, ...]) -> str:
+    return " ".join(str(rec.get(f, "")) for f in fields)
+
+
+def _read_jsonl(prompt: tuple[str, ...], answer: tuple[str, ...]) -> Callable[[Path], Iterator[Item]]:
+    def read(path: Path) -> Iterator[Item]:
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 if line.strip():
                     rec = json.loads(line)
-                    yield " ".join(str(rec.get(f, "")) for f in fields)
+                    yield _join(rec, prompt), _join(rec, answer)
     return read
 
 
-def _read_bbq(path: Path) -> Iterator[str]:
+def _read_bbq(path: Path) -> Iterator[Item]:
     if path.suffix == ".json":
         recs = json.loads(path.read_text(encoding="utf-8"))["examples"]
     else:
         recs = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    for rec in recs:
-        yield " ".join(str(rec.get(f, "")) for f in ("context", "question", "ans0", "ans1", "ans2"))
+    for rec in recs:  # the answer options are part of the prompt
+        yield _join(rec, ("context", "question", "ans0", "ans1", "ans2")), ""
 
 
-def _read_bigbench(path: Path) -> Iterator[str]:
+def _read_bigbench(path: Path) -> Iterator[Item]:
     doc = json.loads(path.read_text(encoding="utf-8"))
     for ex in doc.get("examples", []):
         target = ex.get("target", "")
-        yield f"{ex.get('input', '')} {target if isinstance(target, str) else ' '.join(map(str, target))}"
+        yield ex.get("input", ""), target if isinstance(target, str) else " ".join(map(str, target))
 
 
-def _hub(path: str, fields: tuple[str, ...], name: str | None = None, split: str = "test") -> Callable[[], Iterator[str]]:
-    def read() -> Iterator[str]:
+def _hub(path: str, prompt: tuple[str, ...], answer: tuple[str, ...], name: str | None = None,
+         split: str = "test") -> Callable[[], Iterator[Item]]:
+    def read() -> Iterator[Item]:
         from datasets import load_dataset
 
         for rec in load_dataset(path, name, split=split):
-            yield " ".join(str(rec.get(f, "")) for f in fields)
+            yield _join(rec, prompt), _join(rec, answer)
     return read
 
 
@@ -144,8 +165,8 @@ _BIGBENCH_URL = "https://raw.githubusercontent.com/google/BIG-bench/main/bigbenc
 _BBQ_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data"
 
 
-def _hub_urls(urls: list[str], reader: Callable[[Path], Iterator[str]]) -> Callable[[], Iterator[str]]:
-    def read() -> Iterator[str]:
+def _hub_urls(urls: list[str], reader: Callable[[Path], Iterator[Item]]) -> Callable[[], Iterator[Item]]:
+    def read() -> Iterator[Item]:
         from datasets import DownloadManager
 
         for local in DownloadManager().download(urls):
@@ -155,12 +176,12 @@ def _hub_urls(urls: list[str], reader: Callable[[Path], Iterator[str]]) -> Calla
 
 EVAL_SETS: dict[str, EvalSet] = {e.name: e for e in [
     EvalSet("mmlu", "MMLU test + dev (5-shot examples)", ["mmlu/test/*.csv", "mmlu/dev/*.csv"], _read_mmlu_csv,
-            hub=_hub("cais/mmlu", ("question", "choices"), "all")),
+            hub=_hub("cais/mmlu", ("question", "choices"), (), "all")),
     EvalSet("truthfulqa", "TruthfulQA questions + best answers (2025 and v1)", ["truthfulqa/TruthfulQA.csv",
             "truthfulqa/data/v1/TruthfulQA.csv"], _read_truthfulqa_csv,
-            hub=_hub("truthfulqa/truthful_qa", ("question", "best_answer"), "generation", "validation")),
+            hub=_hub("truthfulqa/truthful_qa", ("question",), ("best_answer",), "generation", "validation")),
     EvalSet("gsm8k_test", "GSM8K test (+ socratic)", ["gsm8k/test.jsonl", "gsm8k/test_socratic.jsonl"],
-            _read_jsonl(("question", "answer")), hub=_hub("openai/gsm8k", ("question", "answer"), "main")),
+            _read_jsonl(("question",), ("answer",)), hub=_hub("openai/gsm8k", ("question",), ("answer",), "main")),
     EvalSet("bbq", "BBQ (9 categories incl. BBQ-lite stand-ins)", ["bbq/data/*.jsonl", "bbq/bbq_lite_from_bigbench/*.json"],
             _read_bbq, hub=_hub_urls([f"{_BBQ_URL}/{c}.jsonl" for c in (
                 "Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance", "Race_ethnicity",
@@ -171,23 +192,26 @@ EVAL_SETS: dict[str, EvalSet] = {e.name: e for e in [
                 "known_unknowns", "linguistics_puzzles", "logic_grid_puzzle", "novel_concepts", "operators",
                 "play_dialog_same_or_different", "repeat_copy_logic", "strategyqa", "vitaminc_fact_verification",
                 "winowhy")], _read_bigbench)),
-    EvalSet("cnn_dm_test", "CNN/DailyMail 3.0.0 test articles + highlights", [], _read_jsonl(("article", "highlights")),
-            hub=_hub("abisee/cnn_dailymail", ("article", "highlights"), "3.0.0")),
+    EvalSet("cnn_dm_test", "CNN/DailyMail 3.0.0 test articles + highlights", [], _read_jsonl(("article",), ("highlights",)),
+            hub=_hub("abisee/cnn_dailymail", ("article",), ("highlights",), "3.0.0")),
 ]}
 
 
 # ----------------------------------------------------------------------------------- the index
 @dataclass
 class EvalIndex:
-    """Sorted n-gram hashes of one eval set, with the item each came from."""
+    """Sorted n-gram hashes of one eval set, with the item each came from and the side it is on."""
     name: str
     grams: np.ndarray   # uint64, sorted, unique
     items: np.ndarray   # int32: index of one eval item holding that gram
+    prompt_side: np.ndarray  # bool: the gram starts in that item's prompt (question, context, input)
     n_items: int
     short_items: int    # items with fewer than n words (cannot be checked by n-gram)
     dropped_boilerplate: int
     origin: str         # "local:<dir>" | "hub"
     item_ngrams: np.ndarray  # int32 per item: how many indexed grams it has
+    item_answer_ngrams: np.ndarray  # int32 per item: how many of them are on its answer side
+    item_prompt_ngrams: np.ndarray  # int32 per item: how many lie wholly inside its prompt
 
 
 def _files(eval_set: EvalSet, data_dir: Path) -> list[Path]:
@@ -197,40 +221,49 @@ def _files(eval_set: EvalSet, data_dir: Path) -> list[Path]:
     return out
 
 
-def build_index(name: str, texts: Iterator[str], n: int, max_item_share: int, origin: str) -> EvalIndex:
+def read_items(name: str, data_dir: Path) -> list[Item]:
+    """The (prompt, answer) items of one eval set from its local copy."""
+    eval_set = EVAL_SETS[name]
+    return [item for f in _files(eval_set, data_dir) for item in eval_set.read_local(f)]
+
+
+def build_index(name: str, items: Iterator[Item], n: int, max_item_share: int, origin: str) -> EvalIndex:
     hasher = WordHasher()
-    words, digits, starts, n_items, short = [], [], [0], 0, 0
-    for text in texts:
-        w = hasher.words(text)
-        n_items += 1
+    words, digits, starts, prompt_words, short = [], [], [0], [], 0
+    for prompt, answer in items:
+        asked = hasher.words(prompt)
+        w = np.concatenate([asked, hasher.words(answer)])
+        prompt_words.append(len(asked))
         short += len(w) < n
         words.append(w)
-        digits.append(hasher.numeric(text.lower()))
+        digits.append(np.concatenate([hasher.numeric(prompt.lower()), hasher.numeric(answer.lower())]))
         starts.append(starts[-1] + len(w))
+    n_items, starts = len(words), np.array(starts)
     allwords = np.concatenate(words) if words else np.empty(0, np.uint64)
-    grams, seg = ngram_hashes(allwords, np.array(starts), n)
+    grams, seg = ngram_hashes(allwords, starts, n)
+    at = np.flatnonzero(_valid_starts(starts, n, len(allwords)))  # where each gram starts
+    offset, asked = at - starts[seg], np.array(prompt_words, dtype=np.int64)[seg]
+    prompt, inside = offset < asked, offset + n <= asked  # starts among the prompt's words / lies wholly inside
     # Grams made mostly of numbers ("5 x 4 5 4 20 20", GSM8K's calculator notes) match any arithmetic.
     isdigit = np.concatenate(digits).astype(np.int64) if digits else np.empty(0, np.int64)
     csum = np.concatenate([[0], np.cumsum(isdigit)])
-    m = max(len(allwords) - n + 1, 0)
-    digit_count = (csum[n:n + m] - csum[:m])
-    valid_starts = _valid_starts(np.array(starts), n, len(allwords))
-    wordy = digit_count[valid_starts] * 2 <= n
-    grams, seg = grams[wordy], seg[wordy]
-    # distinct (gram, item) pairs sorted by gram, then how many items hold each gram
-    order = np.lexsort((seg, grams))
-    g, it = grams[order], seg[order]
+    wordy = (csum[at + n] - csum[at]) * 2 <= n
+    grams, seg, prompt, inside = grams[wordy], seg[wordy], prompt[wordy], inside[wordy]
+    # distinct (gram, item) pairs sorted by gram, then item, prompt side first; then how many items hold each gram
+    order = np.lexsort((~inside, ~prompt, seg, grams))
+    g, it, side, inside = grams[order], seg[order], prompt[order], inside[order]
     distinct = np.ones(len(g), bool)
     distinct[1:] = (g[1:] != g[:-1]) | (it[1:] != it[:-1])
-    g, it = g[distinct], it[distinct]
+    g, it, side, inside = g[distinct], it[distinct], side[distinct], inside[distinct]
     run_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.empty(0, np.int64)
     counts = np.diff(np.r_[run_start, len(g)])
     keep = counts <= max_item_share
-    uniq = g[run_start]
-    kept_items = it[run_start[keep]]
-    item_ngrams = np.bincount(it[np.repeat(keep, counts)], minlength=n_items)
-    return EvalIndex(name, uniq[keep], kept_items.astype(np.int32), n_items, int(short),
-                     int((~keep).sum()), origin, item_ngrams.astype(np.int32))
+    held = np.repeat(keep, counts)
+    return EvalIndex(name, g[run_start[keep]], it[run_start[keep]].astype(np.int32), side[run_start[keep]],
+                     n_items, int(short), int((~keep).sum()), origin,
+                     np.bincount(it[held], minlength=n_items).astype(np.int32),
+                     np.bincount(it[held & ~side], minlength=n_items).astype(np.int32),
+                     np.bincount(it[held & inside], minlength=n_items).astype(np.int32))
 
 
 def load_index(name: str, data_dir: Path | None, n: int = DEFAULT_N, max_item_share: int = 50) -> EvalIndex | None:
@@ -245,29 +278,37 @@ def load_index(name: str, data_dir: Path | None, n: int = DEFAULT_N, max_item_sh
     else:
         files, key, origin = [], "hub", "hub"
     digest = hashlib.sha256(f"{INDEX_VERSION}|{name}|{n}|{max_item_share}|{key}".encode()).hexdigest()[:16]
-    path = cache_dir() / "decontam" / f"{name}-n{n}-{digest}.npz"
-    if path.is_file():
-        z = np.load(path)
+    cached = cache_dir() / "decontam" / f"{name}-n{n}-{digest}"
+    arrays = ("grams", "items", "prompt_side", "item_ngrams", "item_answer_ngrams", "item_prompt_ngrams")
+    if (cached / "index.npz").is_file():
+        z = np.load(cached / "index.npz")
         meta = json.loads(str(z["meta"]))
-        return EvalIndex(name, z["grams"], z["items"], meta["n_items"], meta["short_items"],
-                         meta["dropped_boilerplate"], origin, z["item_ngrams"])
-    texts = (t for f in files for t in eval_set.read_local(f)) if files else eval_set.hub()
-    index = build_index(name, texts, n, max_item_share, origin)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+        return EvalIndex(name, z["grams"], z["items"], z["prompt_side"], meta["n_items"], meta["short_items"],
+                         meta["dropped_boilerplate"], origin, *(z[a] for a in arrays[3:]))
+    items = (item for f in files for item in eval_set.read_local(f)) if files else eval_set.hub()
+    index = build_index(name, items, n, max_item_share, origin)
     meta = {"n_items": index.n_items, "short_items": index.short_items, "dropped_boilerplate": index.dropped_boilerplate}
-    np.savez(tmp, grams=index.grams, items=index.items, item_ngrams=index.item_ngrams, meta=np.array(json.dumps(meta)))
-    tmp.replace(path)
+    with staged_dir(cached) as work:  # a build killed mid-write leaves no half index behind
+        np.savez(work / "index.npz", meta=np.array(json.dumps(meta)), **{a: getattr(index, a) for a in arrays})
     return index
 
 
-def find_contaminated(texts: list[str], indexes: list[EvalIndex], n: int = DEFAULT_N, min_matches: int = 3,
-                      hasher: WordHasher | None = None) -> dict[int, tuple[str, int, int]]:
-    """{row position: (eval set, eval item index, shared n-grams)} for contaminated texts.
+Hit = tuple[str, int, int, int]  # (eval set, eval item, shared n-grams, of them on the item's prompt side)
 
-    A text is contaminated when it shares ``min_matches`` distinct n-grams with one eval item, or
-    all of them when the item has fewer. The first eval set (in ``indexes`` order) that matches is
-    reported.
+
+def find_contaminated(texts: list[str], indexes: list[EvalIndex], n: int = DEFAULT_N, min_matches: int = 3,
+                      answer_matches: int | None = DEFAULT_ANSWER_MATCHES, short_prompts_too: bool = True,
+                      hasher: WordHasher | None = None) -> dict[int, Hit]:
+    """{row position: (eval set, eval item, shared n-grams, shared on its prompt side)} for contaminated texts.
+
+    A text is a copy of an eval item when it shares ``min_matches`` distinct n-grams with it (all of
+    them when the item has fewer) and at least one of them starts on the item's prompt side (its
+    question, context, input or options), or when it shares ``answer_matches`` of the item's
+    answer-side n-grams (a reference answer copied without its question; all of them when the answer
+    has fewer). An item whose prompt holds no indexed n-gram of its own (fewer than n words, e.g.
+    "Does Disney have an ice princess?") cannot show that evidence: any ``min_matches`` n-grams
+    count for it (unless ``short_prompts_too=False``). ``answer_matches=None``: no side is weighed.
+    The first eval set (in ``indexes`` order) that matches is reported.
     """
     hasher = hasher or WordHasher()
     words, starts = [], [0]
@@ -277,11 +318,13 @@ def find_contaminated(texts: list[str], indexes: list[EvalIndex], n: int = DEFAU
         starts.append(starts[-1] + len(w))
     if not texts:
         return {}
-    return find_contaminated_words(np.concatenate(words), np.array(starts), indexes, n, min_matches)
+    return find_contaminated_words(np.concatenate(words), np.array(starts), indexes, n, min_matches, answer_matches,
+                                   short_prompts_too)
 
 
 def find_contaminated_words(words: np.ndarray, starts: np.ndarray, indexes: list[EvalIndex], n: int = DEFAULT_N,
-                            min_matches: int = 3) -> dict[int, tuple[str, int, int]]:
+                            min_matches: int = 3, answer_matches: int | None = DEFAULT_ANSWER_MATCHES,
+                            short_prompts_too: bool = True) -> dict[int, Hit]:
     """``find_contaminated`` on pre-hashed words (``data.filters.RowText``)."""
     grams, seg = ngram_hashes(words, starts, n)
     # A bitmap over the low hash bits of every eval gram rules out most training grams with one
@@ -292,14 +335,14 @@ def find_contaminated_words(words: np.ndarray, starts: np.ndarray, indexes: list
         bitmap[(index.grams & low).astype(np.int64)] = True
     maybe = bitmap[(grams & low).astype(np.int64)]
     grams, seg = grams[maybe], seg[maybe]
-    hits: dict[int, tuple[str, int, int]] = {}
+    hits: dict[int, Hit] = {}
     for index in indexes:
         if not len(index.grams) or not len(grams):
             continue
         pos = np.searchsorted(index.grams, grams)
         pos[pos == len(index.grams)] = 0
         found = index.grams[pos] == grams
-        # distinct (row, gram) first, then count grams per (row, item)
+        # distinct (row, gram) first, then count grams per (row, item), and those on the prompt side
         rows, g = seg[found], grams[found]
         order = np.lexsort((g, rows))
         rows, g = rows[order], g[order]
@@ -308,11 +351,21 @@ def find_contaminated_words(words: np.ndarray, starts: np.ndarray, indexes: list
         rows, g = rows[distinct], g[distinct]
         if not len(g):
             continue
-        items = index.items[np.searchsorted(index.grams, g)].astype(np.int64)
-        keys, counts = np.unique(rows.astype(np.int64) * index.n_items + items, return_counts=True)
-        pairs = np.stack([keys // index.n_items, keys % index.n_items], axis=1)
-        need = np.minimum(min_matches, np.maximum(index.item_ngrams[pairs[:, 1]], 1))
-        for (row, item), count in zip(pairs[counts >= need].tolist(), counts[counts >= need].tolist()):
+        at = np.searchsorted(index.grams, g)
+        items = index.items[at].astype(np.int64)
+        keys, inverse, counts = np.unique(rows.astype(np.int64) * index.n_items + items, return_inverse=True,
+                                          return_counts=True)
+        on_prompt = np.bincount(inverse.ravel(), weights=index.prompt_side[at], minlength=len(keys)).astype(np.int64)
+        row_of, item_of = keys // index.n_items, keys % index.n_items
+        need = np.minimum(min_matches, np.maximum(index.item_ngrams[item_of], 1))
+        if answer_matches is None:
+            copied = counts >= need
+        else:
+            asked = (on_prompt > 0) | (short_prompts_too & (index.item_prompt_ngrams[item_of] == 0))
+            need_answer = np.minimum(answer_matches, index.item_answer_ngrams[item_of])
+            copied = (asked & (counts >= need)) | ((need_answer > 0) & (counts - on_prompt >= need_answer))
+        for row, item, count, prompt_count in zip(row_of[copied].tolist(), item_of[copied].tolist(),
+                                                  counts[copied].tolist(), on_prompt[copied].tolist()):
             if row not in hits or hits[row][0] == index.name and count > hits[row][2]:
-                hits[row] = (index.name, item, count)
+                hits[row] = (index.name, item, count, prompt_count)
     return hits

@@ -8,6 +8,7 @@ datasketch) and decontamination (8-grams, ``data/decontam.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,11 +58,29 @@ class RowText:
         words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
         return cls(words, np.array(starts, dtype=np.int64))
 
+    @classmethod
+    def concat(cls, parts: list[np.ndarray]) -> RowText:
+        starts = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
+        return cls(np.concatenate(parts) if parts else np.empty(0, np.uint64), starts)
+
     def row(self, i: int) -> np.ndarray:
         return self.words[self.starts[i]:self.starts[i + 1]]
 
+    def subset(self, keep: list[int]) -> RowText:
+        return RowText.concat([self.row(i) for i in keep])
+
     def __len__(self) -> int:
         return len(self.starts) - 1
+
+
+def similarity_words(full: RowText, rows: list[dict], hasher: WordHasher | None = None) -> RowText:
+    """Word hashes near-dedup compares: ``full`` except rows whose ``similarity_text`` differs."""
+    hasher = hasher or WordHasher()
+    parts = []
+    for i, r in enumerate(rows):
+        t = similarity_text(r)
+        parts.append(full.row(i) if t is None else hasher.words(t))
+    return RowText.concat(parts)
 
 
 def exact_duplicates(text: RowText) -> dict[int, int]:
@@ -111,11 +130,13 @@ def minhash_signatures(shingle_hashes: np.ndarray, bounds: np.ndarray, num_perm:
 
 
 def near_duplicates(text: RowText, candidates: list[int], threshold: float = 0.8, num_perm: int = 64,
-                    ) -> dict[int, tuple[int, float]]:
+                    on_kept: Callable[[list[int]], None] | None = None) -> dict[int, tuple[int, float]]:
     """{row: (earlier similar row, estimated Jaccard)} among ``candidates`` (in order).
 
     MinHash over 5-word shingles, datasketch's LSH to find candidate pairs; an LSH hit is confirmed
     by the signatures' estimated Jaccard >= threshold, so LSH false positives are not dropped.
+    ``on_kept`` is called after each chunk of candidates with the ones it kept: their fate is final,
+    so the caller can start on them (the data build tokenizes them) while later chunks are checked.
     """
     grams, seg = ngram_hashes(text.words, text.starts, SHINGLE)
     grams = grams & np.uint64(0xFFFFFFFF)  # datasketch's affine32 scheme hashes 32-bit values
@@ -152,6 +173,8 @@ def near_duplicates(text: RowText, candidates: list[int], threshold: float = 0.8
                     sigs[i] = sig
                 else:
                     dups[i] = best
+            if on_kept is not None:
+                on_kept([i for i in ids if i not in dups])
             bar.update(len(ids))
     return dups
 

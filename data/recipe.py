@@ -11,7 +11,7 @@
     allow_llm_generated: false    # the challenge forbids LLM-generated data
     languages: null               # e.g. [en]: keep only rows in these languages
     dedup: {exact: true, near: true, threshold: 0.8, num_perm: 64}
-    decontamination: {eval_sets: [mmlu, ...], n: 8, min_matches: 3, action: drop}
+    decontamination: {eval_sets: [mmlu, ...], n: 8, min_matches: 3, answer_matches: 8, action: drop}
     sources:
       - {name: dolly, weight: 1}                 # share of the budget
       - {name: gsm8k, tokens: 4000}              # a token cap
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from onegpu.data.decontam import DEFAULT_N, EVAL_SETS
+from onegpu.data.decontam import DEFAULT_ANSWER_MATCHES, DEFAULT_N, EVAL_SETS
 from onegpu.data.schema import PROVENANCES, get_prompt_style
 from onegpu.data.sources import CHALLENGE_RULE, FILE_FORMATS, SOURCES, get_source
 from onegpu.errors import UserError
@@ -46,7 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "allow_llm_generated": False,
     "languages": None,
     "dedup": {"exact": True, "near": True, "threshold": 0.8, "num_perm": 64},
-    "decontamination": {"eval_sets": list(EVAL_SETS), "n": DEFAULT_N, "min_matches": 3, "action": "drop"},
+    "decontamination": {"eval_sets": list(EVAL_SETS), "n": DEFAULT_N, "min_matches": 3,
+                        "answer_matches": DEFAULT_ANSWER_MATCHES, "action": "drop"},
     "sources": [],
 }
 SOURCE_KEYS = {"name", "weight", "count", "tokens", "replace", "val_rows"}
@@ -106,6 +107,9 @@ def validate(recipe: dict[str, Any], base: Path) -> None:
     if dc["action"] not in ("drop", "report"):
         raise UserError(f"decontamination.action is {dc['action']!r}", fix="use drop (default) or report")
     _positive(dc["n"], "decontamination.n", integer=True)
+    _positive(dc["min_matches"], "decontamination.min_matches", integer=True)
+    if dc["answer_matches"] is not None:  # null: a match counts wherever it falls in the eval item
+        _positive(dc["answer_matches"], "decontamination.answer_matches", integer=True)
     if not recipe["sources"]:
         raise UserError("the recipe has no sources", fix="add a `sources:` list, e.g. `- {name: dolly, weight: 1}`")
     names = []

@@ -14,8 +14,10 @@ script can read them without importing onegpu. Fields:
     provenance  "human" | "llm-generated" | "mixed"  (the challenge forbids LLM-generated data)
     meta        free-form source details (category, task name, original index...)
 
-``render`` is the only place where a prompt template is applied to a row: the data stage uses it
-to count tokens, the fine-tuning stage to build training examples, so both agree by construction.
+``render`` is the only place where a prompt template is applied to a row, and ``encode_example`` the
+only place where a rendered row becomes token ids: the fine-tuning stage trains on those ids and
+the data stage counts them (``encode_examples``, the same ids for many rows at once), so the token
+counts in a manifest are the lengths training sees, BOS included.
 """
 
 from __future__ import annotations
@@ -96,3 +98,45 @@ def _earlier_turns(messages: list[dict[str, str]] | None) -> list[tuple[str, str
             pairs.append((pending_user, msg["content"]))
             pending_user = None
     return pairs
+
+
+def encode_example(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one training example: the one token rule of onegpu.
+
+    litgpt's SFT recipe, through a litgpt ``Tokenizer``: the prompt with BOS when the tokenizer uses
+    one (``tokenizer.use_bos``), the response without BOS and with EOS.
+    """
+    return tokenizer.encode(prompt).tolist(), tokenizer.encode(response, bos=False, eos=True).tolist()
+
+
+def encode_examples(tokenizer: Any, examples: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """``encode_example`` for many (prompt, response) pairs, in two batch calls into the Rust tokenizer.
+
+    The same ids (tests check it): the batch gives what ``tokenizer.encode`` gets from its processor,
+    then BOS/EOS are settled exactly as ``tokenizer.encode`` settles them. Whether tokenizers' thread
+    pool runs is the caller's choice (``TOKENIZERS_PARALLELISM``). SentencePiece tokenizers have no
+    batch call and go row by row.
+    """
+    if tokenizer.backend != "huggingface":
+        return [encode_example(tokenizer, prompt, response) for prompt, response in examples]
+    prompts = tokenizer.processor.encode_batch_fast([prompt for prompt, _ in examples])
+    responses = tokenizer.processor.encode_batch_fast([response for _, response in examples])
+    return [(_bos_eos(tokenizer, p.ids, bos=None, eos=False), _bos_eos(tokenizer, r.ids, bos=False, eos=True))
+            for p, r in zip(prompts, responses)]
+
+
+def _bos_eos(tokenizer: Any, ids: list[int], bos: bool | None, eos: bool) -> list[int]:
+    """What litgpt's ``Tokenizer.encode(text, bos=bos, eos=eos)`` does to its processor's ids."""
+    if bos or (bos is None and tokenizer.use_bos):
+        if tokenizer.bos_id is None:
+            raise NotImplementedError("This tokenizer does not have a defined bos token.")
+        if not ids or ids[0] != tokenizer.bos_id:
+            ids = [tokenizer.bos_id, *ids]
+    elif ids and ids[0] == tokenizer.bos_id:
+        ids = ids[1:]
+    # litgpt's rule, kept as is: asked for EOS, a text that already ends in EOS loses it
+    if eos and (not ids or ids[-1] != tokenizer.eos_id):
+        ids = [*ids, tokenizer.eos_id]
+    elif ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    return ids

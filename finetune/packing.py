@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from onegpu.data.schema import encode_example
+
 IGNORE_INDEX = -100
 
 
@@ -46,9 +48,11 @@ class Example:
 
 def tokenize_example(tokenizer: Any, prompt: str, response: str, max_seq_length: int,
                      train_on_prompt: bool = False) -> Example:
-    """litgpt's SFTDataset recipe: prompt (with BOS if the tokenizer uses one) + response + EOS."""
-    prompt_ids = tokenizer.encode(prompt).tolist()
-    response_ids = tokenizer.encode(response, bos=False, eos=True).tolist()
+    """litgpt's SFTDataset recipe: prompt (with BOS if the tokenizer uses one) + response + EOS.
+
+    The ids come from ``onegpu.data.schema.encode_example``, the rule the data stage counts with.
+    """
+    prompt_ids, response_ids = encode_example(tokenizer, prompt, response)
     ids = prompt_ids + response_ids
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + response_ids
     truncated = len(ids) > max_seq_length

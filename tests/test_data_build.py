@@ -48,8 +48,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def small_builds(tmp_path_factory, shared_datasets, bundled_checkpoint):
     tmp = tmp_path_factory.mktemp("data")
     recipe = write_recipe(tmp / "small.yaml", SMALL)
-    a = build(recipe, tmp / "a", data_dir=shared_datasets)
-    b = build(recipe, tmp / "b", data_dir=shared_datasets)
+    a = build(recipe, tmp / "a", data_dir=shared_datasets)  # tokenizers' pool, overlapped with near-dedup
+    b = build(recipe, tmp / "b", data_dir=shared_datasets, parallel=False)  # one thread, stage after stage
     return recipe, a, b
 
 
@@ -107,10 +107,15 @@ def test_every_dropped_row_is_in_rejects_with_reason_and_stage(small_builds):
     assert near and all("near duplicate of" in r["detail"] for r in near)
 
 
-def test_same_recipe_and_seed_give_byte_identical_outputs(small_builds, tmp_path, shared_datasets):
+def test_same_recipe_and_seed_give_byte_identical_outputs_parallel_or_plain(small_builds, tmp_path, shared_datasets):
+    """Build a tokenizes on tokenizers' thread pool while near-dedup runs; build b on one thread, one
+    stage after another. Same recipe and seed: the same files, byte for byte."""
     recipe, a, b = small_builds
     for name in ("train.jsonl", "val.jsonl", "rejects.jsonl", "manifest.json", "composition.png"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    m = json.loads((a / "manifest.json").read_text())
+    for stage in ("near_duplicate", "contaminated", "too_long"):  # the stages that now overlap all dropped rows
+        assert sum(c[stage] for c in m["counts"].values()) > 0, stage
     other = build(recipe, tmp_path / "c", data_dir=shared_datasets, seed=8)
     assert (other / "train.jsonl").read_bytes() != (a / "train.jsonl").read_bytes()
 
@@ -146,6 +151,28 @@ def test_exact_duplicates_count_and_tokens_caps_and_replacement(tmp_path, shared
     assert m["counts"]["mine"]["train"] == 20  # 9 unique rows - 1 val, sampled with replacement
     assert 1500 <= m["counts"]["cnn_dailymail"]["train_tokens"] < 1500 + 2048
     assert m["tokenizer"]["spec"] == str(bundled_checkpoint)
+
+
+def test_manifest_token_counts_are_what_training_tokenizes_bos_included(small_builds, tmp_path, shared_datasets,
+                                                                        bundled_checkpoint):
+    """The manifest counts each row with the fine-tune's own tokenize_example: BOS + prompt + response + EOS."""
+    from litgpt.tokenizer import Tokenizer
+
+    from onegpu.data.schema import render
+    from onegpu.finetune.packing import tokenize_example
+
+    tok = Tokenizer(bundled_checkpoint)
+    assert tok.use_bos
+    alpaca = write_recipe(tmp_path / "alpaca.yaml", {**SMALL, "prompt_style": "alpaca", "sources": SMALL["sources"][:2]})
+    for out, style in ((small_builds[1], "smollm2"), (build(alpaca, tmp_path / "out", data_dir=shared_datasets), "alpaca")):
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["tokenizer"]["uses_bos"] and m["tokenizer"]["bos_id"] == tok.bos_id
+        for split in ("train", "val"):
+            examples = [tokenize_example(tok, *render(r, style), max_seq_length=10**6)
+                        for r in read_jsonl(out / f"{split}.jsonl")]
+            lengths = [len(e) for e in examples]
+            assert sum(lengths) == m["tokens"][split]["total"] and max(lengths) == m["tokens"][split]["max"], (style, split)
+            assert all(e.input_ids[0] == tok.bos_id for e in examples)  # alpaca's BOS is prepended and counted
 
 
 def test_cli_build_prints_progress_and_uses_the_shipped_recipe_format(tmp_path, shared_datasets, bundled_checkpoint, capfd):

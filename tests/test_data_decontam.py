@@ -1,7 +1,10 @@
 """Data stage point 5: n-gram decontamination against the open-eval sets.
 
-Eval items planted into a mix are caught 100%, with <= 1% false positives on clean training data,
-and the build drops them into rejects naming the eval set."""
+Eval items planted into a mix are caught 100% (whole, the prompt alone, the answer alone); clean
+GSM8K-train rows held out from tuning the rule are flagged <= 0.5% (a shared stock phrase of a
+worked solution is not a copy), clean instruction data <= 0.1%; the build drops contaminated rows
+into rejects naming the eval set. ``benchmarks/decontam_precision.py`` prints the same numbers
+for the rule's variants."""
 
 from __future__ import annotations
 
@@ -12,67 +15,65 @@ import pytest
 
 from onegpu.data import decontam
 from onegpu.data.build import build
-from onegpu.data.sources import SOURCES, Reject, load_records
-
-CHECKED = ("mmlu", "truthfulqa", "gsm8k_test", "bbq", "bigbench")
+from onegpu.data.probes import PLANTED_SETS, clean_mix, flan_strategyqa, gsm8k_train_probe, planted
 
 
 @pytest.fixture(scope="module")
 def indexes(shared_datasets):
-    return [decontam.load_index(name, shared_datasets) for name in CHECKED]
+    return [decontam.load_index(name, shared_datasets) for name in PLANTED_SETS]
 
 
-def _eval_items(name, shared_datasets):
-    e = decontam.EVAL_SETS[name]
-    return [t for f in decontam._files(e, shared_datasets) for t in e.read_local(f)]
+def _eval_texts(name, shared_datasets):
+    return [f"{prompt} {answer}" for prompt, answer in decontam.read_items(name, shared_datasets)]
 
 
-def _clean_rows(shared_datasets):
-    """Human-written training text that is not an eval set (FLAN's StrategyQA is: it is BIG-bench's)."""
-    texts = []
-    for name, opts in [("dolly", {}), ("oasst1", {}), ("lima", {}), ("cnn_dailymail", {}),
-                       ("natural_instructions", {"max_per_task": 400}), ("self_instruct_seed", {})]:
-        src = SOURCES[name]
-        for rec in load_records(src, shared_datasets):
-            for row in src.convert(rec, src, **opts):
-                if not isinstance(row, Reject):
-                    texts.append(" ".join((row["instruction"], row["input"], row["output"])))
-    src = SOURCES["flan_cot"]
-    for rec in load_records(src, shared_datasets, subsets=["aqua", "creak", "ecqa", "qasc", "sensemaking"]):
-        row = next(iter(src.convert(rec, src)))
-        texts.append(" ".join((row["instruction"], row["output"])))
-    return texts
+def test_planted_eval_items_are_all_caught_whole_or_in_part(indexes, shared_datasets):
+    for kind, rows in planted(shared_datasets).items():
+        hits = decontam.find_contaminated([text for _, text in rows], indexes)
+        missed = [(origin, text[:120]) for i, (origin, text) in enumerate(rows) if i not in hits]
+        assert not missed, f"{kind}: {len(missed)} of {len(rows)} planted eval items not caught: {missed[:5]}"
+        assert all(hits[i][0] == origin for i, (origin, _) in enumerate(rows)), "the eval set each came from is named"
+        assert len(rows) >= (750 if kind == "whole" else 150)
 
 
-def test_planted_eval_items_are_all_caught_with_at_most_1pct_false_positives(indexes, shared_datasets):
-    rng = random.Random(0)
-    planted, origin = [], []
-    templates = ["{}", "Question: {}\nAnswer:", "### Instruction:\n{}\n\n### Response:", "{}  (from a quiz)"]
-    for name in CHECKED:
-        for item in rng.sample(_eval_items(name, shared_datasets), 150):
-            planted.append(rng.choice(templates).format(item))
-            origin.append(name)
-    hits = decontam.find_contaminated(planted, indexes)
-    caught = {i for i in hits}
-    missed = [(origin[i], planted[i][:120]) for i in range(len(planted)) if i not in caught]
-    assert not missed, f"{len(missed)} planted eval items not caught: {missed[:5]}"
-    assert all(hits[i][0] == origin[i] for i in range(len(planted))), "the eval set each item came from is named"
+def test_clean_rows_are_rarely_flagged(indexes, shared_datasets):
+    """Held-out clean GSM8K-train rows: the rule before this one (3 shared 8-grams anywhere) flagged
+    ~1% for stock phrases of worked solutions; the prompt-side rule flags <= 0.5%."""
+    _, held_out, same_problem = gsm8k_train_probe(shared_datasets)
+    assert len(held_out) > 3500 and same_problem  # some train problems are test problems with new numbers
+    flagged = decontam.find_contaminated(held_out, indexes)
+    assert len(flagged) / len(held_out) <= 0.005, f"{len(flagged)} of {len(held_out)} clean GSM8K-train rows flagged"
+    anywhere = decontam.find_contaminated(held_out, indexes, answer_matches=None)
+    assert len(anywhere) / len(held_out) > 0.005  # the probe holds the false positives the side rule removes
+    assert all(asked == 0 for _, _, _, asked in (anywhere[i] for i in set(anywhere) - set(flagged)))
+    assert len(decontam.find_contaminated(same_problem, indexes)) == len(same_problem)
 
-    clean = _clean_rows(shared_datasets)
-    assert len(clean) > 15000
-    flagged = decontam.find_contaminated(clean, indexes)
-    assert len(flagged) / len(clean) <= 0.01, f"{len(flagged)} of {len(clean)} clean rows flagged"
+    mix = clean_mix(shared_datasets)
+    assert len(mix) > 15000
+    flagged = decontam.find_contaminated(mix, indexes)
+    assert len(flagged) / len(mix) <= 0.001, f"{len(flagged)} of {len(mix)} clean rows flagged"
+
+
+def test_the_side_rule_still_finds_the_real_overlap(indexes, shared_datasets):
+    """FLAN's StrategyQA rows are BIG-bench's items reworded around the answer ("Yes." moves to the
+    end), so short questions share no n-gram of their own: every row the rule before found is found."""
+    rows = flan_strategyqa(shared_datasets)
+    found = decontam.find_contaminated(rows, indexes)
+    assert set(found) == set(decontam.find_contaminated(rows, indexes, answer_matches=None))
+    assert len(found) / len(rows) > 0.99 and {hit[0] for hit in found.values()} == {"bigbench"}
+    strict = decontam.find_contaminated(rows, indexes, short_prompts_too=False)
+    assert set(strict) < set(found)  # demanding prompt-side n-grams of short questions misses some (52)
 
 
 def test_short_changes_do_not_hide_a_copy(indexes, shared_datasets):
-    item = _eval_items("truthfulqa", shared_datasets)[10]
+    item = _eval_texts("truthfulqa", shared_datasets)[10]
     variants = [item.upper(), item.replace(" ", "   "), item.replace(",", ""), "Q: " + item + " Thanks!"]
     assert set(decontam.find_contaminated(variants, indexes)) == set(range(len(variants)))
 
 
 def test_build_drops_planted_rows_and_reports_per_source_and_eval_set(tmp_path, shared_datasets, bundled_checkpoint):
     rng = random.Random(1)
-    mmlu = rng.sample(_eval_items("mmlu", shared_datasets), 5)
+    mmlu = rng.sample(_eval_texts("mmlu", shared_datasets), 5)
     gsm = [json.loads(line) for line in (shared_datasets / "gsm8k/test.jsonl").read_text().splitlines()[:5]]
     rows = [{"prompt": f"Answer the question.\n{q}", "reply": "B"} for q in mmlu]
     rows += [{"prompt": g["question"], "reply": g["answer"]} for g in gsm]
