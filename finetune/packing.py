@@ -171,30 +171,57 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int = 0,
     }
 
 
-def block_diagonal_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+def block_diagonal_causal_mask(segment_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """(B, 1, T, T) boolean mask, True = may attend: same example and not in the future.
 
+    ``window`` (sliding-window layers) also keeps a query from keys ``window`` or more tokens back.
     Padding (segment -1) attends to earlier padding only, which keeps every row of the mask
     non-empty (an all-False row makes SDPA return NaN) and never touches real tokens.
     """
     T = segment_ids.size(1)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    if window is not None and window < T:
+        causal = causal.triu(diagonal=1 - window)
     return (same & causal).unsqueeze(1)
 
 
+def sliding_windows(model: torch.nn.Module) -> list[int | None]:
+    """Each block's attention window (None = full), taking the window over from litgpt on first use.
+
+    litgpt's sliding-window layers (Mistral, Gemma 2/3, ...) *replace* the mask they are given by a
+    plain window mask, so packed examples would attend to each other there. So those layers stop
+    applying their window themselves, and :func:`forward_hidden` builds masks that hold both the
+    example boundaries and the window. Only the training forward sees this model object.
+    """
+    windows = getattr(model, "packed_forward_windows", None)
+    if windows is None:
+        windows = []
+        for block in model.transformer.h:
+            own = bool(getattr(block.attn, "apply_sliding_window_attention", False))
+            windows.append(block.attn.config.sliding_window_size if own else None)
+            if own:
+                block.attn.apply_sliding_window_attention = False
+        model.packed_forward_windows = windows
+    return windows
+
+
 # ------------------------------------------------------------------------------ CUDA: FlexAttention
-def flex_block_mask(segment_ids: torch.Tensor, n_head: int | None = None):
+def flex_block_mask(segment_ids: torch.Tensor, window: int | None = None):
     """FlexAttention BlockMask for packed rows (CUDA). Blocks between examples are skipped entirely."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg = segment_ids
+    B, T = seg.shape
 
     def packed_causal(b, h, q_idx, kv_idx):
         return (seg[b, q_idx] == seg[b, kv_idx]) & (q_idx >= kv_idx)
 
-    B, T = seg.shape
-    return create_block_mask(packed_causal, B, None, T, T, device=seg.device)
+    def packed_causal_window(b, h, q_idx, kv_idx):
+        return packed_causal(b, h, q_idx, kv_idx) & (q_idx - kv_idx < window)
+
+    mask_mod = packed_causal if window is None or window >= T else packed_causal_window
+    return create_block_mask(mask_mod, B, None, T, T, device=seg.device)
 
 
 _compiled_flex = None
@@ -244,14 +271,17 @@ def forward_hidden(model: torch.nn.Module, batch: dict[str, Any], *, flex: bool 
     """
     idx = batch["input_ids"]
     cfg = model.config
+    T = idx.size(1)
+    windows = sliding_windows(model)
     if batch["packed"]:
         pos = batch["positions"]
         cos, sin = model.cos[pos], model.sin[pos]  # (B, T, rope_n_elem)
-        mask = flex_block_mask(batch["segment_ids"]) if flex else block_diagonal_causal_mask(batch["segment_ids"])
-    else:  # one example per row, right-padded: plain causal attention is exact
-        T = idx.size(1)
+        make_mask = flex_block_mask if flex else block_diagonal_causal_mask
+        masks = {w: make_mask(batch["segment_ids"], w) for w in set(windows)}
+    else:  # one example per row, right-padded: plain causal attention is exact (SDPA's is_causal path)
         cos, sin = model.cos[:T].unsqueeze(0), model.sin[:T].unsqueeze(0)
-        mask = None
+        no_segments = torch.zeros(1, T, dtype=torch.long, device=idx.device)
+        masks = {w: None if w is None or w >= T else block_diagonal_causal_mask(no_segments, w) for w in set(windows)}
     x = model.transformer.wte(idx)
     if cfg.scale_embeddings:
         x = x * torch.tensor(cfg.n_embd**0.5, dtype=x.dtype)
@@ -261,6 +291,7 @@ def forward_hidden(model: torch.nn.Module, batch: dict[str, Any], *, flex: bool 
         c, s = cos, sin
         if cfg.rope_indices is not None:
             c, s = cos[..., cfg.rope_indices[block_idx]], sin[..., cfg.rope_indices[block_idx]]
+        mask = masks[windows[block_idx]]
         if activation_checkpointing and model.training:
             x = torch.utils.checkpoint.checkpoint(block, x, c, s, mask, use_reentrant=False)
         else:

@@ -91,3 +91,41 @@ def test_packing_fills_rows_and_keeps_every_example():
     assert rows == plan_rows(lengths, 512, packing=True, seed=1, epoch=0)  # deterministic (exact resume)
     padded = plan_rows(lengths, 512, packing=False, seed=1, epoch=0)
     assert all(len(row) == 1 for row in padded) and sorted(r[0] for r in padded) == list(range(len(lengths)))
+
+
+def test_packing_is_exact_on_sliding_window_layers():
+    """Mistral-style layers: litgpt's own window replaces the mask it gets, which let packed examples
+    see each other; the packed forward holds both the window and the example boundaries."""
+    from litgpt.model import GPT, Config
+
+    torch.manual_seed(0)
+    window = 4
+    config = Config(block_size=64, vocab_size=64, padded_vocab_size=64, n_layer=2, n_head=2, n_embd=32,
+                    sliding_window_size=window, sliding_window_indices=[1, 0])
+    reference = GPT(config).eval()  # litgpt's own forward: the truth for one example at a time
+    model = GPT(config).eval()
+    model.load_state_dict(reference.state_dict())
+    examples = [Example(list(range(1, 11)), list(range(1, 11))), Example(list(range(20, 29)), list(range(20, 29)))]
+    with torch.no_grad():
+        packed = collate(examples, [[0, 1]])
+        hidden = forward_hidden(model, packed)
+        assert model.packed_forward_windows == [window, None]
+        cursor = 0
+        for i, ex in enumerate(examples):
+            alone = forward_hidden(model, collate(examples, [[i]]))[0, :len(ex)]
+            truth = reference.transformer.ln_f(_litgpt_blocks(reference, torch.tensor([ex.input_ids])))[0]
+            assert torch.allclose(alone, truth, atol=1e-5)  # the window still binds (T = 10 > 4)
+            assert torch.allclose(hidden[0, cursor:cursor + len(ex)], truth, atol=1e-5), i
+            cursor += len(ex)
+        # without the window the second layer's first tokens would differ: the test is not vacuous
+        no_window = block_diagonal_causal_mask(packed["segment_ids"])
+        assert not torch.equal(no_window, block_diagonal_causal_mask(packed["segment_ids"], window))
+
+
+def _litgpt_blocks(model, idx):
+    """litgpt GPT.forward up to the final norm (its own masks, including its sliding window)."""
+    T = idx.size(1)
+    x = model.transformer.wte(idx)
+    for block in model.transformer.h:
+        x = block(x, model.cos[:T].unsqueeze(0), model.sin[:T].unsqueeze(0), None)
+    return x
