@@ -133,15 +133,9 @@ def architecture_problems(config: Any) -> list[Problem]:
         ("attention logit softcapping", config.attention_logit_softcapping is not None),
         ("q/k norms", config.norm_qk), (f"MLP {config.mlp_class_name}", config.mlp_class_name not in MODELED_MLPS),
     ) if present]
-    problems = []
-    if config.sliding_window_size is not None:
-        problems.append(Problem(
-            f"{config.name} uses sliding-window attention: litgpt then replaces the attention mask with its own "
-            "window mask, so packed rows are not block-diagonal (examples attend to each other)",
-            "--packing false for this model until the trainer combines both masks"))
     if not unmodeled:
-        return problems
-    return problems + [Problem(f"{config.name}: {', '.join(unmodeled)} not modeled term by term; activations are approximate",
+        return []
+    return [Problem(f"{config.name}: {', '.join(unmodeled)} not modeled term by term; activations are approximate",
                     "confirm with the measured plan on a GPU (onegpu finetune plan --analytic false)")]
 
 

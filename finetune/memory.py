@@ -301,9 +301,8 @@ def layer_activation_bytes(config: Any, w: Workload, first: bool = False) -> dic
         else:  # GQA/MQA: litgpt repeats k and v to every head before attention
             parts["q (RoPE'd), k and v repeated to all heads"] = 3 * hh * b
         parts["attention output + fp32 logsumexp"] = hh * b + 4 * config.n_head
-        if config.sliding_window_size is not None:  # litgpt builds a float (1, 1, T, T) window mask per layer
-            parts["sliding-window mask (float)"] = w.max_seq_length * b / w.micro_batch_size
-        elif w.packing and w.attention == "sdpa":  # a boolean mask reaches SDPA as a float (B, 1, T, T) bias
+        # (sliding-window layers get the same packed mask, the window folded in: packing.sliding_windows)
+        if w.packing and w.attention == "sdpa":  # a boolean mask reaches SDPA as a float (B, 1, T, T) bias
             parts["packed attention mask (float)"] = w.max_seq_length * b
     if w.lora_projection or int8:
         shared = w.device == "cuda" and w.attention == "sdpa"  # flash/efficient output is already (B, T, h, hs)
