@@ -60,8 +60,8 @@ def test_task_prompts_requests_and_scores_equal_helms(helm_reference, family, ta
         assert ours["exact_match"] == helm_scores["exact_match"], completion
         assert ours["quasi_exact_match"] == helm_scores["quasi_exact_match"], completion
         # a format failure is an answer HELM cannot map to an option at all
-        assert ours["format_failure"] == float(completion.strip() not in helm_mc.LETTERS[:len(first["choices"])])
-    assert sum(s["exact_match"] for s in ref["scores"]) >= 2  # the reference did score some answers right
+        assert ours["format_failure"] == float(completion.strip() not in list(helm_mc.LETTERS[:len(first["choices"])]))
+    assert sum(s["exact_match"] for s in ref["scores"]) >= 1  # some answer was right: not all-zero scoring
 
 
 def test_bbq_prompts_equal_helms(helm_reference, shared_datasets):
@@ -133,7 +133,7 @@ def _data_dir(out: Path, rows: list[dict]) -> Path:
     return out
 
 
-def _onegpu(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _onegpu(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, "-m", "onegpu", *args], capture_output=True, text=True, cwd=REPO_ROOT,
                           timeout=timeout, env=env)
@@ -150,8 +150,8 @@ def _validate(checkpoint: Path, out: Path) -> dict:
 
 @pytest.mark.slow
 def test_broken_answer_template_drops_helm_score_not_likelihood(bundled_checkpoint, shared_datasets, tmp_path):
-    # A fine-tune whose responses start with a preamble ("The answer is B.") still ranks the options the
-    # same way by likelihood, but its generated answer is no longer a letter: HELM scores it zero.
+    # A fine-tune whose responses start with a preamble ("The answer is B.") ranks the options by likelihood
+    # at least as well as before, but its generated answer is no longer a letter: HELM scores it zero.
     data = _data_dir(tmp_path / "data", _qasc_rows(shared_datasets, 28, preamble=True))
     ft = _onegpu("finetune", "--data", str(data), "--out_dir", str(tmp_path / "ft"), "--max_steps", "6",
                  "--micro_batch_size", "4", "--global_batch_size", "4", "--learning_rate", "3e-3",
@@ -169,6 +169,7 @@ def test_broken_answer_template_drops_helm_score_not_likelihood(bundled_checkpoi
     assert b["format_failures"] <= 4 and k["format_failures"] >= 12, (b, k)
     assert k["exact_match"] < b["exact_match"], (b, k)
     assert broken["format_failures"] == k["format_failures"] and broken["helm_gen_score"] == k["exact_match"]
-    # ... while the likelihood score barely moves (16 questions: at most 2 answers change)
-    assert abs(k["likelihood"] - b["likelihood"]) <= 2 / 16 + 1e-9, (b, k)
+    # ... while the likelihood score does not fall (the fine-tune did learn multiple choice; measured
+    # on the bundled model: likelihood 0.31 -> 0.50, HELM EM 0.125 -> 0, format failures 0 -> 15 of 16)
+    assert k["likelihood"] >= b["likelihood"] - 2 / 16, (b, k)
     assert broken["tasks"][task]["format_failures"] == k["format_failures"]
