@@ -174,12 +174,12 @@ TABLE_HEADER = ["task", "metric", "value", "helm EM", "fmt fail", "n", "shots"]
 
 def table_rows(per_task: dict[str, dict], helm_gen: dict[str, dict]) -> list[list[Any]]:
     """One row per task; a HELM-faithful task shares the row of the likelihood task it mirrors."""
-    by_twin = {g["likelihood_task"]: (name, g) for name, g in helm_gen.items() if g["likelihood_task"]}
+    by_twin = {g["likelihood_task"]: g for g in helm_gen.values() if g["likelihood_task"]}
     rows = []
     for name, t in per_task.items():
         if name in helm_gen and helm_gen[name]["likelihood_task"]:
             continue  # shown on its twin's row
-        gen = helm_gen.get(name) or (by_twin[name][1] if name in by_twin else None)
+        gen = helm_gen.get(name) or by_twin.get(name)
         value = None if name in helm_gen else _round(t["primary"])
         rows.append([name, t["primary_metric"], value, _round(gen["exact_match"]) if gen else None,
                      f"{gen['format_failures']}/{gen['n']}" if gen else None, t["n"], t["num_fewshot"]])

@@ -270,7 +270,8 @@ def task_rows(fmt: JointFormat, train: Sequence[MCInstance], evaluated: Sequence
     """One JSONL row per evaluated instance: the full HELM prompt, options, correct indices."""
     shots = sample_train(train, fmt.max_train_instances)
     return [{"prompt": build_prompt(fmt, shots, inst), "choices": list(inst.choices), "correct": list(inst.correct),
-             "target": LETTERS[inst.correct[0]] if inst.correct else ""} for inst in evaluated]
+             "target": LETTERS[inst.correct[0]] if inst.correct else "", "max_tokens": fmt.max_tokens,
+             "stop": list(fmt.stop)} for inst in evaluated]
 
 
 def task_yaml(name: str, data_file: Path, fmt: JointFormat) -> str:
@@ -369,18 +370,10 @@ def helm_mc_items(tasks: Sequence[str] = DEFAULT_ITEM_TASKS, per_task: int = 8, 
             known = sorted(p.stem for p in include.glob(f"{HELM_TASK_PREFIX}*.yaml"))
             raise UserError(f"unknown HELM-faithful task {task!r}", fix=f"use one of: {', '.join(known)}")
         rows = [json.loads(line) for line in data_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        spec = _request_spec(yaml_path)
         picked = sorted(random.Random(f"{seed}:{task}").sample(range(len(rows)), min(per_task, len(rows))))
         items += [HelmItem(task, i, rows[i]["prompt"], tuple(rows[i]["choices"]), tuple(rows[i]["correct"]),
-                           spec["max_gen_toks"], tuple(spec["until"])) for i in picked]
+                           rows[i]["max_tokens"], tuple(rows[i]["stop"])) for i in picked]
     return items
-
-
-def _request_spec(yaml_path: Path) -> dict:
-    import yaml
-
-    text = yaml_path.read_text(encoding="utf-8").replace("!function", "")  # the hook tag: not needed here
-    return yaml.safe_load(text)["generation_kwargs"]
 
 
 def score_items(items: Sequence[HelmItem], completions: Sequence[str]) -> dict[str, Any]:
