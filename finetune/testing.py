@@ -68,9 +68,7 @@ def make_data_dir(out: Path, datasets_dir: Path, *, n_train: int | None = None, 
 
 def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, *, n_layer: int = 2, n_embd: int = 64, seed: int = 0) -> Path:
     """Random-init LLaMA-shaped litgpt checkpoint (2 layers, 64 wide) with the bundled tokenizer."""
-    import torch
-    from litgpt import GPT, Config
-    from litgpt.utils import save_config
+    from litgpt import Config
 
     src_cfg = Config.from_file(tokenizer_dir / "model_config.yaml")
     config = Config(
@@ -79,12 +77,22 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, *, n_layer: int = 2, n_
         parallel_residual=False, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
         intermediate_size=2 * n_embd, rope_base=10000,
     )
+    save_random_checkpoint(out, config, seed=seed)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def save_random_checkpoint(out: Path, config: Any, *, seed: int = 0) -> Path:
+    """Random-init weights + ``model_config.yaml`` for a litgpt ``Config`` (no tokenizer)."""
+    import torch
+    from litgpt import GPT
+    from litgpt.utils import save_config
+
     torch.manual_seed(seed)
     model = GPT(config)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "lit_model.pth")
     save_config(config, out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, out / name)
     return out

@@ -13,12 +13,17 @@ import importlib.util
 import os
 import sys
 
-from onegpu.errors import UserError
+import inspect
+import re
+import typing
+
+from onegpu.errors import UserError, did_you_mean
 
 # verb words -> (module, function, one-line description). Order is the order of --help.
 VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("quickstart",): ("onegpu.quickstart", "quickstart", "run the whole pipeline on the bundled model (offline, CPU)"),
-    ("model", "prepare"): ("onegpu.model", "prepare", "make a litgpt checkpoint: bundled SmolLM2 or a hub model id"),
+    ("model", "prepare"): ("onegpu.model", "prepare", "make a litgpt checkpoint: bundled SmolLM2, a hub id or a local HF dir"),
+    ("model", "push"): ("onegpu.publish", "push", "publish a fine-tuned checkpoint to the Hugging Face Hub with a lineage card"),
     ("data", "build"): ("onegpu.data.build", "build", "build a training mix from a recipe YAML -> train/val/rejects JSONL + manifest"),
     ("data", "sources"): ("onegpu.data.sources", "list_sources", "list the registered datasets with licence and provenance"),
     ("finetune",): ("onegpu.finetune.lora", "finetune", "LoRA/QLoRA fine-tuning with packing, telemetry and a budget clock"),
@@ -28,6 +33,7 @@ VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("eval", "compare"): ("onegpu.eval.compare", "compare", "challenge score across runs; validation vs test plot"),
     ("serve",): ("onegpu.submission.server", "serve", "serve a checkpoint over the challenge's HTTP API"),
     ("submission", "pack"): ("onegpu.submission.pack", "pack", "write a self-contained submission folder for a track"),
+    ("submission", "fetch"): ("onegpu.submission.weights", "fetch", "inside docker build: put a W&B model artifact into the image"),
     ("sweep",): ("onegpu.sweeps.runner", "sweep", "run a W&B sweep YAML offline on this machine"),
     ("report",): ("onegpu.sweeps.report", "report", "offline HTML report comparing runs"),
     ("dashboard",): ("onegpu.sweeps.dashboard", "dashboard", "create the W&B workspace for a project (online)"),
@@ -65,7 +71,6 @@ def _gather_list_positionals(fn, rest: list[str]) -> list[str]:
     jsonargparse reads a list positional as one JSON/YAML token (``'[A, B, C]'``); shells and users
     expect space-separated paths, so consecutive bare tokens at the front become that one token.
     """
-    import inspect
     import json
 
     params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
@@ -77,6 +82,171 @@ def _gather_list_positionals(fn, rest: list[str]) -> list[str]:
     if bare <= 1 or (len(params) > 1 and bare <= len(params)):
         return rest
     return [json.dumps(rest[:bare]), *rest[bare:]]
+
+
+def _gather_list_options(fn, rest: list[str]) -> list[str]:
+    """``--results A B``: the bare values after a list-typed option become its one JSON list token.
+
+    (A value already written as a list, ``'[A, B]'``, or ``null`` is passed as is.)
+    """
+    import inspect
+    import json
+
+    lists = {p.name for p in inspect.signature(fn).parameters.values()
+             if p.default is not inspect.Parameter.empty and "list" in str(p.annotation).lower()}
+    out, i = [], 0
+    while i < len(rest):
+        token = rest[i]
+        out.append(token)
+        i += 1
+        if token.startswith("--") and token[2:] in lists:
+            end = i
+            while end < len(rest) and not rest[end].startswith("-"):
+                end += 1
+            values = rest[i:end]
+            if values and not (len(values) == 1 and (values[0].lstrip().startswith("[") or values[0] == "null")):
+                out.append(json.dumps(values))
+                i = end
+    return out
+
+
+def _optional_first_positional(fn, rest: list[str]) -> list[str]:
+    """``onegpu model prepare ORG/NAME``: one bare value first = the first parameter, even with a default.
+
+    jsonargparse makes only parameters without defaults positional. A verb whose first parameter
+    has a default also takes it as a bare first argument; ``--NAME VALUE`` keeps working.
+    """
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or params[0].default is inspect.Parameter.empty or params[0].kind not in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+        return rest
+    if not rest or rest[0].startswith("-") or (len(rest) > 1 and not rest[1].startswith("-")):
+        return rest  # no bare first value, or several: leave them to jsonargparse's own error
+    return [f"--{params[0].name}", rest[0], *rest[1:]]
+
+
+def _bare_bool_flags(fn, rest: list[str]) -> list[str]:
+    """``--analytic`` alone means ``--analytic true`` (jsonargparse wants a value for every boolean)."""
+    hints = _type_hints(fn)
+    flags = {f"--{name}" for name, hint in hints.items() if hint in (bool, bool | None)}
+    out = []
+    for i, token in enumerate(rest):
+        out.append(token)
+        if token in flags and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+# ------------------------------------------------------------------------------------ parsing
+def _type_hints(fn) -> dict[str, typing.Any]:
+    """Parameter name -> its evaluated annotation (stage modules use postponed annotations)."""
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters
+    except (NameError, TypeError):
+        return {}
+    return {name: p.annotation for name, p in params.items() if p.annotation is not inspect.Parameter.empty}
+
+
+def literal_values(hint: typing.Any) -> list[typing.Any]:
+    """The values a ``Literal[...]`` (possibly inside ``X | None`` or ``Union``) allows; [] if none."""
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    return [v for arg in typing.get_args(hint) for v in literal_values(arg)]
+
+
+def _type_text(hint: typing.Any) -> str:
+    values = literal_values(hint)
+    if values:
+        text = "{" + ", ".join(map(str, values)) + "}"
+        return text + " or null" if type(None) in typing.get_args(hint) else text
+    if hint is bool:
+        return "true or false"
+    return re.sub(r"\b(typing|pathlib|builtins)\.", "", getattr(hint, "__name__", None) or str(hint))
+
+
+def verb_parser(fn, prog: str):
+    """The jsonargparse parser of one verb (``fn``'s signature and docstring, plus ``--config``).
+
+    It raises ``jsonargparse.ArgumentError`` instead of printing a usage block and exiting, so
+    :func:`explain_parse_error` can say what was wrong and how to fix it.
+    """
+    from jsonargparse import auto_parser
+    from jsonargparse import DefaultHelpFormatter
+
+    hints = _type_hints(fn)
+
+    class HelpFormatter(DefaultHelpFormatter):
+        # jsonargparse's type text strips everything up to a dot, so Literal['bnb.nf4'] read as 'nf4'.
+        def _get_type_str(self, action):
+            hint = hints.get(action.dest)
+            return _type_text(hint) if literal_values(hint) else super()._get_type_str(action)
+
+    return auto_parser(fn, prog=prog, as_positional=True, exit_on_error=False, formatter_class=HelpFormatter)
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    return [argv[i + 1] if a == "--config" else a.split("=", 1)[1] for i, a in enumerate(argv)
+            if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")]
+
+
+def explain_parse_error(message: str, fn, prog: str, argv: list[str]) -> UserError:
+    """jsonargparse's parse error for ``prog`` -> a UserError naming the problem and the fix."""
+    hints = _type_hints(fn)
+    options = [*inspect.signature(fn).parameters, "config"]
+    help_hint = f"`{prog} --help` lists every option"
+    configs = _config_files(argv)
+
+    def where(key: str) -> str:  # the flag as typed, or the config file it came from
+        typed = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
+        return f"--{key}" if typed or not configs else f"{key!r} (in {', '.join(configs)})"
+
+    if match := re.search(r"Unrecognized arguments: (.*)", message):
+        tokens = match.group(1).split()
+        flag = next((t for t in tokens if t.startswith("--")), None)
+        if flag is None:
+            params = list(inspect.signature(fn).parameters.values())
+            bare = [p.name.upper() for p in params if p.default is inspect.Parameter.empty]
+            if not bare and params:  # _optional_first_positional: the first option also goes bare
+                bare = [f"[{params[0].name.upper()}]"]
+            return UserError(f"unexpected argument(s): {' '.join(tokens)}",
+                             fix=f"usage: {' '.join([prog, *bare])} [--OPTION VALUE ...]; {help_hint}")
+        name = flag[2:].split("=", 1)[0]
+        return UserError(f"{prog} has no option --{name}",
+                         fix=did_you_mean(name, options, prefix="--") + help_hint)
+    if match := re.search(r"Key '([^']+)' is not expected", message):
+        key = match.group(1)
+        origin = f" in {', '.join(configs)}" if configs else ""
+        return UserError(f"unknown key {key!r}{origin}: {prog} has no option --{key}",
+                         fix=did_you_mean(key.split(".")[0], options) + help_hint)
+    if re.search(r"Problems parsing config|Unexpected config", message):
+        first = message.strip().splitlines()[0]
+        return UserError(f"{', '.join(configs) or 'the config'} is not a YAML mapping of options ({first})",
+                         fix=f"write one option per line as `key: value` (e.g. `lora_r: 16`); {help_hint}")
+    if match := re.search(r'Key "([^"]+)" is required', message):
+        key = match.group(1)
+        return UserError(f"missing {key.upper()}", fix=f"{prog} {key.upper()} ...; {help_hint}")
+    if match := re.search(r"argument --(\S+): expected one argument", message):
+        key = match.group(1)
+        return UserError(f"--{key} needs a value", fix=f"--{key} VALUE, where VALUE is {_type_text(hints.get(key, str))}")
+    if match := re.search(r'Parser key "([^"]+)":', message):
+        key = match.group(1)
+        value = re.search(r"(?:Given value|Got value): (.*)", message)
+        value = value.group(1).strip() if value else None
+        if key == "config":
+            detail = message.split(":", 1)[1].strip().splitlines()[0]
+            return UserError(f"--config: {detail}", fix="pass an existing YAML file whose keys are options of " + prog)
+        allowed = literal_values(hints.get(key))
+        if allowed:
+            return UserError(f"{where(key)}: {value!r} is not a valid value",
+                             fix=did_you_mean(str(value), [str(v) for v in allowed]) +
+                             f"use one of: {', '.join(map(str, allowed))}")
+        expected = _type_text(hints[key]) if key in hints else "another value"
+        fix = f"use {expected}" if hints.get(key) is bool else f"give a value of type {expected}"
+        return UserError(f"{where(key)}: {value!r} is not valid", fix=f"{fix}; {help_hint}")
+    first = next((line.strip() for line in message.splitlines() if line.strip()), message)
+    return UserError(first, fix=help_hint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,14 +269,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onegpu: '{' '.join(words)}' is not available in this install (module {module_name} missing)",
               file=sys.stderr)
         return 2
-    from jsonargparse import CLI
+    import jsonargparse
 
     fn = getattr(importlib.import_module(module_name), fn_name)
-    rest = _gather_list_positionals(fn, rest)
+    prog = f"onegpu {' '.join(words)}"
+    rest = _bare_bool_flags(fn, _optional_first_positional(
+        fn, _gather_list_options(fn, _gather_list_positionals(fn, rest))))
     try:
-        result = CLI(fn, args=rest, prog=f"onegpu {' '.join(words)}", as_positional=True)
+        parser = verb_parser(fn, prog)
+        try:
+            args = parser.instantiate_classes(parser.parse_args(rest))
+        except jsonargparse.ArgumentError as err:
+            raise explain_parse_error(str(err), fn, prog, rest) from None
+        args.pop("config", None)
+        result = fn(**args)
     except UserError as err:
-        print(f"onegpu {' '.join(words)}: error: {err.problem}", file=sys.stderr)
+        print(f"{prog}: error: {err.problem}", file=sys.stderr)
         if err.fix:
             print(f"  fix: {err.fix}", file=sys.stderr)
         return 2

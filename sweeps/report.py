@@ -1,52 +1,88 @@
 """``onegpu report``: one self-contained HTML page comparing runs, from their local logs only.
 
 Reads what every stage writes (``run.json``, ``metrics.jsonl``, ``summary.json``, eval
-``results.json``), no W&B account or network. The page answers the sweep question: which
-rank x precision x quantization gives the best validation score per hour of budget and per GiB —
-loss / validation curves, tokens/s, MFU, peak memory, a budget bar per run, the Pareto plots of
-validation score vs tokens/s and vs peak memory, and the run table. PNGs are embedded (base64) and
-also written beside ``index.html``; ``report.json`` holds the table as data.
+``results.json``) through :class:`onegpu.contracts.RunDir`; no W&B account or network. The page
+answers the sweep question (which rank x precision x quantization gives the best validation score
+per hour of budget and per GiB) and shows what a competitor looks for first:
+
+* validation scores per task (``onegpu eval val``) and test scores per HELM scenario
+  (``onegpu eval helm``), a bar per run;
+* training / validation loss per step; tokens/s, MFU and memory over (budget-clock) time;
+* the Pareto plots of validation score vs tokens/s and vs peak memory; budget used and peak memory;
+* a note naming runs that are identical (same configuration, or the same logged losses, whose
+  curves would otherwise hide under each other), and the run table.
+
+Units are the same everywhere: MFU in %, memory in GiB, time in minutes. Every run has a number
+(1, 2, ...) used in every legend, label and the table. Charts are inline SVG with real text, so a
+browser (and the test) can check that no two labels overlap; the same charts are written as PNGs
+beside ``index.html``, with ``report.json`` holding the table and the notes as data.
 """
 
 from __future__ import annotations
 
-import base64
 import html
+import io
 import json
 import math
 import statistics
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import find_run_dirs, read_json, read_jsonl
+from onegpu.contracts import RunDir, atomic_write_json, atomic_write_text, find_run_dirs
 from onegpu.errors import UserError
 
 # Where each number lives in what the stages log (first key found wins).
 TRAIN_LOSS = ("loss", "train_loss", "train/loss")
 VAL_LOSS = ("val_loss", "val/loss")
 TOKENS_PER_S = ("tokens_per_s", "tokens_per_sec", "throughput/tokens_per_s")
-MFU = ("mfu", "throughput/mfu")
+MFU = ("mfu", "throughput/mfu")  # a fraction in the logs; shown as %
 PEAK_MEMORY = ("peak_memory_gib", "mem/cuda_peak_allocated_gib", "mem/cuda_peak_reserved_gib", "mem/peak_rss_gib")
+MEMORY_IN_USE = ("mem/cuda_allocated_gib", "mem/rss_gib")
+ELAPSED_S = ("wall_clock_s",)  # the budget clock; else time since the first logged row
+# Config keys that name where a run writes, not what it computes (left out when comparing configs).
+CONFIG_PLACES = {"out_dir", "out", "run_name", "resume", "progress", "wandb_project"}
+LABEL_WIDTH = 34  # characters per line of a wrapped axis label
+EVAL_KINDS = {"val": ("eval-val", "validation score per task (onegpu eval val)"),
+              "test": ("eval-helm", "test score per HELM scenario (onegpu eval helm)")}
+
+
+def _sig(value: float) -> str:
+    return f"{value:.4g}"
 
 
 @dataclass
 class RunLog:
-    path: Path
+    run: RunDir
     name: str
-    stage: str
-    config: dict[str, Any]
-    summary: dict[str, Any]
     rows: list[dict[str, Any]]
-    results: dict[str, Any] = field(default_factory=dict)  # eval scores attached to this run
+    number: int = 0
+    evals: dict[str, RunDir] = field(default_factory=dict)  # eval stage -> the eval that scored this run
 
-    def series(self, keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
+    path = property(lambda self: self.run.path)
+    stage = property(lambda self: self.run.stage)
+    config = property(lambda self: self.run.config)
+    summary = property(lambda self: self.run.summary)
+
+    def series(self, keys: tuple[str, ...], x: str = "step") -> tuple[list[float], list[float]]:
+        """(x, y) of the first of ``keys`` logged; x is the optimizer step or elapsed minutes."""
+        t0 = next((r["_time"] for r in self.rows if isinstance(r.get("_time"), (int, float))), None)
         for key in keys:
-            pts = [(r.get("_step") if r.get("_step") is not None else i, r[key]) for i, r in enumerate(self.rows)
-                   if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+            pts = []
+            for i, r in enumerate(self.rows):
+                y = r.get(key)
+                if not isinstance(y, (int, float)) or isinstance(y, bool) or y != y:
+                    continue
+                if x == "step":
+                    pts.append((r["_step"] if r.get("_step") is not None else i, float(y)))
+                elif isinstance(r.get(ELAPSED_S[0]), (int, float)):
+                    pts.append((r[ELAPSED_S[0]] / 60, float(y)))
+                elif t0 is not None and isinstance(r.get("_time"), (int, float)):
+                    pts.append(((r["_time"] - t0) / 60, float(y)))
             if pts:
-                return [p[0] for p in pts], [float(p[1]) for p in pts]
+                return [p[0] for p in pts], [p[1] for p in pts]
         return [], []
 
     def value(self, keys: tuple[str, ...], reduce: str = "last") -> float | None:
@@ -64,70 +100,140 @@ class RunLog:
 
     @property
     def label(self) -> str:
+        """The settings a sweep varies, briefly: ``r16 bf16-true nf4``."""
         c = self.config
-        parts = []
-        if c.get("lora_r") is not None:
-            parts.append(f"r{c['lora_r']}")
-        if c.get("precision"):
-            parts.append(str(c["precision"]))
-        if c.get("quantize"):
-            parts.append(str(c["quantize"]).removeprefix("bnb."))
+        parts = [f"r{c['lora_r']}"] if c.get("lora_r") is not None else []
+        parts += [str(c["precision"])] if c.get("precision") else []
+        parts += [str(c["quantize"]).removeprefix("bnb.")] if c.get("quantize") else []
+        if c.get("learning_rate") is not None:
+            parts.append(f"lr {c['learning_rate']:.2g}" if isinstance(c["learning_rate"], float) else f"lr {c['learning_rate']}")
         return " ".join(parts) or self.stage
+
+    @property
+    def legend(self) -> str:
+        return f"{self.number}  {_shorten(self.name, 30)} ({self.label})"
 
     def budget(self) -> tuple[float | None, float | None]:
         """(seconds used, seconds available) of the run's budget clock."""
         used = self.summary.get("budget_elapsed_s")
         total = self.summary.get("budget_s")
         if used is None:
-            _s, wall = self.series(("wall_clock_s",))
+            _s, wall = self.series(ELAPSED_S)
             used = wall[-1] if wall else None
         return used, total
 
+    def task_scores(self, kind: str) -> dict[str, tuple[str, float]]:
+        """task or scenario -> (metric, value) from the attached ``eval val`` / ``eval helm`` run."""
+        ev = self.evals.get(EVAL_KINDS[kind][0])
+        if ev is None:
+            return {}
+        block = ev.results.get("tasks" if kind == "val" else "scenarios") or {}
+        out = {}
+        for task, entry in block.items():
+            if not isinstance(entry, dict):
+                continue
+            metric = str(entry.get("primary_metric") or entry.get("main_metric") or "score").removesuffix(",none")
+            value = entry.get("primary", entry.get("value"))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[task] = (str(metric), float(value))
+        return out
 
-def load_run(path: Path) -> RunLog:
-    meta = read_json(path / "run.json")
-    config = meta.get("config", {}) if isinstance(meta.get("config"), dict) else {}
-    name = config.get("run_name") or path.name
-    if path.name.startswith("trial-") or name == "final":
-        name = f"{path.parent.name}/{path.name}"
-    return RunLog(path=path, name=str(name), stage=str(meta.get("stage", "?")), config=config,
-                  summary=read_json(path / "summary.json"), rows=read_jsonl(path / "metrics.jsonl"),
-                  results=read_json(path / "results.json"))
+    def scores(self) -> dict[str, float]:
+        """Headline numbers of the attached evals, as ``STAGE:KEY`` (``eval-val:val_score``)."""
+        out = {}
+        for stage, ev in self.evals.items():
+            doc = ev.summary or ev.results
+            out.update({f"{stage}:{k}": float(v) for k, v in doc.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and "/" not in k
+                        and not k.endswith("_s")})
+        return out
 
 
-def _attach_evals(runs: list[RunLog]) -> list[RunLog]:
-    """Eval runs (results.json) whose checkpoint lies in a fine-tune run dir become that run's scores."""
-    def is_eval(r: RunLog) -> bool:
-        return r.stage.startswith("eval") or (bool(r.results) and not r.rows)
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width // 2 - 1] + "…" + text[-(width - width // 2):]
 
-    train = [r for r in runs if not is_eval(r)]
+
+def load_runs(paths: list[Path]) -> list[RunLog]:
+    """Run dirs -> RunLogs, each eval attached to the fine-tune run whose checkpoint it scored, numbered."""
+    runs = []
+    for path in find_run_dirs(paths):
+        run = RunDir.load(path)
+        name = str(run.config.get("run_name") or path.name)
+        if path.name.startswith("trial-") or name in ("final", "finetune"):
+            name = f"{path.parent.name}/{path.name}"
+        runs.append(RunLog(run=run, name=name, rows=run.metrics()))
+    train = [r for r in runs if not _is_eval(r)]
     kept = list(train)
-    for ev in (r for r in runs if is_eval(r)):
-        ckpt = str(ev.config.get("checkpoint") or ev.config.get("checkpoint_dir") or "")
+    for ev in (r for r in runs if _is_eval(r)):
+        ckpt = str(ev.config.get("checkpoint") or ev.config.get("checkpoint_dir") or ev.run.results.get("checkpoint") or "")
         owner = next((t for t in train if ckpt and Path(ckpt).resolve().is_relative_to(t.path.resolve())), None)
-        scores = _scores(ev.summary) or _scores(ev.results)
-        if owner is not None:
-            owner.results.update({f"{ev.stage}:{k}": v for k, v in scores.items()})
+        if owner is not None and ev.stage not in owner.evals:
+            owner.evals[ev.stage] = ev.run
         else:
-            ev.results = scores
+            ev.evals[ev.stage] = ev.run
             kept.append(ev)
+    for number, run in enumerate(kept, start=1):
+        run.number = number
     return kept
 
 
-def _scores(doc: dict[str, Any]) -> dict[str, float]:
-    """Headline numbers of an eval: its summary.json, else results.json's ``summary`` block or top-level numbers."""
-    block = doc.get("summary") if isinstance(doc.get("summary"), dict) else doc
-    return {k: float(v) for k, v in block.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and not k.endswith(("_s", "wall_s"))}
+def _is_eval(run: RunLog) -> bool:
+    return run.stage.startswith("eval") or (bool(run.run.results) and not run.rows)
+
+
+# ----------------------------------------------------------------------------------- identical runs
+def _config_key(run: RunLog) -> str | None:
+    config = {k: v for k, v in run.config.items() if k not in CONFIG_PLACES}
+    return json.dumps([run.stage, config], sort_keys=True, default=str) if config else None
+
+
+def _results_key(run: RunLog) -> str | None:
+    curves = [[_sig(v) for v in run.series(keys)[1]] for keys in (TRAIN_LOSS, VAL_LOSS)]
+    tasks = {k: _sig(v) for kind in EVAL_KINDS for k, (_m, v) in run.task_scores(kind).items()}
+    return json.dumps([curves, tasks], sort_keys=True) if any(curves) else None
+
+
+def _groups(runs: list[RunLog], key) -> list[list[RunLog]]:
+    by: dict[str, list[RunLog]] = {}
+    for run in runs:
+        k = key(run)
+        if k is not None:
+            by.setdefault(k, []).append(run)
+    return [g for g in by.values() if len(g) > 1]
+
+
+def _differences(group: list[RunLog]) -> list[str]:
+    keys = sorted({k for r in group for k in r.config} - CONFIG_PLACES)
+    return [f"{k} ({' vs '.join(str(r.config.get(k)) for r in group)})" for k in keys
+            if len({json.dumps(r.config.get(k), default=str) for r in group}) > 1]
+
+
+def identical_runs(runs: list[RunLog]) -> list[dict[str, Any]]:
+    """Groups of runs with the same configuration, or with the same logged losses (and eval scores)."""
+    notes = []
+    for group in _groups(runs, _config_key):
+        same = len({_results_key(r) for r in group}) == 1
+        notes.append({"runs": [r.number for r in group], "kind": "configuration", "text":
+                      f"{_names(group)} have the same configuration" +
+                      (" and logged the same losses: their curves lie on top of each other." if same else
+                       "; their losses differ, which is run-to-run noise (seed, data order, timing), not a setting.")})
+    for group in _groups(runs, _results_key):
+        if len({_config_key(r) for r in group}) == 1:
+            continue  # already said above
+        diff = _differences(group)
+        notes.append({"runs": [r.number for r in group], "kind": "results", "text":
+                      f"{_names(group)} logged identical losses (to 4 significant digits), so their curves lie on "
+                      f"top of each other" + (f", although they differ in {', '.join(diff)}: at this scale that "
+                                              f"made no measurable difference." if diff else ".")})
+    return notes
+
+
+def _names(group: list[RunLog]) -> str:
+    return "Runs " + ", ".join(f"{r.number} ({r.name})" for r in group)
 
 
 # ------------------------------------------------------------------------------------------ plots
-def _fig_to_png(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+STYLES = ["-", "--", ":", "-."]  # a line drawn on top of an identical one still shows
 
 
 def _colors(n: int):
@@ -137,40 +243,103 @@ def _colors(n: int):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_curves(runs: list[RunLog], path: Path) -> str | None:
+def _wrap(text: str, width: int = LABEL_WIDTH) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False)[:3]) or text
+
+
+def _legend_outside(fig, axes, runs: list[RunLog]) -> None:
+    """One legend right of the panels: every run any panel drew, in run order, then other entries."""
+    by_label = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    labels = [r.legend for r in runs if r.legend in by_label]
+    labels += [label for label in by_label if label not in labels]
+    if labels:
+        fig.legend([by_label[label] for label in labels], labels, loc="upper left", bbox_to_anchor=(1.0, 0.98),
+                   fontsize=8, frameon=False, handlelength=3)
+
+
+def _figure(runs: list[RunLog], panels, x: str, xlabel: str, scale: dict[str, float]):
+    """One row of line panels, a line per run; ``panels`` = [(title with unit, keys)]."""
     import matplotlib.pyplot as plt
 
-    panels = [("training loss", TRAIN_LOSS), ("validation loss", VAL_LOSS), ("tokens/s", TOKENS_PER_S), ("MFU", MFU)]
-    if not any(r.series(keys)[1] for r in runs for _t, keys in panels):
-        return None
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for run, color in zip(runs, _colors(len(runs))):
-            xs, ys = run.series(keys)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    colors = _colors(len(runs))
+    for ax, (title, keys) in zip(axes[0], panels):
+        for i, run in enumerate(runs):
+            xs, ys = run.series(keys, x=x)
             if ys:
-                ax.plot(xs, ys, marker="o" if len(ys) < 12 else None, ms=3, color=color, label=f"{run.name} ({run.label})")
-        ax.set_title(title)
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_xlabel("optimizer step")
+                ys = [y * scale.get(title, 1.0) for y in ys]
+                ax.plot(xs, ys, STYLES[i % len(STYLES)], marker="o" if len(ys) < 12 else None, ms=3,
+                        color=colors[run.number - 1 if run.number else i], label=run.legend, lw=1.6)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.06))
+    _legend_outside(fig, axes[0], runs)
     fig.tight_layout()
-    return _fig_to_png(fig, path)
+    return fig
 
 
-def plot_budget_and_memory(runs: list[RunLog], path: Path) -> str | None:
+def plot_losses(runs: list[RunLog]):
+    if not any(r.series(k)[1] for r in runs for k in (TRAIN_LOSS, VAL_LOSS)):
+        return None
+    return _figure(runs, [("training loss", TRAIN_LOSS), ("validation loss", VAL_LOSS)], "step", "optimizer step", {})
+
+
+def plot_over_time(runs: list[RunLog]):
+    panels = [("tokens/s (non-padding)", TOKENS_PER_S), ("MFU (%)", MFU), ("memory in use (GiB)", MEMORY_IN_USE)]
+    if not any(r.series(k)[1] for r in runs for _t, k in panels):
+        return None
+    return _figure(runs, panels, "time", "budget-clock time (min)", {"MFU (%)": 100.0})
+
+
+def plot_task_scores(runs: list[RunLog], kind: str):
+    """Grouped horizontal bars: a row per task (label: task and metric), a bar per run."""
     import matplotlib.pyplot as plt
 
-    budget = [(r, *r.budget()) for r in runs]
-    memory = [(r, r.value(PEAK_MEMORY, reduce="max")) for r in runs]
-    if not any(u is not None for _r, u, _t in budget) and not any(m is not None for _r, m in memory):
+    scored = [r for r in runs if r.task_scores(kind)]
+    if not scored:
         return None
-    height = max(2.5, 0.45 * len(runs) + 1.2)
-    fig, (ax_b, ax_m) = plt.subplots(1, 2, figsize=(12, height))
-    names = [r.name for r in runs]
-    for i, (_run, used, total) in enumerate(budget):
+    tasks: dict[str, str] = {}
+    for run in scored:
+        for task, (metric, _v) in run.task_scores(kind).items():
+            tasks.setdefault(task, metric)
+    bar, gap = 0.8 / len(scored), 0.2  # in rows: a task's bars fill 0.8 of its row
+    fig, ax = plt.subplots(figsize=(9.5, max(2.2, 0.3 * len(scored) * len(tasks) + 0.35 * len(tasks) + 0.9)))
+    colors = _colors(len(runs))
+    for j, run in enumerate(scored):
+        values = run.task_scores(kind)
+        ys = [i + j * bar for i in range(len(tasks))]
+        xs = [values[t][1] if t in values else 0.0 for t in tasks]
+        ax.barh(ys, xs, height=bar * 0.9, color=colors[run.number - 1], label=run.legend)
+        for y, t, v in zip(ys, tasks, xs):
+            ax.text(v, y, f" {_sig(v)}" if t in values else " n/a", va="center", fontsize=7)
+    ax.set_yticks([i + bar * (len(scored) - 1) / 2 for i in range(len(tasks))],
+                  [_wrap(f"{t} ({m})") for t, m in tasks.items()], fontsize=8)
+    ax.set_ylim(len(tasks) - 1 + (len(scored) - 0.5) * bar + gap / 2, -bar / 2 - gap / 2)  # first task on top
+    top = max([v for r in scored for _m, v in r.task_scores(kind).values()] + [1.0])
+    ax.set_xlim(0, top * 1.15)
+    ax.set_xlabel("score (higher is better)", fontsize=9)
+    ax.set_title(EVAL_KINDS[kind][1], fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    _legend_outside(fig, [ax], runs)
+    fig.tight_layout()
+    return fig
+
+
+def plot_budget_and_memory(runs: list[RunLog]):
+    import matplotlib.pyplot as plt
+
+    budget = [r.budget() for r in runs]
+    memory = [r.value(PEAK_MEMORY, reduce="max") for r in runs]
+    if not any(u is not None for u, _t in budget) and not any(m is not None for m in memory):
+        return None
+    fig, (ax_b, ax_m) = plt.subplots(1, 2, figsize=(11, max(2.2, 0.42 * len(runs) + 1.2)))
+    names = [_wrap(f"{r.number}  {r.name}", 26) for r in runs]
+    for i, (used, total) in enumerate(budget):
         if total:
             ax_b.barh(i, 100.0, color="#e8e8e8", edgecolor="#bbb")
             pct = 100.0 * (used or 0) / total
@@ -178,21 +347,22 @@ def plot_budget_and_memory(runs: list[RunLog], path: Path) -> str | None:
             ax_b.text(min(pct, 100.0) + 1, i, f"{pct:.0f}% of {_duration(total)}", va="center", fontsize=8)
         elif used is not None:
             ax_b.text(1, i, f"{_duration(used)} (no budget set)", va="center", fontsize=8)
-    ax_b.set_yticks(range(len(names)), names, fontsize=8)
-    ax_b.set_xlim(0, 130)
-    ax_b.set_xlabel("budget used (%)")
-    ax_b.set_title("budget clock per run")
-    ax_b.invert_yaxis()
-    vals = [m or 0.0 for _r, m in memory]
-    ax_m.barh(range(len(names)), vals, color=_colors(len(runs)))
-    for i, v in enumerate(vals):
-        ax_m.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-    ax_m.set_yticks(range(len(names)), names, fontsize=8)
-    ax_m.set_xlabel("peak memory (GiB)")
-    ax_m.set_title("peak memory")
-    ax_m.invert_yaxis()
+    ax_b.set_xlim(0, 140)
+    ax_b.set_xlabel("budget used (%)", fontsize=9)
+    ax_b.set_title("budget clock per run", fontsize=10)
+    colors = _colors(len(runs))
+    ax_m.barh(range(len(runs)), [m or 0.0 for m in memory], color=[colors[r.number - 1] for r in runs])
+    for i, m in enumerate(memory):
+        ax_m.text(m or 0.0, i, f" {m:.2f}" if m is not None else " n/a", va="center", fontsize=8)
+    ax_m.set_xlim(0, max([m or 0.0 for m in memory] + [0.1]) * 1.25)
+    ax_m.set_xlabel("peak memory (GiB)", fontsize=9)
+    ax_m.set_title("peak memory", fontsize=10)
+    for ax in (ax_b, ax_m):
+        ax.set_yticks(range(len(runs)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    return _fig_to_png(fig, path)
+    return fig
 
 
 def pareto_front(points: list[tuple[float, float]], maximize_x: bool, maximize_y: bool) -> list[int]:
@@ -207,49 +377,64 @@ def pareto_front(points: list[tuple[float, float]], maximize_x: bool, maximize_y
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_pareto(runs: list[RunLog], score_key: str, maximize: bool, path: Path) -> str | None:
+def _score(run: RunLog, key: str) -> float | None:
+    return run.scores().get(key, run.value((key,)))
+
+
+def plot_pareto(runs: list[RunLog], score_key: str, maximize: bool):
     import matplotlib.pyplot as plt
 
-    scored = [(r, r.value((score_key,)) if score_key not in r.results else r.results[score_key]) for r in runs]
+    scored = [(r, _score(r, score_key)) for r in runs]
     scored = [(r, s) for r, s in scored if s is not None]
     if not scored:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    ranks = sorted({str(r.config.get("lora_r", "?")) for r, _s in scored}, key=lambda v: (len(v), v))
-    precisions = sorted({f"{r.config.get('precision') or '?'}" + (f"+{r.config['quantize']}" if r.config.get("quantize") else "")
-                         for r, _s in scored})
-    colors = dict(zip(ranks, _colors(len(ranks))))
-    markers = dict(zip(precisions, "osD^v<>Pp*hX"))
-    for ax, (xlabel, keys, reduce, max_x) in zip(axes, [("tokens/s (median over logged windows)", TOKENS_PER_S, "median", True),
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = _colors(len(runs))
+    labels_at = []
+    for ax, (xlabel, keys, reduce, max_x) in zip(axes, [("tokens/s (median over logged windows)", TOKENS_PER_S,
+                                                         "median", True),
                                                         ("peak memory (GiB)", PEAK_MEMORY, "max", False)]):
-        pts, shown = [], []
+        at: dict[tuple[float, float], list[RunLog]] = {}
         for run, score in scored:
             x = run.value(keys, reduce=reduce)
-            if x is None:
-                continue
-            prec = f"{run.config.get('precision') or '?'}" + (f"+{run.config['quantize']}" if run.config.get("quantize") else "")
-            ax.scatter(x, score, s=60, color=colors[str(run.config.get("lora_r", "?"))], marker=markers.get(prec, "o"),
-                       edgecolor="black", linewidth=0.5, zorder=3)
-            ax.annotate(run.name, (x, score), fontsize=7, xytext=(4, 3), textcoords="offset points")
-            pts.append((x, score))
-            shown.append(run)
+            if x is not None:
+                at.setdefault((x, score), []).append(run)
+                ax.scatter(x, score, s=60, color=colors[run.number - 1], edgecolor="black", linewidth=0.5, zorder=3,
+                           label=run.legend)
+        labels_at.append((ax, at))
+        pts = list(at)
         if pts:
             front = pareto_front(pts, maximize_x=max_x, maximize_y=maximize)
             ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="gray", zorder=2,
                     label="Pareto front")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{score_key} ({'higher' if maximize else 'lower'} is better)")
-        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(_wrap(f"{score_key} ({'higher' if maximize else 'lower'} is better)", 40), fontsize=9)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
-
-    legend = [Line2D([], [], marker="o", ls="", color=colors[r], label=f"rank {r}") for r in ranks]
-    legend += [Line2D([], [], marker=markers[p], ls="", color="gray", label=p) for p in precisions]
-    legend.append(Line2D([], [], ls="--", color="gray", label="Pareto front"))
-    fig.legend(handles=legend, loc="upper center", ncol=min(6, len(legend)), fontsize=8, bbox_to_anchor=(0.5, 1.08))
-    fig.suptitle("validation score vs speed and memory, by rank x precision", y=1.13)
+    _legend_outside(fig, axes, runs)
+    fig.suptitle("validation score vs speed and memory (numbers: runs)", fontsize=10)
     fig.tight_layout()
-    return _fig_to_png(fig, path)
+    for ax, at in labels_at:  # after the layout, which moves the points
+        _label_points(ax, at)
+    return fig
+
+
+def _label_points(ax, at: dict[tuple[float, float], list[RunLog]]) -> None:
+    """Run numbers beside the points ("2=3" where runs coincide), moved up until no two overlap."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for (x, y), group in sorted(at.items()):
+        text = ax.annotate("=".join(str(r.number) for r in group), (x, y), xytext=(5, 4), textcoords="offset points",
+                           fontsize=8)
+        for _ in range(20):
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            dx, dy = text.get_position()
+            text.set_position((dx, dy + 9))
+        placed.append(text.get_window_extent(renderer))
 
 
 def _duration(seconds: float) -> str:
@@ -261,9 +446,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+def render_chart(fig, png: Path) -> str:
+    """Save ``fig`` as ``png``; return it as inline SVG with real <text> (a browser can lay the labels out)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
 # ------------------------------------------------------------------------------------------- table
-COLUMNS = ["run", "stage", "lora_r", "lora_alpha", "precision", "quantize", "learning_rate", "steps", "val_loss",
-           "tokens/s", "MFU", "peak GiB", "budget used", "stopped by", "scores", "dir"]
+COLUMNS = ["#", "run", "stage", "lora_r", "lora_alpha", "precision", "quantize", "learning_rate", "steps",
+           "val_loss", "val score", "test score", "tokens/s", "MFU %", "peak GiB", "budget used", "stopped by", "dir"]
 
 
 def table_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
@@ -271,17 +470,18 @@ def table_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
     for r in runs:
         used, total = r.budget()
         mfu = r.value(MFU, reduce="median")
+        scores = r.scores()
         rows.append({
-            "run": r.name, "stage": r.stage, "lora_r": r.config.get("lora_r"), "lora_alpha": r.config.get("lora_alpha"),
-            "precision": r.config.get("precision"), "quantize": r.config.get("quantize"),
-            "learning_rate": r.config.get("learning_rate"), "steps": r.summary.get("steps"),
-            "val_loss": r.value(VAL_LOSS), "tokens/s": r.value(TOKENS_PER_S, reduce="median"),
-            "MFU": None if mfu is None else f"{100 * mfu:.1f}%", "peak GiB": r.value(PEAK_MEMORY, reduce="max"),
+            "#": r.number, "run": r.name, "stage": r.stage, "lora_r": r.config.get("lora_r"),
+            "lora_alpha": r.config.get("lora_alpha"), "precision": r.config.get("precision"),
+            "quantize": r.config.get("quantize"), "learning_rate": r.config.get("learning_rate"),
+            "steps": r.summary.get("steps"), "val_loss": r.value(VAL_LOSS),
+            "val score": scores.get("eval-val:val_score"), "test score": scores.get("eval-helm:test_score"),
+            "tokens/s": r.value(TOKENS_PER_S, reduce="median"), "MFU %": None if mfu is None else round(100 * mfu, 2),
+            "peak GiB": r.value(PEAK_MEMORY, reduce="max"),
             "budget used": (f"{100 * used / total:.0f}% of {_duration(total)}" if used is not None and total
                             else (_duration(used) if used is not None else None)),
-            "stopped by": r.summary.get("stopped_by"),
-            "scores": ", ".join(f"{k}={v:.4g}" for k, v in _scores(r.results).items()) if r.results else None,
-            "dir": str(r.path),
+            "stopped by": r.summary.get("stopped_by"), "dir": str(r.path),
         })
     return rows
 
@@ -289,43 +489,88 @@ def table_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
 def _cell(value: Any) -> str:
     if value is None:
         return "<td class=na>-</td>"
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    else:
-        text = str(value)
+    text = _sig(value) if isinstance(value, float) else str(value)
     return f"<td>{html.escape(text)}</td>"
 
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
- body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
- img {{ max-width: 100%; border: 1px solid #ddd; margin: .5em 0 1.5em; }}
+ body {{ font-family: "DejaVu Sans", system-ui, sans-serif; margin: 2em; color: #222; max-width: 1500px; }}
+ figure.chart {{ margin: .5em 0 1.5em; border: 1px solid #ddd; display: inline-block; max-width: 100%; }}
+ figure.chart svg {{ max-width: 100%; height: auto; display: block; }}
  table {{ border-collapse: collapse; font-size: 13px; }}
  th, td {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
- th {{ background: #f3f3f3; }} td.na {{ color: #aaa; }} td:first-child, td:last-child {{ text-align: left; }}
+ th {{ background: #f3f3f3; }} td.na {{ color: #aaa; }} td:nth-child(2), td:last-child {{ text-align: left; }}
+ td:last-child {{ word-break: break-all; max-width: 24em; font-size: 11px; }}
  .note {{ color: #666; font-size: 13px; }}
+ .identical {{ background: #fff6d6; border-left: 4px solid #e0b000; padding: .5em 1em; font-size: 14px; }}
 </style></head>
 <body>
 <h1>{title}</h1>
 <p class=note>{n} run(s), generated {when} by <code>onegpu report</code> from local logs (run.json, metrics.jsonl,
-summary.json, results.json). Score: <b>{score}</b> ({direction} is better).</p>
+summary.json, results.json). Score: <b>{score}</b> ({direction} is better). Units: MFU in %, memory in GiB,
+time in minutes of the budget clock. Numbers 1..{n} name the runs in every chart and in the table.</p>
+{notes}
 {sections}
 <h2>Runs</h2>
 <table id="runs"><thead><tr>{head}</tr></thead><tbody>
 {body}
 </tbody></table>
-<script>
-// Lets a headless browser (and a curious human) check that every plot decoded and the table is there.
-window.addEventListener("load", function () {{
-  var imgs = Array.from(document.images);
-  document.body.setAttribute("data-images", imgs.length);
-  document.body.setAttribute("data-images-rendered", imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length);
-  document.body.setAttribute("data-table-rows", document.querySelectorAll("#runs tbody tr").length);
-}});
-</script>
+<script>{script}</script>
 </body></html>
 """
+
+# Lets a headless browser (and a curious human) check the rendered page: every chart drawn, no two
+# labels of a chart overlapping, no chart wider than the window, the table built.
+CHECK_SCRIPT = """
+window.addEventListener("load", function () {
+  function overlap(a, b) {
+    var w = Math.min(a.right, b.right) - Math.max(a.left, b.left), h = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+    return w > 1 && h > 1;
+  }
+  var charts = Array.from(document.querySelectorAll("figure.chart")), drawn = 0, overlaps = [], rects = [];
+  charts.forEach(function (fig) {
+    var svg = fig.querySelector("svg"), box = svg.getBoundingClientRect();
+    if (box.width > 50 && box.height > 50 && svg.querySelectorAll("path, rect, use").length > 0) drawn++;
+    rects.push([fig.id, Math.round(box.left + scrollX), Math.round(box.top + scrollY), Math.round(box.width), Math.round(box.height)].join(","));
+    var texts = Array.from(svg.querySelectorAll("text")).filter(function (t) { return t.textContent.trim(); });
+    var boxes = texts.map(function (t) { return t.getBoundingClientRect(); });
+    for (var i = 0; i < boxes.length; i++) for (var j = i + 1; j < boxes.length; j++)
+      if (overlap(boxes[i], boxes[j])) overlaps.push(fig.id + ": '" + texts[i].textContent + "' x '" + texts[j].textContent + "'");
+  });
+  var b = document.body;
+  b.setAttribute("data-charts", charts.length);
+  b.setAttribute("data-charts-drawn", drawn);
+  b.setAttribute("data-chart-rects", rects.join(";"));
+  b.setAttribute("data-label-overlaps", overlaps.length);
+  b.setAttribute("data-label-overlap-list", overlaps.slice(0, 20).join(" | "));
+  b.setAttribute("data-too-wide", charts.filter(function (f) { return f.getBoundingClientRect().right > innerWidth + 1; }).length);
+  b.setAttribute("data-table-rows", document.querySelectorAll("#runs tbody tr").length);
+});
+"""
+
+
+def _sections(runs: list[RunLog], score: str, maximize: bool, out: Path) -> tuple[list[str], list[str]]:
+    """HTML sections (heading + inline SVG, or a note) and the names of the charts drawn."""
+    sections, drawn = [], []
+    for heading, name, make in [
+        ("Validation scores per task", "val_tasks", lambda: plot_task_scores(runs, "val")),
+        ("Test scores per HELM scenario", "test_scenarios", lambda: plot_task_scores(runs, "test")),
+        ("Training and validation loss", "losses", lambda: plot_losses(runs)),
+        ("Throughput, MFU and memory over time", "over_time", lambda: plot_over_time(runs)),
+        ("Pareto: validation score vs tokens/s and vs peak memory", "pareto", lambda: plot_pareto(runs, score, maximize)),
+        ("Budget used and peak memory per run", "budget_memory", lambda: plot_budget_and_memory(runs)),
+    ]:
+        fig = make()
+        if fig is None:
+            sections.append(f"<h2>{html.escape(heading)}</h2><p class=note>nothing to plot: the runs logged none of "
+                            f"the numbers this chart needs.</p>")
+            continue
+        svg = render_chart(fig, out / f"{name}.png")
+        sections.append(f'<h2>{html.escape(heading)}</h2>\n<figure class=chart id="{name}">{svg}</figure>')
+        drawn.append(name)
+    return sections, drawn
 
 
 def report(
@@ -335,52 +580,50 @@ def report(
     maximize: bool = False,
     title: str = "onegpu run comparison",
 ) -> Path:
-    """Write a self-contained HTML page comparing runs (curves, budget, memory, Pareto, table).
+    """Write a self-contained HTML page comparing runs (scores per task, curves, memory, Pareto, table).
 
     Args:
         run_dirs: one dir, or a list ``'[DIR, DIR, ...]'``: run dirs (``onegpu finetune
             --out_dir``), sweep dirs (``onegpu sweep --out``: stands for all its trials) or eval
             dirs (``results.json``; attached to the fine-tune run whose checkpoint they scored).
-        out: output dir: ``index.html`` (PNGs embedded), the same PNGs beside it, ``report.json``.
+        out: output dir: ``index.html`` (charts inline), the same charts as PNGs, ``report.json``.
         score: the validation score on the Pareto plots: a key of the runs' ``summary.json`` /
-            metrics (``val_loss``) or of an attached eval's results (``eval:KEY``).
+            metrics (``val_loss``) or of an attached eval (``eval-val:val_score``, ``eval-helm:test_score``).
         maximize: the score is better when higher (accuracy); default lower is better (loss).
         title: page title.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [Path(run_dirs)]
     if not run_dirs:
         raise UserError("no runs given", fix="pass run dirs, e.g. onegpu report runs/sweep-quickstart --out runs/report")
-    runs = _attach_evals([load_run(p) for p in find_run_dirs([Path(p) for p in run_dirs])])
+    runs = load_runs([Path(p) for p in run_dirs])
     if not runs:
         raise UserError("none of the given dirs holds a finished or running run",
                         fix="pass dirs that contain run.json / metrics.jsonl")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for heading, name, make in [
-        ("Training and validation curves, throughput, MFU", "curves.png", lambda p: plot_curves(runs, p)),
-        ("Pareto: validation score vs tokens/s and vs peak memory", "pareto.png",
-         lambda p: plot_pareto(runs, score, maximize, p)),
-        ("Budget used and peak memory per run", "budget_memory.png", lambda p: plot_budget_and_memory(runs, p)),
-    ]:
-        png = make(out / name)
-        if png is None:
-            sections.append(f"<h2>{html.escape(heading)}</h2><p class=note>nothing to plot: the runs logged none of "
-                            f"the metrics this plot needs.</p>")
-        else:
-            sections.append(f'<h2>{html.escape(heading)}</h2>\n<img alt="{html.escape(name)}" '
-                            f'src="data:image/png;base64,{png}">')
+    sections, charts = _sections(runs, score, maximize, out)
+    notes = identical_runs(runs)
+    notes_html = "\n".join(f"<p class=identical>{html.escape(n['text'])}</p>" for n in notes)
     rows = table_rows(runs)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "\n".join("<tr>" + "".join(_cell(row[c]) for c in COLUMNS) + "</tr>" for row in rows)
     page = PAGE.format(title=html.escape(title), n=len(runs), when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       score=html.escape(score), direction="higher" if maximize else "lower",
-                       sections="\n".join(sections), head=head, body=body)
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    (out / "report.json").write_text(json.dumps({"score": score, "maximize": maximize, "runs": rows}, indent=2,
-                                                default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)),
-                                     encoding="utf-8")
+                       score=html.escape(score), direction="higher" if maximize else "lower", notes=notes_html,
+                       sections="\n".join(sections), head=head, body=body, script=CHECK_SCRIPT)
+    index = atomic_write_text(out / "index.html", page)
+    atomic_write_json(out / "report.json", {"score": score, "maximize": maximize, "charts": charts,
+                                            "identical": notes, "runs": _finite(rows)})
     print(f"report: {index}")
     return index
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -1,4 +1,4 @@
-"""Plan mode runs real steps and gives a verdict against the track's memory."""
+"""Measured plan mode (--analytic false) runs real steps and gives a verdict against the track's memory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_data
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", bundled_checkpoint)
     data = make_data_dir(tmp_path / "data", shared_datasets, n_train=60, max_seq_length=128)
     report = plan(data=str(data), checkpoint_dir=ckpt, track="rtx4090-24gb", budget="1h", micro_batch_size=2,
-                  steps=1, out_dir=tmp_path / "plan", num_threads=2)
+                  steps=1, out_dir=tmp_path / "plan", num_threads=2, analytic=False)
     assert report["fits"] and "fits rtx4090-24gb" in report["verdict"]
     assert report["suggested_micro_batch_size"] >= 2
     assert report["tokens_per_s"] > 0 and 0 < report["mfu"] < 1
@@ -25,5 +25,5 @@ def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_data
     assert (tmp_path / "plan" / "plan.table.json").is_file() and list((tmp_path / "plan" / "wandb").glob("offline-run-*"))
 
     small = plan(data=str(data), checkpoint_dir=ckpt, track="rtx4090-24gb", track_memory_gib=0.05,
-                 micro_batch_size=2, steps=1, out_dir=tmp_path / "plan-small", num_threads=2)
+                 micro_batch_size=2, steps=1, out_dir=tmp_path / "plan-small", num_threads=2, analytic=False)
     assert not small["fits"] and "does NOT fit" in small["verdict"] and small["suggested_micro_batch_size"] is None

@@ -333,42 +333,99 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.slow
-def test_report_renders_in_headless_chromium(finetune_sweep, tmp_path):
+def _chromium_run(browser: str, profile: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--hide-scrollbars", f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def _dom_attr(dom: str, name: str) -> str:
+    import re
+
+    match = re.search(rf'{name}="([^"]*)"', dom)
+    assert match, f"{name} missing from the rendered page: {dom[:300]}"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def sweep_report(finetune_sweep, tmp_path_factory):
+    """The report over the real sweep's two trials, a copy of trial-001 (an identical run), a real
+    `onegpu eval val` of trial-000's checkpoint and a HELM results.json (eval helm's format) for it."""
     from onegpu.sweeps.report import report
 
     out, _interrupted, _resumed = finetune_sweep
-    trial_dirs = sorted(out.glob("trial-*"))
-    index = report([out], out=tmp_path / "report")  # a sweep dir stands for its trials
-    assert {p.name for p in (tmp_path / "report").iterdir()} >= {"index.html", "curves.png", "pareto.png",
-                                                                   "budget_memory.png", "report.json"}
-    rows = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
-    assert [r["lora_r"] for r in rows] == [4, 16] and all(r["val_loss"] and r["tokens/s"] for r in rows)
-    assert all(r["peak GiB"] and "%" in r["budget used"] for r in rows)
-    page = index.read_text()
-    assert page.count("data:image/png;base64,") == 3 and all(d.name in page for d in trial_dirs)
+    root = tmp_path_factory.mktemp("report")
+    copy = root / "trial-001-again"
+    shutil.copytree(out / "trial-001", copy, ignore=shutil.ignore_patterns("final", "checkpoints", "wandb"))
+    val = root / "eval-val"
+    proc = subprocess.run([sys.executable, "-m", "onegpu", "eval", "val", "--checkpoint", str(out / "trial-000" / "final"),
+                           "--tasks", "[onegpu_truthfulqa_mc1, onegpu_bigbench_emoji_movie]", "--limit", "2",
+                           "--num_threads", "1", "--out", str(val)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    helm = root / "eval-helm"
+    helm.mkdir()
+    scenarios = {"mmlu": ("exact_match", 0.25), "truthful_qa": ("exact_match", 0.5), "bbq": ("quasi_exact_match", 0.75)}
+    (helm / "results.json").write_text(json.dumps({
+        "stage": "eval-helm", "checkpoint": str(out / "trial-000" / "final"),
+        "scenarios": {s: {"main_metric": m, "value": v, "n_runs": 1} for s, (m, v) in scenarios.items()},
+        "test_score": sum(v for _m, v in scenarios.values()) / len(scenarios)}))
+    index = report([out, copy, val, helm], out=root / "out")
+    return {"index": index, "sweep": out, "copy": copy, "val": val, "helm": helm,
+            "doc": json.loads((root / "out" / "report.json").read_text())}
 
+
+@pytest.mark.slow
+def test_report_table_scores_units_and_identical_runs(sweep_report):
+    doc, out = sweep_report["doc"], sweep_report["sweep"]
+    assert doc["charts"] == ["val_tasks", "test_scenarios", "losses", "over_time", "pareto", "budget_memory"]
+    assert {p.name for p in sweep_report["index"].parent.iterdir()} >= {f"{c}.png" for c in doc["charts"]}
+    rows = {r["run"]: r for r in doc["runs"]}
+    assert [r["lora_r"] for r in doc["runs"]] == [4, 16, 16] and [r["#"] for r in doc["runs"]] == [1, 2, 3]
+    first = rows["out/trial-000"]
+    val = json.loads((sweep_report["val"] / "results.json").read_text())
+    helm = json.loads((sweep_report["helm"] / "results.json").read_text())
+    assert first["val score"] == pytest.approx(val["val_score"]) and first["test score"] == pytest.approx(helm["test_score"])
+    # MFU is a percentage in the table: 100 x the median of the fractions the trial logged (first window left out)
+    logged = [r["mfu"] for r in map(json.loads, (out / "trial-000" / "metrics.jsonl").read_text().splitlines())
+              if "mfu" in r]
+    import statistics
+
+    assert first["MFU %"] == pytest.approx(round(100 * statistics.median(logged[1:] if len(logged) > 2 else logged), 2))
+    assert all(r["peak GiB"] and "%" in r["budget used"] and r["tokens/s"] for r in doc["runs"])
+    # the copy of trial-001 is named as identical to it, whatever trial-000 did
+    same = [n for n in doc["identical"] if n["kind"] == "configuration"]
+    assert [n["runs"] for n in same] == [[2, 3]] and "the same losses" in same[0]["text"]
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(sweep_report, tmp_path):
+    index, doc = sweep_report["index"], sweep_report["doc"]
+    page = index.read_text()
+    assert page.count("<svg") == len(doc["charts"]) == 6 and "onegpu_truthfulqa_mc1" in page
     browser = _chromium()
     if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the HTML was checked as text only")
+        pytest.skip("chromium is not installed (`make browser` installs it); the HTML was checked as text only")
     with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
-            capture_output=True, text=True, timeout=120).stdout
+        dom = _chromium_run(browser, profile, "--window-size=1400,1000", "--virtual-time-budget=10000", "--dump-dom",
+                            index.as_uri()).stdout
+        # every chart was laid out and drawn, no two labels of a chart overlap, none is wider than the window
+        assert _dom_attr(dom, "data-charts") == _dom_attr(dom, "data-charts-drawn") == "6"
+        assert _dom_attr(dom, "data-label-overlaps") == "0", _dom_attr(dom, "data-label-overlap-list")
+        assert _dom_attr(dom, "data-too-wide") == "0" and _dom_attr(dom, "data-table-rows") == "3"
+        assert "have the same configuration and logged the same losses" in dom
+        rects = [r.split(",") for r in _dom_attr(dom, "data-chart-rects").split(";")]
+        bottom = max(int(y) + int(h) for _n, _x, y, _w, h in rects)
         shot = tmp_path / "shot.png"
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={profile}", "--window-size=1200,2400", f"--screenshot={shot}", index.as_uri()],
-                       capture_output=True, timeout=120)
-    # the page's own script counts the images the browser decoded and the table rows it built
-    assert 'data-images="3"' in dom and 'data-images-rendered="3"' in dom, dom[:500]
-    assert 'data-table-rows="2"' in dom
-    from PIL import Image
+        _chromium_run(browser, profile, f"--window-size=1400,{bottom + 40}", f"--screenshot={shot}", index.as_uri())
+    from PIL import Image, ImageStat
 
-    pixels = Image.open(shot).convert("L")
-    assert pixels.getextrema()[0] < 100  # something dark (axes, text) was drawn, not a blank page
+    image = Image.open(shot).convert("L")
+    assert image.size == (1400, bottom + 40)
+    for name, x, y, w, h in rects:  # each chart's region of the screenshot holds a drawing, not a blank box
+        region = image.crop((int(x), int(y), int(x) + int(w), int(y) + int(h)))
+        low, high = region.getextrema()
+        assert low < 80 and high > 200 and ImageStat.Stat(region).stddev[0] > 10, (name, low, high)
 
 
 # --------------------------------------------------------------------------------------- dashboard

@@ -1,0 +1,156 @@
+"""The analytic planner: its terms against the real components, its peak against measured CPU steps, its CLI."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from onegpu.finetune.memory import Workload, count_weights, layer_activation_bytes, meta_model
+
+
+def tiny_config(vocab: int = 512, n_query_groups: int = 2, n_layer: int = 2):
+    from onegpu.finetune.measure import tiny_llama_config
+
+    return tiny_llama_config(vocab, n_layer, n_query_groups)
+
+
+def real_lora_model(config, w: Workload):
+    """The trainer's model for ``w`` (random init) on CPU: litgpt LoRA GPT + onegpu's bitsandbytes swap."""
+    from litgpt.lora import GPT, mark_only_lora_as_trainable
+
+    from onegpu.finetune.quantize import quantize_frozen_linears
+
+    torch.manual_seed(0)
+    model = GPT(meta_model(config, w).config)
+    mark_only_lora_as_trainable(model)
+    model.max_seq_length = w.max_seq_length
+    if w.quantize:
+        quantize_frozen_linears(model, w.quantize, torch.float32, torch.device("cpu"))
+    return model
+
+
+@pytest.mark.parametrize("quantize", [None, "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"])
+def test_weight_bytes_and_counts_match_the_real_quantized_model(quantize):
+    from onegpu.finetune.measure import resident_tensor_bytes
+    from onegpu.finetune.telemetry import count_parameters
+
+    config = tiny_config()
+    w = Workload(precision="32-true", quantize=quantize, lora_r=8, lora_mlp=True, max_seq_length=256, device="cpu")
+    weights = count_weights(meta_model(config, w), w)
+    model = real_lora_model(config, w)
+    real = resident_tensor_bytes(model)
+    analytic = weights.base_bytes + weights.other_bytes + weights.lora_bytes
+    assert analytic == real
+    trainable, total = count_parameters(model)
+    assert (weights.trainable_params, weights.total_params) == (trainable, total)
+
+
+SAVED_CASES = [  # (config kwargs, workload kwargs)
+    ({}, {}),
+    ({"n_query_groups": 4}, {"lora_key": True, "lora_projection": True, "lora_mlp": True}),  # MHA keeps the qkv output
+    ({}, {"lora_dropout": 0.1, "lora_projection": True, "lora_mlp": True}),
+    ({}, {"packing": True, "lora_mlp": True}),
+    ({}, {"quantize": "bnb.nf4-dq", "lora_mlp": True}),
+    ({}, {"quantize": "bnb.int8"}),  # ctx-held inputs are not autograd's: only what the hooks see is checked
+    ({}, {"precision": "bf16-true", "lora_mlp": True, "lora_dropout": 0.05}),
+]
+
+
+@pytest.mark.parametrize("config_kw,w_kw", SAVED_CASES)
+def test_layer_activations_match_what_autograd_saves(config_kw, w_kw):
+    """Per token, the bytes of the unique storages one block saves for backward (saved_tensors_hooks)."""
+    from onegpu.finetune.packing import block_diagonal_causal_mask
+
+    config = tiny_config(**config_kw)
+    w = Workload(**{"precision": "32-true", "lora_dropout": 0.0, "packing": False, "max_seq_length": 128,
+                    "micro_batch_size": 2, "device": "cpu", **w_kw})
+    dtype = torch.bfloat16 if w.precision.startswith("bf16") else torch.float32
+    model = real_lora_model(config, replace(w, precision="32-true")).to(dtype)
+    model.train()
+    B, T = w.micro_batch_size, w.max_seq_length
+    x = torch.randn(B, T, config.n_embd, dtype=dtype, requires_grad=True)
+    mask = None
+    if w.packing:
+        segments = torch.zeros(B, T, dtype=torch.long)
+        segments[:, T // 2:] = 1
+        mask = block_diagonal_causal_mask(segments)
+    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in known:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.transformer.h[0](x, model.cos[:T].unsqueeze(0), model.sin[:T].unsqueeze(0), mask)
+    measured = sum(saved.values()) / (B * T)
+    parts = layer_activation_bytes(config, replace(w, quantize=None if w.quantize == "bnb.int8" else w.quantize))
+    analytic = sum(parts.values())
+    if dtype == torch.float32:  # in fp32 the norm's saved input is the block input, excluded above
+        analytic -= 4 * config.n_embd
+    else:  # bf16: RMSNorm's weight.float() copies (constant per layer)
+        analytic += 2 * config.n_embd * 4 / (B * T)
+    assert measured == pytest.approx(analytic, rel=0.01), parts
+
+
+@pytest.mark.slow
+def test_analytic_peak_within_15_percent_of_measured_cpu_steps(tmp_path, bundled_checkpoint):
+    """Real training steps (LoRA and QLoRA nf4, several shapes) measured as live tensor bytes."""
+    from onegpu.finetune.measure import compare, validation_cases
+
+    torch.set_num_threads(2)
+    rows = []
+    for checkpoint, w, shapes in validation_cases(tmp_path, bundled_checkpoint):
+        rows += compare(checkpoint, w, shapes)
+    table = "\n".join(f"{r['model']} {r['method']} {r['lora']} mb={r['micro_batch_size']} T={r['max_seq_length']} "
+                      f"ac={r['activation_checkpointing']}: analytic {r['analytic_bytes'] / 2**20:.1f} MiB, "
+                      f"measured {r['measured_bytes'] / 2**20:.1f} MiB ({r['error']:+.1%})" for r in rows)
+    assert len(rows) == 8 and all(abs(r["error"]) <= 0.15 for r in rows), table
+
+
+def test_analytic_cli_seven_b_thirteen_b_mistral_and_configs(capsys, tmp_path):
+    from onegpu.cli import main
+    from onegpu.paths import REPO_ROOT
+
+    common = ["--analytic", "--quantize", "bnb.nf4-dq", "--lora_r", "64", "--max_seq_length", "2048",
+              "--micro_batch_size", "2", "--track", "rtx4090-24gb"]
+    for name in ("Llama-2-7b-hf", "Llama-2-13b-hf", "Mistral-7B-v0.1"):
+        assert main(["finetune", "plan", "--model_name", name, *common, "--out_dir", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert f"analytic plan: {name}" in out and "verdict:" in out and "largest micro-batch" in out
+        assert "M tokens / 24 h" in out and "base weights" in out
+    configs = sorted((REPO_ROOT / "finetune" / "configs").glob("*7b*.yaml"))
+    assert len(configs) == 4
+    verdicts = {}
+    for cfg in configs:
+        assert main(["finetune", "plan", "--config", str(cfg), "--analytic", "--out_dir", str(tmp_path / cfg.stem)]) == 0
+        verdicts[cfg.stem] = capsys.readouterr().out
+    # QLoRA nf4-dq with checkpointing at micro-batch 2: ~8 GiB of a 24 GiB card
+    assert "verdict: fits rtx4090-24gb at micro-batch 2" in verdicts["llama2-7b-qlora-rtx4090"]
+
+
+def test_all_problems_reported_at_once(capsys):
+    from onegpu.cli import main
+
+    code = main(["finetune", "plan", "--analytic", "--model_name", "Llama-2-7b", "--lora_r", "0",
+                 "--micro_batch_size", "3", "--global_batch_size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'Llama-2-7b' is not a litgpt config name" in err and "Llama-2-7b-hf" in err
+    assert "lora_r must be > 0" in err and "global_batch_size (8) must be a positive multiple" in err
+
+
+def test_auto_analytic_without_weights(tmp_path, capsys):
+    """No weights at the checkpoint dir: plan answers analytically instead of failing on the checkpoint."""
+    from onegpu.finetune.plan import plan
+
+    report = plan(checkpoint_dir=tmp_path / "meta-llama" / "Llama-2-7b-hf", quantize="bnb.nf4-dq", lora_r=64,
+                  max_seq_length=2048, micro_batch_size=2, optimizer="paged_adamw", activation_checkpointing=True,
+                  out_dir=tmp_path / "plan")
+    assert report["mode"] == "analytic" and report["reason"].startswith("no weights at")
+    assert report["fits"] and report["tracks"]["rtx4090-24gb"]["largest_micro_batch"] > 2
+    assert (tmp_path / "plan" / "plan.json").is_file()
