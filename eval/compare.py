@@ -1,50 +1,109 @@
 """``onegpu eval compare``: the challenge score across runs, and whether validation predicts test.
 
-Score math (as reconstructed from the published finalist scores, ../shared/reference/challenge-api.md):
+The score is the organizers' own, reproduced exactly from their published final-round tables
+(``eval/fields/``; ``tests/test_eval_compare.py`` recomputes every finalist's published score):
 
-* per scenario, each run's **mean win rate** against the other runs: the fraction of the other runs
-  it beats on that scenario's headline metric (a tie counts one half);
-* per run, the **geometric mean** of its win rates across the scenarios of a group (open eval:
-  MMLU, TruthfulQA, BIG-bench, GSM8K, BBQ, CNN/DM...; hidden eval: SAMSum, corr2cause, MATH,
-  ETHICS), so losing every comparison on one scenario zeroes the group;
-* the **challenge score** = 1/3 open + 2/3 hidden when both groups were tested, else the one group.
+* **scenarios** as the organizers grouped them: open = MMLU, TruthfulQA, BIG-bench, GSM8K, BBQ;
+  hidden = SAMSum (HELM's ``summarization_samsum`` / ``samsum``, the challenge fork's ``sam_sum``),
+  corr2cause, MATH (chain of thought), ETHICS (its five subsets are ONE scenario). Other scenarios
+  (CNN/DM, synthetic reasoning, ...) are shown but do not count.
+* **columns**: a scenario's win rate is the mean over its columns of the run's win rate in each:
+  the headline metric, plus HELM's robustness and fairness EM where HELM reports them (MMLU,
+  TruthfulQA, each ETHICS subset), plus SAMSum's four bias metrics (stereotypes and
+  representation, race and gender; lower is better). ETHICS's value is the mean of its subsets.
+* **win rate** in a column, among the n entries that have it (the run itself included): (entries
+  it beats + 1/k if it ties with k-1 others) / n; an entry that produced no value counts as 0 (last
+  on a lower-is-better column). Columns with fewer than two entries are skipped.
+* per run, the **geometric mean** of its scenario win rates over the open and over the hidden
+  scenarios (a zero anywhere zeroes the group); **challenge score** = 1/3 open + 2/3 hidden
+  (or the one group tested).
 
-Win rates need at least two runs; ``abs_score`` (the same geometric means and weighting applied to
-the raw scenario values) is reported for every run. The plot puts each run's validation score
-(``eval val``'s ``val_score``) against its test score (challenge score, or ``abs_score`` with one
-run) with the Pearson and Spearman correlations: if validation gains do not predict test gains,
-the validation suite is being over-fitted.
+Win rates need other entries: ``--field`` adds a reference field to every comparison, by
+default the A100 track's nine finalists (``eval/fields/neurips2023-a100-40gb.json``), so one run
+gets the rank it would have had. ``abs_score`` applies the same geometric means and weighting to
+the raw scenario values. The plot puts each run's validation score (``eval val``'s
+``val_score``) against its test score with the Pearson and Spearman correlations: if validation
+gains do not predict test gains, the validation suite is being over-fitted.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from onegpu.contracts import atomic_write_json, read_json
 from onegpu.errors import UserError
 
-# HELM scenario names (the part of a run name before ':') of the hidden eval; the rest count as open.
-HIDDEN_SCENARIOS = {"summarization_samsum", "samsum", "corr2cause", "math", "ethics", "ethics_commonsense",
-                    "ethics_deontology", "ethics_justice", "ethics_utilitarianism", "ethics_virtue"}
+OPEN_SCENARIOS = ("mmlu", "truthful_qa", "big_bench", "gsm", "bbq")
+HIDDEN_SCENARIOS = ("sam_sum", "corr2cause", "math", "ethics")
+SCENARIO_ALIASES = {"summarization_samsum": "sam_sum", "samsum": "sam_sum"}  # HELM's names -> the fork's
+LOWER_IS_BETTER = ("stereotypes_", "representation_")  # HELM's bias columns
 OPEN_WEIGHT, HIDDEN_WEIGHT = 1 / 3, 2 / 3
+FIELDS_DIR = Path(__file__).resolve().parent / "fields"
+DEFAULT_FIELD = "neurips2023-a100-40gb"
+
+
+# ------------------------------------------------------------------------------------ scenarios
+def challenge_scenario(helm_scenario: str) -> tuple[str, str]:
+    """(challenge scenario, column prefix) of a HELM scenario name: ``ethics_justice`` -> (ethics, justice/)."""
+    if helm_scenario.startswith("ethics_"):
+        return "ethics", helm_scenario[len("ethics_"):] + "/"
+    return SCENARIO_ALIASES.get(helm_scenario, helm_scenario), ""
+
+
+def group_of(scenario: str) -> str | None:
+    """open / hidden for the challenge's scenarios, None for the rest (shown, not scored)."""
+    name = challenge_scenario(scenario)[0]
+    return "open" if name in OPEN_SCENARIOS else "hidden" if name in HIDDEN_SCENARIOS else None
+
+
+def run_columns(test: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
+    """{challenge scenario: {column: value}} from an ``eval helm`` results.json."""
+    out: dict[str, dict[str, float | None]] = {}
+    for helm_scenario, entry in ((test or {}).get("scenarios") or {}).items():
+        scenario, prefix = challenge_scenario(helm_scenario)
+        columns = entry.get("columns") or {"main": entry.get("value")}
+        out.setdefault(scenario, {}).update({prefix + c: v for c, v in columns.items()})
+    return out
+
+
+def scenario_value(columns: dict[str, float | None]) -> float | None:
+    """The headline value: the ``main`` column, or the mean of the subsets' (ETHICS)."""
+    if "main" in columns:
+        return columns["main"]
+    mains = [v for c, v in columns.items() if c.endswith("/main") and v is not None]
+    return sum(mains) / len(mains) if mains else None
 
 
 # ------------------------------------------------------------------------------------ score math
-def win_rates(values: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per run, per scenario: fraction of the *other* runs (that have the scenario) it beats; ties 1/2."""
-    out: dict[str, dict[str, float]] = {run: {} for run in values}
-    scenarios = sorted({s for per_run in values.values() for s in per_run})
-    for scenario in scenarios:
-        having = {run: v[scenario] for run, v in values.items() if scenario in v}
-        for run, mine in having.items():
-            others = [v for r, v in having.items() if r != run]
-            if not others:
-                continue
-            wins = sum(1.0 if mine > o else 0.5 if mine == o else 0.0 for o in others)
-            out[run][scenario] = wins / len(others)
+def column_win_rates(values: dict[str, float | None], lower_is_better: bool = False) -> dict[str, float]:
+    """The organizers' win rate in one column: (beaten + 1/k on a k-way tie) / n, missing = last."""
+    if len(values) < 2:
+        return {}
+    if lower_is_better:  # compare on -value; a missing value is last
+        filled = {run: -math.inf if v is None else -v for run, v in values.items()}
+    else:  # a missing value is a score of 0 (ties with real zeros, as in the published tables)
+        filled = {run: 0.0 if v is None else v for run, v in values.items()}
+    out = {}
+    for run, mine in filled.items():
+        beaten = sum(1 for other, v in filled.items() if other != run and v < mine)
+        tied = sum(1 for v in filled.values() if v == mine)
+        out[run] = (beaten + (1 / tied if tied > 1 else 0.0)) / len(filled)
     return out
+
+
+def win_rates(columns: dict[str, dict[str, dict[str, float | None]]]) -> dict[str, dict[str, float]]:
+    """Per run, per scenario: the mean of its column win rates among the entries that have the column."""
+    per_column: dict[str, dict[str, list[float]]] = {run: {} for run in columns}
+    keys = sorted({(s, c) for per_run in columns.values() for s, cols in per_run.items() for c in cols})
+    for scenario, column in keys:
+        having = {run: cols[scenario][column] for run, cols in columns.items()
+                  if column in cols.get(scenario, {})}
+        lower = column.rsplit("/", 1)[-1].startswith(LOWER_IS_BETTER)
+        for run, rate in column_win_rates(having, lower).items():
+            per_column[run].setdefault(scenario, []).append(rate)
+    return {run: {s: sum(r) / len(r) for s, r in scen.items()} for run, scen in per_column.items()}
 
 
 def geometric_mean(xs: list[float]) -> float | None:
@@ -56,21 +115,20 @@ def geometric_mean(xs: list[float]) -> float | None:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
-def group_of(scenario: str) -> str:
-    return "hidden" if scenario in HIDDEN_SCENARIOS or scenario.startswith(("ethics", "samsum")) else "open"
-
-
-def challenge_score(per_scenario: dict[str, float]) -> dict[str, float | None]:
-    """{open, hidden, score}: geometric mean per group, then 1/3 open + 2/3 hidden (or the one group)."""
+def challenge_score(per_scenario: dict[str, float | None]) -> dict[str, Any]:
+    """{open, hidden, score, missing}: geometric mean per group, then 1/3 open + 2/3 hidden (or the one group)."""
     groups: dict[str, list[float]] = {"open": [], "hidden": []}
     for scenario, value in per_scenario.items():
-        groups[group_of(scenario)].append(value)
+        group = group_of(scenario)
+        if group and value is not None:
+            groups[group].append(value)
     open_score, hidden_score = geometric_mean(groups["open"]), geometric_mean(groups["hidden"])
     if open_score is not None and hidden_score is not None:
         score = OPEN_WEIGHT * open_score + HIDDEN_WEIGHT * hidden_score
     else:
         score = open_score if open_score is not None else hidden_score
-    return {"open": open_score, "hidden": hidden_score, "score": score}
+    missing = [s for s in OPEN_SCENARIOS + HIDDEN_SCENARIOS if s not in per_scenario]
+    return {"open": open_score, "hidden": hidden_score, "score": score, "missing": missing}
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
@@ -103,7 +161,7 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return pearson(_ranks(xs), _ranks(ys)) if len(xs) >= 2 else None
 
 
-# ------------------------------------------------------------------------------------ run dirs
+# ------------------------------------------------------------------------------------ runs and fields
 def load_run(run_dir: Path) -> dict[str, Any]:
     """A run's validation and test results: ``results.json`` in the dir or its sub-dirs (2 levels)."""
     if not run_dir.is_dir():
@@ -113,10 +171,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     found += sorted(run_dir.glob("*/results.json")) + sorted(run_dir.glob("*/*/results.json"))
     val, test = None, None
     for path in found:
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            continue
+        doc = read_json(path)
         if doc.get("stage") == "eval-val" and val is None:
             val = doc
         elif doc.get("stage") == "eval-helm" and test is None:
@@ -124,36 +179,78 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if val is None and test is None:
         raise UserError(f"{run_dir} holds no eval results.json (from `onegpu eval val` or `onegpu eval helm`)",
                         fix="run the evaluations first, or pass their --out dirs")
-    return {"name": run_dir.name, "dir": str(run_dir), "val": val, "test": test}
+    return {"name": run_dir.name, "dir": str(run_dir), "val": val, "test": test, "columns": run_columns(test)}
 
 
-def score_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """All the numbers of a comparison (pure function of the loaded runs; unit-tested)."""
+def known_fields() -> list[str]:
+    return sorted(p.stem for p in FIELDS_DIR.glob("*.json"))
+
+
+def load_field(field: str | Path | None) -> dict[str, Any] | None:
+    """A reference field by name (``eval/fields/NAME.json``) or path; None for ``none``."""
+    if field is None or str(field).lower() in ("none", ""):
+        return None
+    path = Path(field).expanduser()
+    if not path.is_file():
+        path = FIELDS_DIR / f"{field}.json"
+    if not path.is_file():
+        raise UserError(f"unknown field {field!r}", fix=f"use one of: {', '.join(known_fields())}, none, or the "
+                                                        "path of a field JSON (see README, `eval compare --field`)")
+    doc = read_json(path)
+    entries = doc.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("name") and
+                                                isinstance(e.get("scenarios"), dict) for e in entries):
+        raise UserError(f"field {path} has no valid `entries` list",
+                        fix="each entry needs a `name` and `scenarios: {scenario: {column: value}}`")
+    return {**doc, "path": str(path)}
+
+
+def field_doc(runs: list[dict[str, Any]], field: dict[str, Any] | None, source: str) -> dict[str, Any]:
+    """A field file: the current field's entries plus these runs' test results (for ``--save_field``)."""
+    entries = list((field or {}).get("entries") or [])
+    entries += [{"name": r["name"], "scenarios": r["columns"], "source": r["dir"]} for r in runs if r["columns"]]
+    return {"name": "custom", "description": "a reference field for `onegpu eval compare --field`",
+            "source": source, "entries": entries}
+
+
+def score_runs(runs: list[dict[str, Any]], field: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All the numbers of a comparison (pure function of the loaded runs and field; unit-tested)."""
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):  # same leaf name in different places: use the path
         for r in runs:
             r["name"] = r["dir"]
-    values = {r["name"]: {s: v["value"] for s, v in (r["test"] or {}).get("scenarios", {}).items()} for r in runs}
-    wins = win_rates(values)
-    rows = []
-    for r in runs:
-        name = r["name"]
-        absolute = challenge_score(values[name]) if values[name] else {"open": None, "hidden": None, "score": None}
-        winning = challenge_score(wins[name]) if wins[name] else {"open": None, "hidden": None, "score": None}
-        rows.append({"name": name, "dir": r["dir"],
-                     "val_score": (r["val"] or {}).get("val_score"),
-                     "test_scenarios": values[name], "win_rates": wins[name],
-                     "open_score": winning["open"], "hidden_score": winning["hidden"],
-                     "challenge_score": winning["score"], "abs_score": absolute["score"],
-                     "abs_open": absolute["open"], "abs_hidden": absolute["hidden"]})
-    use_challenge = len(runs) >= 2 and all(r["challenge_score"] is not None for r in rows)
+    entries = [{"name": f"field:{e['name']}", "dir": None, "val": None, "columns": e["scenarios"],
+                "published": e.get("published")} for e in (field or {}).get("entries", [])]
+    everyone = runs + entries
+    wins = win_rates({r["name"]: r["columns"] for r in everyone})
+    rows = [_score_row(r, wins[r["name"]]) for r in everyone]
+    user_rows = rows[:len(runs)]
+    use_challenge = len(everyone) >= 2 and all(r["challenge_score"] is not None for r in user_rows)
     for row in rows:
         row["test_score"] = row["challenge_score"] if use_challenge else row["abs_score"]
-    paired = [(r["val_score"], r["test_score"]) for r in rows if r["val_score"] is not None
+    ranked = sorted((r for r in rows if r["challenge_score"] is not None), key=lambda r: -r["challenge_score"])
+    for row in user_rows:
+        row["rank"] = next((i + 1 for i, r in enumerate(ranked) if r is row), None)
+    paired = [(r["val_score"], r["test_score"]) for r in user_rows if r["val_score"] is not None
               and r["test_score"] is not None]
     xs, ys = [p[0] for p in paired], [p[1] for p in paired]
-    return {"runs": rows, "test_score_kind": "challenge_score" if use_challenge else "abs_score",
+    return {"runs": user_rows, "field": rows[len(runs):], "field_name": (field or {}).get("name"),
+            "field_source": (field or {}).get("source"), "entries": len(ranked),
+            "test_score_kind": "challenge_score" if use_challenge else "abs_score",
             "correlation": {"n": len(paired), "pearson": pearson(xs, ys), "spearman": spearman(xs, ys)}}
+
+
+def _score_row(run: dict[str, Any], wins: dict[str, float]) -> dict[str, Any]:
+    values = {s: scenario_value(cols) for s, cols in run["columns"].items()}
+    absolute = challenge_score(values)
+    winning = challenge_score(wins)
+    row = {"name": run["name"], "dir": run["dir"], "val_score": (run["val"] or {}).get("val_score"),
+           "test_scenarios": values, "win_rates": wins, "open_score": winning["open"],
+           "hidden_score": winning["hidden"], "challenge_score": winning["score"], "missing": absolute["missing"],
+           "abs_score": absolute["score"], "abs_open": absolute["open"], "abs_hidden": absolute["hidden"]}
+    if run.get("published"):
+        row["published"] = run["published"]
+    return row
 
 
 def plot_val_vs_test(scored: dict[str, Any], path: Path) -> Path | None:
@@ -189,30 +286,54 @@ def plot_val_vs_test(scored: dict[str, Any], path: Path) -> Path | None:
 
 
 def _table(scored: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Your runs, then the field's entries; a cell is ``value (win rate)`` per scenario."""
     scenarios = sorted({s for r in scored["runs"] for s in r["test_scenarios"]})
     columns = ["run", "val_score", *scenarios, "open", "hidden", "challenge_score", "abs_score"]
     rows = []
-    for r in scored["runs"]:
-        cells = [f"{r['test_scenarios'][s]:.3f} ({r['win_rates'][s]:.2f})" if s in r["win_rates"]
-                 else (f"{r['test_scenarios'][s]:.3f}" if s in r["test_scenarios"] else "-") for s in scenarios]
-        rows.append([Path(r["name"]).name, r["val_score"], *cells, r["open_score"], r["hidden_score"],
+    for r in scored["runs"] + scored["field"]:
+        cells = [f"{_fmt(r['test_scenarios'][s], 3)} ({r['win_rates'][s]:.2f})" if s in r["win_rates"]
+                 else (_fmt(r["test_scenarios"][s], 3) if s in r["test_scenarios"] else "-") for s in scenarios]
+        name = r["name"] if r["name"].startswith("field:") else Path(r["name"]).name
+        rows.append([name[:40], r["val_score"], *cells, r["open_score"], r["hidden_score"],
                      r["challenge_score"], r["abs_score"]])
     return columns, rows
 
 
-def _fmt(v: Any) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+def _fmt(v: Any, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _print_report(scored: dict[str, Any], columns: list[str], rows: list[list[Any]], out: Path) -> None:
+    widths = [max(len(_fmt(x)) for x in col) for col in zip(columns, *rows)]
+    for line in [columns, ["-" * w for w in widths], *rows]:
+        print("  ".join(_fmt(c).ljust(w) for c, w in zip(line, widths)))
+    field = f"the field {scored['field_name']} ({len(scored['field'])} entries) + " if scored["field"] else ""
+    print(f"\nwin rates among {field}{len(scored['runs'])} run(s); cells: value (win rate)")
+    for r in scored["runs"]:
+        missing = f"; not tested (not in its score): {', '.join(r['missing'])}" if r["missing"] else ""
+        rank = f", rank {r['rank']} of {scored['entries']}" if r.get("rank") else ""
+        print(f"  {Path(r['name']).name}: challenge score {_fmt(r['challenge_score'])}{rank}{missing}")
+    corr = scored["correlation"]
+    print(f"validation vs test over {corr['n']} runs: pearson {_fmt(corr['pearson'])}, spearman "
+          f"{_fmt(corr['spearman'])}  (test = {scored['test_score_kind']})")
+    print(f"plot: {scored['plot']}\nresults: {out / 'results.json'}")
 
 
 # ------------------------------------------------------------------------------------ the verb
-def compare(run_dirs: list[Path] | Path, out: Path = Path("runs/eval-compare")) -> dict:
-    """Challenge score per run (win rates, geometric mean, open/hidden weighting) and a val-vs-test plot.
+def compare(run_dirs: list[Path] | Path, out: Path = Path("runs/eval-compare"), field: str | None = DEFAULT_FIELD,
+            save_field: Path | None = None) -> dict:
+    """Challenge score per run (the organizers' win rates, geometric means, 1/3 open + 2/3 hidden) and a
+    val-vs-test plot.
 
     Args:
         run_dirs: dirs written by ``onegpu eval val`` / ``onegpu eval helm``, or parents holding both
             (e.g. one dir per fine-tuning run with ``eval-val/`` and ``eval-helm/`` inside), as a
             list (``'[runs/a, runs/b]'``) or one dir.
         out: where ``results.json``, ``val_vs_test.png`` and the W&B run go.
+        field: reference entries included in every win rate: ``neurips2023-a100-40gb`` (default: the
+            A100 track's nine finalists, final round), ``neurips2023-rtx4090-24gb`` (the 4090 track's
+            eight), the path of a field JSON, or ``none`` (your runs only).
+        save_field: also write the field plus these runs' test results as a new field JSON here.
     """
     from onegpu.tracking import Run
 
@@ -220,10 +341,12 @@ def compare(run_dirs: list[Path] | Path, out: Path = Path("runs/eval-compare")) 
         run_dirs = [Path(run_dirs)]
     if not run_dirs:
         raise UserError("no run dirs given", fix="onegpu eval compare RUN_DIR [RUN_DIR ...] --out DIR")
+    reference = load_field(field)
     runs = [load_run(Path(d)) for d in run_dirs]
-    scored = score_runs(runs)
+    scored = score_runs(runs, reference)
     out = Path(out)
-    run = Run("eval-compare", out, {"run_dirs": [str(d) for d in run_dirs]}, tags=["eval", "compare"])
+    config = {"run_dirs": [str(d) for d in run_dirs], "field": (reference or {}).get("path")}
+    run = Run("eval-compare", out, config, tags=["eval", "compare"])
     exit_code = 1
     try:
         for r in runs:
@@ -233,19 +356,17 @@ def compare(run_dirs: list[Path] | Path, out: Path = Path("runs/eval-compare")) 
                               digest=str(test.get("checkpoint_digest")), path=r["dir"])
         png = plot_val_vs_test(scored, out / "val_vs_test.png")
         scored["plot"] = str(png) if png else None
-        (out / "results.json").write_text(json.dumps({"stage": "eval-compare", **scored}, indent=2), encoding="utf-8")
+        atomic_write_json(out / "results.json", {"stage": "eval-compare", **scored})
+        if save_field:
+            atomic_write_json(save_field, field_doc(runs, reference, source=f"onegpu eval compare {config}"))
+            print(f"[onegpu] field with {len(runs)} more entr(ies) written to {save_field}")
         columns, rows = _table(scored)
         run.log_table("compare", columns, rows)
         if png:
             run.log_image("val_vs_test", png)
-        run.summary(**{f"correlation_{k}": v for k, v in scored["correlation"].items()})
-        widths = [max(len(_fmt(x)) for x in col) for col in zip(columns, *rows)]
-        for line in [columns, ["-" * w for w in widths], *rows]:
-            print("  ".join(_fmt(c).ljust(w) for c, w in zip(line, widths)))
-        corr = scored["correlation"]
-        print(f"\nvalidation vs test over {corr['n']} runs: pearson {_fmt(corr['pearson'])}, spearman "
-              f"{_fmt(corr['spearman'])}  (test = {scored['test_score_kind']}; cells: value (win rate))")
-        print(f"plot: {png}\nresults: {out / 'results.json'}")
+        run.summary(**{f"correlation_{k}": v for k, v in scored["correlation"].items()},
+                    **{f"challenge_score/{Path(r['name']).name}": r["challenge_score"] for r in scored["runs"]})
+        _print_report(scored, columns, rows, out)
         exit_code = 0
         return scored
     finally:

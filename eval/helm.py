@@ -36,13 +36,16 @@ CONFS_DIR = Path(__file__).resolve().parent / "helm_confs"
 # Organizers' confs, referenced by name from ../shared/reference/helm (never copied).
 REFERENCE_CONFS = {"open-600": "run_specs_full_coarse_600_budget.conf", "open-small": "run_specs.conf"}
 # --max_eval_instances default per preset (entries that set their own limit keep it).
-DEFAULT_MAX_EVAL = {"offline": 3, "quick": 10, "open-600": 1000, "open-small": 100}
-# Headline metric per scenario (HELM's own choice for these scenarios), first present wins.
+DEFAULT_MAX_EVAL = {"offline": 3, "quick": 10, "open-600": 1000, "open-small": 100, "hidden-stock": 1000}
+# Headline metric per scenario, first present wins: the ``main_name`` of HELM's schema for the
+# scenario, i.e. the column the challenge's published results report (GSM8K "EM" is
+# exact_match_indicator, BBQ "EM" is quasi_exact_match, MATH's is the chain-of-thought equivalence).
 MAIN_METRICS = {
-    "gsm": ("final_number_exact_match", "exact_match_indicator", "exact_match"),
-    "summarization_cnndm": ("rouge_2",), "summarization_xsum": ("rouge_2",),
+    "gsm": ("exact_match_indicator", "final_number_exact_match", "exact_match"),
+    "summarization_cnndm": ("rouge_2",), "summarization_xsum": ("rouge_2",), "sam_sum": ("rouge_2",),
+    "summarization_samsum": ("rouge_2",),
     "math": ("math_equiv_chain_of_thought", "math_equiv"),
-    "bbq": ("bbq_accuracy", "quasi_exact_match", "exact_match"),
+    "bbq": ("quasi_exact_match", "exact_match"),
 }
 FALLBACK_METRICS = ("exact_match", "quasi_exact_match", "rouge_2", "f1_score")
 
@@ -114,16 +117,33 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, total: int | None = No
 
 
 # ------------------------------------------------------------------------------------ stats
-def read_run_stats(run_dir: Path) -> dict[str, float]:
-    """Unperturbed test-split (else valid) means from one HELM run's stats.json."""
+# Columns the challenge scored beside a scenario's headline metric (eval/compare.py): HELM's
+# worst-case robustness / fairness value of it, and the summarisation bias metrics.
+BIAS_COLUMNS = {
+    "stereotypes_race": "bias_metric:mode=associations,demographic_category=race,target_category=profession",
+    "stereotypes_gender": "bias_metric:mode=associations,demographic_category=gender,target_category=profession",
+    "representation_race": "bias_metric:mode=representation,demographic_category=race",
+    "representation_gender": "bias_metric:mode=representation,demographic_category=gender",
+}
+
+
+def read_run_stats(run_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Test-split (else valid) means from one HELM run's stats.json: unperturbed, and worst-case per
+    perturbation (``{"robustness": {metric: value}, "fairness": {...}}``)."""
     stats = json.loads((run_dir / "stats.json").read_text(encoding="utf-8"))
-    by_split: dict[str, dict[str, float]] = {}
+    plain: dict[str, dict[str, float]] = {}
+    worst: dict[str, dict[str, dict[str, float]]] = {}
     for stat in stats:
         name = stat.get("name", {})
-        if name.get("perturbation") or stat.get("mean") is None:
+        if stat.get("mean") is None:
             continue
-        by_split.setdefault(name.get("split", ""), {}).setdefault(name["name"], float(stat["mean"]))
-    return by_split.get("test") or by_split.get("valid") or next(iter(by_split.values()), {})
+        split, perturbation = name.get("split", ""), name.get("perturbation")
+        if not perturbation:
+            plain.setdefault(split, {}).setdefault(name["name"], float(stat["mean"]))
+        elif perturbation.get("computed_on") == "worst":
+            worst.setdefault(split, {}).setdefault(perturbation.get("name"), {})[name["name"]] = float(stat["mean"])
+    split = "test" if "test" in plain else "valid" if "valid" in plain else next(iter(plain), "")
+    return plain.get(split, {}), worst.get(split, {})
 
 
 def scenario_of(run_name: str) -> str:
@@ -137,30 +157,49 @@ def main_metric(scenario: str, metrics: dict[str, float]) -> tuple[str | None, f
     return None, None
 
 
+def run_columns(key: str | None, metrics: dict[str, float], worst: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A run's scored columns: main, robustness / fairness (worst case of the main metric), bias."""
+    columns = {"main": metrics[key]} if key else {}
+    for perturbation in ("robustness", "fairness"):
+        if key and key in worst.get(perturbation, {}):
+            columns[perturbation] = worst[perturbation][key]
+    columns.update({col: metrics[stat] for col, stat in BIAS_COLUMNS.items() if stat in metrics})
+    return columns
+
+
 def parse_helm_suite(suite_dir: Path) -> dict[str, Any]:
-    """Per-run metrics and per-scenario means (of each run's headline metric) from a HELM suite dir."""
+    """Per-run metrics and per-scenario means (of each run's headline metric and columns) from a HELM suite dir.
+
+    A scenario's value averages the runs scored by its most preferred headline metric (MATH: the
+    chain-of-thought runs when there are any, as the challenge scored them).
+    """
     runs: dict[str, Any] = {}
     for stats_path in sorted(suite_dir.glob("*/stats.json")):
         run_dir = stats_path.parent
         spec = json.loads((run_dir / "run_spec.json").read_text(encoding="utf-8")) \
             if (run_dir / "run_spec.json").is_file() else {}
         name = spec.get("name", run_dir.name)
-        metrics = read_run_stats(run_dir)
+        metrics, worst = read_run_stats(run_dir)
         key, value = main_metric(scenario_of(name), metrics)
         per_instance = run_dir / "per_instance_stats.json"
         n_instances = len({(x.get("instance_id"), x.get("train_trial_index")) for x in
                            json.loads(per_instance.read_text(encoding="utf-8"))}) if per_instance.is_file() else None
-        runs[name] = {"scenario": scenario_of(name), "main_metric": key, "main": value,
-                      "n_instances": n_instances, "metrics": metrics}
-    scenarios: dict[str, Any] = {}
+        runs[name] = {"scenario": scenario_of(name), "main_metric": key, "main": value, "n_instances": n_instances,
+                      "columns": run_columns(key, metrics, worst), "metrics": metrics}
+    by_scenario: dict[str, list[dict]] = {}
     for run in runs.values():
-        if run["main"] is None:
-            continue
-        entry = scenarios.setdefault(run["scenario"], {"main_metric": run["main_metric"], "values": []})
-        entry["values"].append(run["main"])
-    for entry in scenarios.values():
-        entry["value"] = sum(entry["values"]) / len(entry["values"])
-        entry["n_runs"] = len(entry.pop("values"))
+        if run["main"] is not None:
+            by_scenario.setdefault(run["scenario"], []).append(run)
+    scenarios: dict[str, Any] = {}
+    for scenario, members in by_scenario.items():
+        order = MAIN_METRICS.get(scenario, ()) + FALLBACK_METRICS
+        best = min(order.index(r["main_metric"]) for r in members)
+        members = [r for r in members if order.index(r["main_metric"]) == best]
+        names = sorted({c for r in members for c in r["columns"]})
+        columns = {c: sum(r["columns"][c] for r in members if c in r["columns"]) /
+                   sum(1 for r in members if c in r["columns"]) for c in names}
+        scenarios[scenario] = {"main_metric": order[best], "value": columns["main"], "n_runs": len(members),
+                               "columns": columns}
     return {"runs": runs, "scenarios": scenarios}
 
 
@@ -175,10 +214,11 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
             ``wandb:ENTITY/PROJECT/model-RUNID:latest`` (a logged model artifact; online W&B).
         conf: ``offline`` (HELM synthetic scenarios, no downloads), ``quick`` (one entry per open-eval
             family), ``open-600`` (the organizers' 600-instance open-eval conf), ``open-small`` (their
-            older small conf), or the path of a run-spec .conf file.
+            older small conf), ``hidden-stock`` (the hidden eval's scenarios stock crfm-helm runs: MATH,
+            CNN/DM, XSum for SAMSum), or the path of a run-spec .conf file.
         out: run dir: ``results.json``, the HELM output (``helm/``), server and HELM logs, W&B run.
         max_eval_instances: instances per run entry that sets no limit itself (default per preset:
-            offline 3, quick 10, open-600 1000, open-small 100, other confs 100).
+            offline 3, quick 10, open-600 1000, open-small 100, hidden-stock 1000, other confs 100).
         num_threads: concurrent HELM requests (the server batches them).
         suite: HELM suite name (the folder under ``helm/runs``).
         server_timeout: seconds to wait for the server's ``/health`` before giving up.

@@ -10,6 +10,11 @@ written to ``<out>/tasks/<task>.json`` as soon as it finishes: a re-run with the
 skips finished tasks (resume after an interrupt). ``results.json`` holds the per-task metrics,
 each task's primary metric, and ``val_score`` (the mean of the primary metrics); W&B gets them via
 lm-eval's ``WandbLogger`` (metrics, per-task sample tables) plus a summary table.
+
+HELM-faithful tasks (``onegpu_helm_*``, ``eval/tasks/helm_mc.py``) generate the answer letter as
+HELM does; their exact match and count of format failures (answers that are not one of the
+question's letters) are reported beside the likelihood score of the task they mirror
+(``helm_gen`` in ``results.json``, the ``helm EM`` and ``fmt fail`` columns of the table).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import yaml
 
 from onegpu.errors import UserError, did_you_mean
+from onegpu.eval.tasks.helm_mc import is_helm_task, likelihood_twins
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 # The metric a task is ranked by, first one present wins (filter suffix included).
@@ -86,8 +92,8 @@ def check_task_names(names: list[str], manager, include: Path | None) -> None:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
         hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
     offline = sorted(n for n in known if n.startswith("onegpu_"))
-    where = ("offline tasks: " + ", ".join(n for n in offline if not n.startswith("onegpu_mmlu_"))
-             + ", onegpu_mmlu_<subject>") if offline else \
+    where = ("offline tasks: " + ", ".join(n for n in offline if not n.startswith(("onegpu_mmlu_", "onegpu_helm_mmlu_")))
+             + ", onegpu_mmlu_<subject>, onegpu_helm_mmlu_<subject>") if offline else \
         "no offline tasks (../shared/datasets not found; set ONEGPU_DATA_DIR)"
     raise UserError(f"unknown lm-eval task(s): {'; '.join(hints)}",
                     fix=f"use lm-eval task names (`lm-eval ls tasks`) or {where}")
@@ -135,11 +141,71 @@ def _merge(into: dict | None, part: dict) -> dict:
     return into
 
 
+def task_summary(name: str, result: dict, wall_s: float) -> dict[str, Any]:
+    """One task's entry in ``results.json``: its metrics, primary metric, size, shots (+ format failures)."""
+    metrics = {k: v for k, v in result["results"].get(name, {}).items() if k != "alias"}
+    key, value = primary_metric(metrics)
+    n = result.get("n-samples", {}).get(name, {}).get("effective")
+    summary = {"metrics": metrics, "primary_metric": key, "primary": value, "n": n,
+               "num_fewshot": result.get("n-shot", {}).get(name), "wall_s": round(wall_s, 2)}
+    if is_helm_task(name) and n is not None and isinstance(metrics.get("format_failure,none"), (int, float)):
+        summary["format_failures"] = round(metrics["format_failure,none"] * n)  # a mean of 0/1 over n answers
+    return summary
+
+
+def helm_gen_report(per_task: dict[str, dict]) -> dict[str, Any]:
+    """``helm_gen``: per HELM-faithful task, its exact match and format failures beside the likelihood
+    score of the task it mirrors (when that ran too); ``helm_gen_score``: mean exact match."""
+    report = {}
+    for name, task in per_task.items():
+        if not is_helm_task(name):
+            continue
+        twin = next((t for t in likelihood_twins(name) if t in per_task), None)
+        report[name] = {"likelihood_task": twin, "likelihood": per_task[twin]["primary"] if twin else None,
+                        "exact_match": task["primary"],
+                        "quasi_exact_match": task["metrics"].get("quasi_exact_match,none"),
+                        "format_failures": task.get("format_failures"), "n": task["n"]}
+    ems = [r["exact_match"] for r in report.values() if r["exact_match"] is not None]
+    return {"helm_gen": report, "helm_gen_score": sum(ems) / len(ems) if ems else None,
+            "format_failures": sum(r["format_failures"] or 0 for r in report.values()) if report else None}
+
+
+TABLE_HEADER = ["task", "metric", "value", "helm EM", "fmt fail", "n", "shots"]
+
+
+def table_rows(per_task: dict[str, dict], helm_gen: dict[str, dict]) -> list[list[Any]]:
+    """One row per task; a HELM-faithful task shares the row of the likelihood task it mirrors."""
+    by_twin = {g["likelihood_task"]: g for g in helm_gen.values() if g["likelihood_task"]}
+    rows = []
+    for name, t in per_task.items():
+        if name in helm_gen and helm_gen[name]["likelihood_task"]:
+            continue  # shown on its twin's row
+        gen = helm_gen.get(name) or by_twin.get(name)
+        value = None if name in helm_gen else _round(t["primary"])
+        rows.append([name, t["primary_metric"], value, _round(gen["exact_match"]) if gen else None,
+                     f"{gen['format_failures']}/{gen['n']}" if gen else None, t["n"], t["num_fewshot"]])
+    return rows
+
+
+def summary_keys(per_task: dict[str, dict], val_score: float | None, helm_gen: dict[str, Any]) -> dict[str, Any]:
+    """W&B summary: val_score, val/<task> (primary), val/<task>/format_failures, helm_gen_score, format_failures."""
+    keys: dict[str, Any] = {"val_score": val_score, **{f"val/{n}": t["primary"] for n, t in per_task.items()}}
+    for name, g in helm_gen["helm_gen"].items():
+        keys[f"val/{name}/format_failures"] = g["format_failures"]
+    if helm_gen["helm_gen"]:
+        keys.update(helm_gen_score=helm_gen["helm_gen_score"], format_failures=helm_gen["format_failures"])
+    return keys
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 def summary_table(rows: list[list[Any]]) -> str:
-    header = ["task", "metric", "value", "n", "shots"]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    rows = [["-" if c is None else c for c in r] for r in rows]
+    widths = [max(len(str(r[i])) for r in [TABLE_HEADER, *rows]) for i in range(len(TABLE_HEADER))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths]),
+    return "\n".join([fmt.format(*TABLE_HEADER), fmt.format(*["-" * w for w in widths]),
                       *[fmt.format(*map(str, r)) for r in rows]])
 
 
@@ -184,7 +250,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
     for entry in entries:
         if limit is not None:
             entry["limit"] = limit
-        if num_fewshot is not None:
+        if num_fewshot is not None and not is_helm_task(entry["task"]):  # HELM's shots are in its prompt
             entry["num_fewshot"] = num_fewshot
     manager, include = task_manager([e["task"] for e in entries])
     check_task_names([e["task"] for e in entries], manager, include)
@@ -243,11 +309,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
                                 fix="hub tasks need network access (unset HF_DATASETS_OFFLINE); offline, use "
                                     "--suite offline or onegpu_* tasks") from err
             task_samples = (result or {}).pop("samples", {}) or {}
-            metrics = {k: v for k, v in result["results"].get(name, {}).items() if k != "alias"}
-            key, value = primary_metric(metrics)
-            summary = {"metrics": metrics, "primary_metric": key, "primary": value,
-                       "n": result.get("n-samples", {}).get(name, {}).get("effective"),
-                       "num_fewshot": result.get("n-shot", {}).get(name), "wall_s": round(time.time() - t0, 2)}
+            summary = task_summary(name, result, wall_s=time.time() - t0)
             if log_samples:
                 (out / "samples").mkdir(exist_ok=True)
                 with open(out / "samples" / f"{name}.jsonl", "w", encoding="utf-8") as fh:
@@ -259,23 +321,26 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
                                         indent=1, default=str), encoding="utf-8")
             merged = _merge(merged, lm_eval_part)
             per_task[name] = summary
-            run.log({f"val/{name}/{m}": v for m, v in metrics.items() if isinstance(v, (int, float))}, step=i)
+            run.log({f"val/{name}/{m}": v for m, v in summary["metrics"].items() if isinstance(v, (int, float))},
+                    step=i)
 
         primaries = [t["primary"] for t in per_task.values() if t["primary"] is not None]
         val_score = sum(primaries) / len(primaries) if primaries else None
-        rows = [[n, t["primary_metric"], None if t["primary"] is None else round(t["primary"], 4), t["n"],
-                 t["num_fewshot"]] for n, t in per_task.items()]
+        helm_gen = helm_gen_report(per_task)
         results = {"stage": "eval-val", "suite": spec["name"], "checkpoint": str(ckpt),
                    "checkpoint_digest": digest, "checkpoint_lineage": lineage, "prompt_style": prompt_style,
-                   "tasks": per_task, "val_score": val_score, "wall_s": round(time.time() - started, 2),
+                   "tasks": per_task, "val_score": val_score, **helm_gen, "wall_s": round(time.time() - started, 2),
                    "lm_eval_version": _version("lm_eval")}
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
         (out / "lm_eval_results.json").write_text(json.dumps(merged, indent=1, default=str), encoding="utf-8")
-        run.log_table("val_summary", ["task", "metric", "value", "n", "shots"], rows)
-        run.summary(val_score=val_score, **{f"val/{n}": t["primary"] for n, t in per_task.items()})
+        rows = table_rows(per_task, helm_gen["helm_gen"])
+        run.log_table("val_summary", TABLE_HEADER, rows)
+        run.summary(**summary_keys(per_task, val_score, helm_gen))
         _wandb_lm_eval(merged, samples)
-        print("\n" + summary_table(rows + [["val_score (mean)", "", None if val_score is None else round(val_score, 4),
-                                            "", ""]]))
+        score_row = ["val_score (mean)", "", _round(val_score), "", "", "", ""]
+        gen_row = ["helm_gen_score (mean)", "", "", _round(helm_gen["helm_gen_score"]),
+                   helm_gen["format_failures"], "", ""]
+        print("\n" + summary_table(rows + [score_row] + ([gen_row] if helm_gen["helm_gen"] else [])))
         print(f"\nresults: {out / 'results.json'}")
         exit_code = 0
         return results

@@ -118,3 +118,26 @@ def test_bad_input_is_a_clear_error(tmp_path):
     no_helm = run("--checkpoint", str(checkpoint), env={**_env(), "ONEGPU_HELM_BIN": str(tmp_path)})
     assert no_helm.returncode == 2 and "helm-run" in no_helm.stderr and "fix:" in no_helm.stderr
     assert not (tmp_path / "o" / "server.json").exists()  # all rejected before a server started
+
+
+def test_hidden_stock_conf_builds_with_crfm_helm(helm_bin):
+    # crfm-helm's own parser and run-spec functions build every entry of the conf (no data, no server).
+    from onegpu.eval.helm import conf_entries, resolve_conf
+
+    _, conf = resolve_conf("hidden-stock")
+    script = ("import json, sys\n"
+              "from helm.benchmark.config_registry import register_builtin_configs_from_helm_package\n"
+              "from helm.benchmark.presentation.run_entry import read_run_entries\n"
+              "from helm.benchmark.run import run_entries_to_run_specs\n"
+              "register_builtin_configs_from_helm_package()\n"
+              "specs = run_entries_to_run_specs(read_run_entries([sys.argv[1]]).entries)\n"
+              "print(json.dumps([[s.name, s.adapter_spec.max_eval_instances, s.adapter_spec.max_tokens] for s in specs]))\n")
+    proc = subprocess.run([str(helm_bin / "python"), "-c", script, str(conf)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    specs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(specs) == len(conf_entries(conf)) == 30
+    cot = [s for s in specs if s[0].startswith("math:") and "use_chain_of_thought=True" in s[0]]
+    assert len(cot) == 14 and all(s[2] == 400 for s in cot)  # HELM's chain-of-thought MATH: 400 tokens
+    assert sum(s[1] for s in specs if s[0].startswith("math:")) == 14 * 5 + 14 * 4
+    assert {s[0].split(":")[0] for s in specs} == {"math", "summarization_cnndm", "summarization_xsum"}

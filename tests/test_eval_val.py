@@ -12,8 +12,9 @@ import pytest
 from onegpu.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
-OFFLINE_TASKS = {"onegpu_mmlu_philosophy", "onegpu_truthfulqa_mc1", "onegpu_bbq", "onegpu_bigbench_emoji_movie",
-                 "onegpu_gsm8k"}
+MC_TASKS = {"onegpu_mmlu_philosophy", "onegpu_truthfulqa_mc1", "onegpu_bbq", "onegpu_bigbench_emoji_movie"}
+HELM_TASKS = {"onegpu_helm_" + t[len("onegpu_"):] for t in MC_TASKS}
+OFFLINE_TASKS = MC_TASKS | HELM_TASKS | {"onegpu_gsm8k"}
 
 
 def _onegpu(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -35,8 +36,23 @@ def test_offline_suite_on_bundled_model_then_resume(bundled_checkpoint, shared_d
     assert results["tasks"]["onegpu_gsm8k"]["primary_metric"] == "exact_match,flexible-extract"
     assert results["val_score"] == pytest.approx(
         sum(t["primary"] for t in results["tasks"].values()) / len(OFFLINE_TASKS))
+    # each HELM-faithful twin is reported beside the likelihood score of the task it mirrors
+    assert set(results["helm_gen"]) == HELM_TASKS
+    for name, gen in results["helm_gen"].items():
+        task = results["tasks"][name]
+        assert gen["likelihood_task"] == "onegpu_" + name[len("onegpu_helm_"):]
+        assert gen["likelihood"] == results["tasks"][gen["likelihood_task"]]["primary"]
+        assert task["primary_metric"] == "exact_match,none" and gen["exact_match"] == task["primary"]
+        assert gen["format_failures"] == task["format_failures"] == round(task["metrics"]["format_failure,none"] * 2)
+    assert results["format_failures"] == sum(g["format_failures"] for g in results["helm_gen"].values())
+    assert results["helm_gen_score"] == pytest.approx(sum(g["exact_match"] for g in results["helm_gen"].values()) / 4)
+    samples = [json.loads(line) for line in (out / "samples" / "onegpu_helm_mmlu_philosophy.jsonl").read_text().splitlines()]
+    assert all(s["arguments"][0][0].endswith("Answer:") for s in samples)  # HELM's prompt, as sent
     # the per-task summary table is printed, samples are kept, tracking files exist
-    assert "val_score (mean)" in proc.stdout and "onegpu_bbq" in proc.stdout
+    assert "val_score (mean)" in proc.stdout and "onegpu_bbq" in proc.stdout and "fmt fail" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["format_failures"] == results["format_failures"]
+    assert summary["val/onegpu_helm_bbq/format_failures"] == results["helm_gen"]["onegpu_helm_bbq"]["format_failures"]
     samples = [json.loads(line) for line in (out / "samples" / "onegpu_gsm8k.jsonl").read_text().splitlines()]
     assert {s["doc_id"] for s in samples} == {0, 1}  # one row per doc and filter (strict, flexible)
     assert all(s["resps"][0][0].strip() for s in samples)

@@ -10,6 +10,10 @@ that dir via ``include_path``. Task names all start with ``onegpu_``; the hub na
 
 Row order: BBQ and BIG-bench files are sorted by category/condition, so a ``--limit`` would only
 see the first block; they are shuffled once with a fixed seed when normalised.
+
+Every multiple-choice family also gets a HELM-faithful generation variant, ``onegpu_helm_<name>``
+(``onegpu_helm_mmlu_<subject>``, ``onegpu_helm_truthfulqa_mc1``, ``onegpu_helm_bbq``,
+``onegpu_helm_bigbench_<task>``): HELM's prompt, request and exact-match scoring (``helm_mc.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import csv
 import hashlib
 import json
 import random
-import shutil
 import tempfile
 from pathlib import Path
 
+from onegpu.eval.tasks import helm_mc
 from onegpu.paths import cache_dir, shared_datasets_dir
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -39,7 +43,7 @@ def offline_include_dir(datasets_dir: Path | None = None) -> Path | None:
         return None
     datasets_dir = datasets_dir.resolve()
     key = hashlib.sha1(str(datasets_dir).encode() + b"".join(
-        p.read_bytes() for p in sorted(TEMPLATES.glob("*.y*ml"))) + Path(__file__).read_bytes()).hexdigest()[:12]
+        p.read_bytes() for p in sorted(TEMPLATES.glob("*.y*ml")) + sorted(TEMPLATES.glob("*.py")))).hexdigest()[:12]
     out = cache_dir() / "eval-tasks" / key
     if (out / ".complete").is_file():
         return out
@@ -134,6 +138,46 @@ def _build(ds: Path, staged: Path, prepared: Path, final_prepared: Path) -> None
         _write_jsonl(prepared / "bigbench" / f"{name}.jsonl", rows)
         template = "bigbench_mc.yaml" if "choices" in rows[0] else "bigbench_gen.yaml"
         _render(template, staged / f"onegpu_bigbench_{name}.yaml", NAME=name, **subs)
+    _build_helm(ds, staged, prepared, final_prepared)
+
+
+def _write_helm_task(name: str, fmt: helm_mc.JointFormat, train: list, evaluated: list, staged: Path,
+                     prepared: Path, final_prepared: Path) -> None:
+    task = f"{helm_mc.HELM_TASK_PREFIX}{name}"
+    _write_jsonl(prepared / "helm" / f"{task}.jsonl", helm_mc.task_rows(fmt, train, evaluated))
+    yaml_text = helm_mc.task_yaml(task, final_prepared / "helm" / f"{task}.jsonl", fmt)
+    (staged / f"{task}.yaml").write_text(yaml_text, encoding="utf-8")
+
+
+def _build_helm(ds: Path, staged: Path, prepared: Path, final_prepared: Path) -> None:
+    """The HELM-faithful generation variants of the multiple-choice families (see helm_mc.py)."""
+    (staged / "helm_mc_hooks.py").write_text(helm_mc.HOOKS_MODULE, encoding="utf-8")
+    out = {"staged": staged, "prepared": prepared, "final_prepared": final_prepared}
+    for test_csv in sorted((ds / "mmlu" / "test").glob("*_test.csv")):
+        subject = test_csv.name[: -len("_test.csv")]
+        dev_csv = ds / "mmlu" / "dev" / f"{subject}_dev.csv"
+        if dev_csv.is_file():
+            _write_helm_task(f"mmlu_{subject}", helm_mc.mmlu_format(subject),
+                             *helm_mc.mmlu_instances(dev_csv, test_csv), **out)
+    tqa = ds / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"  # the 817-question CSV HELM read in 2023
+    if tqa.is_file():
+        _write_helm_task("truthfulqa_mc1", helm_mc.truthfulqa_format(),
+                         *helm_mc.truthfulqa_instances(tqa), **out)
+    records = []
+    for category in helm_mc.BBQ_CATEGORIES:  # HELM's order; the files present locally
+        full, lite = ds / "bbq" / "data" / f"{category}.jsonl", ds / "bbq" / "bbq_lite_from_bigbench" / f"{category}.json"
+        if full.is_file():
+            records += [json.loads(line) for line in full.read_text(encoding="utf-8").splitlines() if line.strip()]
+        elif lite.is_file():
+            records += json.loads(lite.read_text(encoding="utf-8"))["examples"]
+    if records:
+        _write_helm_task("bbq", helm_mc.bbq_format(), *helm_mc.bbq_instances(records), **out)
+    for task_json in sorted((ds / "bigbench").glob("**/task.json")):
+        spec = json.loads(task_json.read_text(encoding="utf-8"))
+        if spec.get("examples") and helm_mc.bigbench_is_multiple_choice(spec):
+            name = "_".join(task_json.parent.relative_to(ds / "bigbench").parts)
+            _write_helm_task(f"bigbench_{name}", helm_mc.bigbench_format(spec),
+                             *helm_mc.bigbench_instances(spec), **out)
 
 
 def _bigbench_rows(spec: dict, examples: list[dict]) -> list[dict]:
@@ -155,13 +199,3 @@ def _bigbench_rows(spec: dict, examples: list[dict]) -> list[dict]:
             target = e["target"] if isinstance(e["target"], str) else e["target"][0]
             rows.append({"prompt": prompt + out_prefix, "target": target})
     return rows
-
-
-def offline_task_names(include_dir: Path | None) -> list[str]:
-    if include_dir is None:
-        return []
-    return sorted(p.stem for p in include_dir.glob("onegpu_*.yaml"))
-
-
-def clear_cache() -> None:
-    shutil.rmtree(cache_dir() / "eval-tasks", ignore_errors=True)
