@@ -86,7 +86,7 @@ class LoRATrainer:
         self.step_time_ema: float | None = None  # predicts the next step for the budget clock
         self.steps_this_segment = 0  # since this process started (the ETA's rate)
         self.last_save = time.monotonic()
-        self.val_batch_losses: list[float] | None = None  # the last validation's, batch by batch
+        self.val_row_losses: list[float] | None = None  # the last validation's, row by row
 
     def run(self) -> dict[str, Any]:
         """setup -> fit -> finalize; the tracked run is closed with the exit code either way."""
@@ -357,19 +357,22 @@ class LoRATrainer:
         cfg, fabric, inner = self.cfg, self.fabric, self.inner
         batches = MicroBatches(self.val_examples, cfg.data.max_seq_length, cfg.train.micro_batch_size,
                                cfg.data.packing, seed=0)
-        total, count, per_batch = 0.0, 0, []
+        total, count, per_row = 0.0, 0, []
         inner.eval()
         with torch.no_grad(), fabric.autocast():
             for i in range(batches.per_epoch):
                 b = batch_to(batches[i], fabric.device)
-                s, n = loss_sum(inner, forward_hidden(inner, b, flex=self.flex), b["labels"])
-                total += s.item()
-                count += n
-                per_batch.append(round(s.item() / max(1, n), 5))
+                hidden = forward_hidden(inner, b, flex=self.flex)
+                for row in range(hidden.shape[0]):
+                    s, n = loss_sum(inner, hidden[row:row + 1], b["labels"][row:row + 1])
+                    total += s.item()
+                    count += n
+                    if n:
+                        per_row.append(round(s.item() / n, 5))
         inner.train()
         val = total / max(1, count)
-        # The same batches every time (seed 0), so two runs' lists pair up: the report's noise estimate.
-        self.val_batch_losses = per_batch
+        # The same rows every time (seed 0), so two runs' lists pair up: the report's noise estimate.
+        self.val_row_losses = per_row
         st = self.state
         st.best_val_loss = val if st.best_val_loss is None else min(st.best_val_loss, val)
         self.tracker.log({"val_loss": val, "val_ppl": math.exp(min(val, 50))}, step=st.step)
@@ -398,7 +401,7 @@ class LoRATrainer:
             "tokens_seen": st.tokens, "loss_tokens_seen": st.loss_tokens, "examples_seen": st.examples,
             "packing_efficiency_overall": st.tokens / max(1, st.slots), "final_dir": str(final_dir),
             "finalize_s": round(time.perf_counter() - t_end, 3),
-            "val_batch_losses": self.val_batch_losses,
+            "val_row_losses": self.val_row_losses,
             "peak_memory_gib": telemetry.peak_memory_gib(self.fabric.device), "n_samples": len(samples),
             **clock.summary(),
         }

@@ -10,7 +10,7 @@ per hour of budget and per GiB) and shows what a competitor looks for first:
 * training / validation loss per step; tokens/s, MFU and memory over (budget-clock) time;
 * the Pareto plots of validation score vs tokens/s and vs peak memory; budget used and peak memory;
 * per sweep, a sentence naming the trial that won, by how much, and whether that is beyond noise
-  (paired over the validation batches both trials saw);
+  (paired over the validation rows both trials saw);
 * a note naming runs that are identical (same configuration, or the same logged losses, whose
   curves would otherwise hide under each other), and the run table.
 
@@ -45,7 +45,7 @@ PEAK_MEMORY = ("peak_memory_gib", "mem/cuda_peak_allocated_gib", "mem/cuda_peak_
 MEMORY_IN_USE = ("mem/cuda_allocated_gib", "mem/rss_gib")
 ELAPSED_S = ("wall_clock_s",)  # the budget clock; else time since the first logged row
 # Config keys that name where a run writes, not what it computes (left out when comparing configs).
-CONFIG_PLACES = {"out_dir", "out", "run_name", "resume", "progress", "wandb_project"}
+CONFIG_PLACES = {"out_dir", "out", "run_name", "resume", "resumed_from_wandb_id", "progress", "wandb_project"}
 LABEL_WIDTH = 34  # characters per line of a wrapped axis label
 EVAL_KINDS = {"val": ("eval-val", "validation score per task (onegpu eval val)"),
               "test": ("eval-helm", "test score per HELM scenario (onegpu eval helm)")}
@@ -248,8 +248,8 @@ def _sweeps(runs: list[RunLog]) -> list[list[RunLog]]:
 
 
 def paired_difference(winner: list[float], other: list[float]) -> tuple[float, float, int] | None:
-    """Mean and standard error of ``other - winner`` over validation batches both runs saw, and how
-    many of them the winner did better on. Pairing removes what the batches share (some are just
+    """Mean and standard error of ``other - winner`` over the validation rows both runs saw, and on
+    how many of them the winner did better. Pairing removes what the rows share (some are just
     harder), so the spread left is what the runs themselves differ by."""
     if not winner or not other or len(winner) != len(other) or len(winner) < 3:
         return None
@@ -272,17 +272,17 @@ def sweep_verdicts(runs: list[RunLog], score: str = "val_loss", maximize: bool =
                 f"({runner.label}, {_sig(second)})" + (f", and {_sig(abs(best - scored[-1][0]))} better than the "
                                                         f"last ({scored[-1][1].label})" if len(scored) > 2 else "")
                 + (f"; the trials differ in {', '.join(varied)}." if varied else "."))
-        paired = (paired_difference(win.summary.get("val_batch_losses"), runner.summary.get("val_batch_losses"))
+        paired = (paired_difference(win.summary.get("val_row_losses"), runner.summary.get("val_row_losses"))
                   if score == "val_loss" else None)
         beyond = None
         if paired is None:
-            text += " The runs logged no per-batch validation losses to pair, so whether that is beyond noise is unknown."
+            text += " The runs logged no per-row validation losses to pair, so whether that is beyond noise is unknown."
         else:
             mean, se, better = paired
             z = mean / se if se > 0 else math.inf
             beyond = z >= NOISE_Z
-            n = len(win.summary["val_batch_losses"])
-            text += (f" On the same {n} validation batches the winner's loss was lower on {better} of {n}; the mean "
+            n = len(win.summary["val_row_losses"])
+            text += (f" On the same {n} validation rows the winner's loss was lower on {better} of {n}; the mean "
                      f"paired difference is {_sig(mean)} ± {_sig(se)} (standard error), {z:.1f} standard errors from "
                      f"zero: " + ("beyond noise (≥ 2)." if beyond else
                                   "within noise (< 2): another seed could reorder these two."))
