@@ -132,6 +132,7 @@ class EvalArgs:
     """Validation loss during training and sample generations at the end."""
 
     eval_interval: int
+    initial_validation: bool
     eval_max_examples: int
     num_samples: int
     sample_max_new_tokens: int
@@ -237,6 +238,7 @@ def finetune_options(
     merge: bool = True,
     export_hf: bool = False,
     eval_interval: int = 50,
+    initial_validation: bool = False,
     eval_max_examples: int = 64,
     num_samples: int = 3,
     sample_max_new_tokens: int = 48,
@@ -305,6 +307,8 @@ def finetune_options(
             the report (``onegpu eval``/``serve`` load an adapter dir as it is).
         export_hf: also write a Hugging Face format copy to ``final/hf/``.
         eval_interval: validation loss every N optimizer steps (0 = only at the end).
+        initial_validation: also validate before the first step (logged as step 0), so the
+            validation curve starts at the base model.
         eval_max_examples: validation examples per evaluation.
         num_samples: how many fixed prompts to generate for at the end (0 = skip).
         sample_max_new_tokens: tokens generated per fixed prompt for the sample table.

@@ -237,6 +237,8 @@ class LoRATrainer:
         self.bar = tqdm(total=self.total_steps, initial=state.step, desc="finetune", disable=not cfg.logging.progress,
                         unit="step", dynamic_ncols=True, file=sys.stderr)
         self.last_save = time.monotonic()
+        if cfg.eval.initial_validation and state.step == 0:
+            self.validate()  # the base model's val loss: where the curve starts
         self.model.train()
         while state.step < self.total_steps:
             if cfg.clock.should_stop(next_step_s=self.step_time_ema or 0.0):

@@ -38,6 +38,7 @@ def test_the_fine_tune_is_step_bounded_and_validates_along_the_way():
     options = C.finetune_options(**doc)
     assert options.budget.budget is None  # the clock is the track's 24 h: it reports, it never stops the run
     assert options.train.max_steps >= 16 and 0 < options.eval.eval_interval < options.train.max_steps
+    assert options.eval.initial_validation  # the val curve starts at the base model
 
 
 def test_summary_projects_the_measured_pace_to_24_hours():

@@ -327,6 +327,7 @@ def finetune_sweep(tmp_path_factory, tiny_finetune):
     cfg["parameters"].update({"learning_rate": {"values": LEARNING_RATES}, "max_steps": {"value": 24},
                               "save_interval": {"value": 2}, "max_seq_length": {"value": 64},
                               "eval_interval": {"value": 8}, "eval_max_examples": {"value": 8},
+                              "initial_validation": {"value": True},
                               "num_threads": {"value": 1}})
     root = tmp_path_factory.mktemp("sweep")
     path, out = _write(root / "quick.yaml", cfg), root / "out"
@@ -462,8 +463,12 @@ def test_report_names_the_sweep_winner_and_shows_its_win_is_beyond_noise(sweep_r
     assert [s["steps"] for s in summaries] == [24, 24] and {s["stopped_by"] for s in summaries} == {"max_steps"}
     low, good = summaries
     assert good["final_loss"] < good["first_loss"] and good["val_loss"] < low["val_loss"]
+    # --initial_validation: both start from the base model's val loss, on the same rows
+    starts = [next(r["val_loss"] for r in map(json.loads, (out / f"trial-00{i}" / "metrics.jsonl").read_text().splitlines())
+                   if r.get("_step") == 0 and "val_loss" in r) for i in range(2)]
+    assert starts[0] == pytest.approx(starts[1], abs=1e-5) and good["val_loss"] < starts[1]
     [verdict] = sweep_report["doc"]["sweeps"]
-    assert verdict["winner"] == 2 and verdict["runner_up"] == 1 and verdict["beyond_noise"] is True
+    assert verdict["winner"] == 2 and verdict["runner_up"] == 1 and verdict["beyond_noise"] is True, verdict["text"]
     assert verdict["margin"] == pytest.approx(low["val_loss"] - good["val_loss"])
     mean, se, _better = paired_difference(good["val_row_losses"], low["val_row_losses"])
     assert mean / se >= 2 and f"{mean / se:.1f} standard errors" in verdict["text"]
