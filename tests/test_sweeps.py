@@ -311,23 +311,23 @@ def tiny_finetune(tmp_path_factory, bundled_checkpoint, shared_datasets):
 
     root = tmp_path_factory.mktemp("sweep-tiny")
     return {"ckpt": make_tiny_checkpoint(root / "ckpt", bundled_checkpoint),
-            "data": make_data_dir(root / "data", shared_datasets, n_train=24, n_val=8, max_seq_length=64)}
+            "data": make_data_dir(root / "data", shared_datasets, n_train=24, n_val=16, max_seq_length=64)}
 
 
-# The quickstart YAML's lowest and highest learning rates: on the random-init tiny model the highest
-# is the good one (the bundled model's too-high is the tiny model's just-right).
-LEARNING_RATES = [1e-5, 1e-1]
+# The quickstart YAML's too-low rate and a good one for the random-init tiny model, which learns
+# something that carries to the validation rows (token frequencies) only with the LM head adapted.
+LEARNING_RATES = [1e-5, 1e-2]
 
 
 @pytest.fixture(scope="module")
 def finetune_sweep(tmp_path_factory, tiny_finetune):
-    """The quickstart YAML (two of its learning rates) as real finetune trials on the tiny model, killed
+    """The quickstart YAML (two learning rates) as real finetune trials on the tiny model, killed
     (SIGTERM to the sweep) mid-way through trial-000, then resumed by re-running the same command."""
     cfg = yaml.safe_load((REPO_ROOT / "sweeps/quickstart.yaml").read_text())
     cfg["parameters"].update({"learning_rate": {"values": LEARNING_RATES}, "max_steps": {"value": 24},
                               "save_interval": {"value": 2}, "max_seq_length": {"value": 64},
-                              "eval_interval": {"value": 8}, "eval_max_examples": {"value": 8},
-                              "initial_validation": {"value": True},
+                              "eval_interval": {"value": 8}, "eval_max_examples": {"value": 16},
+                              "initial_validation": {"value": True}, "lora_head": {"value": True},
                               "num_threads": {"value": 1}})
     root = tmp_path_factory.mktemp("sweep")
     path, out = _write(root / "quick.yaml", cfg), root / "out"
