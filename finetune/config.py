@@ -121,7 +121,9 @@ class CheckpointArgs:
     save_interval: int
     save_interval_minutes: float | None
     keep_last: int
+    final_checkpoint: bool
     resume: str | None
+    merge: bool
     export_hf: bool
 
 
@@ -130,6 +132,7 @@ class EvalArgs:
     """Validation loss during training and sample generations at the end."""
 
     eval_interval: int
+    initial_validation: bool
     eval_max_examples: int
     num_samples: int
     sample_max_new_tokens: int
@@ -230,9 +233,12 @@ def finetune_options(
     save_interval: int = 50,
     save_interval_minutes: float | None = 30.0,
     keep_last: int = 2,
+    final_checkpoint: bool = True,
     resume: str | None = None,
+    merge: bool = True,
     export_hf: bool = False,
     eval_interval: int = 50,
+    initial_validation: bool = False,
     eval_max_examples: int = 64,
     num_samples: int = 3,
     sample_max_new_tokens: int = 48,
@@ -290,12 +296,19 @@ def finetune_options(
         out_dir: where metrics, checkpoints and ``final/`` go. Default: ``$ONEGPU_RUNS/finetune`` (./runs), or
             ``$ONEGPU_RUNS/sweep-<id>/<run id>`` under ``wandb agent``.
         save_interval: checkpoint every N optimizer steps (0 = off).
-        save_interval_minutes: also checkpoint when this many minutes passed since the last one.
+        save_interval_minutes: also checkpoint when this many minutes passed since the last one (0 or None = off).
         keep_last: how many checkpoints to keep.
+        final_checkpoint: also checkpoint after the last step (LoRA + optimizer state), so
+            ``--resume auto`` can continue a finished run. ``false`` for throw-away runs (sweep trials).
         resume: ``auto`` = continue from the newest checkpoint in ``out_dir`` if there is one; or a
             ``checkpoints/step-XXXXXX`` dir. Default: start fresh.
+        merge: write the merged model (~0.5 GB for the bundled model) to ``final/``; ``false`` keeps
+            only the LoRA adapter there (``final/lit_model.pth.lora`` + configs, ~1 MB), enough for
+            the report (``onegpu eval``/``serve`` load an adapter dir as it is).
         export_hf: also write a Hugging Face format copy to ``final/hf/``.
         eval_interval: validation loss every N optimizer steps (0 = only at the end).
+        initial_validation: also validate before the first step (logged as step 0), so the
+            validation curve starts at the base model.
         eval_max_examples: validation examples per evaluation.
         num_samples: how many fixed prompts to generate for at the end (0 = skip).
         sample_max_new_tokens: tokens generated per fixed prompt for the sample table.
@@ -326,6 +339,9 @@ def option_problems(options: FinetuneOptions) -> list[UserError]:
 
     need(lora.lora_r > 0, f"lora_r must be > 0 (got {lora.lora_r})", "use a LoRA rank such as --lora_r 8")
     need(lora.lora_alpha > 0, f"lora_alpha must be > 0 (got {lora.lora_alpha})", "use e.g. --lora_alpha 16 (2x the rank)")
+    ckpt = options.checkpoints
+    need(ckpt.merge or not ckpt.export_hf, "--export_hf needs the merged model but --merge is false",
+         "drop --export_hf, or drop --merge false")
     need(any(getattr(lora, f"lora_{k}") for k in ("query", "key", "value", "projection", "mlp", "head")),
          "LoRA is applied to no layer", "enable at least one of --lora_query/--lora_value/--lora_mlp ...")
     need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})",

@@ -86,6 +86,7 @@ class LoRATrainer:
         self.step_time_ema: float | None = None  # predicts the next step for the budget clock
         self.steps_this_segment = 0  # since this process started (the ETA's rate)
         self.last_save = time.monotonic()
+        self.val_row_losses: list[float] | None = None  # the last validation's, row by row
 
     def run(self) -> dict[str, Any]:
         """setup -> fit -> finalize; the tracked run is closed with the exit code either way."""
@@ -236,6 +237,8 @@ class LoRATrainer:
         self.bar = tqdm(total=self.total_steps, initial=state.step, desc="finetune", disable=not cfg.logging.progress,
                         unit="step", dynamic_ncols=True, file=sys.stderr)
         self.last_save = time.monotonic()
+        if cfg.eval.initial_validation and state.step == 0:
+            self.validate()  # the base model's val loss: where the curve starts
         self.model.train()
         while state.step < self.total_steps:
             if cfg.clock.should_stop(next_step_s=self.step_time_ema or 0.0):
@@ -356,16 +359,22 @@ class LoRATrainer:
         cfg, fabric, inner = self.cfg, self.fabric, self.inner
         batches = MicroBatches(self.val_examples, cfg.data.max_seq_length, cfg.train.micro_batch_size,
                                cfg.data.packing, seed=0)
-        total, count = 0.0, 0
+        total, count, per_row = 0.0, 0, []
         inner.eval()
         with torch.no_grad(), fabric.autocast():
             for i in range(batches.per_epoch):
                 b = batch_to(batches[i], fabric.device)
-                s, n = loss_sum(inner, forward_hidden(inner, b, flex=self.flex), b["labels"])
-                total += s.item()
-                count += n
+                hidden = forward_hidden(inner, b, flex=self.flex)
+                for row in range(hidden.shape[0]):
+                    s, n = loss_sum(inner, hidden[row:row + 1], b["labels"][row:row + 1])
+                    total += s.item()
+                    count += n
+                    if n:
+                        per_row.append(round(s.item() / n, 5))
         inner.train()
         val = total / max(1, count)
+        # The same rows every time (seed 0), so two runs' lists pair up: the report's noise estimate.
+        self.val_row_losses = per_row
         st = self.state
         st.best_val_loss = val if st.best_val_loss is None else min(st.best_val_loss, val)
         self.tracker.log({"val_loss": val, "val_ppl": math.exp(min(val, 50))}, step=st.step)
@@ -380,7 +389,8 @@ class LoRATrainer:
         cfg, st, clock = self.cfg, self.state, self.cfg.clock
         t_end = time.perf_counter()
         val_loss = self.validate()
-        self.save_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
+        if cfg.checkpoints.final_checkpoint:
+            self.save_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
         final_dir = self.write_final()
         samples = self.generate_samples() if cfg.eval.num_samples else []
         plot = telemetry.plot_training_curves(cfg.checkpoints.out_dir)
@@ -393,12 +403,14 @@ class LoRATrainer:
             "tokens_seen": st.tokens, "loss_tokens_seen": st.loss_tokens, "examples_seen": st.examples,
             "packing_efficiency_overall": st.tokens / max(1, st.slots), "final_dir": str(final_dir),
             "finalize_s": round(time.perf_counter() - t_end, 3),
+            "val_row_losses": self.val_row_losses,
             "peak_memory_gib": telemetry.peak_memory_gib(self.fabric.device), "n_samples": len(samples),
             **clock.summary(),
         }
         self.tracker.summary(**summary)
+        kept = "merged checkpoint" if cfg.checkpoints.merge else "LoRA adapter"
         print(f"[onegpu] done: {st.step} steps ({stopped_by}), loss {summary['first_loss']} -> "
-              f"{summary['final_loss']}, val_loss {val_loss}; merged checkpoint: {final_dir}", file=sys.stderr)
+              f"{summary['final_loss']}, val_loss {val_loss}; {kept}: {final_dir}", file=sys.stderr)
         if stopped_by == "budget":
             print(f"[onegpu] stopped by the budget clock after {st.step}/{self.total_steps} steps, "
                   f"{format_duration(max(0.0, clock.remaining_s))} of the budget left after the merge. "
@@ -406,7 +418,8 @@ class LoRATrainer:
         return summary
 
     def write_final(self) -> Path:
-        """out/final: LoRA weights + litgpt's hyperparameters/prompt style, merged by litgpt's merge_lora."""
+        """out/final: LoRA weights + litgpt's hyperparameters/prompt style, merged by litgpt's merge_lora
+        (unless ``merge`` is off: then the adapter alone, which ``litgpt merge_lora`` merges later)."""
         import contextlib
         import io
 
@@ -437,8 +450,9 @@ class LoRATrainer:
             (staging / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False), encoding="utf-8")
             save_prompt_style(self.style, staging)
             (staging / "onegpu_model.json").write_text(json.dumps(lineage, indent=2), encoding="utf-8")
-            with contextlib.redirect_stdout(io.StringIO()):  # merge_lora pprints its locals
-                merge_lora(checkpoint_dir=staging, pretrained_checkpoint_dir=base)
+            if cfg.checkpoints.merge:
+                with contextlib.redirect_stdout(io.StringIO()):  # merge_lora pprints its locals
+                    merge_lora(checkpoint_dir=staging, pretrained_checkpoint_dir=base)
             if cfg.checkpoints.export_hf:
                 from onegpu.inference import export_hf
 

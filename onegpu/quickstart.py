@@ -1,9 +1,14 @@
-"""``onegpu quickstart``: the whole pipeline on the bundled model, offline, on a CPU.
+"""``onegpu quickstart``: the whole pipeline on the bundled model, offline, on a CPU, long enough to learn.
 
 Each step is the exact ``onegpu`` command a user would type (printed before it runs), so the
 quickstart doubles as a worked example: data mix -> fine-tune -> validation (lm-eval) -> test (HELM
-against our own server) -> a 2-trial sweep -> an HTML report. Steps whose outputs already exist are
+against our own server) -> a 3-trial learning-rate sweep -> an HTML report. The fine-tune and the
+trials stop after a fixed number of steps, not when a budget runs out, so a busy machine makes the
+quickstart slower but never teaches less; the budget clock still runs (the track's 24 h) and the
+summary projects what 24 h would give at the pace measured. Steps whose outputs already exist are
 skipped, so an interrupted quickstart picks up where it stopped (``--fresh`` starts over).
+
+Adding a step: write a function ``(QuickstartDirs) -> Step`` and put it in ``STEPS``.
 """
 
 from __future__ import annotations
@@ -18,13 +23,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from onegpu.contracts import read_json
 from onegpu.errors import UserError
 from onegpu.paths import stage_dir
 
+DAY_S = 24 * 3600
 
-@dataclass
+
+@dataclass(frozen=True)
+class QuickstartDirs:
+    """Where each step writes (all under ``out``) and the base model they start from."""
+
+    out: Path
+    checkpoint: Path
+
+    data = property(lambda self: self.out / "data")
+    finetune = property(lambda self: self.out / "finetune")
+    eval_val = property(lambda self: self.out / "eval-val")
+    eval_helm = property(lambda self: self.out / "eval-helm")
+    sweep = property(lambda self: self.out / "sweep")
+    report = property(lambda self: self.out / "report")
+
+
+@dataclass(frozen=True)
 class Step:
-    name: str
+    key: str  # what ``--skip`` names
+    title: str
     args: list[str]
     done_marker: Path  # the step is complete when this file exists
 
@@ -32,26 +56,45 @@ class Step:
         return ["onegpu", *self.args]
 
 
-def _steps(out: Path, checkpoint: Path) -> list[Step]:
-    data, ft, val, helm, sweep, report = (out / n for n in ("data", "finetune", "eval-val", "eval-helm", "sweep", "report"))
-    final = ft / "final"
-    return [
-        Step("data mix", ["data", "build", str(stage_dir("data") / "recipes/quickstart.yaml"), "--out", str(data)],
-             data / "manifest.json"),
-        Step("fine-tune (LoRA, CPU)", ["finetune", "--config", str(stage_dir("finetune") / "configs/cpu-quickstart.yaml"),
-                                       "--checkpoint_dir", str(checkpoint), "--data", str(data), "--out_dir", str(ft)],
-             final / "lit_model.pth"),
-        Step("validation (lm-eval, offline suite)", ["eval", "val", "--checkpoint", str(final), "--suite", "offline",
-                                                     "--out", str(val)], val / "results.json"),
-        Step("test (HELM, offline synthetic conf)", ["eval", "helm", "--checkpoint", str(final), "--conf", "offline",
-                                                     "--out", str(helm)], helm / "results.json"),
-        # The sweep YAML names no data dir of its own: point its trials at this mix.
-        Step("sweep (2 trials)", ["sweep", str(stage_dir("sweeps") / "quickstart.yaml"), "--out", str(sweep),
-                                  "--params", json.dumps({"data": str(data)})], sweep / "sweep_summary.json"),
-        # A sweep dir stands for its trials; eval dirs attach their scores to the run they scored.
-        Step("report", ["report", json.dumps([str(ft), str(val), str(helm), str(sweep)]), "--out", str(report)],
-             report / "index.html"),
-    ]
+def data_step(d: QuickstartDirs) -> Step:
+    recipe = stage_dir("data") / "recipes/quickstart.yaml"
+    return Step("data", "data mix", ["data", "build", str(recipe), "--out", str(d.data)], d.data / "manifest.json")
+
+
+def finetune_step(d: QuickstartDirs) -> Step:
+    config = stage_dir("finetune") / "configs/cpu-quickstart.yaml"
+    return Step("finetune", "fine-tune (LoRA, CPU, a fixed number of steps)",
+                ["finetune", "--config", str(config), "--checkpoint_dir", str(d.checkpoint), "--data", str(d.data),
+                 "--out_dir", str(d.finetune)], d.finetune / "final" / "lit_model.pth")
+
+
+def val_step(d: QuickstartDirs) -> Step:
+    return Step("val", "validation (lm-eval, offline suite)",
+                ["eval", "val", "--checkpoint", str(d.finetune / "final"), "--suite", "offline", "--out", str(d.eval_val)],
+                d.eval_val / "results.json")
+
+
+def helm_step(d: QuickstartDirs) -> Step:
+    return Step("helm", "test (HELM, offline synthetic conf)",
+                ["eval", "helm", "--checkpoint", str(d.finetune / "final"), "--conf", "offline", "--out", str(d.eval_helm)],
+                d.eval_helm / "results.json")
+
+
+def sweep_step(d: QuickstartDirs) -> Step:
+    # The sweep YAML names no data dir of its own: point its trials at this mix.
+    return Step("sweep", "sweep (3 learning rates: too low, good, too high)",
+                ["sweep", str(stage_dir("sweeps") / "quickstart.yaml"), "--out", str(d.sweep),
+                 "--params", json.dumps({"data": str(d.data)})], d.sweep / "sweep_summary.json")
+
+
+def report_step(d: QuickstartDirs) -> Step:
+    # A sweep dir stands for its trials; eval dirs attach their scores to the run they scored.
+    return Step("report", "report", ["report", json.dumps([str(d.finetune), str(d.eval_val), str(d.eval_helm),
+                                                           str(d.sweep)]), "--out", str(d.report)],
+                d.report / "index.html")
+
+
+STEPS = [data_step, finetune_step, val_step, helm_step, sweep_step, report_step]
 
 
 def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: list[str] | None = None) -> int:
@@ -64,72 +107,84 @@ def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: l
     """
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(out).resolve()
+    placeholder = QuickstartDirs(out, Path())
+    known = [make(placeholder).key for make in STEPS]
+    skip = set(skip or [])
+    if skip - set(known):
+        raise UserError(f"unknown step(s) to skip: {sorted(skip - set(known))}", fix=f"choose from {known}")
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    skip = set(skip or [])
-    known = {"data", "finetune", "val", "helm", "sweep", "report"}
-    if skip - known:
-        raise UserError(f"unknown step(s) to skip: {sorted(skip - known)}", fix=f"choose from {sorted(known)}")
 
     from onegpu.model import prepare
 
     started = time.time()
     print("== [0] bundled model: onegpu model prepare", flush=True)
-    checkpoint = prepare()
-    keys = ["data", "finetune", "val", "helm", "sweep", "report"]
+    dirs = QuickstartDirs(out, prepare())
     timings: dict[str, float] = {}
-    for key, step in zip(keys, _steps(out, checkpoint)):
-        if key in skip:
-            print(f"== skip {step.name}", flush=True)
-            continue
-        if step.done_marker.exists():
-            print(f"== {step.name}: already done ({step.done_marker})", flush=True)
-            continue
-        print(f"\n== {step.name}\n$ {shlex.join(step.command())}", flush=True)
-        t0 = time.time()
-        result = subprocess.run([sys.executable, "-m", "onegpu", *step.args], cwd=Path.cwd())
-        timings[key] = time.time() - t0
-        if result.returncode != 0:
-            print(f"\nquickstart: step '{step.name}' failed (exit {result.returncode}); fix it and re-run "
-                  f"`onegpu quickstart` to resume from this step.", file=sys.stderr)
-            return result.returncode
-    _print_summary(out, time.time() - started, timings)
+    for step in (make(dirs) for make in STEPS):
+        code = run_step(step, skip, timings)
+        if code:
+            return code
+    print_summary(dirs, time.time() - started, timings)
     return 0
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+def run_step(step: Step, skip: set[str], timings: dict[str, float]) -> int:
+    """Run one step as its own ``onegpu`` process (unless skipped or done); its exit code."""
+    if step.key in skip:
+        print(f"== skip {step.title}", flush=True)
+        return 0
+    if step.done_marker.exists():
+        print(f"== {step.title}: already done ({step.done_marker})", flush=True)
+        return 0
+    print(f"\n== {step.title}\n$ {shlex.join(step.command())}", flush=True)
+    t0 = time.time()
+    result = subprocess.run([sys.executable, "-m", "onegpu", *step.args], cwd=Path.cwd())
+    timings[step.key] = time.time() - t0
+    if result.returncode != 0:
+        print(f"\nquickstart: step '{step.title}' failed (exit {result.returncode}); fix it and re-run "
+              f"`onegpu quickstart` to resume from this step.", file=sys.stderr)
+    return result.returncode
 
 
-def _print_summary(out: Path, seconds: float, timings: dict[str, float]) -> None:
-    ft = out / "finetune"
+def learning_lines(summary: dict) -> list[str]:
+    """What the fine-tune learned and what the budget clock says, with the pace projected to 24 h."""
+    if not summary:
+        return []
+    lines = [f"  fine-tune: {summary.get('steps')}/{summary.get('total_steps')} steps, train loss "
+             f"{summary.get('first_loss', 0):.3f} -> {summary.get('final_loss', 0):.3f}, val loss "
+             f"{summary.get('val_loss') or float('nan'):.3f}, peak memory {summary.get('peak_memory_gib')} GiB"]
+    elapsed, tokens, steps = summary.get("budget_elapsed_s"), summary.get("tokens_seen"), summary.get("steps")
+    if elapsed and tokens and steps:
+        scale = DAY_S / elapsed
+        lines.append(f"  budget clock: {elapsed / 60:.1f} min of 24 h used ({summary.get('budget_used_pct', 0):.2f}%); "
+                     f"at this pace 24 h would give ~{steps * scale:,.0f} steps, ~{tokens * scale / 1e6:,.1f}M tokens")
+    return lines
+
+
+def print_summary(dirs: QuickstartDirs, seconds: float, timings: dict[str, float]) -> None:
     lines = [
         "",
         f"quickstart finished in {seconds / 60:.1f} min. Where everything is:",
-        f"  data mix         {out / 'data'}  (train/val/rejects JSONL, manifest.json, plot)",
-        f"  fine-tune run    {ft}  (metrics.csv, run.json, checkpoints/)",
-        f"  merged model     {ft / 'final'}",
-        f"  validation       {out / 'eval-val' / 'results.json'}",
-        f"  HELM test        {out / 'eval-helm' / 'results.json'}",
-        f"  sweep            {out / 'sweep'}",
-        f"  report           {out / 'report' / 'index.html'}",
-        f"  W&B offline runs {out}/*/wandb/offline-run-*   (upload: wandb sync <dir>)",
+        f"  data mix         {dirs.data}  (train/val/rejects JSONL, manifest.json, plot)",
+        f"  fine-tune run    {dirs.finetune}  (metrics.csv, training_curves.png, run.json, checkpoints/)",
+        f"  merged model     {dirs.finetune / 'final'}",
+        f"  validation       {dirs.eval_val / 'results.json'}",
+        f"  HELM test        {dirs.eval_helm / 'results.json'}",
+        f"  sweep            {dirs.sweep}  (one trial-NNN dir per learning rate: metrics, LoRA adapter)",
+        f"  report           {dirs.report / 'index.html'}",
+        f"  W&B offline runs {dirs.out}/*/wandb/offline-run-*   (upload: wandb sync <dir>)",
+        "",
+        "What it learned:",
+        *learning_lines(read_json(dirs.finetune / "summary.json")),
     ]
-    summary = _read_json(ft / "summary.json")
-    val = _read_json(out / "eval-val" / "results.json")
-    helm = _read_json(out / "eval-helm" / "results.json")
-    if summary:
-        shown = {k: summary[k] for k in ("steps", "first_loss", "final_loss", "val_loss", "tokens_seen",
-                                         "peak_memory_gib", "budget_used_pct", "stopped_by") if k in summary}
-        lines.append(f"  fine-tune summary: {json.dumps(shown)}")
+    val, helm = read_json(dirs.eval_val / "results.json"), read_json(dirs.eval_helm / "results.json")
     if val:
         lines.append(f"  validation score (mean over tasks): {val.get('val_score')}")
     if helm:
         lines.append(f"  HELM test score (mean over scenarios): {helm.get('test_score')}")
+    lines += [f"  {verdict['text']}" for verdict in read_json(dirs.report / "report.json").get("sweeps", [])]
     if timings:
         lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     lines += [

@@ -9,6 +9,8 @@ per hour of budget and per GiB) and shows what a competitor looks for first:
   (``onegpu eval helm``), a bar per run;
 * training / validation loss per step; tokens/s, MFU and memory over (budget-clock) time;
 * the Pareto plots of validation score vs tokens/s and vs peak memory; budget used and peak memory;
+* per sweep, a sentence naming the trial that won, by how much, and whether that is beyond noise
+  (paired over the validation rows both trials saw);
 * a note naming runs that are identical (same configuration, or the same logged losses, whose
   curves would otherwise hide under each other), and the run table.
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import RunDir, atomic_write_json, atomic_write_text, find_run_dirs
+from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, atomic_write_text, find_run_dirs
 from onegpu.errors import UserError
 
 # Where each number lives in what the stages log (first key found wins).
@@ -43,7 +45,7 @@ PEAK_MEMORY = ("peak_memory_gib", "mem/cuda_peak_allocated_gib", "mem/cuda_peak_
 MEMORY_IN_USE = ("mem/cuda_allocated_gib", "mem/rss_gib")
 ELAPSED_S = ("wall_clock_s",)  # the budget clock; else time since the first logged row
 # Config keys that name where a run writes, not what it computes (left out when comparing configs).
-CONFIG_PLACES = {"out_dir", "out", "run_name", "resume", "progress", "wandb_project"}
+CONFIG_PLACES = {"out_dir", "out", "run_name", "resume", "resumed_from_wandb_id", "progress", "wandb_project"}
 LABEL_WIDTH = 34  # characters per line of a wrapped axis label
 EVAL_KINDS = {"val": ("eval-val", "validation score per task (onegpu eval val)"),
               "test": ("eval-helm", "test score per HELM scenario (onegpu eval helm)")}
@@ -230,6 +232,63 @@ def identical_runs(runs: list[RunLog]) -> list[dict[str, Any]]:
 
 def _names(group: list[RunLog]) -> str:
     return "Runs " + ", ".join(f"{r.number} ({r.name})" for r in group)
+
+
+# ------------------------------------------------------------------------------------ sweep winners
+NOISE_Z = 2.0  # a win counts as beyond noise at 2 standard errors of the paired difference (~95%)
+
+
+def _sweeps(runs: list[RunLog]) -> list[list[RunLog]]:
+    """The trials of each sweep dir among the runs (a trial's parent holds the sweep state)."""
+    by: dict[Path, list[RunLog]] = {}
+    for run in runs:
+        if (run.path.parent / SWEEP_STATE).is_file():
+            by.setdefault(run.path.parent, []).append(run)
+    return [trials for trials in by.values() if len(trials) > 1]
+
+
+def paired_difference(winner: list[float], other: list[float]) -> tuple[float, float, int] | None:
+    """Mean and standard error of ``other - winner`` over the validation rows both runs saw, and on
+    how many of them the winner did better. Pairing removes what the rows share (some are just
+    harder), so the spread left is what the runs themselves differ by."""
+    if not winner or not other or len(winner) != len(other) or len(winner) < 3:
+        return None
+    diffs = [b - a for a, b in zip(winner, other)]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), sum(d > 0 for d in diffs)
+
+
+def sweep_verdicts(runs: list[RunLog], score: str = "val_loss", maximize: bool = False) -> list[dict[str, Any]]:
+    """Per sweep: which trial won on ``score``, by how much, and whether that is beyond noise."""
+    verdicts = []
+    for trials in _sweeps(runs):
+        scored = [(v, t) for t in trials if (v := _score(t, score)) is not None]
+        if len(scored) < 2:
+            continue
+        scored.sort(key=lambda vt: -vt[0] if maximize else vt[0])
+        (best, win), (second, runner) = scored[0], scored[1]
+        varied = _differences([t for _v, t in scored])
+        text = (f"Sweep {win.path.parent.name}: run {win.number} ({win.name}, {win.label}) won with {score} "
+                f"{_sig(best)}, {_sig(abs(best - second))} better than the runner-up, run {runner.number} "
+                f"({runner.label}, {_sig(second)})" + (f", and {_sig(abs(best - scored[-1][0]))} better than the "
+                                                        f"last ({scored[-1][1].label})" if len(scored) > 2 else "")
+                + (f"; the trials differ in {', '.join(varied)}." if varied else "."))
+        paired = (paired_difference(win.summary.get("val_row_losses"), runner.summary.get("val_row_losses"))
+                  if score == "val_loss" else None)
+        beyond = None
+        if paired is None:
+            text += " The runs logged no per-row validation losses to pair, so whether that is beyond noise is unknown."
+        else:
+            mean, se, better = paired
+            z = mean / se if se > 0 else math.inf
+            beyond = z >= NOISE_Z
+            n = len(win.summary["val_row_losses"])
+            text += (f" On the same {n} validation rows the winner's loss was lower on {better} of {n}; the mean "
+                     f"paired difference is {_sig(mean)} ± {_sig(se)} (standard error), {z:.1f} standard errors from "
+                     f"zero: " + ("beyond noise (≥ 2)." if beyond else
+                                  "within noise (< 2): another seed could reorder these two."))
+        verdicts.append({"sweep": str(win.path.parent), "winner": win.number, "runner_up": runner.number,
+                         "score": score, "margin": abs(best - second), "beyond_noise": beyond, "text": text})
+    return verdicts
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -479,11 +538,16 @@ def table_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
             "val score": scores.get("eval-val:val_score"), "test score": scores.get("eval-helm:test_score"),
             "tokens/s": r.value(TOKENS_PER_S, reduce="median"), "MFU %": None if mfu is None else round(100 * mfu, 2),
             "peak GiB": r.value(PEAK_MEMORY, reduce="max"),
-            "budget used": (f"{100 * used / total:.0f}% of {_duration(total)}" if used is not None and total
+            "budget used": (f"{_percent(100 * used / total)} of {_duration(total)}" if used is not None and total
                             else (_duration(used) if used is not None else None)),
             "stopped by": r.summary.get("stopped_by"), "dir": str(r.path),
         })
     return rows
+
+
+def _percent(pct: float) -> str:
+    """``37%``; a step-bounded run that used a sliver of 24 h reads ``0.35%``, not ``0%``."""
+    return f"{pct:.0f}%" if pct >= 1 else f"{pct:.2g}%"
 
 
 def _cell(value: Any) -> str:
@@ -505,6 +569,7 @@ PAGE = """<!doctype html>
  td:last-child {{ word-break: break-all; max-width: 24em; font-size: 11px; }}
  .note {{ color: #666; font-size: 13px; }}
  .identical {{ background: #fff6d6; border-left: 4px solid #e0b000; padding: .5em 1em; font-size: 14px; }}
+ .verdict {{ background: #e8f4ea; border-left: 4px solid #2a8a3a; padding: .5em 1em; font-size: 14px; }}
 </style></head>
 <body>
 <h1>{title}</h1>
@@ -606,8 +671,9 @@ def report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sections, charts = _sections(runs, score, maximize, out)
-    notes = identical_runs(runs)
-    notes_html = "\n".join(f"<p class=identical>{html.escape(n['text'])}</p>" for n in notes)
+    notes, verdicts = identical_runs(runs), sweep_verdicts(runs, score, maximize)
+    notes_html = "\n".join([f"<p class=verdict>{html.escape(v['text'])}</p>" for v in verdicts] +
+                           [f"<p class=identical>{html.escape(n['text'])}</p>" for n in notes])
     rows = table_rows(runs)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "\n".join("<tr>" + "".join(_cell(row[c]) for c in COLUMNS) + "</tr>" for row in rows)
@@ -616,7 +682,9 @@ def report(
                        sections="\n".join(sections), head=head, body=body, script=CHECK_SCRIPT)
     index = atomic_write_text(out / "index.html", page)
     atomic_write_json(out / "report.json", {"score": score, "maximize": maximize, "charts": charts,
-                                            "identical": notes, "runs": _finite(rows)})
+                                            "identical": notes, "sweeps": _finite(verdicts), "runs": _finite(rows)})
+    for verdict in verdicts:
+        print(verdict["text"])
     print(f"report: {index}")
     return index
 

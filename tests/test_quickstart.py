@@ -1,0 +1,51 @@
+"""``onegpu quickstart``: its plan (steps, step-bounded configs) and its summary, without running models.
+
+The real runs behind it are tested where they live: the quickstart sweep's trials and the report's
+winner sentence in test_sweeps.py; fine-tuning in test_finetune_lora.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from onegpu import quickstart as Q
+from onegpu.errors import UserError
+from onegpu.finetune import config as C
+from onegpu.paths import REPO_ROOT
+
+
+def test_steps_run_in_pipeline_order_each_writing_under_out(tmp_path):
+    dirs = Q.QuickstartDirs(tmp_path, Path("ckpt"))
+    steps = [make(dirs) for make in Q.STEPS]
+    assert [s.key for s in steps] == ["data", "finetune", "val", "helm", "sweep", "report"]
+    assert all(s.done_marker.is_relative_to(tmp_path) and s.command()[0] == "onegpu" for s in steps)
+    # each step reads what an earlier one wrote
+    assert str(dirs.data) in steps[1].args and str(dirs.finetune / "final") in steps[2].args
+    assert str(dirs.sweep) in steps[5].args[1]
+
+
+def test_unknown_skip_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UserError, match=r"unknown step\(s\) to skip: \['helms'\]") as err:
+        Q.quickstart(out=tmp_path / "qs", skip=["helms"])
+    assert "helm" in err.value.fix and not (tmp_path / "qs").exists()
+
+
+def test_the_fine_tune_is_step_bounded_and_validates_along_the_way():
+    doc = yaml.safe_load((REPO_ROOT / "finetune/configs/cpu-quickstart.yaml").read_text())
+    options = C.finetune_options(**doc)
+    assert options.budget.budget is None  # the clock is the track's 24 h: it reports, it never stops the run
+    assert options.train.max_steps >= 16 and 0 < options.eval.eval_interval < options.train.max_steps
+    assert options.eval.initial_validation  # the val curve starts at the base model
+
+
+def test_summary_projects_the_measured_pace_to_24_hours():
+    summary = {"steps": 16, "total_steps": 16, "first_loss": 2.5, "final_loss": 1.9, "val_loss": 2.1,
+               "budget_elapsed_s": 480.0, "budget_used_pct": 100 * 480 / 86400, "tokens_seen": 16000}
+    fine_tune, clock = Q.learning_lines(summary)
+    assert "16/16 steps" in fine_tune and "2.500 -> 1.900" in fine_tune
+    per_day = 86400 / 480  # 180 times the run
+    assert "8.0 min of 24 h used (0.56%)" in clock
+    assert f"~{16 * per_day:,.0f} steps" in clock and f"~{16000 * per_day / 1e6:,.1f}M tokens" in clock
