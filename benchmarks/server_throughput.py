@@ -4,7 +4,7 @@ Replays a HELM-shaped request mix (the adapters of ../shared/reference/helm/run_
 mostly 5-token multiple-choice requests with stop "\\n" (MMLU/TruthfulQA/BBQ, greedy), some 400-token
 GSM8K requests with stop "\\n\\n", 128-token CNN/DM summaries (temperature 0.3) and 64-token BIG-bench
 requests, built from the real datasets in ../shared/datasets, with HELM's 5 in-context examples by
-default (``--shots``: 5-shot prompts are ~500-1,500 tokens). Each concurrency level (1, 4, 16) runs
+default (``--shots``; 5-shot prompts are ~160-800 tokens with the bundled tokenizer). Each concurrency level (1, 4, 16) runs
 the same requests against both servers, alternating, and prints req/s, p50/p95 latency (all
 requests, and the short multiple-choice ones, which a long prefill would stall), tokens/s, the
 1-minute load average and onegpu's prefix-cache hits.
