@@ -3,8 +3,11 @@
 Replays a HELM-shaped request mix (the adapters of ../shared/reference/helm/run_specs_full_coarse_600_budget.conf):
 mostly 5-token multiple-choice requests with stop "\\n" (MMLU/TruthfulQA/BBQ, greedy), some 400-token
 GSM8K requests with stop "\\n\\n", 128-token CNN/DM summaries (temperature 0.3) and 64-token BIG-bench
-requests, built from the real datasets in ../shared/datasets. Each concurrency level (1, 4, 16) runs
-the same requests against both servers, alternating, and prints req/s, p50/p95 latency and tokens/s.
+requests, built from the real datasets in ../shared/datasets, with HELM's 5 in-context examples by
+default (``--shots``; 5-shot prompts are ~160-800 tokens with the bundled tokenizer). Each concurrency level (1, 4, 16) runs
+the same requests against both servers, alternating, and prints req/s, p50/p95 latency (all
+requests, and the short multiple-choice ones, which a long prefill would stall), tokens/s, the
+1-minute load average and onegpu's prefix-cache hits.
 
 The baseline is what the sample servers did: one request at a time (a lock), litgpt's
 ``generate`` with a KV cache for all ``max_new_tokens`` (no EOS, no stop sequences), then the
@@ -14,6 +17,7 @@ On a CPU the full mix takes long, so ``--shots`` and ``--token_scale`` scale it 
 in-context examples, every max_new_tokens times the scale); the table says what was used.
 
     python benchmarks/server_throughput.py --requests 16 --shots 1 --token_scale 0.25 --num_threads 1
+    python benchmarks/server_throughput.py --requests 32 --shots 5 --token_scale 0.25 --num_threads 1 --concurrency 4,16
 """
 
 from __future__ import annotations
@@ -166,7 +170,7 @@ def serve_baseline(checkpoint: str, port: int, num_threads: int | None) -> None:
 
 
 def run_level(base_url: str, requests: list[dict], concurrency: int) -> dict:
-    latencies, tokens = [], 0
+    latencies, short, tokens = [], [], 0
 
     def one(request):
         start = time.perf_counter()
@@ -177,14 +181,20 @@ def run_level(base_url: str, requests: list[dict], concurrency: int) -> dict:
     with httpx.Client(timeout=3000, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-            for latency, n in pool.map(one, requests):
+            for request, (latency, n) in zip(requests, pool.map(one, requests)):
                 latencies.append(latency)
+                if request["kind"] == "mmlu":
+                    short.append(latency)
                 tokens += n
         wall = time.perf_counter() - start
-    latencies.sort()
-    return {"req_s": len(requests) / wall, "p50": statistics.median(latencies),
-            "p95": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
-            "tok_s": tokens / wall, "tokens": tokens, "wall": wall}
+    return {"req_s": len(requests) / wall, "p50": statistics.median(latencies), "p95": p95(latencies),
+            "p95_mc": p95(short), "tok_s": tokens / wall, "tokens": tokens, "wall": wall,
+            "load": os.getloadavg()[0]}
+
+
+def p95(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
 
 
 def main() -> None:
@@ -196,6 +206,7 @@ def main() -> None:
     parser.add_argument("--token_scale", type=float, default=1.0, help="multiply every max_new_tokens > 5")
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads per server")
     parser.add_argument("--max_batch_size", type=int, default=16)
+    parser.add_argument("--prefill_chunk", type=int, default=256, help="onegpu serve's --prefill_chunk (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve-baseline", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,7 +229,8 @@ def main() -> None:
     baseline_url = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        with running_server(args.checkpoint, "--max_batch_size", str(args.max_batch_size), *threads) as onegpu_url:
+        with running_server(args.checkpoint, "--max_batch_size", str(args.max_batch_size), "--prefill_chunk",
+                            str(args.prefill_chunk), *threads) as onegpu_url:
             wait_healthy(baseline_url, baseline)
             for url in (onegpu_url, baseline_url):  # warm-up
                 httpx.post(f"{url}/process", json=requests[0]["body"], timeout=3000)
@@ -227,20 +239,28 @@ def main() -> None:
                     result = run_level(url, requests, concurrency)
                     rows.append((concurrency, name, result))
                     print(f"[bench] c={concurrency:<3} {name:<15} {result['req_s']:.3f} req/s "
-                          f"p50 {result['p50']:.2f}s p95 {result['p95']:.2f}s {result['tok_s']:.1f} tok/s",
-                          file=sys.stderr, flush=True)
+                          f"p50 {result['p50']:.2f}s p95 {result['p95']:.2f}s {result['tok_s']:.1f} tok/s "
+                          f"load {result['load']:.1f}", file=sys.stderr, flush=True)
+            stats = httpx.get(f"{onegpu_url}/health").json()["stats"]
     finally:
         baseline.terminate()
         baseline.wait()
 
+    from litgpt.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(Path(args.checkpoint))
+    prompt_tokens = [len(tokenizer.encode(r["body"]["prompt"])) for r in requests]
     kinds = {}
     for r in requests:
         kinds[r["kind"]] = (kinds.get(r["kind"], (0, r["body"]["max_new_tokens"]))[0] + 1, r["body"]["max_new_tokens"])
     print(f"\nRequest mix ({len(requests)} per level and server): "
           + ", ".join(f"{k} x{n} (max_new_tokens {m})" for k, (n, m) in kinds.items())
-          + f"; {args.shots}-shot prompts; token_scale {args.token_scale}\n")
-    print("| concurrency | server | req/s | p50 latency (s) | p95 latency (s) | returned tokens/s | speed-up (req/s) |")
-    print("|---|---|---|---|---|---|---|")
+          + f"; {args.shots}-shot prompts (median {statistics.median(prompt_tokens)} tokens, "
+          f"max {max(prompt_tokens)}); token_scale {args.token_scale}; onegpu --prefill_chunk {args.prefill_chunk}; "
+          f"onegpu /health stats at the end: {stats}\n")
+    print("| concurrency | server | req/s | p50 latency (s) | p95 latency (s) | p95 MC latency (s) | "
+          "returned tokens/s | speed-up (req/s) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     by_level = {}
     for concurrency, name, result in rows:
         by_level.setdefault(concurrency, {})[name] = result
@@ -249,7 +269,7 @@ def main() -> None:
         for name in ("onegpu serve", "naive baseline"):
             r = by_level[concurrency][name]
             print(f"| {concurrency} | {name} | {r['req_s']:.3f} | {r['p50']:.2f} | {r['p95']:.2f} | "
-                  f"{r['tok_s']:.1f} | {r['req_s'] / base:.1f}x |")
+                  f"{r['p95_mc']:.2f} | {r['tok_s']:.1f} | {r['req_s'] / base:.1f}x | {r['load']:.1f} |")
 
 
 if __name__ == "__main__":

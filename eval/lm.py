@@ -41,6 +41,9 @@ from lm_eval import utils as lm_utils
 from tqdm import tqdm
 
 from onegpu import inference
+from onegpu.eval.shared_context import ScoreRequest, SharedContextScorer, answer
+
+_NO_LOGITS = torch.zeros(1, 1, 1)  # Collator.get_cache wants logits; the scores are already computed
 
 
 # ------------------------------------------------------------------------------------ the LM
@@ -50,7 +53,8 @@ class LitGPTLM(TemplateLM):
 
     def __init__(self, checkpoint: str | Path, batch_size: int | str = 8, device: str | None = None,
                  dtype: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
-                 prompt_style: str = "auto", logits_cache: bool = True, **kwargs) -> None:
+                 prompt_style: str = "auto", logits_cache: bool = True, shared_context: bool = True,
+                 **kwargs) -> None:
         super().__init__()
         loaded = inference.load(checkpoint, device=device, dtype=dtype, prompt_style=prompt_style, who="onegpu eval")
         self.checkpoint, self.base = loaded.ref.path, loaded.ref.base
@@ -64,6 +68,8 @@ class LitGPTLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.logits_cache = logits_cache
         self.vocab_size = self.model.config.vocab_size
+        self.shared_context = shared_context
+        self.scorer = SharedContextScorer(self.model, self.tokenizer.pad_token_id, self.batch_size_per_gpu)
 
     # lm-eval plumbing ---------------------------------------------------------------------
     @property
@@ -111,7 +117,8 @@ class LitGPTLM(TemplateLM):
 
     # loglikelihood ------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        res = []
+        """HFLM's request order, batches and one-token-continuation reuse; the scores come from
+        :meth:`_score_batches` (shared contexts, or one plain forward per batch)."""
 
         def _collate(req):
             toks = req[1] + req[2]
@@ -122,38 +129,52 @@ class LitGPTLM(TemplateLM):
 
         re_ord = Collator(requests, sort_fn=_collate, group_by="contexts" if self.logits_cache else None,
                           group_fn=_lookup_one_token_cont)
-        batch_size = override_bs or self.batch_size_per_gpu
+        batches = list(re_ord.get_batched(n=override_bs or self.batch_size_per_gpu))
+        sharing: dict[tuple, dict[tuple[int, ...], None]] = {}  # requests scored from one row's logits
+        for req in requests:
+            key = tuple(_lookup_one_token_cont(req)) if self.logits_cache else (tuple(req[1]), tuple(req[2]))
+            sharing.setdefault(key, {})[tuple(req[2])] = None
+        scored = []
+        for chunk in batches:
+            inps = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
+            kv_len = max(len(inp) for inp in inps)  # HFLM right-pads the batch to its longest row
+            keys = [tuple(_lookup_one_token_cont(r)) if self.logits_cache else (tuple(r[1]), tuple(r[2]))
+                    for r in chunk]
+            scored.append([ScoreRequest(inp, kv_len, len(inp) - len(cont), [list(c) for c in sharing[key]])
+                           for inp, (_, _, cont), key in zip(inps, chunk, keys)])
+        answers = self._score_batches(scored, disable_tqdm)
+        res = []
         pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood", leave=False)
-        for chunk in re_ord.get_batched(n=batch_size):
-            inps, cont_toks_list, inplens = [], [], []
-            for _, context_enc, continuation_enc in chunk:
-                # Truncate from the left when too long, then drop the last token (it predicts nothing).
-                inp = torch.tensor((context_enc + continuation_enc)[-(self.max_length + 1):][:-1], dtype=torch.long,
-                                   device=self.device)
-                inps.append(inp)
-                cont_toks_list.append(continuation_enc)
-                inplens.append(inp.shape[0])
-            padding_len = max(inplens)
-            batched = pad_and_concat(padding_len, inps, padding_side="right")
-            multi_logits = F.log_softmax(self.logits(batched).float(), dim=-1)
-            for (request_str, ctx_tokens, _), logits, inplen, cont_toks in zip(chunk, multi_logits, inplens,
-                                                                               cont_toks_list):
-                contlen = len(cont_toks)
-                ctx_len = inplen + (logits.shape[0] - padding_len)
-                logits = logits[ctx_len - contlen: ctx_len].unsqueeze(0)
-                greedy_tokens = logits.argmax(dim=-1)
-                for request_str, cont_toks, logits in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_tokens,
-                                                                       cont_toks=cont_toks, logits=logits):
-                    cont = torch.tensor(cont_toks, dtype=torch.long, device=self.device).unsqueeze(0)
-                    max_equal = (greedy_tokens[:, -cont.shape[1]:] == cont).all()
-                    picked = torch.gather(logits, 2, cont.unsqueeze(-1)).squeeze(-1)
-                    answer = (float(picked.sum()), bool(max_equal))
-                    res.append(answer)
+        for chunk, chunk_answers in zip(batches, answers):
+            for (request_str, ctx_tokens, cont_toks), by_cont in zip(chunk, chunk_answers):
+                for request_str, cont_toks, _ in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_tokens,
+                                                                  cont_toks=cont_toks, logits=_NO_LOGITS):
+                    result = by_cont[tuple(cont_toks)]
+                    res.append(result)
                     if request_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                        self.cache_hook.add_partial("loglikelihood", request_str, result)
                     pbar.update(1)
         pbar.close()
         return re_ord.get_original(res)
+
+    def _score_batches(self, batches: list[list[ScoreRequest]], disable_tqdm: bool = True) -> list[list[dict]]:
+        """{continuation: (log-likelihood, is greedy)} per request: batches holding a shape the
+        shared-context scorer cannot reproduce (see ``SharedContextScorer.can_score``) plainly."""
+        plain = [not self.shared_context or not all(self.scorer.can_score(r) for r in b) for b in batches]
+        shared = [r for b, p in zip(batches, plain) if not p for r in b]
+        answers = iter(self.scorer.score(shared) if shared else [])
+        return [self._score_plain(b) if p else [next(answers) for _ in b] for b, p in zip(batches, plain)]
+
+    def _score_plain(self, batch: list[ScoreRequest]) -> list[dict]:
+        """HFLM's way: the batch right-padded, one full forward, log-softmax at every position."""
+        inps = [torch.tensor(r.tokens, dtype=torch.long, device=self.device) for r in batch]
+        batched = pad_and_concat(batch[0].kv_len, inps, padding_side="right")
+        multi_logits = F.log_softmax(self.logits(batched).float(), dim=-1)
+        out = []
+        for r, logits in zip(batch, multi_logits):
+            logits = logits[r.first: len(r.tokens)].unsqueeze(0)
+            out.append({tuple(c): answer(logits, c) for c in r.continuations})
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         all_windows, counts = [], []

@@ -23,6 +23,10 @@ The rules both paths must apply the same way live here and nowhere else:
 * prompt format (:func:`resolve_prompt_style`): litgpt's ``prompt_style.yaml`` travels with the
   checkpoint; ``auto`` finds it (in the dir, else in the adapter's base), ``raw`` ignores it, a
   name forces one.
+
+Both then run the model through :class:`onegpu.kvcache.CachedForward` (K/V-cache rows any forward
+can address, the LM head only where logits are needed): the server's continuous batching, chunked
+prefill and prefix cache, and validation's shared-context scoring (``eval/shared_context.py``).
 """
 
 from __future__ import annotations

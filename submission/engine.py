@@ -5,8 +5,12 @@ How a request flows:
 1. The HTTP handler tokenizes the prompt and calls :meth:`Engine.submit`, which returns a
    ``concurrent.futures.Future``.
 2. The worker thread admits waiting requests into free *slots* of a KV cache with
-   ``max_batch_size`` rows, prefills each (one forward over its prompt) and samples its first
-   token.
+   ``max_batch_size`` rows and prefills them in groups of similar length, ``prefill_chunk``
+   prompt tokens per forward, one chunk between two decode steps (a new 1,500-token 5-shot prompt
+   does not stall the running rows for its whole prefill); then it samples the first token. A
+   prompt whose leading 64-token blocks are in the prefix cache (HELM's few-shot examples, sent
+   again with every instance) gets their K/V copied and computes only the rest; ``stats``
+   (``/health``) counts those hits.
 3. Every step it runs ONE batched forward of one token for all active slots (each row at its own
    position: litgpt's ``input_pos`` of shape ``(B, 1)``), samples per row with the row's own
    temperature/top-k/top-p/seed, and checks EOS and stop sequences.
@@ -32,64 +36,23 @@ import queue
 import random
 import threading
 from concurrent.futures import Future
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from litgpt.model import KVCache
-from torch import nn
-
 from onegpu import inference
 from onegpu.errors import UserError
+from onegpu.kvcache import CachedForward
 
 GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
 MAX_TOP_LOGPROBS = 20
-PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens prefilled in one forward
+PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens of one prefill group
+PREFILL_CHUNK = 256  # prompt tokens per prefill forward between two decode steps (0: whole prompts)
 
 
 # ----------------------------------------------------------------------------------------------
-# The KV cache
-
-
-class SlotKVCache(KVCache):
-    """litgpt's KV cache layout ``(rows, groups, positions, head)``, addressable from any row.
-
-    ``row_start`` says which cache row the forward's batch row 0 is (set by the engine before
-    each forward), so a prompt can be prefilled straight into a free slot. Decode steps write one
-    position per row with one indexed assignment instead of litgpt's per-row loop.
-    """
-
-    def __init__(self, k_shape, v_shape, device, dtype):
-        nn.Module.__init__(self)  # KVCache.__init__ would allocate the same buffers
-        self.register_buffer("k", torch.zeros(k_shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(v_shape, device=device, dtype=dtype), persistent=False)
-        self.is_sliding_window = False
-        self.sliding_window_size = None
-        self.max_cache_len = k_shape[2]
-        self.row_start = 0
-
-    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        bs = k.size(0)
-        k_buf = self.k[self.row_start:self.row_start + bs]
-        v_buf = self.v[self.row_start:self.row_start + bs]
-        k, v = k.to(k_buf.dtype), v.to(v_buf.dtype)
-        if input_pos.dim() == 1:  # prefill: the same positions for every row
-            k_buf.index_copy_(2, input_pos, k)
-            v_buf.index_copy_(2, input_pos, v)
-        elif input_pos.size(1) == 1:  # decode: one new position per row
-            rows = torch.arange(bs, device=k.device)
-            k_buf[rows, :, input_pos[:, 0]] = k[:, :, 0]
-            v_buf[rows, :, input_pos[:, 0]] = v[:, :, 0]
-        else:
-            for i in range(bs):
-                k_buf[i].index_copy_(1, input_pos[i], k[i])
-                v_buf[i].index_copy_(1, input_pos[i], v[i])
-        return k_buf, v_buf
-
-    def reset_parameters(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
+# The prefix cache
 
 
 class PrefixCache:
@@ -182,15 +145,29 @@ class GenRequest:
     stop_text_cut: int | None = None
 
 
+@dataclass
+class Prefill:
+    """A group of prompts being prefilled, chunk by chunk, into the cache rows after the running ones."""
+
+    group: list[GenRequest]
+    offsets: list[int]          # prompt tokens each row got from the prefix cache
+    first_row: int              # cache row of group[0]
+    done: int = 0               # suffix tokens computed in every row
+    last: dict = field(default_factory=dict)  # row -> hidden state of its prompt's last token
+    echo_hidden: dict = field(default_factory=lambda: defaultdict(list))  # row -> hidden chunks (echo)
+
+
 class Engine:
     """Loads a checkpoint and serves generation requests from a background thread."""
 
     def __init__(self, checkpoint: Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
                  max_seq_length: int = 2048, quantize: str | None = None, prompt_style: str = "auto",
                  num_threads: int | None = None, base_checkpoint: Path | None = None,
-                 prefix_cache_mb: int = 1024):
+                 prefix_cache_mb: int = 1024, prefill_chunk: int = PREFILL_CHUNK):
         if max_batch_size < 1:
             raise UserError(f"max_batch_size={max_batch_size}", fix="use 1 or more")
+        if prefill_chunk < 0:
+            raise UserError(f"prefill_chunk={prefill_chunk}", fix="use 0 (whole prompts) or more tokens")
         if num_threads:
             torch.set_num_threads(num_threads)
         # model, tokenizer (BOS rule), dtype and prompt style: the same loader as `onegpu eval val`
@@ -202,22 +179,11 @@ class Engine:
         config = self.model.config
         self.max_seq_length = min(max_seq_length, config.block_size)
         self.vocab_size = config.vocab_size
-        self.softcap = config.final_logit_softcapping
-        # lm_head runs only where logits are needed (see module docstring)
-        self.lm_head = self.model.lm_head
-        self.model.lm_head = nn.Identity()
-        self.model.config.final_logit_softcapping = None
         self.max_batch_size = max_batch_size
-        self.model.max_seq_length = self.max_seq_length
-        with torch.device(self.device):
-            self.model.set_kv_cache(batch_size=1, max_seq_length=self.max_seq_length)  # mask + rope caches
-        self.caches: list[SlotKVCache] = []
-        for block in self.model.transformer.h:
-            ref = block.attn.kv_cache
-            k_shape = (max_batch_size,) + tuple(ref.k.shape[1:])
-            v_shape = (max_batch_size,) + tuple(ref.v.shape[1:])
-            block.attn.kv_cache = SlotKVCache(k_shape, v_shape, self.device, self.dtype)
-            self.caches.append(block.attn.kv_cache)
+        # one K/V-cache row per slot, lm_head only where logits are needed (see module docstring):
+        # the same cached forward as `eval val`'s shared-context scoring
+        self.forward = CachedForward(self.model, rows=max_batch_size, max_seq_length=self.max_seq_length)
+        self.caches = self.forward.caches
         self.prefix_cache = PrefixCache(self.caches, budget_bytes=prefix_cache_mb << 20)
 
         self.eos_id = self.tokenizer.eos_id
@@ -225,9 +191,13 @@ class Engine:
                                              else ([self.eos_id],)) if s]
         self.stop_token_seqs = [s for s in stop_token_seqs if all(t is not None for t in s)]
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
-        self._active: list[GenRequest] = []
+        self._active: list[GenRequest] = []      # decoding, in cache rows 0..n-1
+        self._waiting: list[GenRequest] = []     # taken off the queue, not yet prefilling
+        self._prefill: Prefill | None = None     # the group being prefilled, in rows n..
+        self.prefill_chunk = prefill_chunk
         self._stopping = False
-        self.stats = {"requests": 0, "steps": 0, "max_batch": 0, "prefix_tokens_reused": 0}
+        self.stats = {"requests": 0, "steps": 0, "max_batch": 0, "prefill_chunks": 0, "prefix_hits": 0,
+                      "prefix_tokens_reused": 0}
         self._worker = threading.Thread(target=self._run, name="onegpu-engine", daemon=True)
         self._worker.start()
         atexit.register(self.shutdown)  # a daemon thread inside torch at interpreter exit aborts it
@@ -295,7 +265,7 @@ class Engine:
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Next-token logits (T, vocab) at every position of ``ids``: one plain forward, no KV cache
         and no batching, i.e. what the loaded model computes (to compare with `eval val`'s)."""
-        return self._logits(self.model(torch.tensor([ids], dtype=torch.long, device=self.device))[0])
+        return self.forward.logits(self.model(torch.tensor([ids], dtype=torch.long, device=self.device))[0])
 
     def submit(self, request: GenRequest) -> Future:
         if self._stopping:
@@ -319,6 +289,10 @@ class Engine:
                 try:
                     if not self._admit():
                         return
+                    if self._prefill is None and self._waiting:
+                        self._prefill = self._start_prefill()
+                    if self._prefill is not None:  # one chunk, then a decode step for the running rows
+                        self._prefill_chunk(self._prefill)
                     if self._active:
                         self._step()
                 except Exception as err:  # never let one bad batch kill the server: fail its requests
@@ -328,31 +302,52 @@ class Engine:
                     self._active = []
 
     def _admit(self) -> bool:
-        """Move waiting requests into free slots (blocking when idle). False once shut down."""
-        incoming: list[GenRequest] = []
-        while len(self._active) + len(incoming) < self.max_batch_size:
+        """Take waiting requests off the queue while slots are free (blocking when idle). False once
+        shut down."""
+        idle = not self._active and not self._waiting and self._prefill is None
+        while len(self._active) + len(self._waiting) + (len(self._prefill.group) if self._prefill else 0) \
+                < self.max_batch_size:
             try:
-                req = self._queue.get(block=not self._active and not incoming)
+                req = self._queue.get(block=idle)
             except queue.Empty:
                 break
+            idle = False
             if req is None:
-                for waiting in incoming:
+                for waiting in self._waiting:
                     waiting.future.set_exception(RuntimeError("the server is shutting down"))
                 return False
-            incoming.append(req)
-        for req in incoming:  # echo needs every prompt position's logits: no reuse there
-            req.cached_keys = [] if req.echo else self.prefix_cache.lookup(req.prompt_ids)
-        # prompts of similar (uncached) length are prefilled together (one weight pass for several)
-        incoming.sort(key=self._suffix_len)
-        group: list[GenRequest] = []
-        for req in incoming:
-            if group and not self._fits(group, req):
-                self._prefill_group(group)
-                group = []
-            group.append(req)
-        if group:
-            self._prefill_group(group)
+            self._waiting.append(req)
         return True
+
+    def _start_prefill(self) -> Prefill:
+        """The next group of waiting prompts to prefill: those of similar uncached length (one
+        weight pass for several). Looked up in the prefix cache now, so a prompt waiting behind
+        another with the same few-shot examples finds them."""
+        for req in self._waiting:  # echo needs every prompt position's logits: no reuse there
+            req.cached_keys = [] if req.echo else self.prefix_cache.lookup(req.prompt_ids)
+        self._waiting.sort(key=self._suffix_len)
+        group, later, first_blocks = [], [], set()
+        for req in self._waiting:
+            # a prompt whose next uncached block another prompt of the group computes waits for it
+            block = self._first_uncached_block(req)
+            if group and ((block is not None and block in first_blocks) or not self._fits(group, req)):
+                later.append(req)
+                continue
+            group.append(req)
+            first_blocks.add(block)
+        self._waiting = later
+        first_row = len(self._active)
+        offsets = [self.prefix_cache.load(r.cached_keys, first_row + i) for i, r in enumerate(group)]
+        self.stats["prefix_tokens_reused"] += sum(offsets)
+        self.stats["prefix_hits"] += sum(1 for off in offsets if off)
+        return Prefill(group, offsets, first_row)
+
+    def _first_uncached_block(self, req: GenRequest) -> tuple | None:
+        """The prompt up to the end of its first block not in the prefix cache (None: none to share)."""
+        end = (len(req.cached_keys) + 1) * self.prefix_cache.block
+        if req.echo or self.prefix_cache.capacity < 1 or end >= len(req.prompt_ids):
+            return None
+        return tuple(req.prompt_ids[:end])
 
     def _suffix_len(self, req: GenRequest) -> int:
         return len(req.prompt_ids) - len(req.cached_keys) * self.prefix_cache.block
@@ -366,53 +361,62 @@ class Engine:
                      for r in group + [req])
         return inside and padded <= PREFILL_TOKEN_BUDGET and padded <= 1.25 * real + 64
 
-    def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor, row_start: int, maxp1: int) -> torch.Tensor:
-        for cache in self.caches:
-            cache.row_start = row_start
-        return self.model(idx, input_pos=input_pos, input_pos_maxp1=maxp1)
+    def _prefill_chunk(self, pf: Prefill) -> None:
+        """One forward over the next chunk of the group's prompts (right-padded), in the cache rows
+        after the running ones; the last chunk moves the group into the running batch.
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits[..., : self.vocab_size]
-
-    def _prefill_group(self, group: list[GenRequest]) -> None:
-        """One forward over the group's prompts (right-padded) into the next free cache rows.
-
-        A prompt whose first blocks are in the prefix cache gets them copied into its row and only
-        the rest computed (each row then has its own positions). Padding writes junk K/V after a
-        short prompt's end; its first decode step overwrites that position before attending to it,
-        and the causal mask hides the rest.
+        ``prefill_chunk`` prompt tokens per forward (0: the whole prompt), so a long prompt costs the
+        running rows one chunk of waiting per decode step, not a whole prefill. Rows a finished
+        request freed meanwhile are closed up by moving the group's rows down. Padding writes junk
+        K/V after a short prompt's end; its first decode step overwrites that position before
+        attending to it, and the causal mask hides the rest.
         """
-        first_row = len(self._active)
-        pad = self.eos_id if self.eos_id is not None else 0
         try:
-            offsets = [self.prefix_cache.load(r.cached_keys, first_row + i) for i, r in enumerate(group)]
-            self.stats["prefix_tokens_reused"] += sum(offsets)
-            suffixes = [r.prompt_ids[off:] for r, off in zip(group, offsets)]
+            if pf.first_row != len(self._active):  # running rows finished: keep all rows packed
+                for i, off in enumerate(pf.offsets):
+                    self.forward.copy_row(pf.first_row + i, len(self._active) + i, off + pf.done)
+                pf.first_row = len(self._active)
+            suffixes = [r.prompt_ids[off:] for r, off in zip(pf.group, pf.offsets)]
             longest = max(len(x) for x in suffixes)
-            idx = torch.tensor([x + [pad] * (longest - len(x)) for x in suffixes], dtype=torch.long,
-                               device=self.device)
-            if any(offsets):
-                pos = torch.tensor([[off + j for j in range(longest)] for off in offsets], device=self.device)
+            per_row = max(16, self.prefill_chunk // len(pf.group)) if self.prefill_chunk else longest
+            start, stop = pf.done, min(longest, pf.done + per_row)
+            pad = self.eos_id if self.eos_id is not None else 0
+            idx = torch.tensor([(x[start:stop] + [pad] * (stop - start))[: stop - start] for x in suffixes],
+                               dtype=torch.long, device=self.device)
+            if any(pf.offsets):
+                pos = torch.tensor([list(range(off + start, off + stop)) for off in pf.offsets], device=self.device)
             else:
-                pos = torch.arange(longest, device=self.device)
-            hidden = self._hidden(idx, pos, first_row, max(offsets) + longest)  # (k, T, C)
-            last = torch.stack([hidden[i, len(x) - 1] for i, x in enumerate(suffixes)])
-            logprobs = torch.log_softmax(self._logits(last), dim=-1)  # (k, V)
-            for i, req in enumerate(group):
-                self.stats["requests"] += 1
-                seed = req.seed if req.seed is not None else random.getrandbits(62)
-                req.generator = torch.Generator(device=self.device).manual_seed(seed)
-                req.position = len(req.prompt_ids)
-                self.prefix_cache.store(req.prompt_ids, first_row + i)
+                pos = torch.arange(start, stop, device=self.device)
+            hidden = self.forward.hidden(idx, pos, pf.first_row, max(pf.offsets) + stop)  # (k, T, C)
+            self.stats["prefill_chunks"] += 1
+            for i, (req, x) in enumerate(zip(pf.group, suffixes)):
+                if start < len(x) <= stop:
+                    pf.last[i] = hidden[i, len(x) - 1 - start]
                 if req.echo:
-                    self._score_prompt(req, hidden[i, : len(req.prompt_ids)])
+                    pf.echo_hidden[i].append(hidden[i, : max(0, min(stop, len(x)) - start)])
+            pf.done = stop
+            if stop == longest:
+                self._prefill = None
+                self._finish_prefill(pf)
         except Exception as err:
-            for req in group:
-                req.future.set_exception(err)
-            return
+            self._prefill = None
+            for req in pf.group:
+                if not req.future.done():
+                    req.future.set_exception(err)
+
+    def _finish_prefill(self, pf: Prefill) -> None:
+        """The group's prompts are in its cache rows: sample each one's first token, join the batch."""
+        group = pf.group
+        logprobs = torch.log_softmax(self.forward.logits(torch.stack([pf.last[i] for i in range(len(group))])),
+                                     dim=-1)  # (k, V)
+        for i, req in enumerate(group):
+            self.stats["requests"] += 1
+            seed = req.seed if req.seed is not None else random.getrandbits(62)
+            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+            req.position = len(req.prompt_ids)
+            self.prefix_cache.store(req.prompt_ids, pf.first_row + i)
+            if req.echo:
+                self._score_prompt(req, torch.cat(pf.echo_hidden[i])[: len(req.prompt_ids)])
         self._active.extend(group)  # rows first_row.. hold their caches now
         for i, req in enumerate(group):
             if req.max_new_tokens == 0:
@@ -432,7 +436,7 @@ class Engine:
             entries.append({"text": texts[0], "logprob": 0.0, "top_logprob": {}})
         for start in range(0, len(ids) - 1, 256):  # chunks bound the (T, vocab) logits
             stop = min(start + 256, len(ids) - 1)
-            logprobs = torch.log_softmax(self._logits(hidden[start:stop]), dim=-1)
+            logprobs = torch.log_softmax(self.forward.logits(hidden[start:stop]), dim=-1)
             targets = torch.tensor(ids[start + 1: stop + 1], device=logprobs.device)
             chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
             top = self._top(logprobs, req.top_logprobs)
@@ -460,8 +464,8 @@ class Engine:
         idx = torch.tensor([[r.out_ids[-1]] for r in self._active], dtype=torch.long, device=self.device)
         pos = torch.tensor([[r.position] for r in self._active], dtype=torch.long, device=self.device)
         maxp1 = int(pos.max()) + 1
-        hidden = self._hidden(idx, pos, 0, maxp1)[:, -1]  # (n, C)
-        logprobs = torch.log_softmax(self._logits(hidden), dim=-1)
+        hidden = self.forward.hidden(idx, pos, 0, maxp1)[:, -1]  # (n, C)
+        logprobs = torch.log_softmax(self.forward.logits(hidden), dim=-1)
         for r in self._active:
             r.position += 1
         for row, req in list(enumerate(self._active)):
@@ -524,9 +528,7 @@ class Engine:
             last = len(self._active) - 1
             if row != last:  # keep active rows packed: move the last row's cache into this slot
                 moved = self._active[last]
-                for cache in self.caches:
-                    cache.k[row, :, : moved.position] = cache.k[last, :, : moved.position]
-                    cache.v[row, :, : moved.position] = cache.v[last, :, : moved.position]
+                self.forward.copy_row(last, row, moved.position)
                 self._active[row] = moved
             self._active.pop()
         try:

@@ -221,7 +221,8 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
           max_batch_size: int | None = None,
           max_seq_length: int = 2048, quantize: Quantize | None = None,
           wandb_artifact: str | None = None, hub_model: str | None = None, base_checkpoint: Path | None = None,
-          num_threads: int | None = None, prefix_cache_mb: int = 1024, access_log: bool = False) -> None:
+          num_threads: int | None = None, prefix_cache_mb: int = 1024, prefill_chunk: int = 256,
+          access_log: bool = False) -> None:
     """Serve a checkpoint over the challenge's HTTP API until interrupted.
 
     Exactly one model source: ``--checkpoint`` (a litgpt checkpoint dir, or a LoRA adapter dir
@@ -257,6 +258,8 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
         num_threads: torch CPU threads (default: torch's choice).
         prefix_cache_mb: memory for K/V of recent prompt prefixes (HELM repeats the same few-shot
             examples in every prompt of a scenario; those are computed once). 0 turns it off.
+        prefill_chunk: prompt tokens computed per forward between two decode steps, so a long new
+            prompt does not stall the running requests (0: each prompt group in one forward).
         access_log: log every HTTP request.
     """
     import os
@@ -302,7 +305,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     engine = Engine(Path(checkpoint), device=device, dtype=dtype, max_batch_size=max_batch_size,
                     max_seq_length=max_seq_length, quantize=quantize, prompt_style=prompt_style,
                     num_threads=num_threads, base_checkpoint=Path(base_checkpoint) if base_checkpoint else None,
-                    prefix_cache_mb=prefix_cache_mb)
+                    prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk)
     kv_gb = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in engine.caches) / 1e9
     print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
           f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}, KV cache {kv_gb:.2f} GB, "

@@ -75,3 +75,38 @@ def test_stop_strings_and_batching(models):
     assert batched == one_by_one
     assert all("\n" not in text for text in batched)
 
+
+
+@pytest.mark.parametrize("task,kw", [("onegpu_truthfulqa_mc1", dict(limit=3)),          # 6-shot preamble, long lists
+                                     ("onegpu_bbq", dict(limit=3)),                     # shared contexts
+                                     ("onegpu_mmlu_philosophy", dict(limit=2, num_fewshot=5))])
+def test_shared_context_scores_are_bit_identical_to_hflm(models, task, kw):
+    """Each context computed once (``shared_context``, the default) gives HFLM's log-likelihoods and
+    greedy flags to the last bit, on offline-suite tasks and 5-shot MMLU, while computing fewer
+    positions than there are in the requests."""
+    ours, theirs = models
+    assert ours.shared_context
+    before = dict(ours.scorer.stats)
+    a = _evaluate(ours, task, **kw)
+    b = _evaluate(theirs, task, **kw)
+    resps_a = [(float(r[0][0]), bool(r[0][1])) for s in a["samples"][task] for r in s["resps"]]
+    resps_b = [(float(r[0][0]), bool(r[0][1])) for s in b["samples"][task] for r in s["resps"]]
+    assert len(resps_a) == len(resps_b) >= 6
+    assert resps_a == resps_b
+    computed = ours.scorer.stats["positions_computed"] - before["positions_computed"]
+    positions = ours.scorer.stats["positions"] - before["positions"]
+    assert positions > 0 and computed < positions, ours.scorer.stats
+
+
+def test_shared_context_matches_the_plain_batched_forward(models):
+    """The same requests scored with ``shared_context=False`` (HFLM's batched forward on the litgpt
+    model): identical to the last bit."""
+    ours, _ = models
+    task, kw = "onegpu_bigbench_emoji_movie", dict(limit=3)
+    shared = _evaluate(ours, task, **kw)
+    ours.shared_context = False
+    try:
+        plain = _evaluate(ours, task, **kw)
+    finally:
+        ours.shared_context = True
+    assert [s["resps"] for s in shared["samples"][task]] == [s["resps"] for s in plain["samples"][task]]

@@ -25,9 +25,10 @@ FRANCE = "The capital of France is "  # the organizers' start-up probe
 @pytest.fixture(scope="module")
 def server(bundled_checkpoint):
     # a 512-token context keeps the over-long-prompt test cheap on CPU (the default is HELM's 2048);
-    # one torch thread: on a shared 2-core box two OpenMP threads make small matmuls ~10x slower
+    # one torch thread: on a shared 2-core box two OpenMP threads make small matmuls ~10x slower;
+    # 64-token prefill chunks: every prompt over 64 tokens below is prefilled in several forwards
     with running_server(bundled_checkpoint, "--prompt_style", "raw", "--max_batch_size", "16",
-                        "--max_seq_length", "512", "--num_threads", "1") as base_url:
+                        "--max_seq_length", "512", "--num_threads", "1", "--prefill_chunk", "64") as base_url:
         yield base_url
 
 
@@ -133,6 +134,39 @@ def test_shared_prefix_is_reused_exactly(client, reference):
     full = tokenizer.processor.decode(ref_ids, skip_special_tokens=False)
     assert result["text"] == full.split("\n")[0]
     assert [t["logprob"] for t in result["tokens"]] == pytest.approx(ref_logprobs[: len(result["tokens"])], abs=2e-4)
+
+
+def test_chunked_prefill_matches_whole_prompts_and_prefix_hits_are_counted(client, bundled_checkpoint):
+    # 5-shot prompts sharing their examples (~300 tokens), sent at once as HELM does
+    shots = "".join(f"Question: A shop sells {a} apples and {b} pears. How many fruits does it sell?\n"
+                    f"Answer: {a} + {b} = {a + b}. The answer is {a + b}.\n\n"
+                    for a, b in [(12, 7), (3, 30), (41, 9), (5, 5), (18, 22)])
+    prompts = [shots + f"Question: A shop sells {a} apples and {a + 4} pears. How many fruits does it sell?\nAnswer:"
+               for a in (2, 9, 14, 27)]
+    body = dict(temperature=1e-7, max_new_tokens=12, stop_sequences=["\n"], top_k_per_token=2)
+    before = client.get("/health").json()["stats"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        chunked = list(pool.map(lambda p: process(client, prompt=p, **body), prompts))
+    stats = client.get("/health").json()["stats"]
+    # one prompt computes the shared examples; the others wait for it and hit the prefix cache
+    assert stats["prefix_hits"] - before["prefix_hits"] >= len(prompts) - 1, stats
+    from litgpt.tokenizer import Tokenizer
+
+    ids = [Tokenizer(bundled_checkpoint).encode(p).tolist() for p in prompts]
+    shared = next(i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1)
+    assert stats["prefix_tokens_reused"] - before["prefix_tokens_reused"] >= (len(prompts) - 1) * (shared // 64 * 64)
+    assert stats["prefill_chunks"] - before["prefill_chunks"] >= 5, stats  # ~300 tokens in 64-token chunks
+    # the same prompts prefilled whole, one at a time, without the prefix cache: the same completions
+    with running_server(bundled_checkpoint, "--prompt_style", "raw", "--max_batch_size", "4", "--max_seq_length",
+                        "512", "--num_threads", "1", "--prefill_chunk", "0", "--prefix_cache_mb", "0") as plain_url:
+        with httpx.Client(base_url=plain_url, timeout=300) as plain:
+            whole = [process(plain, prompt=p, **body) for p in prompts]
+            assert plain.get("/health").json()["stats"]["prefix_hits"] == 0
+    for a, b in zip(chunked, whole):
+        assert_consistent(a)
+        assert a["text"] == b["text"] and a["text"]
+        assert [t["logprob"] for t in a["tokens"]] == pytest.approx([t["logprob"] for t in b["tokens"]], abs=2e-4)
+        assert [list(t["top_logprob"]) for t in a["tokens"]] == [list(t["top_logprob"]) for t in b["tokens"]]
 
 
 def test_echo_prompt_logprobs_are_next_token_logprobs(client, reference):
