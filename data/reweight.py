@@ -177,7 +177,8 @@ def reweight(results: list[Path] | None = None, recipe: Path | None = None, out:
         s["weight"] = changes[s["name"]]["new_weight"]
     rebase_paths(raw, recipe.parent, out.parent)
     raw["name"] = out.stem
-    header = comment_block(recipe, results, affinity, weakness, unknown, changes, rate, max_step, floor)
+    kept = [s["name"] for s in raw["sources"] if "weight" not in s]
+    header = comment_block(recipe, results, affinity, weakness, unknown, changes, rate, max_step, floor, kept)
     text = header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
@@ -196,7 +197,8 @@ def rebase_paths(raw: dict[str, Any], old_dir: Path, new_dir: Path) -> None:
 
 
 def comment_block(recipe: Path, results: list[Path], affinity: Path, weakness: dict[str, float], unknown: list[str],
-                  changes: dict[str, dict[str, float]], rate: float, max_step: float, floor: float) -> str:
+                  changes: dict[str, dict[str, float]], rate: float, max_step: float, floor: float,
+                  kept: list[str]) -> str:
     """What changed and why, as YAML comments at the top of the new recipe."""
     mean_pull = sum(c["old_share"] * c["pull"] for c in changes.values())
     lines = [f"Reweighted by `onegpu data reweight` from {recipe}",
@@ -205,6 +207,8 @@ def comment_block(recipe: Path, results: list[Path], affinity: Path, weakness: d
              f"max({floor}, share - {max_step}), share + {max_step}), shares sum to 1",
              "weakness (1 - score) per task family: "
              + ", ".join(f"{f} {w:.3f}" for f, w in sorted(weakness.items(), key=lambda x: -x[1]))]
+    if kept:
+        lines.append(f"unchanged (count/tokens sources keep their size): {', '.join(kept)}")
     if unknown:
         lines.append(f"not used (no family in the affinity table): {', '.join(unknown)}")
     lines.append(f"{'source':<22} {'share':>15} {'weight':>17}  pull   why")

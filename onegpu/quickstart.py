@@ -43,6 +43,7 @@ def _steps(out: Path, checkpoint: Path) -> list[Step]:
              final / "lit_model.pth"),
         Step("validation (lm-eval, offline suite)", ["eval", "val", "--checkpoint", str(final), "--suite", "offline",
                                                      "--out", str(val)], val / "results.json"),
+        *loop_turn_steps(out),
         Step("test (HELM, offline synthetic conf)", ["eval", "helm", "--checkpoint", str(final), "--conf", "offline",
                                                      "--out", str(helm)], helm / "results.json"),
         # The sweep YAML names no data dir of its own: point its trials at this mix.
@@ -54,13 +55,45 @@ def _steps(out: Path, checkpoint: Path) -> list[Step]:
     ]
 
 
+# ------------------------------------------------------------ one turn of the loop (eval-guided mixing)
+# build -> fine-tune -> val (above) -> reweight -> rebuild: the validation scores choose the next mix.
+# Cheap on purpose: the mix is rebuilt, not fine-tuned on again (that is the next turn, by hand).
+LOOP_TURN_KEYS = ("reweight", "rebuild")
+
+
+def loop_turn_steps(out: Path) -> list[Step]:
+    """``data reweight`` from the validation results, then ``data build`` of the new recipe."""
+    recipe, new_recipe, new_data = stage_dir("data") / "recipes/quickstart.yaml", out / "recipe-r2.yaml", out / "data-r2"
+    return [
+        Step("reweight the mix from the validation scores",
+             ["data", "reweight", "--results", str(out / "eval-val"), "--recipe", str(recipe), "--out", str(new_recipe)],
+             new_recipe),
+        Step("rebuild the mix (the next turn's data)", ["data", "build", str(new_recipe), "--out", str(new_data)],
+             new_data / "manifest.json"),
+    ]
+
+
+def loop_turn_lines(out: Path) -> list[str]:
+    """What the turn changed (the new recipe's comment block) and the next command."""
+    new_recipe = out / "recipe-r2.yaml"
+    if not new_recipe.is_file():
+        return []
+    header = [line[2:] for line in new_recipe.read_text(encoding="utf-8").split("\n\n")[0].splitlines()]
+    return ["", "One turn of the loop (build -> fine-tune -> val -> reweight -> rebuild):",
+            *(f"  {line}" for line in header[3:]),
+            f"  next turn: onegpu finetune --config {stage_dir('finetune') / 'configs/cpu-quickstart.yaml'} "
+            f"--data {out / 'data-r2'} --out_dir {out / 'finetune-r2'}"]
+# ------------------------------------------------------------ end of the loop turn
+
+
 def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: list[str] | None = None) -> int:
     """Run the whole pipeline on the bundled model (offline, CPU, W&B offline).
 
     Args:
         out: where every step writes its run dir.
         fresh: delete ``out`` first instead of resuming the steps already done.
-        skip: step names to leave out (``data``, ``finetune``, ``val``, ``helm``, ``sweep``, ``report``).
+        skip: step names to leave out (``data``, ``finetune``, ``val``, ``reweight``, ``rebuild``, ``helm``,
+            ``sweep``, ``report``).
     """
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(out).resolve()
@@ -68,7 +101,7 @@ def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: l
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(skip or [])
-    known = {"data", "finetune", "val", "helm", "sweep", "report"}
+    known = {"data", "finetune", "val", *LOOP_TURN_KEYS, "helm", "sweep", "report"}
     if skip - known:
         raise UserError(f"unknown step(s) to skip: {sorted(skip - known)}", fix=f"choose from {sorted(known)}")
 
@@ -77,7 +110,7 @@ def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: l
     started = time.time()
     print("== [0] bundled model: onegpu model prepare", flush=True)
     checkpoint = prepare()
-    keys = ["data", "finetune", "val", "helm", "sweep", "report"]
+    keys = ["data", "finetune", "val", *LOOP_TURN_KEYS, "helm", "sweep", "report"]
     timings: dict[str, float] = {}
     for key, step in zip(keys, _steps(out, checkpoint)):
         if key in skip:
@@ -130,6 +163,7 @@ def _print_summary(out: Path, seconds: float, timings: dict[str, float]) -> None
         lines.append(f"  validation score (mean over tasks): {val.get('val_score')}")
     if helm:
         lines.append(f"  HELM test score (mean over scenarios): {helm.get('test_score')}")
+    lines += loop_turn_lines(out)
     if timings:
         lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     lines += [

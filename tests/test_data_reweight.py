@@ -89,20 +89,30 @@ def test_update_rule_moves_toward_weak_tasks_with_a_bounded_step_and_a_floor():
     assert free == pytest.approx({s: v / sum(raw.values()) for s, v in raw.items()})
 
 
-@pytest.mark.parametrize("args, problem", [
-    (["--results", "{missing}"], "is not an `onegpu eval val` results dir"),
-    (["--results", "{val}", "--affinity", "{missing}"], "affinity table"),
-    (["--results", "{val}", "--floor", "0.5"], "leaves nothing to move"),
-    (["--results", "{val}", "--max_step", "0"], "out of range"),
-    (["--results", "{odd_val}"], "no evaluated task belongs to a family"),
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"results": ["{missing}"]}, "is not an `onegpu eval val` results dir"),
+    ({"results": ["{val}"], "affinity": "{missing}"}, "affinity table"),
+    ({"results": ["{val}"], "floor": 0.5}, "leaves nothing to move"),
+    ({"results": ["{val}"], "max_step": 0}, "out of range"),
+    ({"results": ["{odd_val}"]}, "no evaluated task belongs to a family"),
 ])
-def test_bad_input_is_a_user_error(tmp_path, args, problem):
+def test_bad_input_is_a_user_error(tmp_path, kwargs, problem):
+    from onegpu.data.reweight import reweight
+    from onegpu.errors import UserError
+
     val, odd = tmp_path / "val", tmp_path / "odd"
     for d, task in ((val, "onegpu_bbq"), (odd, "my_task")):
         d.mkdir()
         (d / "results.json").write_text(json.dumps({"stage": "eval-val", "tasks": {task: {"primary": 0.5}}}))
     subs = {"missing": str(tmp_path / "nope"), "val": str(val), "odd_val": str(odd)}
-    proc = _onegpu("data", "reweight", *[a.format(**subs) for a in args], "--recipe", str(RECIPE),
-                   "--out", str(tmp_path / "r2.yaml"))
-    assert proc.returncode == 2 and problem in proc.stderr, proc.stderr
+    kwargs = {k: ([x.format(**subs) for x in v] if isinstance(v, list) else v.format(**subs) if isinstance(v, str)
+                  else v) for k, v in kwargs.items()}
+    with pytest.raises(UserError, match=problem.replace("`", ".").replace("(", ".").replace(")", ".")):
+        reweight(recipe=RECIPE, out=tmp_path / "r2.yaml", **kwargs)
     assert not (tmp_path / "r2.yaml").exists()
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    proc = _onegpu("data", "reweight", "--results", str(tmp_path / "nope"), "--recipe", str(RECIPE),
+                   "--out", str(tmp_path / "r2.yaml"))
+    assert proc.returncode == 2 and "is not an `onegpu eval val` results dir" in proc.stderr, proc.stderr
