@@ -39,6 +39,7 @@ from onegpu.errors import UserError
 Precision = Literal["32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed"]
 Optimizer = Literal["adamw", "paged_adamw", "adamw8bit"]
 Device = Literal["auto", "cpu", "cuda"]
+Select = Literal["last", "best_proxy"]
 
 
 # ------------------------------------------------------------------------------- option groups
@@ -125,15 +126,19 @@ class CheckpointArgs:
     resume: str | None
     merge: bool
     export_hf: bool
+    select: Select
 
 
 @dataclass(frozen=True)
 class EvalArgs:
-    """Validation loss during training and sample generations at the end."""
+    """Validation loss and the HELM-faithful test proxy during training, sample generations at the end."""
 
     eval_interval: int
     initial_validation: bool
     eval_max_examples: int
+    proxy_suite: str | None
+    proxy_interval: int
+    proxy_items: int
     num_samples: int
     sample_max_new_tokens: int
 
@@ -237,9 +242,13 @@ def finetune_options(
     resume: str | None = None,
     merge: bool = True,
     export_hf: bool = False,
+    select: Select = "last",
     eval_interval: int = 50,
     initial_validation: bool = False,
     eval_max_examples: int = 64,
+    proxy_suite: str | None = None,
+    proxy_interval: int = 0,
+    proxy_items: int = 4,
     num_samples: int = 3,
     sample_max_new_tokens: int = 48,
     log_interval: int = 1,
@@ -306,10 +315,17 @@ def finetune_options(
             only the LoRA adapter there (``final/lit_model.pth.lora`` + configs, ~1 MB), enough for
             the report (``onegpu eval``/``serve`` load an adapter dir as it is).
         export_hf: also write a Hugging Face format copy to ``final/hf/``.
+        select: which weights ``final/`` gets: ``last`` (the last step's) or ``best_proxy`` (the
+            best test-proxy evaluation's; needs ``--proxy_suite``). Recorded in summary.json.
         eval_interval: validation loss every N optimizer steps (0 = only at the end).
         initial_validation: also validate before the first step (logged as step 0), so the
             validation curve starts at the base model.
         eval_max_examples: validation examples per evaluation.
+        proxy_suite: an eval suite (``eval/suites/NAME.yaml``, e.g. ``offline``) whose HELM-faithful
+            ``onegpu_helm_*`` tasks are the test proxy: generated answers scored by HELM's exact
+            match on the live LoRA weights (``finetune/proxy.py``), logged as ``proxy/*``.
+        proxy_interval: score the test proxy every N optimizer steps (0 = only at the end).
+        proxy_items: items per task of the proxy (a fixed, seeded sample; the same in every run).
         num_samples: how many fixed prompts to generate for at the end (0 = skip).
         sample_max_new_tokens: tokens generated per fixed prompt for the sample table.
         log_interval: log telemetry every N optimizer steps.
@@ -362,6 +378,13 @@ def option_problems(options: FinetuneOptions) -> list[UserError]:
     need(model.quantize is None or "mixed" not in (model.precision or ""),
          f"--quantize {model.quantize} cannot be combined with the mixed precision {model.precision}",
          "use a -true precision with QLoRA: --precision bf16-true (GPU) or 32-true (CPU)")
+    ev = options.eval
+    need(ev.proxy_interval >= 0, f"proxy_interval must be >= 0 (got {ev.proxy_interval})",
+         "use e.g. --proxy_interval 50 (0 = only at the end)")
+    need(ev.proxy_items > 0, f"proxy_items must be > 0 (got {ev.proxy_items})", "use e.g. --proxy_items 4")
+    need(ev.proxy_suite is not None or (options.checkpoints.select == "last" and not ev.proxy_interval),
+         "--select best_proxy and --proxy_interval need a test proxy",
+         "add --proxy_suite offline (or another eval suite with onegpu_helm_* tasks)")
     budget = options.budget
     try:  # the durations parse (the clock itself starts in resolve)
         BudgetClock.from_spec(budget.budget, budget.budget_reserve, budget.track)
@@ -389,6 +412,7 @@ class FinetuneConfig(FinetuneOptions):
 
     dataset: DataBundle
     clock: BudgetClock
+    proxy: tuple = ()  # the test proxy's HelmItems (finetune/proxy.py), none without --proxy_suite
 
 
 def resolve(options: FinetuneOptions) -> FinetuneConfig:
@@ -397,7 +421,10 @@ def resolve(options: FinetuneOptions) -> FinetuneConfig:
     Loads all train/val rows (or downloads the W&B dataset artifact when online) and, without
     ``--checkpoint_dir``, converts the bundled model once (``onegpu model prepare``).
     """
+    from onegpu.finetune.proxy import load_proxy_items
+
     check_options(options)
+    proxy_items = load_proxy_items(options.eval.proxy_suite, options.eval.proxy_items)
     model = resolve_model(options.model, options.train.optimizer)
     dataset = load_data(options.data.data)
     # The clock starts once the data is read: everything after it (tokenizing, loading) is charged.
@@ -406,7 +433,7 @@ def resolve(options: FinetuneOptions) -> FinetuneConfig:
     checkpoints = resolve_checkpoint_args(options.checkpoints)
     return FinetuneConfig(data=data, model=model, lora=options.lora, train=options.train, budget=options.budget,
                           checkpoints=checkpoints, eval=options.eval, logging=options.logging,
-                          dataset=dataset, clock=clock)
+                          dataset=dataset, clock=clock, proxy=proxy_items)
 
 
 def resolve_model(model: ModelArgs, optimizer: str) -> ModelArgs:

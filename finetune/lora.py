@@ -13,9 +13,11 @@ versioned state like torchtune's recipes):
   weights, optimizer and ``TrainState`` on ``--resume``;
 * ``LoRATrainer.fit()``: the loop: ``train_step`` (gradient accumulation and clipping), honest
   telemetry (non-padding tokens/s, LoRA-correct MFU, memory, budget used / ETA) to W&B and CSV,
-  ``maybe_validate``, ``maybe_save`` (atomic checkpoints; ``--resume auto`` continues exactly);
+  ``maybe_validate``, ``proxy.maybe_evaluate`` (the HELM-faithful test proxy on the live weights,
+  ``finetune/proxy.py``), ``maybe_save`` (atomic checkpoints; ``--resume auto`` continues exactly);
   stops on the budget clock with a reserve for the end;
-* ``LoRATrainer.finalize()``: validation, a last checkpoint, ``out/final/`` = merged litgpt
+* ``LoRATrainer.finalize()``: validation, the test proxy, a last checkpoint, ``--select``'s weights
+  (last, or the best proxy step's) into ``out/final/`` = merged litgpt
   checkpoint + ``lit_model.pth.lora`` + ``hyperparameters.yaml`` + ``prompt_style.yaml`` +
   ``onegpu_model.json``; sample generations; a W&B ``model`` artifact with lineage to the
   dataset; the curves plot and the summary.
@@ -35,6 +37,7 @@ from typing import Any
 
 from onegpu.errors import UserError
 from onegpu.finetune.config import FinetuneConfig, LoRAArgs, finetune_options, resolve
+from onegpu.finetune.proxy import ProxyEval
 
 # Fixed prompts for the sample-generation table: same prompts in every run, so runs compare.
 SAMPLE_PROMPTS = (
@@ -122,6 +125,7 @@ class LoRATrainer:
         if checkpoint is not None:
             self.state.load_state_dict(checkpoint["train_state"])  # counters; the clock's new segment starts now
         self.build()
+        self.proxy = ProxyEval(self, resumed=checkpoint is not None)
         if checkpoint is not None:
             self.inner.load_state_dict(checkpoint["model"], strict=False)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -240,6 +244,8 @@ class LoRATrainer:
         if cfg.eval.initial_validation and state.step == 0:
             self.validate()  # the base model's val loss: where the curve starts
         self.model.train()
+        if state.step == 0:
+            self.proxy.maybe_evaluate()  # the base model's score starts the proxy curve
         while state.step < self.total_steps:
             if cfg.clock.should_stop(next_step_s=self.step_time_ema or 0.0):
                 stopped_by = "budget"
@@ -252,6 +258,7 @@ class LoRATrainer:
             self.maybe_log(result)
             self.bar.update(1)
             self.maybe_validate()
+            self.proxy.maybe_evaluate()
             self.maybe_save()
         self.bar.close()
         return stopped_by
@@ -389,8 +396,11 @@ class LoRATrainer:
         cfg, st, clock = self.cfg, self.state, self.cfg.clock
         t_end = time.perf_counter()
         val_loss = self.validate()
+        if self.proxy.items:
+            self.proxy.evaluate()
         if cfg.checkpoints.final_checkpoint:
             self.save_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
+        selected = self.proxy.select_final(cfg.checkpoints.select)  # may load the best proxy step's weights
         final_dir = self.write_final()
         samples = self.generate_samples() if cfg.eval.num_samples else []
         plot = telemetry.plot_training_curves(cfg.checkpoints.out_dir)
@@ -405,7 +415,7 @@ class LoRATrainer:
             "finalize_s": round(time.perf_counter() - t_end, 3),
             "val_row_losses": self.val_row_losses,
             "peak_memory_gib": telemetry.peak_memory_gib(self.fabric.device), "n_samples": len(samples),
-            **clock.summary(),
+            **selected, **clock.summary(),
         }
         self.tracker.summary(**summary)
         kept = "merged checkpoint" if cfg.checkpoints.merge else "LoRA adapter"

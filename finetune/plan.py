@@ -75,6 +75,7 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
         else:
             results, suggested, estimate = measure_on_cpu(trainer, steps, max_micro_batch_size, track_gib)
         report = plan_report(trainer, results, suggested, estimate, track_gib)
+        report.update(measure_proxy(trainer))
         trainer.tracker.summary(**{k: v for k, v in report.items() if k != "measured"})
         columns = list(results[0].keys()) if not results[0].get("oom") else ["micro_batch_size", "oom"]
         trainer.tracker.log_table("plan", columns, [[r.get(k) for k in results[0].keys()] for r in results])
@@ -164,6 +165,20 @@ def measure_on_cpu(trainer: Any, steps: int, max_micro_batch_size: int, track_gi
     return [base, more], suggested, estimate
 
 
+def measure_proxy(trainer: Any) -> dict[str, Any]:
+    """The cost of one test-proxy evaluation (``--proxy_suite``), timed on the real model; {} without one."""
+    from onegpu.finetune.proxy import describe_items
+
+    if not trainer.cfg.proxy:
+        return {}
+    t0 = time.perf_counter()
+    trainer.proxy.complete_all()
+    seconds = time.perf_counter() - t0
+    every = trainer.cfg.eval.proxy_interval
+    return {"proxy_items": describe_items(trainer.cfg.proxy), "proxy_s_per_evaluation": seconds,
+            "proxy_s_per_step": seconds / every if every else None}
+
+
 def plan_report(trainer: Any, results: list[dict[str, Any]], suggested: dict[str, Any] | None, estimate: str,
                 track_gib: float) -> dict[str, Any]:
     cfg, clock = trainer.cfg, trainer.cfg.clock
@@ -207,4 +222,9 @@ def report_lines(trainer: Any, report: dict[str, Any]) -> list[str]:
         f"training): {report['tokens_in_budget']:.3g} tokens = {report['epochs_in_budget']:.2f} epochs of this mix "
         f"({report['tokens_per_epoch']} tokens)",
         f"  memory: {report['memory_estimate']}",
+        *([f"  test proxy: {format_duration(report['proxy_s_per_evaluation'])} per evaluation of "
+           f"{report['proxy_items']}" + (f"; every {cfg.eval.proxy_interval} steps = "
+                                        f"{report['proxy_s_per_step']:.2f} s per step on the budget clock"
+                                        if report["proxy_s_per_step"] else "; once, at the end")]
+          if "proxy_s_per_evaluation" in report else []),
     ]

@@ -1,7 +1,8 @@
 """``onegpu quickstart``: the whole pipeline on the bundled model, offline, on a CPU, long enough to learn.
 
 Each step is the exact ``onegpu`` command a user would type (printed before it runs), so the
-quickstart doubles as a worked example: data mix -> fine-tune -> validation (lm-eval) -> test (HELM
+quickstart doubles as a worked example: data mix -> fine-tune -> validation (lm-eval) -> one turn of
+the data loop (reweight the mix from the scores, rebuild it) -> test (HELM
 against our own server) -> a 3-trial learning-rate sweep -> an HTML report. The fine-tune and the
 trials stop after a fixed number of steps, not when a budget runs out, so a busy machine makes the
 quickstart slower but never teaches less; the budget clock still runs (the track's 24 h) and the
@@ -41,6 +42,8 @@ class QuickstartDirs:
     finetune = property(lambda self: self.out / "finetune")
     eval_val = property(lambda self: self.out / "eval-val")
     eval_helm = property(lambda self: self.out / "eval-helm")
+    recipe_r2 = property(lambda self: self.out / "recipe-r2.yaml")
+    data_r2 = property(lambda self: self.out / "data-r2")
     sweep = property(lambda self: self.out / "sweep")
     report = property(lambda self: self.out / "report")
 
@@ -94,7 +97,34 @@ def report_step(d: QuickstartDirs) -> Step:
                 d.report / "index.html")
 
 
-STEPS = [data_step, finetune_step, val_step, helm_step, sweep_step, report_step]
+# ------------------------------------------------------------ one turn of the loop (eval-guided mixing)
+# build -> fine-tune -> val (above) -> reweight -> rebuild: the validation scores choose the next mix.
+# Cheap on purpose: the mix is rebuilt, not fine-tuned on again (that is the next turn, by hand).
+def reweight_step(d: QuickstartDirs) -> Step:
+    recipe = stage_dir("data") / "recipes/quickstart.yaml"
+    return Step("reweight", "reweight the mix from the validation scores",
+                ["data", "reweight", "--results", str(d.eval_val), "--recipe", str(recipe), "--out", str(d.recipe_r2)],
+                d.recipe_r2)
+
+
+def rebuild_step(d: QuickstartDirs) -> Step:
+    return Step("rebuild", "rebuild the mix (the next turn's data)", ["data", "build", str(d.recipe_r2), "--out",
+                                                                      str(d.data_r2)], d.data_r2 / "manifest.json")
+
+
+def loop_turn_lines(d: QuickstartDirs) -> list[str]:
+    """What the turn changed (the new recipe's comment block) and the next command."""
+    if not d.recipe_r2.is_file():
+        return []
+    header = [line[2:] for line in d.recipe_r2.read_text(encoding="utf-8").split("\n\n")[0].splitlines()]
+    return ["", "One turn of the loop (build -> fine-tune -> val -> reweight -> rebuild):",
+            *(f"  {line}" for line in header[3:]),
+            f"  next turn: onegpu finetune --config {stage_dir('finetune') / 'configs/cpu-quickstart.yaml'} "
+            f"--data {d.data_r2} --out_dir {d.out / 'finetune-r2'}"]
+# ------------------------------------------------------------ end of the loop turn
+
+
+STEPS = [data_step, finetune_step, val_step, reweight_step, rebuild_step, helm_step, sweep_step, report_step]
 
 
 def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: list[str] | None = None) -> int:
@@ -103,7 +133,8 @@ def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: l
     Args:
         out: where every step writes its run dir.
         fresh: delete ``out`` first instead of resuming the steps already done.
-        skip: step names to leave out (``data``, ``finetune``, ``val``, ``helm``, ``sweep``, ``report``).
+        skip: step names to leave out (``data``, ``finetune``, ``val``, ``reweight``, ``rebuild``, ``helm``,
+            ``sweep``, ``report``).
     """
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(out).resolve()
@@ -185,6 +216,7 @@ def print_summary(dirs: QuickstartDirs, seconds: float, timings: dict[str, float
     if helm:
         lines.append(f"  HELM test score (mean over scenarios): {helm.get('test_score')}")
     lines += [f"  {verdict['text']}" for verdict in read_json(dirs.report / "report.json").get("sweeps", [])]
+    lines += loop_turn_lines(dirs)
     if timings:
         lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     lines += [

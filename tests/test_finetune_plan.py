@@ -7,13 +7,21 @@ import json
 from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
 
 
-def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_datasets):
+def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_datasets, capsys):
     from onegpu.finetune.plan import plan
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", bundled_checkpoint)
     data = make_data_dir(tmp_path / "data", shared_datasets, n_train=60, max_seq_length=128)
+    suite = tmp_path / "proxy.yaml"
+    suite.write_text("tasks: [onegpu_helm_mmlu_philosophy, onegpu_helm_bbq]\n")
     report = plan(data=str(data), checkpoint_dir=ckpt, track="rtx4090-24gb", budget="1h", micro_batch_size=2,
-                  steps=1, out_dir=tmp_path / "plan", num_threads=2, analytic=False)
+                  steps=1, out_dir=tmp_path / "plan", num_threads=2, analytic=False,
+                  proxy_suite=str(suite), proxy_items=1, proxy_interval=10)
+    # the test proxy's cost per evaluation, timed on the real model, and what it adds per step
+    assert report["proxy_s_per_evaluation"] > 0
+    assert report["proxy_s_per_step"] == report["proxy_s_per_evaluation"] / 10
+    assert report["proxy_items"].startswith("2 items (1 per task) of onegpu_helm_bbq, onegpu_helm_mmlu_philosophy")
+    assert "test proxy: " in capsys.readouterr().err
     assert report["fits"] and "fits rtx4090-24gb" in report["verdict"]
     assert report["suggested_micro_batch_size"] >= 2
     assert report["tokens_per_s"] > 0 and 0 < report["mfu"] < 1

@@ -20,7 +20,7 @@ from onegpu.paths import REPO_ROOT
 def test_steps_run_in_pipeline_order_each_writing_under_out(tmp_path):
     dirs = Q.QuickstartDirs(tmp_path, Path("ckpt"))
     steps = [make(dirs) for make in Q.STEPS]
-    assert [s.key for s in steps] == ["data", "finetune", "val", "helm", "sweep", "report"]
+    assert [s.key for s in steps] == ["data", "finetune", "val", "reweight", "rebuild", "helm", "sweep", "report"]
     assert all(s.done_marker.is_relative_to(tmp_path) and s.command()[0] == "onegpu" for s in steps)
     # each step reads what an earlier one wrote
     assert str(dirs.data) in steps[1].args and str(dirs.finetune / "final") in steps[2].args
