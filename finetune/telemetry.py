@@ -95,6 +95,12 @@ def cached_cpu_peak(remeasure: bool = False) -> tuple[float, dict[str, Any]]:
                  "load_average_1m": os.getloadavg()[0]}
         table[key] = entry
         atomic_write_json(path, table)
+        if entry["load_average_1m"] > (os.cpu_count() or 1):
+            import sys
+
+            print(f"[onegpu] note: the CPU peak behind MFU was measured under load (1-min load average "
+                  f"{entry['load_average_1m']:.1f} on {os.cpu_count()} cores), so MFU reads high; measure again on "
+                  "a quieter machine with --remeasure_peak true", file=sys.stderr)
     return float(entry["flops"]), {**entry, "key": key, "cache": str(path), "measured_now": measured_now}
 
 
