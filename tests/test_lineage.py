@@ -45,7 +45,8 @@ def pipeline(tmp_path_factory, shared_datasets, bundled_checkpoint) -> dict[str,
     _onegpu("data", "build", str(tmp / "mix.yaml"), "--out", str(dirs["data"]))
     _onegpu("finetune", "--config", str(REPO_ROOT / "finetune/configs/cpu-quickstart.yaml"), "--data", str(dirs["data"]),
             "--checkpoint_dir", str(bundled_checkpoint), "--out_dir", str(dirs["finetune"]), "--max_steps", "2",
-            "--eval_max_examples", "2", "--num_samples", "0", "--save_interval", "0", "--progress", "false")
+            "--eval_max_examples", "2", "--num_samples", "0", "--save_interval", "0", "--progress", "false",
+            "--budget", "2h")  # the config's 4 minutes can run out on a loaded machine
     final = dirs["finetune"] / "final"
     _onegpu("eval", "val", "--checkpoint", str(final), "--tasks", "[onegpu_truthfulqa_mc1]", "--limit", "2",
             "--num_threads", "1", "--out", str(dirs["eval-val"]))
