@@ -163,7 +163,6 @@ def test_eval_scores_are_written_back_to_the_finetune_run(pipeline):
 
 def test_every_key_the_dashboard_plots_is_logged_by_the_runs(pipeline):
     import torch
-
     from onegpu.sweeps.dashboard import plotted_keys
 
     run_dir = pipeline["finetune"]
