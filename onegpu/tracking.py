@@ -300,6 +300,7 @@ def write_back_summary(run_dir: str | Path, values: dict[str, Any]) -> None:
             return
         run = wandb.init(project=meta.get("wandb_project") or os.environ.get("WANDB_PROJECT", "onegpu"),
                          id=meta["wandb_id"], resume="allow", dir=str(run_dir), job_type=meta.get("stage"),
+                         reinit="create_new",  # beside the eval's own run, which stays open
                          settings=wandb.Settings(silent=True, console="off"))
         for key, value in values.items():
             run.summary[key] = value
