@@ -106,7 +106,7 @@ def cpu_benchmark(args: argparse.Namespace) -> str:
     total_flops = sum(telemetry.step_flops(shapes, len(e), e.n_loss_tokens, [len(e)]) for e in examples)
     flops_per_token = total_flops / sum(len(e) for e in examples)
     torch.set_num_threads(args.threads)
-    peak = telemetry.measure_cpu_peak_flops()
+    peak, _ = telemetry.cached_cpu_peak()  # the same peak the trainer divides by
     mean_len = statistics.mean(len(e) for e in examples)
 
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}

@@ -192,7 +192,7 @@ def litgpt_step(harness: Any, batch: dict[str, Any]) -> None:
 def timed(harness: Any, batches: list[dict[str, Any]], step: Any) -> dict[str, float]:
     from onegpu.finetune import telemetry
 
-    peak_flops, _ = telemetry.device_peak_flops(harness.fabric.device, harness.w.precision)
+    peak_flops, _, _ = telemetry.device_peak_flops(harness.fabric.device, harness.w.precision)
     meter = telemetry.Throughput(telemetry.linear_shapes(harness.inner), peak_flops)
     step(batches[0])  # warm-up (compiles FlexAttention on CUDA)
     for b in batches[1:]:

@@ -31,7 +31,7 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-from onegpu.contracts import atomic_write_text, write_manifest
+from onegpu.contracts import artifact_name, atomic_write_text, dataset_content_hash, write_manifest
 from onegpu.data import decontam
 from onegpu.data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
                                  similarity_words)
@@ -100,9 +100,9 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
         run.log_image("composition", plot)
         run.summary(train_rows=len(train), val_rows=len(val), rejects=len(rejects),
                     train_tokens=manifest["tokens"]["train"]["total"], content_hash=manifest["content_hash"])
-        run.log_artifact(out, f"data-{rec['name']}", "dataset",
+        run.log_artifact(out, artifact_name("dataset", rec["name"]), "dataset",
                          {k: manifest[k] for k in ("recipe_hash", "content_hash", "prompt_style", "max_seq_length", "seed")},
-                         include=["*.jsonl", "manifest.json", "*.png"])
+                         include=["*.jsonl", "manifest.json", "*.png"], digest=manifest["content_hash"])
     except BaseException:
         run.finish(exit_code=1)
         raise
@@ -598,7 +598,7 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
                    "by_source": {name: _stats([token_counts[i] for i in train if kept[i]["source"] == name])
                                  for name in selection}},
         "files": {"train.jsonl": train_sha, "val.jsonl": val_sha, "rejects.jsonl": rejects_sha},
-        "content_hash": hashlib.sha256(f"{train_sha}\n{val_sha}".encode()).hexdigest(),
+        "content_hash": dataset_content_hash(train_sha, val_sha),
         "versions": versions,
     }
     write_manifest(out, manifest)

@@ -226,7 +226,8 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
         fresh: delete earlier HELM output in ``out`` instead of resuming completed runs.
     """
     from onegpu.inference import locate_checkpoint
-    from onegpu.eval.validate import checkpoint_digest, record_checkpoint_lineage
+    from onegpu.contracts import checkpoint_digest
+    from onegpu.eval.validate import record_checkpoint_lineage, write_scores_to_training_run
     from onegpu.helm_env import helm_bin_dir
     from onegpu.tracking import Run
 
@@ -305,7 +306,10 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
         run.log_table("helm_runs", ["run", "scenario", "metric", "value", "instances"], rows)
         run.log_table("helm_scenarios", ["scenario", "metric", "value", "runs"],
                       [[s, v["main_metric"], v["value"], v["n_runs"]] for s, v in parsed["scenarios"].items()])
-        run.summary(test_score=test_score, **{f"helm/{s}": v["value"] for s, v in parsed["scenarios"].items()})
+        scenario_scores = {s: v["value"] for s, v in parsed["scenarios"].items()}
+        run.summary(test_score=test_score, **{f"helm/{s}": v for s, v in scenario_scores.items()})
+        write_scores_to_training_run(ckpt, lineage, {"test/score": test_score,
+                                                     **{f"test/{s}": v for s, v in scenario_scores.items()}})
         _print_table(parsed, test_score)
         print(f"\nresults: {out / 'results.json'}")
         exit_code = 0

@@ -20,7 +20,6 @@ question's letters) are reported beside the likelihood score of the task they mi
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from onegpu.contracts import checkpoint_digest, model_input
 from onegpu.errors import UserError, did_you_mean
 from onegpu.eval.tasks.helm_mc import is_helm_task, likelihood_twins
 
@@ -100,26 +100,27 @@ def check_task_names(names: list[str], manager, include: Path | None) -> None:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def checkpoint_digest(checkpoint: Path) -> str:
-    """Cheap content id: the lineage file plus size and mtime of the weight files."""
-    h = hashlib.sha1()
-    for name in ("onegpu_model.json", "lit_model.pth", "lit_model.pth.lora", "model_config.yaml"):
-        p = checkpoint / name
-        if p.is_file():
-            st = p.stat()
-            h.update(name.encode())
-            h.update(p.read_bytes() if p.suffix == ".json" else f"{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
-
-
 def record_checkpoint_lineage(run, checkpoint: Path) -> dict:
+    """Record the model artifact an eval reads: the name and digest its fine-tune logged it under."""
     from onegpu.inference import checkpoint_lineage
 
-    meta = checkpoint_lineage(checkpoint)
-    # A fine-tune logs its out/final as the W&B artifact "model-<its run id>" (finetune/lora.py).
-    name = f"model-{meta['wandb_run_id']}" if meta.get("wandb_run_id") else f"model-{checkpoint.name}"
-    run.use_input(name=name.replace("/", "-"), type="model", digest=checkpoint_digest(checkpoint), path=checkpoint)
-    return meta
+    model = model_input(checkpoint)
+    run.use_input(name=model["artifact"], type="model", digest=model["digest"], path=checkpoint)
+    return checkpoint_lineage(checkpoint)
+
+
+def write_scores_to_training_run(checkpoint: Path, lineage: dict, scores: dict[str, Any]) -> Path | None:
+    """Copy an eval's scores (``val/...``, ``test/...``) into the summary of the fine-tune run that made
+    the checkpoint, so a sweep's table and the W&B dashboard show them per trial."""
+    from onegpu.tracking import training_run_dir, write_back_summary
+
+    run_dir = training_run_dir(checkpoint, lineage)
+    if run_dir is None:
+        return None
+    write_back_summary(run_dir, {k: v for k, v in scores.items() if v is not None})
+    print(f"[onegpu] scores written to the fine-tune run {run_dir} (summary: {', '.join(sorted(scores))})",
+          file=sys.stderr)
+    return run_dir
 
 
 def primary_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
@@ -335,7 +336,10 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
         (out / "lm_eval_results.json").write_text(json.dumps(merged, indent=1, default=str), encoding="utf-8")
         rows = table_rows(per_task, helm_gen["helm_gen"])
         run.log_table("val_summary", TABLE_HEADER, rows)
-        run.summary(**summary_keys(per_task, val_score, helm_gen))
+        keys = summary_keys(per_task, val_score, helm_gen)
+        run.summary(**keys)
+        write_scores_to_training_run(ckpt, lineage, {"val/score": val_score,
+                                                     **{k: v for k, v in keys.items() if k.startswith("val/")}})
         _wandb_lm_eval(merged, samples)
         score_row = ["val_score (mean)", "", _round(val_score), "", "", "", ""]
         gen_row = ["helm_gen_score (mean)", "", "", _round(helm_gen["helm_gen_score"]),

@@ -94,35 +94,15 @@ def resolve_model(model_name: str | None, checkpoint_dir: Any, problems: list[Pr
 
 
 def option_problems(a: dict[str, Any]) -> list[Problem]:
-    """Every option problem at once (the trainer's checks that need no model, collected, not raised)."""
-    p = []
-    if a["lora_r"] <= 0:
-        p.append(Problem(f"lora_r must be > 0 (got {a['lora_r']})", "use a LoRA rank such as --lora_r 8", True))
-    if a["lora_alpha"] <= 0:
-        p.append(Problem(f"lora_alpha must be > 0 (got {a['lora_alpha']})", "use e.g. --lora_alpha 16", True))
-    if not any(a[k] for k in ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp", "lora_head")):
-        p.append(Problem("LoRA is applied to no layer", "enable at least one of --lora_query/--lora_value/--lora_mlp", True))
-    if not 0 <= a["lora_dropout"] < 1:
-        p.append(Problem(f"lora_dropout must be in [0, 1) (got {a['lora_dropout']})", "use e.g. --lora_dropout 0.05", True))
-    mb, gb = a["micro_batch_size"], a["global_batch_size"]
-    if mb <= 0 or gb <= 0 or gb % mb:
-        p.append(Problem(f"global_batch_size ({gb}) must be a positive multiple of micro_batch_size ({mb})",
-                         "e.g. --micro_batch_size 4 --global_batch_size 16", mb <= 0))
-    if a["max_seq_length"] is not None and a["max_seq_length"] < 16:
-        p.append(Problem(f"max_seq_length {a['max_seq_length']} is too small", "use at least 16, e.g. 2048", True))
-    if a["quantize"] is not None and a["precision"] and "mixed" in a["precision"]:
-        p.append(Problem(f"--quantize {a['quantize']} cannot be combined with {a['precision']}",
-                         "use --precision bf16-true with QLoRA", True))
+    """Every option problem at once: the trainer's checks that need no model (``config.option_problems``,
+    the one place of those rules), collected, not raised, plus what only a GPU plan adds."""
+    from onegpu.finetune.config import FinetuneOptions, option_problems as trainer_problems
+
+    p = [Problem(err.problem, err.fix or "", True) for err in trainer_problems(FinetuneOptions.from_flat(a))]
     if a["optimizer"] not in OPTIMIZERS:
         p.append(Problem(f"unknown optimizer {a['optimizer']!r}", f"use one of {', '.join(OPTIMIZERS)}", True))
     if a["precision"] and a["precision"].startswith("32"):
         p.append(Problem("32-true on a GPU track doubles activations and weights", "use --precision bf16-true"))
-    try:
-        from onegpu.budget import BudgetClock
-
-        BudgetClock.from_spec(a["budget"], a["budget_reserve"], a["track"])
-    except UserError as err:
-        p.append(Problem(err.problem, err.fix or "", True))
     return p
 
 
@@ -179,9 +159,19 @@ def assumed_mfu(w: Workload, mfu: float | None, results_path: Path) -> tuple[flo
     return ASSUMED_MFU[method_key(w)], f"assumed for {method_key(w)} (no GPU check results yet)"
 
 
+def dividing_micro_batch(global_batch_size: int, limit: int) -> int:
+    """The largest micro-batch size up to ``limit`` that divides the global batch (0 if none does).
+
+    The trainer accumulates ``global / micro`` micro-batches per optimizer step, so a suggestion
+    that does not divide the global batch could not be used as it is.
+    """
+    top = min(limit, global_batch_size)
+    return max((mb for mb in range(1, top + 1) if global_batch_size % mb == 0), default=0)
+
+
 def track_rows(config: Any, w: Workload, weights: Any, mfu: float, budget_train_s: float,
-               override_gib: float | None, chosen: str, max_mb: int) -> dict[str, dict[str, Any]]:
-    """Verdict, largest micro-batch and tokens per 24 h for each track."""
+               override_gib: float | None, chosen: str, max_mb: int, global_batch_size: int) -> dict[str, dict[str, Any]]:
+    """Verdict, largest micro-batch (and the largest that divides the global batch), tokens per 24 h, per track."""
     from onegpu.finetune.telemetry import PEAK_FLOPS
 
     estimate = estimate_memory(config, w, weights)
@@ -192,10 +182,11 @@ def track_rows(config: Any, w: Workload, weights: Any, mfu: float, budget_train_
         memory = (override_gib if override_gib and name == chosen else spec.memory_gib) * GIB
         peak = PEAK_FLOPS[TRACK_PEAK_KEY[name]]["bf16"]
         tokens_s = mfu * peak / per_token / ac
+        largest = largest_micro_batch(config, w, memory, weights, limit=max_mb)
         rows[name] = {
             "memory_gib": memory / GIB, "fits": estimate.device_peak <= memory,
-            "headroom_gib": (memory - estimate.device_peak) / GIB,
-            "largest_micro_batch": largest_micro_batch(config, w, memory, weights, limit=max_mb),
+            "headroom_gib": (memory - estimate.device_peak) / GIB, "largest_micro_batch": largest,
+            "suggested_micro_batch": dividing_micro_batch(global_batch_size, largest),
             "peak_tflops_bf16": peak / 1e12, "tokens_per_s": tokens_s, "tokens_per_24h": tokens_s * 86400,
             "tokens_in_budget": tokens_s * budget_train_s,
         }
@@ -220,9 +211,9 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
     clock = BudgetClock.from_spec(a["budget"], a["budget_reserve"], a["track"])
     rate, rate_source = assumed_mfu(w, mfu, gpu_check_results_path())
     tracks = track_rows(config, w, weights, rate, clock.budget_s - clock.reserve_s, track_memory_gib, a["track"],
-                        max_micro_batch_size)
+                        max_micro_batch_size, a["global_batch_size"])
     chosen = tracks[a["track"]]
-    problems += fit_problems(a["track"], chosen, w, estimate)
+    problems += fit_problems(a["track"], chosen, w, estimate, a["global_batch_size"])
     report = {
         "mode": "analytic", "reason": reason, "model": config.name, "model_source": source,
         "workload": asdict(w), "total_params": weights.total_params, "trainable_params": weights.trainable_params,
@@ -232,7 +223,8 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
         "tensor_peak_gib": estimate.tensor_peak / GIB, "device_peak_gib": estimate.device_peak / GIB,
         "peak_moment": estimate.peak_moment, "activation_bytes_per_token_layer": estimate.per_token_layer,
         "track": a["track"], "fits": chosen["fits"], "verdict": verdict(a["track"], chosen, w),
-        "suggested_micro_batch_size": chosen["largest_micro_batch"] or None, "tracks": tracks,
+        "global_batch_size": a["global_batch_size"],
+        "suggested_micro_batch_size": chosen["suggested_micro_batch"] or None, "tracks": tracks,
         "flops_per_token": flops_per_token(weights, w), "mfu": rate, "mfu_source": rate_source,
         "recompute_factor": recompute_factor(weights) if w.activation_checkpointing else 1.0,
         "budget_s": clock.budget_s, "train_time_s": clock.budget_s - clock.reserve_s,
@@ -248,11 +240,12 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
     return report
 
 
-def fit_problems(track: str, row: dict[str, Any], w: Workload, estimate: Any) -> list[Problem]:
+def fit_problems(track: str, row: dict[str, Any], w: Workload, estimate: Any, global_batch_size: int) -> list[Problem]:
     if row["fits"]:
         return []
-    if row["largest_micro_batch"]:
-        fix = f"--micro_batch_size {row['largest_micro_batch']} (the largest that fits)"
+    if row["suggested_micro_batch"]:
+        fix = (f"--micro_batch_size {row['suggested_micro_batch']} (the largest that fits and divides "
+               f"--global_batch_size {global_batch_size})")
     elif not w.activation_checkpointing:
         fix = "--activation_checkpointing true, then a smaller micro-batch"
     elif w.quantize is None:
@@ -308,7 +301,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"  verdict: {r['verdict']}")
     for name, t in r["tracks"].items():
         lines.append(f"    {name:<13} {t['memory_gib']:5.1f} GiB: {'fits' if t['fits'] else 'does NOT fit':<12} "
-                     f"largest micro-batch {t['largest_micro_batch']:>3}; {t['tokens_per_s']:,.0f} tok/s -> "
+                     f"micro-batch {t['suggested_micro_batch']:>3} (memory allows {t['largest_micro_batch']:>3}, "
+                     f"global batch {r['global_batch_size']}); {t['tokens_per_s']:,.0f} tok/s -> "
                      f"{t['tokens_per_24h'] / 1e6:,.0f} M tokens / 24 h ({t['tokens_in_budget'] / 1e6:,.0f} M in the "
                      f"{r['train_time_s'] / 3600:.1f} h of training)")
     lines.append(f"  speed: {r['flops_per_token'] / 1e9:.2f} GFLOP per token (LoRA-correct)"

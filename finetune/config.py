@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from onegpu.budget import BudgetClock
-from onegpu.contracts import Quantize, Track, read_manifest
-from onegpu.errors import UserError
+from onegpu.contracts import Quantize, Track, artifact_name, dataset_digest, read_manifest
+from onegpu.errors import UserError, all_problems
 
 Precision = Literal["32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed"]
 Optimizer = Literal["adamw", "paged_adamw", "adamw8bit"]
@@ -151,6 +151,7 @@ class LoggingArgs:
     wandb_project: str | None
     run_name: str | None
     progress: bool
+    remeasure_peak: bool
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ def finetune_options(
     wandb_project: str | None = None,
     run_name: str | None = None,
     progress: bool = True,
+    remeasure_peak: bool = False,
 ) -> FinetuneOptions:
     """The options of ``onegpu finetune`` (and ``onegpu finetune plan``), by their flat names.
 
@@ -332,16 +334,18 @@ def finetune_options(
         wandb_project: W&B project (default ``$WANDB_PROJECT`` or ``onegpu``).
         run_name: W&B run name.
         progress: show a tqdm progress bar.
+        remeasure_peak: on CPU, measure the peak FLOP/s behind MFU again and replace the value cached
+            for this machine (``~/.cache/onegpu/peak_flops.json``), e.g. after the machine's load changed.
     """
     return FinetuneOptions.from_flat(locals())
 
 
 # ------------------------------------------------------------------------------- checks (no I/O)
 def check_options(options: FinetuneOptions) -> None:
-    """Every check on the option values alone (no files, no GPU): raises the first problem found."""
+    """Every check on the option values alone (no files, no GPU): raises all problems found, at once."""
     problems = option_problems(options)
     if problems:
-        raise problems[0]
+        raise all_problems(problems)
 
 
 def option_problems(options: FinetuneOptions) -> list[UserError]:
@@ -402,8 +406,9 @@ class DataBundle:
     manifest: dict[str, Any]
     train_rows: list[dict[str, Any]]
     val_rows: list[dict[str, Any]]
-    digest: str  # sha256 of manifest.json
-    name: str  # the dataset artifact's name
+    manifest_sha256: str  # of manifest.json (the model card checks the data dir it is given against it)
+    digest: str  # the dataset artifact's digest (contracts.dataset_digest: the manifest's content_hash)
+    name: str  # the dataset artifact's name (contracts.artifact_name), as the data stage logged it
 
 
 @dataclass(frozen=True)
@@ -423,17 +428,28 @@ def resolve(options: FinetuneOptions) -> FinetuneConfig:
     """
     from onegpu.finetune.proxy import load_proxy_items
 
-    check_options(options)
-    proxy_items = load_proxy_items(options.eval.proxy_suite, options.eval.proxy_items)
-    model = resolve_model(options.model, options.train.optimizer)
-    dataset = load_data(options.data.data)
+    problems = option_problems(options)  # every problem is collected and reported at once
+    proxy_items = collect_problems(problems, load_proxy_items, options.eval.proxy_suite, options.eval.proxy_items)
+    model = collect_problems(problems, resolve_model, options.model, options.train.optimizer)
+    dataset = collect_problems(problems, load_data, options.data.data)
+    checkpoints = collect_problems(problems, resolve_checkpoint_args, options.checkpoints)
+    if problems:
+        raise all_problems(problems)
     # The clock starts once the data is read: everything after it (tokenizing, loading) is charged.
     clock = BudgetClock.from_spec(options.budget.budget, options.budget.budget_reserve, options.budget.track)
     data = resolve_data_args(options.data, dataset.manifest, model_block_size(model.checkpoint_dir))
-    checkpoints = resolve_checkpoint_args(options.checkpoints)
     return FinetuneConfig(data=data, model=model, lora=options.lora, train=options.train, budget=options.budget,
                           checkpoints=checkpoints, eval=options.eval, logging=options.logging,
                           dataset=dataset, clock=clock, proxy=proxy_items)
+
+
+def collect_problems(problems: list[UserError], check: Any, *args: Any) -> Any:
+    """``check(*args)``, or None with its UserError appended to ``problems``."""
+    try:
+        return check(*args)
+    except UserError as err:
+        problems.append(err)
+        return None
 
 
 def resolve_model(model: ModelArgs, optimizer: str) -> ModelArgs:
@@ -449,11 +465,14 @@ def resolve_model(model: ModelArgs, optimizer: str) -> ModelArgs:
                       "can be ~100-500x slower than fp32. Use --precision 32-true on CPU. !!!", stacklevel=3)
         print(f"[onegpu] WARNING: {precision} on CPU is extremely slow here; --precision 32-true is the sane "
               "default on CPU", file=sys.stderr)
+    problems = []
     if optimizer == "paged_adamw" and device != "cuda":
-        raise UserError("paged_adamw pages optimizer state between GPU and CPU memory and needs CUDA",
-                        fix="use --optimizer adamw (or adamw8bit) on CPU")
-    return dataclasses.replace(model, device=device, precision=precision,
-                               checkpoint_dir=find_checkpoint_dir(model.checkpoint_dir))
+        problems.append(UserError("paged_adamw pages optimizer state between GPU and CPU memory and needs CUDA",
+                                  fix="use --optimizer adamw (or adamw8bit) on CPU"))
+    checkpoint_dir = collect_problems(problems, find_checkpoint_dir, model.checkpoint_dir)
+    if problems:
+        raise all_problems(problems)
+    return dataclasses.replace(model, device=device, precision=precision, checkpoint_dir=checkpoint_dir)
 
 
 def find_checkpoint_dir(given: Path | None) -> Path:
@@ -563,7 +582,7 @@ def find_data_dir(data: str | None) -> Path:
 
 
 def load_data(data: str | None) -> DataBundle:
-    """Read a data dir once: manifest, every train and val row, the manifest's sha256 and the dataset name."""
+    """Read a data dir once: manifest, every train and val row, and the dataset artifact's name and digest."""
     path = find_data_dir(data)
     manifest = read_manifest(path)
     train_rows = read_rows(path / "train.jsonl")
@@ -571,6 +590,6 @@ def load_data(data: str | None) -> DataBundle:
         raise UserError(f"the training set {path / 'train.jsonl'} is empty or missing",
                         fix="rebuild the mix with `onegpu data build` (check its rejects.jsonl for why rows were dropped)")
     val_rows = read_rows(path / "val.jsonl")
-    digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
-    name = manifest.get("artifact") or manifest.get("name") or f"dataset-{str(manifest.get('recipe_hash', digest))[:12]}"
-    return DataBundle(path, manifest, train_rows, val_rows, digest, name)
+    manifest_sha256 = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    name = artifact_name("dataset", manifest.get("name") or path.name)
+    return DataBundle(path, manifest, train_rows, val_rows, manifest_sha256, dataset_digest(path, manifest), name)

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from onegpu.contracts import artifact_name
 from onegpu.errors import UserError
 from onegpu.finetune.config import FinetuneConfig, LoRAArgs, finetune_options, resolve
 from onegpu.finetune.proxy import ProxyEval
@@ -215,12 +216,12 @@ class LoRATrainer:
     def start_telemetry(self) -> None:
         from onegpu.finetune import telemetry
 
-        self.peak_flops, self.peak_flops_source = telemetry.device_peak_flops(self.fabric.device,
-                                                                              self.cfg.model.precision)
+        self.peak_flops, self.peak_flops_source, peak_details = telemetry.device_peak_flops(
+            self.fabric.device, self.cfg.model.precision, remeasure=self.cfg.logging.remeasure_peak)
         self.meter = telemetry.Throughput(self.shapes, self.peak_flops)
         self.tracker.summary(
             trainable_params=self.trainable_params, total_params=self.total_params, peak_flops=self.peak_flops,
-            peak_flops_source=self.peak_flops_source, train_examples=len(self.data.examples),
+            peak_flops_source=self.peak_flops_source, peak_flops_measurement=peak_details, train_examples=len(self.data.examples),
             train_tokens_per_epoch=sum(self.data.lengths), examples_truncated=self.n_truncated,
             examples_no_loss_tokens=self.n_no_loss, steps_per_epoch=self.steps_per_epoch,
             attention="flex" if self.flex else "sdpa")
@@ -439,7 +440,7 @@ class LoRATrainer:
         from litgpt.scripts.merge_lora import merge_lora
         from litgpt.utils import copy_config_files
 
-        from onegpu.contracts import staged_dir
+        from onegpu.contracts import checkpoint_digest, staged_dir
         from onegpu.finetune.checkpoint import trainable_state_dict
 
         cfg = self.cfg
@@ -467,8 +468,9 @@ class LoRATrainer:
                 from onegpu.inference import export_hf
 
                 export_hf(staging, staging / "hf")
-        self.tracker.log_artifact(final, name=f"model-{self.tracker.meta.get('wandb_id') or 'local'}", type="model",
-                                  metadata=lineage)
+        self.tracker.log_artifact(final, name=lineage["model_artifact"], type="model", metadata=lineage,
+                                  digest=checkpoint_digest(final))
+        self.tracker.summary(model_artifact=lineage["model_artifact"], model_digest=checkpoint_digest(final))
         return final
 
     def lineage(self) -> dict[str, Any]:
@@ -479,8 +481,12 @@ class LoRATrainer:
             "base_checkpoint": str(base.resolve()),
             "base_model": json.loads((base / "onegpu_model.json").read_text())
             if (base / "onegpu_model.json").is_file() else None,
-            "data_dir": str(data.path), "data_manifest_sha256": data.digest,
+            "data_dir": str(data.path), "data_manifest_sha256": data.manifest_sha256,
             "data_recipe_hash": data.manifest.get("recipe_hash"), "dataset_artifact": data.name,
+            "dataset_digest": data.digest,
+            # the name this model is logged under; evals record it and write their scores back to run_dir
+            "model_artifact": artifact_name("model", meta.get("wandb_id") or cfg.checkpoints.out_dir.name),
+            "run_dir": str(cfg.checkpoints.out_dir.resolve()),
             "prompt_style": cfg.data.prompt_style, "wandb_run_id": meta.get("wandb_id"),
             "git_sha": meta.get("git_sha"), "method": "qlora" if cfg.model.quantize else "lora",
             "quantize": cfg.model.quantize, "lora_r": cfg.lora.lora_r, "lora_alpha": cfg.lora.lora_alpha,

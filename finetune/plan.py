@@ -20,7 +20,8 @@ import sys
 import time
 from typing import Any
 
-from onegpu.finetune.config import FinetuneOptions, finetune_options, resolve
+from onegpu.errors import all_problems
+from onegpu.finetune.config import FinetuneOptions, collect_problems, finetune_options, option_problems, resolve
 
 
 def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float | None = None,
@@ -62,7 +63,12 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
     from onegpu.contracts import TRACKS, atomic_write_json
     from onegpu.finetune.lora import LoRATrainer
 
-    cfg = resolve(plan_options(options, steps))  # the real run's checks, before the model
+    global_batch = options.train.global_batch_size  # suggestions must divide it (plan steps use one micro-batch)
+    # the real run's checks, before the model, on the options as given and as plan mode runs them: all at once
+    problems = option_problems(options)
+    cfg = collect_problems(problems, resolve, plan_options(options, steps))
+    if problems:
+        raise all_problems(problems)
     track_gib = float(track_memory_gib or TRACKS[cfg.budget.track].memory_gib)
     if cfg.model.device == "cuda":
         cap_cuda_memory(track_gib)
@@ -71,10 +77,10 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
     try:
         trainer.setup(stage="finetune-plan")
         if trainer.fabric.device.type == "cuda":
-            results, suggested, estimate = measure_on_cuda(trainer, steps, max_micro_batch_size, track_gib)
+            results, suggested, estimate = measure_on_cuda(trainer, steps, max_micro_batch_size, track_gib, global_batch)
         else:
-            results, suggested, estimate = measure_on_cpu(trainer, steps, max_micro_batch_size, track_gib)
-        report = plan_report(trainer, results, suggested, estimate, track_gib)
+            results, suggested, estimate = measure_on_cpu(trainer, steps, max_micro_batch_size, track_gib, global_batch)
+        report = plan_report(trainer, results, suggested, estimate, track_gib, global_batch)
         report.update(measure_proxy(trainer))
         trainer.tracker.summary(**{k: v for k, v in report.items() if k != "measured"})
         columns = list(results[0].keys()) if not results[0].get("oom") else ["micro_batch_size", "oom"]
@@ -130,8 +136,11 @@ def measure(trainer: Any, micro_batch_size: int, steps: int) -> dict[str, Any]:
             **meter.rates()}
 
 
-def measure_on_cuda(trainer: Any, steps: int, max_micro_batch_size: int, track_gib: float):
-    """Micro-batch sizes upward (doubling) under the memory cap, until one runs out of memory."""
+def measure_on_cuda(trainer: Any, steps: int, max_micro_batch_size: int, track_gib: float, global_batch: int):
+    """Micro-batch sizes upward (doubling) under the memory cap, until one runs out of memory.
+
+    The suggestion is the fastest measured size that fits and divides the global batch.
+    """
     import torch
 
     results = []
@@ -144,20 +153,25 @@ def measure_on_cuda(trainer: Any, steps: int, max_micro_batch_size: int, track_g
             torch.cuda.empty_cache()
             break
         mb *= 2
-    fitting = [r for r in results if not r.get("oom") and r["peak_memory_gib"] <= 0.95 * track_gib]
+    fitting = [r for r in results if not r.get("oom") and r["peak_memory_gib"] <= 0.95 * track_gib
+               and global_batch % r["micro_batch_size"] == 0]
     suggested = max(fitting, key=lambda r: r["tokens_per_s"]) if fitting else None
     return results, suggested, "measured under a memory cap of the track's size"
 
 
-def measure_on_cpu(trainer: Any, steps: int, max_micro_batch_size: int, track_gib: float):
-    """Peak RSS at the configured micro-batch size and twice it, extrapolated linearly."""
+def measure_on_cpu(trainer: Any, steps: int, max_micro_batch_size: int, track_gib: float, global_batch: int):
+    """Peak RSS at the configured micro-batch size and twice it, extrapolated linearly; the suggestion is
+    the largest size under the extrapolated limit that divides the global batch."""
+    from onegpu.finetune.analytic_plan import dividing_micro_batch
+
     mb = trainer.cfg.train.micro_batch_size
     base, more = measure(trainer, mb, steps), measure(trainer, 2 * mb, steps)
     per_row = max(0.0, (more["peak_memory_gib"] - base["peak_memory_gib"]) / mb)
     fixed = base["peak_memory_gib"] - per_row * mb
     limit = min(max_micro_batch_size, int((0.95 * track_gib - fixed) / per_row) if per_row > 0 else max_micro_batch_size)
     best = max((base, more), key=lambda r: r["tokens_per_s"])
-    suggested = dict(best, micro_batch_size=max(1, limit)) if base["peak_memory_gib"] <= track_gib else None
+    size = dividing_micro_batch(global_batch, max(1, limit))
+    suggested = dict(best, micro_batch_size=size) if size and base["peak_memory_gib"] <= track_gib else None
     if suggested is not None:
         suggested["peak_memory_gib"] = fixed + per_row * suggested["micro_batch_size"]
     estimate = ("CPU: peak RSS at two micro-batch sizes, extrapolated linearly; RSS includes the Python/torch "
@@ -180,7 +194,7 @@ def measure_proxy(trainer: Any) -> dict[str, Any]:
 
 
 def plan_report(trainer: Any, results: list[dict[str, Any]], suggested: dict[str, Any] | None, estimate: str,
-                track_gib: float) -> dict[str, Any]:
+                track_gib: float, global_batch: int) -> dict[str, Any]:
     cfg, clock = trainer.cfg, trainer.cfg.clock
     track, micro_batch_size = cfg.budget.track, cfg.train.micro_batch_size
     first = results[0]
@@ -195,6 +209,7 @@ def plan_report(trainer: Any, results: list[dict[str, Any]], suggested: dict[str
         "trainable_params": trainer.trainable_params, "total_params": trainer.total_params,
         "measured": results, "fits": fits,
         "verdict": (f"fits {track}" if fits else f"does NOT fit {track}") + f" at micro-batch {micro_batch_size}",
+        "global_batch_size": global_batch,
         "suggested_micro_batch_size": suggested["micro_batch_size"] if suggested else None,
         "tokens_per_s": speed, "mfu": (suggested or first).get("mfu"), "peak_flops_source": trainer.peak_flops_source,
         "budget_s": clock.budget_s, "train_time_s": train_s, "tokens_in_budget": speed * train_s,
@@ -217,7 +232,8 @@ def report_lines(trainer: Any, report: dict[str, Any]) -> list[str]:
           for r in report["measured"]),
         f"  verdict: {report['verdict']} (peak {first.get('peak_memory_gib', float('nan')):.2f} GiB vs "
         f"{report['track_memory_gib']:.0f} GiB)",
-        f"  suggested micro-batch: {report['suggested_micro_batch_size']}",
+        f"  suggested micro-batch: {report['suggested_micro_batch_size']} (divides the global batch "
+        f"{report['global_batch_size']})",
         f"  in the budget ({format_duration(report['budget_s'])}, {format_duration(report['train_time_s'])} of "
         f"training): {report['tokens_in_budget']:.3g} tokens = {report['epochs_in_budget']:.2f} epochs of this mix "
         f"({report['tokens_per_epoch']} tokens)",

@@ -14,7 +14,8 @@ are waste, not work):
   embedding lookups, norms and activations are ignored (<1%).
 
 MFU = achieved FLOP/s / peak dense FLOP/s of the device at the training dtype
-(:data:`PEAK_FLOPS`; on CPU a measured fp32 matmul peak, :func:`measure_cpu_peak_flops`).
+(:data:`PEAK_FLOPS`; on CPU a fp32 matmul peak measured once per machine and cached,
+:func:`cached_cpu_peak`, so MFU compares across the segments of a run and across runs).
 
 ``plot_training_curves`` draws the run's ``training_curves.png`` from its ``metrics.jsonl``.
 """
@@ -36,7 +37,7 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "h100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12},
     "h200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12},
 }
-_CPU_PEAK_CACHE: dict[int, float] = {}
+PEAK_CACHE_FILE = "peak_flops.json"  # under onegpu.paths.cache_dir(): one measured peak per machine
 
 
 def precision_dtype_key(precision: str) -> str:
@@ -47,11 +48,8 @@ def precision_dtype_key(precision: str) -> str:
     return "fp32"
 
 
-def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+def measure_cpu_peak_flops(n: int = 1024, repeats: int = 10) -> float:
     """Best-of-N fp32 matmul FLOP/s with the current thread count (what 100% MFU means on this CPU)."""
-    threads = torch.get_num_threads()
-    if threads in _CPU_PEAK_CACHE:
-        return _CPU_PEAK_CACHE[threads]
     gen = torch.Generator().manual_seed(0)  # own generator: never shift the training RNG stream
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     torch.mm(a, b)  # warm-up
@@ -60,12 +58,57 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
-    _CPU_PEAK_CACHE[threads] = 2 * n**3 / best
-    return _CPU_PEAK_CACHE[threads]
+    return 2 * n**3 / best
 
 
-def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from) for the training device and dtype."""
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform module knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cached_cpu_peak(remeasure: bool = False) -> tuple[float, dict[str, Any]]:
+    """The CPU's fp32 matmul peak, measured once per machine and cached, so MFU compares across runs.
+
+    Keyed by CPU model, torch version, dtype and thread count; ``remeasure`` measures again and
+    replaces the cached value. Returns (FLOP/s, how and when it was measured).
+    """
+    from onegpu.contracts import atomic_write_json, read_json
+    from onegpu.paths import cache_dir
+
+    threads = torch.get_num_threads()
+    key = f"{cpu_model()} | torch {torch.__version__} | fp32 | {threads} threads"
+    path = cache_dir() / PEAK_CACHE_FILE
+    table = read_json(path)
+    entry = table.get(key)
+    measured_now = remeasure or not isinstance(entry, dict)
+    if measured_now:
+        entry = {"flops": measure_cpu_peak_flops(), "method": "best of 10 fp32 1024x1024 matmuls (torch.mm)",
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "load_average_1m": os.getloadavg()[0]}
+        table[key] = entry
+        atomic_write_json(path, table)
+        if entry["load_average_1m"] > (os.cpu_count() or 1):
+            import sys
+
+            print(f"[onegpu] note: the CPU peak behind MFU was measured under load (1-min load average "
+                  f"{entry['load_average_1m']:.1f} on {os.cpu_count()} cores), so MFU reads high; measure again on "
+                  "a quieter machine with --remeasure_peak true", file=sys.stderr)
+    return float(entry["flops"]), {**entry, "key": key, "cache": str(path), "measured_now": measured_now}
+
+
+def device_peak_flops(device: torch.device, precision: str, remeasure: bool = False) -> tuple[float, str, dict[str, Any]]:
+    """(peak FLOP/s, where it comes from, details for the summary) for the training device and dtype.
+
+    GPUs: the datasheet's dense peak. CPUs: a measured peak, cached per machine (``cached_cpu_peak``).
+    """
     key = precision_dtype_key(precision)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
@@ -74,9 +117,11 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]
                 table = PEAK_FLOPS["rtx4090" if gpu == "4090" else gpu]
                 if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
                     key = "tf32"
-                return table[key], f"datasheet {gpu} {key} dense"
-        return float("nan"), f"unknown GPU {name!r}: no peak in the table"
-    return measure_cpu_peak_flops(), f"measured fp32 matmul peak, {torch.get_num_threads()} threads"
+                return table[key], f"datasheet {gpu} {key} dense", {"method": "datasheet", "device": name, "dtype": key}
+        return float("nan"), f"unknown GPU {name!r}: no peak in the table", {"method": "none", "device": name}
+    peak, how = cached_cpu_peak(remeasure)
+    when = "measured now" if how["measured_now"] else f"cached, measured {how['measured_at']}"
+    return peak, f"measured fp32 matmul peak, {torch.get_num_threads()} threads ({when}; {how['cache']})", how
 
 
 # ------------------------------------------------------------------------------------------ FLOPs

@@ -8,6 +8,8 @@ definition of those files and of the small rules every stage must apply the same
 * ``atomic_write_text`` / ``atomic_write_json`` / ``staged_dir``: write-to-temp-then-rename, so a
   kill mid-write leaves the old file (or dir) or the new one, never half of one;
 * ``read_manifest`` / ``write_manifest``: a data dir's ``manifest.json``;
+* ``artifact_name`` / ``dataset_digest`` / ``checkpoint_digest`` / ``model_input``: the name and digest under which
+  a stage logs its output and under which every later stage records it as an input (lineage);
 * ``RunDir`` / ``find_run_dirs``: a run directory (``run.json``, ``metrics.jsonl``,
   ``summary.json``, ``results.json``) as every reader (report, compare, sweep) sees it.
 """
@@ -15,8 +17,10 @@ definition of those files and of the small rules every stage must apply the same
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -135,6 +139,70 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> Path:
     return atomic_write_json(Path(data_dir) / MANIFEST, manifest)
+
+
+# ----------------------------------------------------------------------------------- lineage
+ARTIFACT_PREFIX = {"dataset": "data", "model": "model"}
+
+
+def artifact_name(type: str, stem: str) -> str:
+    """The W&B artifact name of a stage's output: ``data-<recipe name>``, ``model-<fine-tune run id>``.
+
+    The one rule: the producing stage logs under this name and every consuming stage records (and,
+    online, ``use_artifact``s) the same name. Characters W&B does not allow become ``-``.
+    """
+    return f"{ARTIFACT_PREFIX[type]}-{re.sub(r'[^A-Za-z0-9._-]', '-', str(stem))}"
+
+
+def dataset_content_hash(train_sha256: str, val_sha256: str) -> str:
+    """A data dir's digest: sha256 over the sha256s of its train.jsonl and val.jsonl bytes."""
+    return hashlib.sha256(f"{train_sha256}\n{val_sha256}".encode()).hexdigest()
+
+
+def dataset_digest(data_dir: str | Path, manifest: dict[str, Any]) -> str:
+    """The dataset artifact's digest: the manifest's ``content_hash`` (computed the same way when absent)."""
+    if manifest.get("content_hash"):
+        return str(manifest["content_hash"])
+    shas = []
+    for name in ("train.jsonl", "val.jsonl"):
+        path = Path(data_dir) / name
+        shas.append(hashlib.sha256(path.read_bytes() if path.is_file() else b"").hexdigest())
+    return dataset_content_hash(*shas)
+
+
+def checkpoint_digest(checkpoint: str | Path) -> str:
+    """A model checkpoint's digest, cheap even for 7B weights and unchanged by copying.
+
+    The lineage file, config and LoRA adapter are hashed by content (the merged ``lit_model.pth``
+    follows from base + adapter); a checkpoint without an adapter (a base model) adds the size and
+    mtime of its weights instead of reading gigabytes.
+    """
+    checkpoint = Path(checkpoint)
+    h = hashlib.sha1()
+    adapter = (checkpoint / "lit_model.pth.lora").is_file()
+    for name in ("onegpu_model.json", "model_config.yaml", "lit_model.pth.lora", "lit_model.pth"):
+        p = checkpoint / name
+        if not p.is_file():
+            continue
+        h.update(name.encode())
+        if name != "lit_model.pth":
+            h.update(p.read_bytes())
+        elif not adapter:
+            st = p.stat()
+            h.update(f"{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def model_input(checkpoint: str | Path) -> dict[str, Any]:
+    """How a stage that reads a checkpoint records it: the model artifact's name and digest.
+
+    The name is the one the fine-tune logged (``onegpu_model.json``'s ``model_artifact``); a
+    checkpoint no fine-tune made (a prepared base model) is named after its dir.
+    """
+    checkpoint = Path(checkpoint)
+    lineage = read_json(checkpoint / "onegpu_model.json")
+    name = lineage.get("model_artifact") or artifact_name("model", lineage.get("wandb_run_id") or checkpoint.name)
+    return {"artifact": name, "type": "model", "digest": checkpoint_digest(checkpoint)}
 
 
 # ---------------------------------------------------------------------------------- run dirs

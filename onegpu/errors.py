@@ -14,6 +14,24 @@ class UserError(Exception):
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
 
 
+def all_problems(errors: list[UserError]) -> UserError:
+    """One UserError that lists every problem found, each with its fix, so a config is fixed in one pass.
+
+    ``errors`` may themselves be such lists (they are flattened); a single problem comes back as is.
+    """
+    flat, seen = [], set()
+    for problem in (p for err in errors for p in getattr(err, "problems", [err])):
+        if (problem.problem, problem.fix) not in seen:  # two checks can find the same problem
+            seen.add((problem.problem, problem.fix))
+            flat.append(problem)
+    if len(flat) == 1:
+        return flat[0]
+    listed = "\n".join(f"  - {p.problem}" + (f"\n    fix: {p.fix}" if p.fix else "") for p in flat)
+    combined = UserError(f"{len(flat)} problems:\n{listed}", fix="correct all of the above (every problem found is listed)")
+    combined.problems = flat
+    return combined
+
+
 def did_you_mean(word: str, choices, prefix: str = "") -> str:
     """``"did you mean --lora_r? "`` for the choice closest to ``word`` (difflib), else ``""``.
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import atomic_write_json, read_jsonl
+from onegpu.contracts import atomic_write_json, read_json, read_jsonl
 from onegpu.paths import REPO_ROOT
 
 # Offline unless the user asked for something else: never require an account or a network.
@@ -151,6 +151,10 @@ class Run:
                 settings=wandb.Settings(silent=True, console="off"),
             )
             self.meta["wandb_id"] = self._wandb_run.id
+            self.meta["wandb_project"] = self._wandb_run.project
+            if self.online:  # where write_back_summary finds the run on the server
+                self.meta["wandb_path"] = "/".join(self._wandb_run.path) if isinstance(self._wandb_run.path, list) \
+                    else str(self._wandb_run.path)
             self.meta["wandb_dir"] = str(Path(self._wandb_run.dir).parent)
         self._write_run_json()
 
@@ -176,18 +180,20 @@ class Run:
         self._write_run_json()
 
     def log_artifact(self, path: str | Path, name: str, type: str, metadata: dict[str, Any] | None = None,
-                     include: list[str] | None = None) -> str:
+                     include: list[str] | None = None, digest: str | None = None) -> str:
         """Log a directory or file as a W&B artifact; returns ``name`` (recorded in run.json too).
 
-        ``include``: glob patterns relative to a directory ``path``; only matching files go in
-        (so a stage dir's own ``wandb/`` and ``run.json`` stay out of its dataset/model artifact).
+        ``name`` comes from ``contracts.artifact_name`` and ``digest`` from ``contracts.dataset_digest`` /
+        ``checkpoint_digest``: a consuming stage records the same pair (``use_input``), so lineage
+        links by name and digest even offline. ``include``: glob patterns relative to a directory
+        ``path``; only matching files go in (so a stage dir's own ``wandb/`` and ``run.json`` stay out).
         """
         path = Path(path)
-        self.meta.setdefault("artifacts", []).append({"name": name, "type": type, "path": str(path)})
+        self.meta.setdefault("artifacts", []).append({"name": name, "type": type, "digest": digest, "path": str(path)})
         if self._wandb_run is not None:
             import wandb
 
-            art = wandb.Artifact(name, type=type, metadata=_jsonable(metadata or {}))
+            art = wandb.Artifact(name, type=type, metadata=_jsonable({**(metadata or {}), "digest": digest}))
             if path.is_dir() and include:
                 for pattern in include:
                     for file in sorted(path.glob(pattern)):
@@ -249,6 +255,58 @@ class Run:
 
     def _write_run_json(self) -> None:
         atomic_write_json(self.out_dir / "run.json", {**self.meta, "config": self.config, "lineage": self.lineage})
+
+
+def training_run_dir(checkpoint: str | Path, lineage: dict[str, Any]) -> Path | None:
+    """The fine-tune run dir that wrote ``checkpoint`` (its ``final/``), from the model's lineage.
+
+    Looks beside the checkpoint, then at the run dir the lineage records; a candidate counts only
+    if it is a fine-tune run and, when both record one, its W&B id is the model's.
+    """
+    candidates = [Path(checkpoint).resolve().parent]
+    if lineage.get("run_dir"):
+        candidates.append(Path(lineage["run_dir"]))
+    for run_dir in candidates:
+        meta = read_json(run_dir / "run.json")
+        same_run = not (lineage.get("wandb_run_id") and meta.get("wandb_id")) or meta["wandb_id"] == lineage["wandb_run_id"]
+        if meta.get("stage") == "finetune" and same_run:
+            return run_dir
+    return None
+
+
+def write_back_summary(run_dir: str | Path, values: dict[str, Any]) -> None:
+    """Add ``values`` (an eval's ``val/...`` or ``test/...`` scores) to a finished run's summary.
+
+    Always to its ``summary.json`` (what the sweep table and ``onegpu report`` read). On W&B: online,
+    the server's run is updated through the API; offline, a short segment with the run's own id is
+    written beside its files, so ``wandb sync <run dir>/wandb/offline-run-*`` merges the scores into
+    that run (the dashboard's score panels then show them per trial).
+    """
+    run_dir = Path(run_dir)
+    values = _jsonable(values)
+    summary = read_json(run_dir / "summary.json")
+    atomic_write_json(run_dir / "summary.json", {**summary, **values})
+    meta = read_json(run_dir / "run.json")
+    mode = os.environ.get("WANDB_MODE", DEFAULT_WANDB_MODE)
+    if not meta.get("wandb_id") or mode == "disabled":
+        return
+    import wandb
+
+    try:
+        if mode == "online" and meta.get("wandb_path"):
+            api_run = wandb.Api().run(meta["wandb_path"])
+            api_run.summary.update(values)
+            api_run.update()
+            return
+        run = wandb.init(project=meta.get("wandb_project") or os.environ.get("WANDB_PROJECT", "onegpu"),
+                         id=meta["wandb_id"], resume="allow", dir=str(run_dir), job_type=meta.get("stage"),
+                         reinit="create_new",  # beside the eval's own run, which stays open
+                         settings=wandb.Settings(silent=True, console="off"))
+        for key, value in values.items():
+            run.summary[key] = value
+        run.finish()
+    except Exception as err:  # the local summary.json has the scores either way
+        print(f"[onegpu] note: could not write the scores to W&B run {meta['wandb_id']}: {err}", file=sys.stderr)
 
 
 read_metrics = read_jsonl  # metrics.jsonl rows (a line cut by a kill mid-write is skipped)

@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from onegpu.contracts import TRACKS, Quantize, Track, TrackSpec, staged_dir
+from onegpu.contracts import TRACKS, Quantize, Track, TrackSpec, model_input, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
 from onegpu.submission.weights import MODEL_DIR, WeightsRoute, embed_checkpoint, parse_route, pin_revision
@@ -65,7 +65,8 @@ def resolve_source(model: str) -> dict:
         ref = locate_checkpoint(local)  # a merged dir or an adapter dir whose base exists, else UserError
         config_dir = ref.path if (ref.path / "model_config.yaml").is_file() else ref.base
         return {"kind": "checkpoint", "path": str(local.resolve()), "adapter": ref.is_adapter,
-                "config": Config.from_file(config_dir / "model_config.yaml")}
+                "config": Config.from_file(config_dir / "model_config.yaml"),
+                "lineage": model_input(ref.path)}  # the model artifact packed: its name and digest
     model = model.removeprefix(WANDB_PREFIX)
     if model.count("/") >= 2 or ":" in model:  # entity/project/name:alias
         config, adapter = _wandb_config(model)

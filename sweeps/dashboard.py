@@ -5,7 +5,9 @@ being clicked together by hand: loss / validation curves, tokens/s, MFU, peak me
 validation and HELM scores, a parallel-coordinates panel over rank / alpha / precision /
 quantization / learning rate, a scatter of score vs throughput, and the run table with the sweep
 columns pinned. Creating it needs the W&B server: offline it stops with a UserError that says so.
-The metric names are the ones the stages log (``finetune/lora.py``, ``eval/``).
+The metric names are the ones the stages log (``finetune/lora.py``, ``eval/``); the eval scores
+(``val/score``, ``test/score``) are the ones the evals write back to the fine-tune run they scored,
+so every panel has one bar per trial (tests/test_lineage.py checks every key against a real run).
 """
 
 from __future__ import annotations
@@ -36,13 +38,20 @@ SECTIONS: list[tuple[str, list[tuple[str, str, list[str]]]]] = [
     ]),
     ("Scores", [
         ("bar", "final validation loss", ["val_loss"]),
-        ("bar", "validation suite score (onegpu eval val)", ["val_score"]),
-        ("bar", "HELM score (onegpu eval helm)", ["helm_score"]),
+        # written back to the fine-tune run by `onegpu eval val` / `onegpu eval helm` (tracking.write_back_summary)
+        ("bar", "validation suite score (onegpu eval val)", ["val/score"]),
+        ("bar", "HELM test score (onegpu eval helm)", ["test/score"]),
     ]),
 ]
 # Sweep axes for the parallel-coordinates panel and the pinned run-table columns.
 SWEEP_CONFIG = ["lora_r", "lora_alpha", "precision", "quantize", "learning_rate"]
-SWEEP_SUMMARY = ["tokens_per_s", "peak_memory_gib", "val_loss"]
+SWEEP_SUMMARY = ["tokens_per_s", "peak_memory_gib", "val_loss", "val/score", "test/score"]
+
+
+def plotted_keys() -> tuple[set[str], set[str]]:
+    """(metric keys the panels read from runs' history or summary, config keys they read)."""
+    metrics = {m for _, specs in SECTIONS for _, _, keys in specs for m in keys} | set(SWEEP_SUMMARY)
+    return metrics, set(SWEEP_CONFIG)
 
 
 def build_panels() -> list[tuple[str, list[Any]]]:
@@ -67,6 +76,7 @@ def build_panels() -> list[tuple[str, list[Any]]]:
                        y=wr.SummaryMetric("val_loss")),
         wr.ScatterPlot(title="validation loss vs peak memory (Pareto)", x=wr.SummaryMetric("peak_memory_gib"),
                        y=wr.SummaryMetric("val_loss")),
+        wr.ScatterPlot(title="validation score vs LoRA rank", x=wr.Config("lora_r"), y=wr.SummaryMetric("val/score")),
         wr.ParameterImportancePlot(with_respect_to="val_loss"),
         wr.RunComparer(diff_only="split"),
     ]

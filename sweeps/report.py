@@ -535,7 +535,9 @@ def table_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
             "lora_alpha": r.config.get("lora_alpha"), "precision": r.config.get("precision"),
             "quantize": r.config.get("quantize"), "learning_rate": r.config.get("learning_rate"),
             "steps": r.summary.get("steps"), "val_loss": r.value(VAL_LOSS),
-            "val score": scores.get("eval-val:val_score"), "test score": scores.get("eval-helm:test_score"),
+            # an eval dir passed alongside, else what the evals wrote back to the run (tracking.write_back_summary)
+            "val score": scores.get("eval-val:val_score", r.summary.get("val/score")),
+            "test score": scores.get("eval-helm:test_score", r.summary.get("test/score")),
             "tokens/s": r.value(TOKENS_PER_S, reduce="median"), "MFU %": None if mfu is None else round(100 * mfu, 2),
             "peak GiB": r.value(PEAK_MEMORY, reduce="max"),
             "budget used": (f"{_percent(100 * used / total)} of {_duration(total)}" if used is not None and total

@@ -124,7 +124,8 @@ def test_offline_wandb_run_logs_the_dataset_artifact(small_builds):
     _, out, _ = small_builds
     run = json.loads((out / "run.json").read_text())
     assert run["stage"] == "data" and run["exit_code"] == 0
-    assert run["artifacts"] == [{"name": "data-small", "type": "dataset", "path": str(out)}]
+    content_hash = json.loads((out / "manifest.json").read_text())["content_hash"]
+    assert run["artifacts"] == [{"name": "data-small", "type": "dataset", "digest": content_hash, "path": str(out)}]
     offline = list((out / "wandb").glob("offline-run-*"))
     assert offline and list(offline[0].glob("*.wandb"))
     assert json.loads((out / "summary.json").read_text())["train_rows"] == len(read_jsonl(out / "train.jsonl"))

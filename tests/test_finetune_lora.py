@@ -3,6 +3,7 @@ and the telemetry's token counts are exactly the data's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -49,10 +50,17 @@ def test_lora_reduces_loss_and_writes_a_merged_litgpt_checkpoint(tmp_path, short
                  "onegpu_model.json", "model_config.yaml", "tokenizer.json"):
         assert (final / name).is_file(), name
     lineage = json.loads((final / "onegpu_model.json").read_text())
-    manifest_digest = __import__("hashlib").sha256((short_data / "manifest.json").read_bytes()).hexdigest()
+    manifest_digest = hashlib.sha256((short_data / "manifest.json").read_bytes()).hexdigest()
     assert lineage["data_manifest_sha256"] == manifest_digest and lineage["prompt_style"] == "alpaca"
     run = json.loads((out / "run.json").read_text())
-    assert run["lineage"][0]["digest"] == manifest_digest and run["lineage"][0]["type"] == "dataset"
+    # no content_hash in this hand-written manifest: the data stage's rule over train.jsonl + val.jsonl
+    from onegpu.contracts import dataset_content_hash
+
+    content = dataset_content_hash(*(hashlib.sha256((short_data / f).read_bytes()).hexdigest()
+                                     for f in ("train.jsonl", "val.jsonl")))
+    assert run["lineage"][0] == {"artifact": "data-short-mix", "type": "dataset", "digest": content,
+                                 "path": str(short_data)}
+    assert lineage["dataset_digest"] == content and lineage["model_artifact"] == run["artifacts"][0]["name"]
     assert any(a["type"] == "model" for a in run["artifacts"])
     assert (out / "metrics.csv").is_file() and list((out / "wandb").glob("offline-run-*"))
     assert (out / "training_curves.png").stat().st_size > 0
