@@ -506,7 +506,9 @@ def find_data_dir(data: str | None) -> Path:
     path = Path(data).expanduser()
     if path.is_dir():
         return path
-    if os.environ.get("WANDB_MODE") == "online" and not path.exists():
+    from onegpu.tracking import wandb_online
+
+    if not path.exists() and wandb_online():
         import wandb
 
         try:

@@ -1,4 +1,9 @@
-"""Experiment tracking shared by every stage: W&B (offline by default) plus local JSONL/CSV copies.
+"""Experiment tracking shared by every stage: W&B plus local JSONL/CSV copies.
+
+W&B mode (``wandb_mode``): whatever the user or the agent chose wins: ``WANDB_MODE``, a run
+started by ``wandb agent`` (``WANDB_SWEEP_ID``: the agent's own settings, online by default), or
+``wandb offline`` / ``wandb disabled`` (W&B's settings files). Only when nothing says otherwise
+is it ``offline``, so no stage ever needs an account or a network by default.
 
 Why both: W&B gives dashboards and artifact lineage; the local copies let ``onegpu report`` and
 plain pandas work with no account and no network. Offline W&B runs land in ``<run dir>/wandb`` and
@@ -26,6 +31,39 @@ from onegpu.paths import REPO_ROOT
 
 # Offline unless the user asked for something else: never require an account or a network.
 DEFAULT_WANDB_MODE = "offline"
+
+
+def wandb_mode() -> tuple[str, str]:
+    """(the W&B mode this process uses, what decided it). Sets ``WANDB_MODE`` only for the default.
+
+    The default is exported so that the stages this process launches agree with it.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], "WANDB_MODE"
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled", "WANDB_DISABLED"
+    if os.environ.get("WANDB_SWEEP_ID"):  # launched by `wandb agent`: the agent's W&B settings decide
+        return _settings_file_mode() or "online", "wandb agent (WANDB_SWEEP_ID)"
+    chosen = _settings_file_mode()
+    if chosen:
+        return chosen, "wandb settings file (`wandb offline` / `wandb disabled`)"
+    os.environ["WANDB_MODE"] = DEFAULT_WANDB_MODE
+    return DEFAULT_WANDB_MODE, "default (nothing set WANDB_MODE)"
+
+
+def wandb_online() -> bool:
+    """True when this process's W&B runs talk to a server (not offline, disabled or dryrun)."""
+    return wandb_mode()[0] not in ("offline", "disabled", "dryrun")
+
+
+def _settings_file_mode() -> str | None:
+    """``mode`` from W&B's settings files (written by ``wandb offline``, cleared by ``wandb online``)."""
+    try:
+        import wandb
+
+        return wandb.Settings().read_system_settings().all().get("mode") or None
+    except Exception:  # unreadable settings are W&B's default: nothing chosen
+        return None
 
 
 def git_sha() -> str | None:
@@ -120,8 +158,7 @@ class Run:
         self.stage = stage
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("WANDB_MODE", DEFAULT_WANDB_MODE)
-        self.mode = os.environ["WANDB_MODE"]
+        self.mode, mode_source = wandb_mode()
         self.lineage: list[dict[str, Any]] = []
         self.meta = {
             "stage": stage,
@@ -130,6 +167,8 @@ class Run:
             "cwd": os.getcwd(),  # relative paths in the command are relative to it
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": package_versions(),
+            "wandb_mode": self.mode,
+            "wandb_mode_source": mode_source,
         }
         self.config = _jsonable(config)
         self._metrics_path = self.out_dir / "metrics.jsonl"
