@@ -2,8 +2,8 @@
 
 W&B mode (``wandb_mode``): whatever the user or the agent chose wins: ``WANDB_MODE``, a run
 started by ``wandb agent`` (``WANDB_SWEEP_ID``: the agent's own settings, online by default), or
-``wandb offline`` / ``wandb disabled`` (W&B's settings files). Only when nothing says otherwise
-is it ``offline``, so no stage ever needs an account or a network by default.
+``wandb offline`` / ``wandb disabled`` (W&B's settings files; ``wandb online`` only clears them).
+Only when nothing says otherwise is it ``offline``, so no stage ever needs an account or a network by default.
 
 Why both: W&B gives dashboards and artifact lineage; the local copies let ``onegpu report`` and
 plain pandas work with no account and no network. Offline W&B runs land in ``<run dir>/wandb`` and
