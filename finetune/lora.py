@@ -100,6 +100,7 @@ class LoRATrainer:
         boundary: a checkpoint is saved and ``RunStopped`` raised (the CLI exits 143 = 128 + SIGTERM).
         """
         from onegpu.budget import HEARTBEAT_FILE
+        from onegpu.tracking import shut_down_wandb
 
         cfg = self.cfg
         cfg.clock.start_heartbeat(cfg.checkpoints.out_dir / HEARTBEAT_FILE,
@@ -108,6 +109,7 @@ class LoRATrainer:
         try:
             with stop_on_sigterm() as self.sigterm:  # over finalize too: a merge under way is finished
                 self.setup()
+                cfg.clock.size_reserve()  # from the load time just measured
                 summary = self.finalize(self.fit())
             exit_code, ended = 0, summary["stopped_by"]
             return summary
@@ -117,7 +119,10 @@ class LoRATrainer:
         finally:
             if self.tracker is not None:
                 self.tracker.finish(exit_code=exit_code)
+            shut_down_wandb()
             cfg.clock.stop_heartbeat(ended=ended)
+            if self.tracker is not None:  # the clock up to the last heartbeat, W&B's shutdown included
+                self.tracker.update_summary_file(**cfg.clock.summary())
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self, stage: str = "finetune") -> None:
@@ -141,6 +146,7 @@ class LoRATrainer:
         self.tracker = self.open_run(stage, checkpoint)
         if checkpoint is not None:
             self.state.load_state_dict(checkpoint["train_state"])  # counters; the clock's new segment starts now
+            self.tracker.replay_history(through_step=self.state.step)
         self.build()
         if checkpoint is not None:
             self.inner.load_state_dict(checkpoint["model"], strict=False)
@@ -149,7 +155,6 @@ class LoRATrainer:
             print(f"[onegpu] resumed from {resume_path} at step {self.state.step}/{self.total_steps} "
                   f"({format_duration(cfg.clock.elapsed_before_s)} of the budget already used)", file=sys.stderr)
         self.start_telemetry()
-        cfg.clock.size_reserve()
         if checkpoint is not None:  # last: building the model drew random numbers
             ckpt_io.set_rng_state(self.state.rng)
 

@@ -40,6 +40,7 @@ HEARTBEAT_INTERVAL_S = 2.0  # a crash loses at most this much of the clock; one 
 RESERVE_MARGIN = 1.25
 FINALIZE_PER_LOAD = 2.0
 _process_start: float | None = None  # monotonic time of the process start, set by the CLI entry point
+# (a CLI process runs one verb, so every clock it makes starts there; in-process callers start at from_spec)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -83,7 +84,7 @@ def default_reserve(budget_s: float) -> float:
 
 
 def charge_from_process_start() -> None:
-    """Make the next clock start at this process's start (the CLI calls it), so imports are charged too."""
+    """Make this process's clocks start at the process start (the CLI calls it), so imports are charged too."""
     global _process_start
     try:
         import psutil
@@ -96,10 +97,8 @@ def charge_from_process_start() -> None:
     _process_start = time.monotonic() - age
 
 
-def _take_process_start() -> float:
-    global _process_start
-    started, _process_start = _process_start, None
-    return time.monotonic() if started is None else started
+def _clock_origin() -> float:
+    return time.monotonic() if _process_start is None else _process_start
 
 
 @dataclass
@@ -111,7 +110,7 @@ class BudgetClock:
     reserve_auto: bool = False  # size the reserve from measured times (``size_reserve``)
     elapsed_before_s: float = 0.0  # spent by earlier segments (from the heartbeat file or a checkpoint)
     segments: int = 1
-    _started: float = field(default_factory=_take_process_start, repr=False)
+    _started: float = field(default_factory=_clock_origin, repr=False)
     stop_reason: str | None = None
     earlier: list[dict[str, Any]] = field(default_factory=list)  # earlier segments' heartbeat entries
     segment: dict[str, Any] = field(default_factory=dict)  # this segment's entry (wandb id, step, ...)

@@ -62,7 +62,7 @@ def _settings_file_mode() -> str | None:
         import wandb
 
         return wandb.Settings().read_system_settings().all().get("mode") or None
-    except Exception:  # unreadable settings are W&B's default: nothing chosen
+    except Exception:  # noqa: BLE001 - unreadable settings files are W&B's default: nothing chosen
         return None
 
 
@@ -248,6 +248,33 @@ class Run:
         if self._wandb_run is not None:
             self._wandb_run.log(_jsonable(metrics), step=step)
 
+    def replay_history(self, through_step: int) -> int:
+        """Re-log to W&B the rows of ``metrics.jsonl`` up to ``through_step`` that this W&B run lacks.
+
+        For a resumed segment: W&B's service writes an offline run's file in 32 KiB blocks and holds
+        the newest history row open, so a SIGKILLed segment's W&B run misses its last rows, while
+        ``metrics.jsonl`` (flushed per line) has them. An online resumed run continues at
+        ``run.step`` and gets the rows from there; a new offline run gets the whole history, so the
+        newest segment's W&B run always has every step the checkpoint has. Returns the rows replayed.
+        """
+        if self._wandb_run is None:
+            return 0
+        start = self._wandb_run.step
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        previous = None
+        for row in read_metrics(self._metrics_path):
+            step = row.get("_step")
+            if not isinstance(step, int) or not start <= step <= through_step:
+                continue
+            if step != previous and step in by_step:  # logged again by a later segment: its rows win
+                by_step[step] = []
+            by_step.setdefault(step, []).append({k: v for k, v in row.items() if not k.startswith("_")})
+            previous = step
+        for step in sorted(by_step):
+            for metrics in by_step[step]:
+                self._wandb_run.log(metrics, step=step)
+        return sum(len(rows) for rows in by_step.values())
+
     def summary(self, **values: Any) -> None:
         self._summary.update(_jsonable(values))
         if self._wandb_run is not None:
@@ -280,6 +307,11 @@ class Run:
             self._wandb_run.finish(exit_code=exit_code)
             self._wandb_run = None
 
+    def update_summary_file(self, **values: Any) -> None:
+        """Change keys of ``summary.json`` after ``finish`` (numbers that are only final then, like the clock)."""
+        self._summary.update(_jsonable(values))
+        atomic_write_json(self.out_dir / "summary.json", self._summary)
+
     def __enter__(self) -> "Run":
         return self
 
@@ -288,6 +320,17 @@ class Run:
 
     def _write_run_json(self) -> None:
         atomic_write_json(self.out_dir / "run.json", {**self.meta, "config": self.config, "lineage": self.lineage})
+
+
+def shut_down_wandb() -> None:
+    """Wait for W&B's service to finish (e.g. staging a model artifact) now instead of at interpreter exit.
+
+    The budget clock's last heartbeat comes after this, so that time is charged.
+    """
+    if "wandb" in sys.modules:
+        import wandb
+
+        wandb.teardown()
 
 
 read_metrics = read_jsonl  # metrics.jsonl rows (a line cut by a kill mid-write is skipped)

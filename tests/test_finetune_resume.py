@@ -64,6 +64,36 @@ def _segments(out: Path) -> list[dict]:
     return read_json(out / HEARTBEAT_FILE).get("segments", [])
 
 
+def _wandb_history(out: Path, run_id: str) -> dict[int, dict]:
+    """{step: logged values} from an offline W&B run's ``.wandb`` file (W&B's leveldb-style log of protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    data, header, block = path.read_bytes(), 7, 32 * 1024  # header: ":W&B", magic, version
+    pos, records, pending = header, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first ; middle / last
+        if kind in (1, 4):
+            records.append(pending)
+    history: dict[int, dict] = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(int(items["_step"]), {}).update(items)
+    return history
+
+
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny, tmp_path):
     """Killed after a checkpoint, killed again before the next one, resumed: the losses match an
     uninterrupted run, the budget clock charges the true wall time of all three processes, and each
@@ -108,18 +138,20 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny, tmp_path):
         assert got[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
     assert (out / "final" / "lit_model.pth").is_file()
 
-    # The clock: each killed segment is charged up to its last heartbeat (<= HEARTBEAT_INTERVAL_S
-    # lost), the last one up to the end of its tracked run; process start-up is charged too.
+    # The clock, from process start (imports included): each killed segment is charged up to its
+    # last heartbeat (<= HEARTBEAT_INTERVAL_S lost); the finished one up to its last beat, after
+    # W&B's shutdown. Not charged: the interpreter's own teardown after that (~1 s on an idle
+    # machine, ~10 s measured with a load average of 12 on 2 cores).
     from onegpu.budget import HEARTBEAT_INTERVAL_S
 
     segments = _segments(out)
     assert [s["ended"] for s in segments] == [None, None, "max_steps"]
-    true_wall = sum(wall)
-    charged = sum(s["elapsed_s"] for s in segments)
-    assert true_wall - 2 * HEARTBEAT_INTERVAL_S - 3.0 <= charged <= true_wall + 0.5, (wall, segments)
-    assert true_wall - 2 * HEARTBEAT_INTERVAL_S - 8.0 <= summary["budget_elapsed_s"] <= true_wall + 0.5
-    for segment, seconds in zip(segments, wall):
-        assert seconds - HEARTBEAT_INTERVAL_S - 1.5 <= segment["elapsed_s"] <= seconds + 0.5, (wall, segments)
+    charged = [s["elapsed_s"] for s in segments]
+    print(f"wall per segment {wall}, charged {charged}, load average {os.getloadavg()}")
+    for seconds, spent in zip(wall[:2], charged[:2]):
+        assert seconds - HEARTBEAT_INTERVAL_S - 1.5 <= spent <= seconds + 1.0, (wall, charged)
+    assert wall[2] - 20.0 <= charged[2] <= wall[2] + 1.0, (wall, charged)
+    assert summary["budget_elapsed_s"] == pytest.approx(sum(charged), abs=0.01)
 
     # The chain: segment 3 continues segment 2 (which never saved a checkpoint), not segment 1.
     ids = [s["wandb_id"] for s in segments]
@@ -127,6 +159,11 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny, tmp_path):
     assert [s["resumed_from_wandb_id"] for s in segments] == [None, ids[0], ids[1]]
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["wandb_id"] == ids[2] and run_json["config"]["resumed_from_wandb_id"] == ids[1]
+
+    # W&B history: the last segment's run holds every step, the killed segments' steps replayed from metrics.jsonl
+    history = _wandb_history(out, ids[2])
+    assert sorted(s for s, row in history.items() if "loss" in row) == list(range(1, steps + 1))
+    assert all(history[s]["loss"] == pytest.approx(got[s], rel=1e-6) for s in got)
 
 
 def test_budget_clock_stops_the_run_and_still_merges(tiny, tmp_path):
