@@ -301,9 +301,10 @@ def finetune_options(
         seed: seed for initialisation, data order, dropout and noise.
         track: ``rtx4090-24gb`` or ``a100-40gb``: the budget preset (24h) and the memory plan mode checks.
         budget: wall-clock budget, like ``24h``, ``90m``, ``30s``. Default: the track's 24h. Time
-            spent by earlier segments of a resumed run counts.
-        budget_reserve: time kept back for the final save + merge (``auto`` = 10% of the
-            budget, at most 20m), e.g. ``15m``.
+            spent by earlier segments of a resumed run counts, up to each one's last heartbeat.
+        budget_reserve: time kept back for the final validation + save + merge, e.g. ``15m``;
+            ``auto``: 1.25 x this run's measured finalize time, or 1.25 x 2 x its measured load time
+            before one was measured (plan mode: 10% of the budget, at most 20m).
         out_dir: where metrics, checkpoints and ``final/`` go. Default: ``$ONEGPU_RUNS/finetune`` (./runs), or
             ``$ONEGPU_RUNS/sweep-<id>/<run id>`` under ``wandb agent``.
         save_interval: checkpoint every N optimizer steps (0 = off).
@@ -568,7 +569,9 @@ def find_data_dir(data: str | None) -> Path:
     path = Path(data).expanduser()
     if path.is_dir():
         return path
-    if os.environ.get("WANDB_MODE") == "online" and not path.exists():
+    from onegpu.tracking import wandb_online
+
+    if not path.exists() and wandb_online():
         import wandb
 
         try:

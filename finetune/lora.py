@@ -25,18 +25,22 @@ versioned state like torchtune's recipes):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from onegpu.contracts import artifact_name
-from onegpu.errors import UserError
+from onegpu.errors import RunStopped, UserError
 from onegpu.finetune.config import FinetuneConfig, LoRAArgs, finetune_options, resolve
 from onegpu.finetune.proxy import ProxyEval
 
@@ -91,18 +95,39 @@ class LoRATrainer:
         self.steps_this_segment = 0  # since this process started (the ETA's rate)
         self.last_save = time.monotonic()
         self.val_row_losses: list[float] | None = None  # the last validation's, row by row
+        self.sigterm = SigtermFlag()  # replaced by a live one while run() trains
 
     def run(self) -> dict[str, Any]:
-        """setup -> fit -> finalize; the tracked run is closed with the exit code either way."""
-        exit_code = 1
+        """setup -> fit -> finalize; the tracked run is closed with the exit code either way.
+
+        The budget clock's heartbeat runs from before setup to after the tracked run is closed, so
+        loading, validation and finalize are all charged. SIGTERM stops training at the next step
+        boundary: a checkpoint is saved and ``RunStopped`` raised (the CLI exits 143 = 128 + SIGTERM).
+        """
+        from onegpu.budget import HEARTBEAT_FILE
+        from onegpu.tracking import shut_down_wandb
+
+        cfg = self.cfg
+        cfg.clock.start_heartbeat(cfg.checkpoints.out_dir / HEARTBEAT_FILE,
+                                  continue_run=cfg.checkpoints.resume is not None)
+        exit_code, ended = 1, "failed"
         try:
-            self.setup()
-            summary = self.finalize(self.fit())
-            exit_code = 0
+            with stop_on_sigterm() as self.sigterm:  # over finalize too: a merge under way is finished
+                self.setup()
+                cfg.clock.size_reserve()  # from the load time just measured
+                summary = self.finalize(self.fit())
+            exit_code, ended = 0, summary["stopped_by"]
             return summary
+        except RunStopped as stop:
+            exit_code, ended = stop.exit_code, stop.summary["stopped_by"]
+            raise
         finally:
             if self.tracker is not None:
                 self.tracker.finish(exit_code=exit_code)
+            shut_down_wandb()
+            cfg.clock.stop_heartbeat(ended=ended)
+            if self.tracker is not None:  # the clock up to the last heartbeat, W&B's shutdown included
+                self.tracker.update_summary_file(**cfg.clock.summary())
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self, stage: str = "finetune") -> None:
@@ -119,12 +144,14 @@ class LoRATrainer:
             torch.set_num_threads(cfg.model.num_threads)
         resume_path = self.resume_path()
         checkpoint = ckpt_io.load(resume_path) if resume_path else None
+        self.say_what_resume_found(resume_path)
         self.tokenizer = Tokenizer(cfg.model.checkpoint_dir)
         self.style = get_prompt_style(cfg.data.prompt_style)
         self.plan_data()
         self.tracker = self.open_run(stage, checkpoint)
         if checkpoint is not None:
             self.state.load_state_dict(checkpoint["train_state"])  # counters; the clock's new segment starts now
+            self.tracker.replay_history(through_step=self.state.step)
         self.build()
         self.proxy = ProxyEval(self, resumed=checkpoint is not None)
         if checkpoint is not None:
@@ -144,6 +171,22 @@ class LoRATrainer:
         if resume == "auto":
             return ckpt_io.latest(self.cfg.checkpoints.out_dir / "checkpoints")
         return Path(resume).expanduser() if resume else None
+
+    def say_what_resume_found(self, resume_path: Path | None) -> None:
+        """``--resume auto``: name the checkpoint it continues from, or say that it starts fresh."""
+        from onegpu.budget import format_duration
+
+        cfg = self.cfg
+        if cfg.checkpoints.resume != "auto":
+            return
+        if resume_path is not None:
+            found = f"found {resume_path} (step {int(resume_path.name.split('-')[-1])})"
+        else:
+            found = f"no checkpoint in {cfg.checkpoints.out_dir / 'checkpoints'}, starting fresh"
+        clock = cfg.clock
+        charged = (f"; {clock.segments - 1} earlier segment(s) of this run charged: "
+                   f"{format_duration(clock.elapsed_before_s)}" if clock.earlier else "")
+        print(f"[onegpu] --resume auto: {found}{charged}", file=sys.stderr)
 
     def plan_data(self) -> None:
         """Tokenize the rows, skip examples that truncation left without a response token, plan micro-batches."""
@@ -171,21 +214,24 @@ class LoRATrainer:
         self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.steps_per_epoch))
 
     def open_run(self, stage: str, checkpoint: dict[str, Any] | None) -> Any:
-        from onegpu.tracking import Run
+        from onegpu.tracking import Run, wandb_online
 
         cfg = self.cfg
         config = {**cfg.flat(), "gradient_accumulation": cfg.train.accumulation, "total_steps": self.total_steps,
                   "budget_s": cfg.clock.budget_s, "budget_reserve_s": cfg.clock.reserve_s}
-        previous_id = (checkpoint or {}).get("wandb_id")
+        # The chain follows the segments (the heartbeat file), not the checkpoint: a segment killed
+        # before its first checkpoint is still the one the next segment continues.
+        previous_id = cfg.clock.previous_segment().get("wandb_id") or (checkpoint or {}).get("wandb_id")
         if previous_id:
             config["resumed_from_wandb_id"] = previous_id
         # Online, a resumed segment continues the same W&B run. Offline, a SIGKILLed run's id can
         # still be held by its orphaned W&B service ("run ID is in use"), so a new offline run is
         # started and linked through `resumed_from_wandb_id`; metrics.jsonl stays one file.
-        online = os.environ.get("WANDB_MODE", "offline") == "online"
         run = Run(stage, cfg.checkpoints.out_dir, config, project=cfg.logging.wandb_project,
-                  name=cfg.logging.run_name, resume_id=previous_id if online else None)
+                  name=cfg.logging.run_name, resume_id=previous_id if wandb_online() else None)
         run.use_input(cfg.dataset.name, "dataset", cfg.dataset.digest, cfg.dataset.path)
+        cfg.clock.note(wandb_id=run.meta.get("wandb_id"), resumed_from_wandb_id=previous_id)
+        cfg.clock.beat()  # the chain link is on disk before the model loads
         return run
 
     def build(self) -> None:
@@ -233,7 +279,7 @@ class LoRATrainer:
     def fit(self) -> str:
         """The training loop: optimizer steps until max_steps/epochs are done or the budget says stop.
 
-        Returns why it stopped: ``max_steps``, ``epochs`` or ``budget``.
+        Returns why it stopped: ``max_steps``, ``epochs``, ``budget``, or a SIGTERM (``early_terminate``/``preempted``).
         """
         from tqdm import tqdm
 
@@ -248,6 +294,11 @@ class LoRATrainer:
         if state.step == 0:
             self.proxy.maybe_evaluate()  # the base model's score starts the proxy curve
         while state.step < self.total_steps:
+            if self.sigterm.received:
+                stopped_by = self.sigterm.stopped_by
+                print(f"\n[onegpu] SIGTERM: saving a checkpoint at step {state.step} and stopping ({stopped_by})",
+                      file=sys.stderr)
+                break
             if cfg.clock.should_stop(next_step_s=self.step_time_ema or 0.0):
                 stopped_by = "budget"
                 print(f"\n[onegpu] {cfg.clock.stop_reason}", file=sys.stderr)
@@ -305,6 +356,7 @@ class LoRATrainer:
         self.step_time_ema = seconds if self.step_time_ema is None else 0.8 * self.step_time_ema + 0.2 * seconds
         self.steps_this_segment += 1
         self.state.record_step(batches, result.loss)
+        self.cfg.clock.note(step=self.state.step)
 
     def maybe_log(self, result: StepResult) -> None:
         """Telemetry every ``log_interval`` steps and at the last step."""
@@ -396,6 +448,10 @@ class LoRATrainer:
 
         cfg, st, clock = self.cfg, self.state, self.cfg.clock
         t_end = time.perf_counter()
+        if stopped_by in SIGNAL_STOPS:
+            self.stop_without_final(stopped_by)
+        if stopped_by == "budget" and st.step == 0:
+            self.fail_without_steps()
         val_loss = self.validate()
         if self.proxy.items:
             self.proxy.evaluate()
@@ -420,6 +476,7 @@ class LoRATrainer:
         }
         self.tracker.summary(**summary)
         kept = "merged checkpoint" if cfg.checkpoints.merge else "LoRA adapter"
+        clock.note(finalize_s=summary["finalize_s"])
         print(f"[onegpu] done: {st.step} steps ({stopped_by}), loss {summary['first_loss']} -> "
               f"{summary['final_loss']}, val_loss {val_loss}; {kept}: {final_dir}", file=sys.stderr)
         if stopped_by == "budget":
@@ -427,6 +484,32 @@ class LoRATrainer:
                   f"{format_duration(max(0.0, clock.remaining_s))} of the budget left after the merge. "
                   f"Continue with --resume auto and a larger --budget.", file=sys.stderr)
         return summary
+
+    def stop_without_final(self, stopped_by: str) -> None:
+        """SIGTERM: a checkpoint (no validation, no merge: a scheduler's grace period is short), the summary."""
+        st = self.state
+        checkpoint = self.save_checkpoint()
+        summary = {"steps": st.step, "total_steps": self.total_steps, "stopped_by": stopped_by,
+                   "checkpoint": str(checkpoint), "final_loss": st.history[-1] if st.history else None,
+                   "tokens_seen": st.tokens, **self.cfg.clock.summary()}
+        self.tracker.summary(**summary)
+        raise RunStopped(f"stopped by SIGTERM ({stopped_by}) at step {st.step}/{self.total_steps}; checkpoint "
+                         f"{checkpoint}; continue with --resume auto", summary)
+
+    def fail_without_steps(self) -> None:
+        """The budget ran out before the first step: no checkpoint, no final/, no model artifact; exit 2."""
+        from onegpu.budget import format_duration
+
+        clock = self.cfg.clock
+        load_s = clock.segment.get("load_s")
+        self.tracker.summary(steps=0, total_steps=self.total_steps, stopped_by="budget", final_dir=None,
+                             **clock.summary())
+        raise UserError(
+            f"the budget ran out before the first training step: {format_duration(clock.elapsed_s)} of "
+            f"{format_duration(clock.budget_s)} used (loading took {format_duration(load_s or 0)}, the reserve for "
+            f"validation + merge is {format_duration(clock.reserve_s)}); nothing was trained, so no final/ "
+            f"and no model artifact were written",
+            fix="give a larger --budget (at least a few times the loading time plus the reserve) or a smaller model")
 
     def write_final(self) -> Path:
         """out/final: LoRA weights + litgpt's hyperparameters/prompt style, merged by litgpt's merge_lora
@@ -513,6 +596,39 @@ class LoRATrainer:
         inner.train()
         self.tracker.log_table("samples", ["prompt", "generation"], rows)
         return rows
+
+
+# ------------------------------------------------------------------------------------------ stops
+SIGNAL_STOPS = ("early_terminate", "preempted")
+
+
+class SigtermFlag:
+    """Set by SIGTERM; the loop checks it between steps. Under ``wandb agent`` SIGTERM is hyperband's
+    early termination, otherwise a scheduler's preemption."""
+
+    received = False
+
+    @property
+    def stopped_by(self) -> str:
+        return "early_terminate" if os.environ.get("WANDB_SWEEP_ID") else "preempted"
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[SigtermFlag]:
+    """Turn SIGTERM into a flag while training (the main thread only: Python delivers signals there)."""
+    flag = SigtermFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        flag.received = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------ model

@@ -17,7 +17,7 @@ import inspect
 import re
 import typing
 
-from onegpu.errors import UserError, did_you_mean
+from onegpu.errors import RunStopped, UserError, did_you_mean
 
 # verb words -> (module, function, one-line description). Order is the order of --help.
 VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
@@ -53,7 +53,7 @@ def _usage() -> str:
     for words, (module, _fn, doc) in VERBS.items():
         if _available(module):
             lines.append(f"  {' '.join(words):<20} {doc}")
-    lines += ["", "W&B runs are offline unless WANDB_MODE is set; see README.md."]
+    lines += ["", "W&B runs are offline unless WANDB_MODE, `wandb agent` or `wandb offline` say otherwise; see README.md."]
     return "\n".join(lines)
 
 
@@ -311,13 +311,19 @@ def main(argv: list[str] | None = None) -> int:
         if err.fix:
             print(f"  fix: {err.fix}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        print(f"{prog}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("\nonegpu: interrupted", file=sys.stderr)
         return 130
     return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
-def entrypoint() -> None:  # console_scripts target
+def entrypoint() -> None:  # console_scripts target (and python -m onegpu)
+    from onegpu.budget import charge_from_process_start
+
+    charge_from_process_start()  # a run's budget clock starts at the process start, imports included
     # Tokenizers' thread pool and a forked DataLoader/server worker don't mix; we rarely need it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

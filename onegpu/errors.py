@@ -32,6 +32,18 @@ def all_problems(errors: list[UserError]) -> UserError:
     return combined
 
 
+class RunStopped(Exception):
+    """A run stopped on request (SIGTERM) after saving its state; the CLI exits with ``exit_code``.
+
+    ``summary`` is what the run wrote to its summary.json (``stopped_by`` says why).
+    """
+
+    def __init__(self, message: str, summary: dict, exit_code: int = 143):  # 143 = 128 + SIGTERM
+        super().__init__(message)
+        self.summary = summary
+        self.exit_code = exit_code
+
+
 def did_you_mean(word: str, choices, prefix: str = "") -> str:
     """``"did you mean --lora_r? "`` for the choice closest to ``word`` (difflib), else ``""``.
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import shutil
 import sys
 import tempfile
@@ -152,7 +151,9 @@ def merged_checkpoint(ref: CheckpointRef) -> Path:
 
 def download_wandb_artifact(name: str) -> Path:
     """Download a W&B ``model`` artifact (``entity/project/name:alias``) into the cache; online only."""
-    if os.environ.get("WANDB_MODE", "offline") in ("offline", "disabled", "dryrun"):
+    from onegpu.tracking import wandb_online
+
+    if not wandb_online():
         raise UserError(f"model source {WANDB_PREFIX}{name} is a W&B artifact, but W&B is offline here",
                         fix="`wandb login` and set WANDB_MODE=online, or pass the local checkpoint dir")
     import wandb

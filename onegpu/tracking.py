@@ -1,4 +1,9 @@
-"""Experiment tracking shared by every stage: W&B (offline by default) plus local JSONL/CSV copies.
+"""Experiment tracking shared by every stage: W&B plus local JSONL/CSV copies.
+
+W&B mode (``wandb_mode``): whatever the user or the agent chose wins: ``WANDB_MODE``, a run
+started by ``wandb agent`` (``WANDB_SWEEP_ID``: the agent's own settings, online by default), or
+``wandb offline`` / ``wandb disabled`` (W&B's settings files; ``wandb online`` only clears them).
+Only when nothing says otherwise is it ``offline``, so no stage ever needs an account or a network by default.
 
 Why both: W&B gives dashboards and artifact lineage; the local copies let ``onegpu report`` and
 plain pandas work with no account and no network. Offline W&B runs land in ``<run dir>/wandb`` and
@@ -26,6 +31,39 @@ from onegpu.paths import REPO_ROOT
 
 # Offline unless the user asked for something else: never require an account or a network.
 DEFAULT_WANDB_MODE = "offline"
+
+
+def wandb_mode() -> tuple[str, str]:
+    """(the W&B mode this process uses, what decided it). Sets ``WANDB_MODE`` only for the default.
+
+    The default is exported so that the stages this process launches agree with it.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], "WANDB_MODE"
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled", "WANDB_DISABLED"
+    if os.environ.get("WANDB_SWEEP_ID"):  # launched by `wandb agent`: the agent's W&B settings decide
+        return _settings_file_mode() or "online", "wandb agent (WANDB_SWEEP_ID)"
+    chosen = _settings_file_mode()
+    if chosen:
+        return chosen, "wandb settings file (`wandb offline` / `wandb disabled`)"
+    os.environ["WANDB_MODE"] = DEFAULT_WANDB_MODE
+    return DEFAULT_WANDB_MODE, "default (nothing set WANDB_MODE)"
+
+
+def wandb_online() -> bool:
+    """True when this process's W&B runs talk to a server (not offline, disabled or dryrun)."""
+    return wandb_mode()[0] not in ("offline", "disabled", "dryrun")
+
+
+def _settings_file_mode() -> str | None:
+    """``mode`` from W&B's settings files (written by ``wandb offline``, cleared by ``wandb online``)."""
+    try:
+        import wandb
+
+        return wandb.Settings().read_system_settings().all().get("mode") or None
+    except Exception:  # noqa: BLE001 - unreadable settings files are W&B's default: nothing chosen
+        return None
 
 
 def git_sha() -> str | None:
@@ -120,8 +158,7 @@ class Run:
         self.stage = stage
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("WANDB_MODE", DEFAULT_WANDB_MODE)
-        self.mode = os.environ["WANDB_MODE"]
+        self.mode, mode_source = wandb_mode()
         self.lineage: list[dict[str, Any]] = []
         self.meta = {
             "stage": stage,
@@ -130,6 +167,8 @@ class Run:
             "cwd": os.getcwd(),  # relative paths in the command are relative to it
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": package_versions(),
+            "wandb_mode": self.mode,
+            "wandb_mode_source": mode_source,
         }
         self.config = _jsonable(config)
         self._metrics_path = self.out_dir / "metrics.jsonl"
@@ -215,6 +254,33 @@ class Run:
         if self._wandb_run is not None:
             self._wandb_run.log(_jsonable(metrics), step=step)
 
+    def replay_history(self, through_step: int) -> int:
+        """Re-log to W&B the rows of ``metrics.jsonl`` up to ``through_step`` that this W&B run lacks.
+
+        For a resumed segment: W&B's service writes an offline run's file in 32 KiB blocks and holds
+        the newest history row open, so a SIGKILLed segment's W&B run misses its last rows, while
+        ``metrics.jsonl`` (flushed per line) has them. An online resumed run continues at
+        ``run.step`` and gets the rows from there; a new offline run gets the whole history, so the
+        newest segment's W&B run always has every step the checkpoint has. Returns the rows replayed.
+        """
+        if self._wandb_run is None:
+            return 0
+        start = self._wandb_run.step
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        previous = None
+        for row in read_metrics(self._metrics_path):
+            step = row.get("_step")
+            if not isinstance(step, int) or not start <= step <= through_step:
+                continue
+            if step != previous and step in by_step:  # logged again by a later segment: its rows win
+                by_step[step] = []
+            by_step.setdefault(step, []).append({k: v for k, v in row.items() if not k.startswith("_")})
+            previous = step
+        for step in sorted(by_step):
+            for metrics in by_step[step]:
+                self._wandb_run.log(metrics, step=step)
+        return sum(len(rows) for rows in by_step.values())
+
     def summary(self, **values: Any) -> None:
         self._summary.update(_jsonable(values))
         if self._wandb_run is not None:
@@ -246,6 +312,11 @@ class Run:
         if self._wandb_run is not None:
             self._wandb_run.finish(exit_code=exit_code)
             self._wandb_run = None
+
+    def update_summary_file(self, **values: Any) -> None:
+        """Change keys of ``summary.json`` after ``finish`` (numbers that are only final then, like the clock)."""
+        self._summary.update(_jsonable(values))
+        atomic_write_json(self.out_dir / "summary.json", self._summary)
 
     def __enter__(self) -> "Run":
         return self
@@ -287,7 +358,7 @@ def write_back_summary(run_dir: str | Path, values: dict[str, Any]) -> None:
     summary = read_json(run_dir / "summary.json")
     atomic_write_json(run_dir / "summary.json", {**summary, **values})
     meta = read_json(run_dir / "run.json")
-    mode = os.environ.get("WANDB_MODE", DEFAULT_WANDB_MODE)
+    mode = wandb_mode()[0]
     if not meta.get("wandb_id") or mode == "disabled":
         return
     import wandb
@@ -307,6 +378,17 @@ def write_back_summary(run_dir: str | Path, values: dict[str, Any]) -> None:
         run.finish()
     except Exception as err:  # the local summary.json has the scores either way
         print(f"[onegpu] note: could not write the scores to W&B run {meta['wandb_id']}: {err}", file=sys.stderr)
+
+
+def shut_down_wandb() -> None:
+    """Wait for W&B's service to finish (e.g. staging a model artifact) now instead of at interpreter exit.
+
+    The budget clock's last heartbeat comes after this, so that time is charged.
+    """
+    if "wandb" in sys.modules:
+        import wandb
+
+        wandb.teardown()
 
 
 read_metrics = read_jsonl  # metrics.jsonl rows (a line cut by a kill mid-write is skipped)

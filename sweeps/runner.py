@@ -755,7 +755,6 @@ def trial_env(state: SweepState, point: dict[str, Any], trial_dir: Path, json_fi
     env = {**os.environ, "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_RUN_GROUP": state.sweep_id,
            "ONEGPU_SWEEP_ID": state.sweep_id, "ONEGPU_TRIAL_DIR": str(trial_dir),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.setdefault("WANDB_MODE", "offline")
     if state.config.get("project"):
         env.setdefault("WANDB_PROJECT", state.config["project"])
     return env
