@@ -71,10 +71,10 @@ def build_model(ckpt: Path, lora_r: int):
 def packed_row(ckpt: Path, max_seq_length: int) -> dict:
     """The first packed row the trainer would see on the benchmark's data (alpaca style, responses only)."""
     from litgpt.tokenizer import Tokenizer
-
     from onegpu.data.schema import render
     from onegpu.finetune.packing import MicroBatches, tokenize_example
     from onegpu.finetune.testing import shared_rows
+
     from onegpu.paths import shared_datasets_dir
 
     tok = Tokenizer(ckpt)
@@ -155,6 +155,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     from onegpu.finetune import telemetry
+
     from onegpu.model import prepare
 
     ckpt = Path(prepare())
@@ -194,8 +195,8 @@ def main() -> None:
     base = make_step(model, batch)
     t_step = best_time(base, args.steps)
     rows.append(("(c) real step: forward_hidden+loss_sum+backward", f"{t_step:.2f} s/step",
-                 f"{T / t_step:.0f} tok/s, {flops / t_step / 1e9:.0f} GFLOP/s = {flops / t_step / shape_peak:.0%} of "
-                 f"the GEMM mix, {flops / t_step / square:.0%} of square; GEMMs alone {model_t:.2f} s, load {load()}"))
+                 (f"{T / t_step:.0f} tok/s, {flops / t_step / 1e9:.0f} GFLOP/s = {flops / t_step / shape_peak:.0%} of "
+                 f"the GEMM mix, {flops / t_step / square:.0%} of square; GEMMs alone {model_t:.2f} s, load {load()}")))
 
     # roofline: every FLOP at the model's own GEMM-shape throughput
     attainable = shape_peak / (flops / T)
@@ -203,8 +204,8 @@ def main() -> None:
                  f"now: {T / t_step:.0f} tok/s ({T / t_step / attainable:.0%} of it)"))
     need = 2 * LITGPT_TOK_S * flops / T
     rows.append(("2x litgpt (quiet: 474.6 tok/s at 324 GFLOP/s)", f"{need / 1e9:.0f} GFLOP/s",
-                 f"= {need / QUIET_PEAK:.0%} of the quiet square peak, "
-                 f"{need / (QUIET_PEAK * shape_peak / square):.0%} of the quiet GEMM-mix rate"))
+                 (f"= {need / QUIET_PEAK:.0%} of the quiet square peak, "
+                 f"{need / (QUIET_PEAK * shape_peak / square):.0%} of the quiet GEMM-mix rate")))
 
     # (d) candidates, alternated with the baseline
     print(f"candidates ({args.rounds} rounds x {args.steps} steps each side):", flush=True)
@@ -228,7 +229,7 @@ def main() -> None:
             raise SystemExit(f"unknown candidate {name!r}")
         try:
             ratios = alternate(name, base, cand, args.rounds, args.steps, **kwargs)
-        except Exception as exc:  # a candidate that does not run on this CPU is a result, not a crash
+        except RuntimeError as exc:  # (dynamo and inductor errors are RuntimeErrors) a candidate that does not run on this CPU is a result, not a crash
             rows.append((f"(d) {name}", "failed", f"{type(exc).__name__}: {str(exc)[:80]}"))
             continue
         finally:
