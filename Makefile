@@ -11,7 +11,7 @@ quickstart: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
 
 test: venv helm-venv browser container-tools
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q --durations=15 tests
 
 # The submission image rehearsed without a Docker daemon: pack -> buildah build -> run -> probe + HELM
 # (tests/test_image.py; README "Rehearsing the image"). The same test runs inside `make test`.
