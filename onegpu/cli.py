@@ -75,7 +75,7 @@ def verb_function(words: tuple[str, ...]):
     return getattr(importlib.import_module(module_name), fn_name)
 
 
-def _gather_list_positionals(fn, rest: list[str]) -> list[str]:
+def gather_list_positionals(fn, rest: list[str]) -> list[str]:
     """``onegpu report A B C --out X``: several bare values for a list-typed first parameter.
 
     jsonargparse reads a list positional as one JSON/YAML token (``'[A, B, C]'``); shells and users
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     fn = verb_function(words)
     prog = f"onegpu {' '.join(words)}"
     rest = _bare_bool_flags(fn, _optional_first_positional(
-        fn, _gather_list_options(fn, _gather_list_positionals(fn, rest))))
+        fn, _gather_list_options(fn, gather_list_positionals(fn, rest))))
     try:
         parser = verb_parser(fn, prog)
         try:

@@ -101,15 +101,15 @@ def test_tracking_offline_run_writes_local_copies_and_wandb_dir(tmp_path):
 
 
 def test_cli_gathers_space_separated_dirs_for_list_arguments():
-    from onegpu.cli import _gather_list_positionals
+    from onegpu.cli import gather_list_positionals
 
     def compare(run_dirs: list[Path] | Path, out: Path = Path("x")) -> None: ...
 
     def build(recipe: Path, out: Path | None = None) -> None: ...
 
-    assert _gather_list_positionals(compare, ["a", "b", "--out", "o"]) == ['["a", "b"]', "--out", "o"]
-    assert _gather_list_positionals(compare, ["a", "--out", "o"]) == ["a", "--out", "o"]
-    assert _gather_list_positionals(build, ["r.yaml", "--out", "o"]) == ["r.yaml", "--out", "o"]
+    assert gather_list_positionals(compare, ["a", "b", "--out", "o"]) == ['["a", "b"]', "--out", "o"]
+    assert gather_list_positionals(compare, ["a", "--out", "o"]) == ["a", "--out", "o"]
+    assert gather_list_positionals(build, ["r.yaml", "--out", "o"]) == ["r.yaml", "--out", "o"]
 
 
 def test_bos_policy_does_not_depend_on_the_checkpoint_dir_name(bundled_checkpoint, tmp_path):
