@@ -25,7 +25,7 @@ def test_steps_run_in_pipeline_order_each_writing_under_out(tmp_path):
     # each step reads what an earlier one wrote
     assert str(dirs.data) in steps[1].args and str(dirs.finetune / "final") in steps[2].args
     assert str(dirs.eval_val) in steps[3].args and str(dirs.recipe_r2) in steps[4].args
-    assert str(dirs.sweep) in steps[6].args[1]
+    assert str(dirs.sweep) in steps[6].args and str(dirs.sweep) in steps[7].args[1]  # the report reads the sweep
 
 
 def test_unknown_skip_is_refused_before_any_work(tmp_path):

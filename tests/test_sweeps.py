@@ -514,11 +514,11 @@ def test_dashboard_spec_has_the_standard_panels_and_needs_online(monkeypatch):
     model = json.loads(workspace._to_model().model_dump_json(by_alias=True))  # the exact view W&B would store
     text = json.dumps(model)
     for metric in ("loss", "val_loss", "tokens_per_s", "mfu", "mem/cuda_peak_allocated_gib", "budget_used_pct",
-                   "val_score", "helm_score"):
+                   "val/score", "test/score"):
         assert f'"{metric}"' in text, metric
     sections = {name: [type(p).__name__ for p in panels] for name, panels in dashboard.build_panels()}
     sweep_panels = sections["Sweeps: rank x precision x quantization"]
-    assert "ParallelCoordinatesPlot" in sweep_panels and sweep_panels.count("ScatterPlot") == 2
+    assert "ParallelCoordinatesPlot" in sweep_panels and sweep_panels.count("ScatterPlot") == 3  # + score vs LoRA rank
     import wandb_workspaces.reports.v2 as wr
 
     parallel = dashboard.build_panels()[0][1][0]
