@@ -1,9 +1,11 @@
 """MFU's CPU peak: measured once per machine (CPU model, torch version, dtype, threads), cached, and
-measured again only when asked, so MFU compares across the segments of a run and across runs."""
+measured again when asked or once the machine is quieter than when it was measured, so MFU compares
+across the segments of a run and across runs."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from onegpu.finetune import telemetry
@@ -26,3 +28,22 @@ def test_cpu_peak_is_measured_once_cached_and_remeasured_on_demand(tmp_path, mon
 
     remeasured, how_new = telemetry.cached_cpu_peak(remeasure=True)
     assert how_new["measured_now"] and json.loads(cache.read_text())[how["key"]]["flops"] == remeasured
+
+
+def test_a_peak_measured_under_load_is_replaced_once_the_machine_is_quieter(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONEGPU_CACHE", str(tmp_path))
+    _, how = telemetry.cached_cpu_peak()
+    cache = tmp_path / telemetry.PEAK_CACHE_FILE
+    busy = os.getloadavg()[0] + (os.cpu_count() or 1) + 5  # "measured while the cores were oversubscribed"
+
+    # a low value from a busy moment: measured again now, and the higher value kept
+    cache.write_text(json.dumps({how["key"]: {**json.loads(cache.read_text())[how["key"]], "flops": 1.0,
+                                                "load_average_1m": busy}}))
+    peak, how_now = telemetry.cached_cpu_peak()
+    assert how_now["measured_now"] and peak > 1.0 and json.loads(cache.read_text())[how["key"]]["flops"] == peak
+
+    # a value higher than anything this CPU can do now: the cached one still stands
+    cache.write_text(json.dumps({how["key"]: {**json.loads(cache.read_text())[how["key"]], "flops": 1e18,
+                                                "load_average_1m": busy}}))
+    peak, how_now = telemetry.cached_cpu_peak()
+    assert peak == 1e18 and not how_now["measured_now"]
