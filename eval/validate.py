@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import yaml
 from onegpu.contracts import checkpoint_digest, model_input
 from onegpu.errors import UserError, did_you_mean
 from onegpu.eval.tasks.helm_mc import is_helm_task, likelihood_twins
+from onegpu.threads import set_cpu_threads
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 # The metric a task is ranked by, first one present wins (filter suffix included).
@@ -237,7 +237,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
         seed: lm-eval's random/numpy/torch/few-shot seeds.
         log_samples: keep per-instance samples (``samples/<task>.jsonl`` and W&B sample tables).
         fresh: ignore per-task results from an earlier, interrupted run in ``out``.
-        num_threads: CPU threads for torch (default: half the cores; ignored on GPUs).
+        num_threads: CPU threads for torch (default: the cores free at start; ignored on GPUs).
     """
     from onegpu.inference import locate_checkpoint, resolve_device
 
@@ -256,11 +256,8 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
     manager, include = task_manager([e["task"] for e in entries])
     check_task_names([e["task"] for e in entries], manager, include)
 
-    import torch
-
     if resolve_device(device).type == "cpu":
-        # Half the cores: on shared CPUs more threads than free cores make torch spin-wait (10x slower).
-        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 2) // 2))
+        print(f"[onegpu] {set_cpu_threads(num_threads)}", flush=True)
     from lm_eval import simple_evaluate
 
     from onegpu.eval.lm import LitGPTLM

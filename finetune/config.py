@@ -275,7 +275,8 @@ def finetune_options(
         quantize: QLoRA: quantize the frozen base with bitsandbytes: ``bnb.nf4``, ``bnb.nf4-dq``
             (double quantization), ``bnb.fp4``, ``bnb.fp4-dq``, ``bnb.int8``. Works on CPU.
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
-        num_threads: CPU threads for torch (default: torch's choice).
+        num_threads: CPU threads for torch (default on CPU: the cores free at start, so a busy machine
+            gets 1 thread instead of threads that wait for each other).
         lora_r: LoRA rank (> 0).
         lora_alpha: LoRA alpha; the update is scaled by alpha / r.
         lora_dropout: dropout on the LoRA input.

@@ -132,16 +132,16 @@ class LoRATrainer:
     # ------------------------------------------------------------------------------------- setup
     def setup(self, stage: str = "finetune") -> None:
         """Data plan, the tracked run (``stage``), Fabric, model, optimizer; then the resumed state."""
-        import torch
         from litgpt.tokenizer import Tokenizer
 
         from onegpu.budget import format_duration
         from onegpu.data.schema import get_prompt_style
         from onegpu.finetune import checkpoint as ckpt_io
+        from onegpu.threads import set_cpu_threads
 
         cfg = self.cfg
-        if cfg.model.num_threads:
-            torch.set_num_threads(cfg.model.num_threads)
+        if cfg.model.device == "cpu" or cfg.model.num_threads:
+            print(f"[onegpu] {set_cpu_threads(cfg.model.num_threads)}", flush=True)
         resume_path = self.resume_path()
         checkpoint = ckpt_io.load(resume_path) if resume_path else None
         self.say_what_resume_found(resume_path)
@@ -260,6 +260,8 @@ class LoRATrainer:
                                                            lambda s: lr_factor(s, warmup, total, min_ratio))
 
     def start_telemetry(self) -> None:
+        import torch
+
         from onegpu.finetune import telemetry
 
         self.peak_flops, self.peak_flops_source, peak_details = telemetry.device_peak_flops(
@@ -270,7 +272,7 @@ class LoRATrainer:
             peak_flops_source=self.peak_flops_source, peak_flops_measurement=peak_details, train_examples=len(self.data.examples),
             train_tokens_per_epoch=sum(self.data.lengths), examples_truncated=self.n_truncated,
             examples_no_loss_tokens=self.n_no_loss, steps_per_epoch=self.steps_per_epoch,
-            attention="flex" if self.flex else "sdpa")
+            attention="flex" if self.flex else "sdpa", cpu_threads=torch.get_num_threads())
         print(f"[onegpu] {self.trainable_params:,} trainable / {self.total_params:,} parameters; "
               f"{len(self.data.examples)} examples, {self.data.per_epoch} micro-batches per epoch, {self.total_steps} "
               f"steps; MFU peak: {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_flops_source})", file=sys.stderr)
