@@ -225,10 +225,9 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
         serve_args: extra ``onegpu serve`` options, e.g. ``[--prompt_style,alpaca,--max_batch_size,8]``.
         fresh: delete earlier HELM output in ``out`` instead of resuming completed runs.
     """
-    from onegpu.inference import locate_checkpoint
     from onegpu.contracts import checkpoint_digest
-    from onegpu.eval.validate import record_checkpoint_lineage, write_scores_to_training_run
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.validate import record_checkpoint_lineage
+    from onegpu.inference import locate_checkpoint
     from onegpu.tracking import Run
 
     started = time.time()
@@ -239,84 +238,126 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
     entries = conf_entries(conf_path)
     if max_eval_instances is None:
         max_eval_instances = DEFAULT_MAX_EVAL.get(conf_name, 100)
+    bin_dir = _helm_bin_dir()
+
+    out = Path(out).resolve()
+    digest = checkpoint_digest(ckpt)
+    helm_out = _helm_output_dir(out, ckpt, digest, fresh)
+    config = {"checkpoint": str(ckpt), "conf": conf_name, "conf_path": str(conf_path), "entries": entries,
+              "max_eval_instances": max_eval_instances, "num_threads": num_threads, "suite": suite,
+              "serve_args": serve_args or [], "checkpoint_digest": digest}
+    run = Run("eval-helm", out, config, tags=["eval", "helm", conf_name])
+    exit_code = 1
+    try:
+        with sigterm_as_interrupt():
+            lineage = record_checkpoint_lineage(run, ckpt)
+            server_log = out / "server.log"
+            with _helm_server(ckpt, serve_args or [], server_timeout, server_log, out / "server.json") as base_url:
+                env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=base_url)
+                run_cmd = [str(bin_dir / "helm-run"), "--conf-paths", str(conf_path), "--suite", suite,
+                           "--max-eval-instances", str(max_eval_instances), "--output-path", str(helm_out),
+                           "--local-path", str(helm_out / "prod_env"), "--num-threads", str(num_threads),
+                           "--skip-completed-runs"]
+                _run_helm(run_cmd, out / "helm-run.log", server_log, env, total=len(entries))
+            # the server is stopped: HELM is done with the model, its memory is free for summarizing
+            _summarize_helm(bin_dir, suite, helm_out, out / "helm-summarize.log", env)
+
+        parsed, test_score = _scored_suite(helm_out / "runs" / suite, out / "helm-run.log")
+        results = {"stage": "eval-helm", "conf": conf_name, "conf_path": str(conf_path), "checkpoint": str(ckpt),
+                   "checkpoint_digest": digest, "checkpoint_lineage": lineage, **parsed, "test_score": test_score,
+                   "helm_output": str(helm_out), "wall_s": round(time.time() - started, 2)}
+        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        _log_scores(run, ckpt, lineage, parsed, test_score)
+        _print_table(parsed, test_score)
+        print(f"\nresults: {out / 'results.json'}")
+        exit_code = 0
+        return results
+    finally:
+        run.finish(exit_code=exit_code)
+
+
+def _helm_bin_dir() -> Path:
+    """The HELM env's bin dir (created on first use); a missing helm-run or helm-summarize is a UserError."""
+    from onegpu.helm_env import helm_bin_dir
+
     bin_dir = helm_bin_dir()
     for tool in ("helm-run", "helm-summarize"):
         if not (bin_dir / tool).exists():
             raise UserError(f"{tool} is missing from the HELM env {bin_dir}",
                             fix="run `make helm-venv` (or set ONEGPU_HELM_BIN to a bin dir with crfm-helm)")
+    return bin_dir
 
-    out = Path(out).resolve()
+
+def _helm_output_dir(out: Path, ckpt: Path, digest: str, fresh: bool) -> Path:
+    """``out/helm``, kept only when it holds this checkpoint's earlier output (HELM resumes it) and not ``fresh``."""
     helm_out = out / "helm"
-    digest = checkpoint_digest(ckpt)
     marker = out / "helm_checkpoint.json"
     if helm_out.exists() and (fresh or not marker.is_file()
                               or json.loads(marker.read_text()).get("digest") != digest):
         shutil.rmtree(helm_out)  # another checkpoint's cached answers must never leak into this score
     helm_out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"checkpoint": str(ckpt), "digest": digest}))
+    return helm_out
 
-    config = {"checkpoint": str(ckpt), "conf": conf_name, "conf_path": str(conf_path), "entries": entries,
-              "max_eval_instances": max_eval_instances, "num_threads": num_threads, "suite": suite,
-              "serve_args": serve_args or [], "checkpoint_digest": digest}
-    run = Run("eval-helm", out, config, tags=["eval", "helm", conf_name])
-    exit_code = 1
-    server = None
+
+@contextmanager
+def _helm_server(ckpt: Path, serve_args: list[str], timeout: float, log_path: Path, info_path: Path):
+    """``onegpu serve`` on a free 127.0.0.1 port until the block ends; yields its base URL."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    print(f"[onegpu] starting: onegpu serve --checkpoint {ckpt} --port {port} {' '.join(serve_args)} "
+          f"(log: {log_path})", file=sys.stderr, flush=True)
+    server = start_server(ckpt, port, log_path, list(serve_args))
     try:
-        with sigterm_as_interrupt():
-            lineage = record_checkpoint_lineage(run, ckpt)
-            port = free_port()
-            base_url = f"http://127.0.0.1:{port}"
-            server_log = out / "server.log"
-            print(f"[onegpu] starting: onegpu serve --checkpoint {ckpt} --port {port} {' '.join(serve_args or [])} "
-                  f"(log: {server_log})", file=sys.stderr, flush=True)
-            server = start_server(ckpt, port, server_log, list(serve_args or []))
-            (out / "server.json").write_text(json.dumps({"pid": server.pid, "port": port, "url": base_url}))
-            health = wait_healthy(base_url, server, server_timeout, log_path=server_log)
-            print(f"[onegpu] server ready at {base_url} ({health.get('device')}, {health.get('dtype')})",
-                  file=sys.stderr, flush=True)
-            env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=base_url)
-            run_cmd = [str(bin_dir / "helm-run"), "--conf-paths", str(conf_path), "--suite", suite,
-                       "--max-eval-instances", str(max_eval_instances), "--output-path", str(helm_out),
-                       "--local-path", str(helm_out / "prod_env"), "--num-threads", str(num_threads),
-                       "--skip-completed-runs"]
-            print(f"[onegpu] {' '.join(run_cmd)}", file=sys.stderr, flush=True)
-            rc = run_logged(run_cmd, out / "helm-run.log", env, total=len(entries), desc="helm-run")
-            if rc != 0:
-                raise UserError(f"helm-run failed (exit {rc}); its log ({out / 'helm-run.log'}) ends with:\n"
-                                f"{log_tail(out / 'helm-run.log')}\n--- server log tail ---\n{log_tail(server_log, 15)}",
-                                fix="fix the cause in the logs (conf entries, dataset downloads need network)")
-            stop_process_group(server)  # HELM is done with the model; free its memory before summarizing
-            sum_cmd = [str(bin_dir / "helm-summarize"), "--suite", suite, "--output-path", str(helm_out)]
-            rc = run_logged(sum_cmd, out / "helm-summarize.log", env)
-            if rc != 0:
-                print(f"[onegpu] warning: helm-summarize failed (exit {rc}), see {out / 'helm-summarize.log'}; "
-                      "per-run stats are still parsed", file=sys.stderr)
-
-        parsed = parse_helm_suite(helm_out / "runs" / suite)
-        if not parsed["runs"]:
-            raise UserError(f"helm-run produced no stats.json under {helm_out / 'runs' / suite}",
-                            fix=f"read {out / 'helm-run.log'}")
-        values = [s["value"] for s in parsed["scenarios"].values()]
-        test_score = sum(values) / len(values) if values else None
-        results = {"stage": "eval-helm", "conf": conf_name, "conf_path": str(conf_path), "checkpoint": str(ckpt),
-                   "checkpoint_digest": digest, "checkpoint_lineage": lineage, **parsed, "test_score": test_score,
-                   "helm_output": str(helm_out), "wall_s": round(time.time() - started, 2)}
-        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-        rows = [[name, r["scenario"], r["main_metric"], r["main"], r["n_instances"]] for name, r in parsed["runs"].items()]
-        run.log_table("helm_runs", ["run", "scenario", "metric", "value", "instances"], rows)
-        run.log_table("helm_scenarios", ["scenario", "metric", "value", "runs"],
-                      [[s, v["main_metric"], v["value"], v["n_runs"]] for s, v in parsed["scenarios"].items()])
-        scenario_scores = {s: v["value"] for s, v in parsed["scenarios"].items()}
-        run.summary(test_score=test_score, **{f"helm/{s}": v for s, v in scenario_scores.items()})
-        write_scores_to_training_run(ckpt, lineage, {"test/score": test_score,
-                                                     **{f"test/{s}": v for s, v in scenario_scores.items()}})
-        _print_table(parsed, test_score)
-        print(f"\nresults: {out / 'results.json'}")
-        exit_code = 0
-        return results
+        info_path.write_text(json.dumps({"pid": server.pid, "port": port, "url": base_url}))
+        health = wait_healthy(base_url, server, timeout, log_path=log_path)
+        print(f"[onegpu] server ready at {base_url} ({health.get('device')}, {health.get('dtype')})",
+              file=sys.stderr, flush=True)
+        yield base_url
     finally:
         stop_process_group(server)
-        run.finish(exit_code=exit_code)
+
+
+def _run_helm(cmd: list[str], log_path: Path, server_log: Path, env: dict, total: int) -> None:
+    """helm-run, a progress bar per finished run entry; a failure is a UserError with both logs' tails."""
+    print(f"[onegpu] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    rc = run_logged(cmd, log_path, env, total=total, desc="helm-run")
+    if rc != 0:
+        raise UserError(f"helm-run failed (exit {rc}); its log ({log_path}) ends with:\n"
+                        f"{log_tail(log_path)}\n--- server log tail ---\n{log_tail(server_log, 15)}",
+                        fix="fix the cause in the logs (conf entries, dataset downloads need network)")
+
+
+def _summarize_helm(bin_dir: Path, suite: str, helm_out: Path, log_path: Path, env: dict) -> None:
+    """helm-summarize; a failure is only a warning, since the per-run stats are parsed without it."""
+    cmd = [str(bin_dir / "helm-summarize"), "--suite", suite, "--output-path", str(helm_out)]
+    rc = run_logged(cmd, log_path, env)
+    if rc != 0:
+        print(f"[onegpu] warning: helm-summarize failed (exit {rc}), see {log_path}; "
+              "per-run stats are still parsed", file=sys.stderr)
+
+
+def _scored_suite(suite_dir: Path, run_log: Path) -> tuple[dict[str, Any], float | None]:
+    """The parsed suite and its test score (the mean of the scenario values); no runs is a UserError."""
+    parsed = parse_helm_suite(suite_dir)
+    if not parsed["runs"]:
+        raise UserError(f"helm-run produced no stats.json under {suite_dir}", fix=f"read {run_log}")
+    values = [s["value"] for s in parsed["scenarios"].values()]
+    return parsed, sum(values) / len(values) if values else None
+
+
+def _log_scores(run, ckpt: Path, lineage: dict, parsed: dict, test_score: float | None) -> None:
+    """W&B tables (per run, per scenario) and summary; the scores copied to the fine-tune run too."""
+    from onegpu.eval.validate import write_scores_to_training_run
+
+    rows = [[name, r["scenario"], r["main_metric"], r["main"], r["n_instances"]] for name, r in parsed["runs"].items()]
+    run.log_table("helm_runs", ["run", "scenario", "metric", "value", "instances"], rows)
+    run.log_table("helm_scenarios", ["scenario", "metric", "value", "runs"],
+                  [[s, v["main_metric"], v["value"], v["n_runs"]] for s, v in parsed["scenarios"].items()])
+    scenario_scores = {s: v["value"] for s, v in parsed["scenarios"].items()}
+    run.summary(test_score=test_score, **{f"helm/{s}": v for s, v in scenario_scores.items()})
+    write_scores_to_training_run(ckpt, lineage, {"test/score": test_score,
+                                                 **{f"test/{s}": v for s, v in scenario_scores.items()}})
 
 
 def _print_table(parsed: dict, test_score: float | None) -> None:

@@ -20,6 +20,7 @@ question's letters) are reported beside the likelihood score of the task they mi
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import sys
 import time
@@ -247,25 +248,16 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
     ref = locate_checkpoint(checkpoint)  # validate before anything heavy
     ckpt, base = ref.path, ref.base
     spec = load_suite(suite)
-    entries = [{"task": t} for t in tasks] if tasks else spec["tasks"]
-    for entry in entries:
-        if limit is not None:
-            entry["limit"] = limit
-        if num_fewshot is not None and not is_helm_task(entry["task"]):  # HELM's shots are in its prompt
-            entry["num_fewshot"] = num_fewshot
+    entries = _suite_entries(spec, tasks, limit, num_fewshot)
     manager, include = task_manager([e["task"] for e in entries])
     check_task_names([e["task"] for e in entries], manager, include)
-
     if resolve_device(device).type == "cpu":
         print(f"[onegpu] {set_cpu_threads(num_threads)}", flush=True)
-    from lm_eval import simple_evaluate
-
     from onegpu.eval.lm import LitGPTLM
     from onegpu.tracking import Run
 
     out = Path(out)
-    task_dir = out / "tasks"
-    task_dir.mkdir(parents=True, exist_ok=True)
+    (out / "tasks").mkdir(parents=True, exist_ok=True)
     digest = checkpoint_digest(ckpt)
     config = {"checkpoint": str(ckpt), "base_checkpoint": str(base) if base else None, "suite": spec["name"],
               "suite_path": spec["path"], "tasks": entries, "batch_size": batch_size, "prompt_style": prompt_style,
@@ -274,56 +266,13 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
     exit_code = 1
     try:
         lineage = record_checkpoint_lineage(run, ckpt)
-        lm = None  # loaded on the first task that is not already done (a resumed run may need none)
-        merged: dict | None = None
-        per_task: dict[str, dict] = {}
-        samples: dict[str, list] = {}
-        for i, entry in enumerate(entries):
-            name = entry["task"]
-            settings = {"checkpoint_digest": digest, "prompt_style": prompt_style, **entry}
-            saved = task_dir / f"{name}.json"
-            if saved.is_file() and not fresh:
-                previous = json.loads(saved.read_text(encoding="utf-8"))
-                if previous.get("settings") == settings:
-                    print(f"[onegpu] [{i + 1}/{len(entries)}] {name}: done in an earlier run, reusing "
-                          f"{saved} (--fresh to redo)", file=sys.stderr)
-                    merged = _merge(merged, previous["lm_eval"])
-                    per_task[name] = previous["summary"]
-                    continue
-            print(f"[onegpu] [{i + 1}/{len(entries)}] {name} (limit={entry.get('limit')}, "
-                  f"num_fewshot={entry.get('num_fewshot', 'task default')})", file=sys.stderr, flush=True)
-            t0 = time.time()
-            if lm is None:
-                lm = LitGPTLM(ckpt, batch_size=batch_size, device=device, dtype=dtype, prompt_style=prompt_style)
-            try:
-                result = simple_evaluate(
-                    model=lm, tasks=[name], num_fewshot=entry.get("num_fewshot"), limit=entry.get("limit"),
-                    gen_kwargs=entry.get("gen_kwargs"), task_manager=manager, log_samples=log_samples,
-                    bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                    fewshot_random_seed=seed,
-                )
-            except (ConnectionError, OSError) as err:
-                raise UserError(f"task {name} could not load its dataset: {err}",
-                                fix="hub tasks need network access (unset HF_DATASETS_OFFLINE); offline, use "
-                                    "--suite offline or onegpu_* tasks") from err
-            task_samples = (result or {}).pop("samples", {}) or {}
-            summary = task_summary(name, result, wall_s=time.time() - t0)
-            if log_samples:
-                (out / "samples").mkdir(exist_ok=True)
-                with open(out / "samples" / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-                    for s in task_samples.get(name, []):
-                        fh.write(json.dumps(s, default=str) + "\n")
-                samples.update(task_samples)
-            lm_eval_part = {k: v for k, v in result.items() if k != "samples"}
-            saved.write_text(json.dumps({"settings": settings, "summary": summary, "lm_eval": lm_eval_part},
-                                        indent=1, default=str), encoding="utf-8")
-            merged = _merge(merged, lm_eval_part)
-            per_task[name] = summary
-            run.log({f"val/{name}/{m}": v for m, v in summary["metrics"].items() if isinstance(v, (int, float))},
-                    step=i)
+        load_model = functools.partial(LitGPTLM, ckpt, batch_size=batch_size, device=device, dtype=dtype,
+                                       prompt_style=prompt_style)
+        per_task, merged, samples = _evaluate_tasks(
+            entries, load_model, manager, run, out, {"checkpoint_digest": digest, "prompt_style": prompt_style},
+            seed=seed, log_samples=log_samples, fresh=fresh)
 
-        primaries = [t["primary"] for t in per_task.values() if t["primary"] is not None]
-        val_score = sum(primaries) / len(primaries) if primaries else None
+        val_score = _mean_primary(per_task)
         helm_gen = helm_gen_report(per_task)
         results = {"stage": "eval-val", "suite": spec["name"], "checkpoint": str(ckpt),
                    "checkpoint_digest": digest, "checkpoint_lineage": lineage, "prompt_style": prompt_style,
@@ -331,22 +280,122 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
                    "lm_eval_version": _version("lm_eval")}
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
         (out / "lm_eval_results.json").write_text(json.dumps(merged, indent=1, default=str), encoding="utf-8")
-        rows = table_rows(per_task, helm_gen["helm_gen"])
-        run.log_table("val_summary", TABLE_HEADER, rows)
-        keys = summary_keys(per_task, val_score, helm_gen)
-        run.summary(**keys)
-        write_scores_to_training_run(ckpt, lineage, {"val/score": val_score,
-                                                     **{k: v for k, v in keys.items() if k.startswith("val/")}})
+        _log_scores(run, ckpt, lineage, per_task, val_score, helm_gen)
         _wandb_lm_eval(merged, samples)
-        score_row = ["val_score (mean)", "", _round(val_score), "", "", "", ""]
-        gen_row = ["helm_gen_score (mean)", "", "", _round(helm_gen["helm_gen_score"]),
-                   helm_gen["format_failures"], "", ""]
-        print("\n" + summary_table(rows + [score_row] + ([gen_row] if helm_gen["helm_gen"] else [])))
+        _print_summary(per_task, val_score, helm_gen)
         print(f"\nresults: {out / 'results.json'}")
         exit_code = 0
         return results
     finally:
         run.finish(exit_code=exit_code)
+
+
+def _suite_entries(spec: dict[str, Any], tasks: list[str] | None, limit: int | None,
+                   num_fewshot: int | None) -> list[dict[str, Any]]:
+    """The entries to run: ``tasks`` instead of the suite's when given, with ``limit`` and ``num_fewshot`` set."""
+    entries = [{"task": t} for t in tasks] if tasks else spec["tasks"]
+    for entry in entries:
+        if limit is not None:
+            entry["limit"] = limit
+        if num_fewshot is not None and not is_helm_task(entry["task"]):  # HELM's shots are in its prompt
+            entry["num_fewshot"] = num_fewshot
+    return entries
+
+
+def _evaluate_tasks(entries: list[dict], load_model, manager, run, out: Path, run_settings: dict[str, Any],
+                    seed: int, log_samples: bool, fresh: bool) -> tuple[dict[str, dict], dict | None, dict]:
+    """(per-task summaries, lm-eval's merged results, samples), task by task in order. A task an earlier run
+    saved in ``out/tasks`` with the same settings is reused; any other is evaluated and saved as it finishes."""
+    lm = None  # loaded on the first task that is not already done (a resumed run may need none)
+    merged: dict | None = None
+    per_task: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    for i, entry in enumerate(entries):
+        name = entry["task"]
+        settings = {**run_settings, **entry}
+        saved = out / "tasks" / f"{name}.json"
+        done = None if fresh else _earlier_result(saved, settings)
+        if done is not None:
+            print(f"[onegpu] [{i + 1}/{len(entries)}] {name}: done in an earlier run, reusing "
+                  f"{saved} (--fresh to redo)", file=sys.stderr)
+        else:
+            print(f"[onegpu] [{i + 1}/{len(entries)}] {name} (limit={entry.get('limit')}, "
+                  f"num_fewshot={entry.get('num_fewshot', 'task default')})", file=sys.stderr, flush=True)
+            t0 = time.time()
+            if lm is None:
+                lm = load_model()
+            result, task_samples = _run_lm_eval(lm, entry, manager, seed, log_samples)
+            done = {"settings": settings, "summary": task_summary(name, result, wall_s=time.time() - t0),
+                    "lm_eval": result}
+            if log_samples:
+                _write_samples(out / "samples" / f"{name}.jsonl", task_samples.get(name, []))
+                samples.update(task_samples)
+            saved.write_text(json.dumps(done, indent=1, default=str), encoding="utf-8")
+            metrics = done["summary"]["metrics"]
+            run.log({f"val/{name}/{m}": v for m, v in metrics.items() if isinstance(v, (int, float))}, step=i)
+        merged = _merge(merged, done["lm_eval"])
+        per_task[name] = done["summary"]
+    return per_task, merged, samples
+
+
+def _earlier_result(saved: Path, settings: dict[str, Any]) -> dict | None:
+    """A task's saved ``{settings, summary, lm_eval}`` when it was made with exactly these settings."""
+    if not saved.is_file():
+        return None
+    previous = json.loads(saved.read_text(encoding="utf-8"))
+    return previous if previous.get("settings") == settings else None
+
+
+def _run_lm_eval(lm, entry: dict[str, Any], manager, seed: int, log_samples: bool) -> tuple[dict, dict]:
+    """One ``lm_eval.simple_evaluate`` call on one suite entry: (its result, its samples taken out of it)."""
+    from lm_eval import simple_evaluate
+
+    name = entry["task"]
+    try:
+        result = simple_evaluate(
+            model=lm, tasks=[name], num_fewshot=entry.get("num_fewshot"), limit=entry.get("limit"),
+            gen_kwargs=entry.get("gen_kwargs"), task_manager=manager, log_samples=log_samples,
+            bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except (ConnectionError, OSError) as err:
+        raise UserError(f"task {name} could not load its dataset: {err}",
+                        fix="hub tasks need network access (unset HF_DATASETS_OFFLINE); offline, use "
+                            "--suite offline or onegpu_* tasks") from err
+    task_samples = (result or {}).pop("samples", {}) or {}
+    return result, task_samples
+
+
+def _write_samples(path: Path, samples: list) -> None:
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for s in samples:
+            fh.write(json.dumps(s, default=str) + "\n")
+
+
+def _mean_primary(per_task: dict[str, dict]) -> float | None:
+    """``val_score``: the mean of the tasks' primary metrics."""
+    primaries = [t["primary"] for t in per_task.values() if t["primary"] is not None]
+    return sum(primaries) / len(primaries) if primaries else None
+
+
+def _log_scores(run, ckpt: Path, lineage: dict, per_task: dict[str, dict], val_score: float | None,
+                helm_gen: dict[str, Any]) -> None:
+    """The W&B summary table and keys; the scores copied to the fine-tune run too."""
+    run.log_table("val_summary", TABLE_HEADER, table_rows(per_task, helm_gen["helm_gen"]))
+    keys = summary_keys(per_task, val_score, helm_gen)
+    run.summary(**keys)
+    write_scores_to_training_run(ckpt, lineage, {"val/score": val_score,
+                                                 **{k: v for k, v in keys.items() if k.startswith("val/")}})
+
+
+def _print_summary(per_task: dict[str, dict], val_score: float | None, helm_gen: dict[str, Any]) -> None:
+    """The per-task table, with the mean scores below it."""
+    score_row = ["val_score (mean)", "", _round(val_score), "", "", "", ""]
+    gen_row = ["helm_gen_score (mean)", "", "", _round(helm_gen["helm_gen_score"]),
+               helm_gen["format_failures"], "", ""]
+    rows = table_rows(per_task, helm_gen["helm_gen"]) + [score_row] + ([gen_row] if helm_gen["helm_gen"] else [])
+    print("\n" + summary_table(rows))
 
 
 def _wandb_lm_eval(merged: dict | None, samples: dict) -> None:

@@ -20,6 +20,7 @@ Handlers are ``async`` and only tokenize and wait: the engine's worker thread ba
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Annotated
 
 from onegpu.contracts import Quantize
 from onegpu.errors import UserError
-from onegpu.submission.schemas import DecodeResponse, ErrorResponse, ProcessResponse, TokenizeRequest, TokenizeResponse
+from onegpu.submission.schemas import (DecodeResponse, EffectivePromptRequest, EffectivePromptResponse, ErrorResponse,
+                                       ProcessResponse, TokenizeRequest, TokenizeResponse)
 
 
 def _validation_message(errors: list) -> str:
@@ -49,44 +51,42 @@ def effective_prompt(engine, prompt: str, echo: bool = False) -> str:
     return engine.prompt_style.apply(prompt)
 
 
+# Every POST route's error responses, in the OpenAPI schema.
+ERROR_RESPONSES = {400: {"model": ErrorResponse, "description": "the body is not UTF-8 JSON"},
+                   422: {"model": ErrorResponse, "description": "invalid request (the message says what and why)"}}
+
+
 def create_app(engine, postprocess: list[str] | None = None):
     """The FastAPI app serving ``engine`` (a :class:`submission.engine.Engine`).
 
     ``postprocess``: rule names from :mod:`submission.postprocess`, applied to non-echo completions.
     """
-    from onegpu.submission import postprocess as post
+    from onegpu.submission.postprocess import parse_rules
 
-    rules = post.parse_rules(postprocess)
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-
-    from pydantic import Field
-
-    from onegpu.submission import schemas
-    from onegpu.submission.engine import GenRequest
-
-    # The schema states this model's real limit, so clients (and the fuzzer) see it up front.
-    class ProcessRequest(schemas.ProcessRequest):
-        max_new_tokens: int = Field(50, ge=0, le=max(0, engine.max_seq_length - 2),
-                                    description="upper bound on completion tokens (0 with echo_prompt scores the "
-                                                f"prompt); at most {engine.max_seq_length - 2} for this model")
-
-    tokenizer_vocab = engine.vocab_limit()
-
-    class DecodeRequest(schemas.DecodeRequest):
-        tokens: list[Annotated[int, Field(ge=0, lt=tokenizer_vocab)]] = Field(
-            ..., max_length=1_000_000, description=f"token ids, each in [0, {tokenizer_vocab})")
+    rules = parse_rules(postprocess)
+    from fastapi import FastAPI
 
     app = FastAPI(title="onegpu submission server",
                   description="NeurIPS LLM Efficiency Challenge API: /process, /tokenize, /decode",
                   version="1")
-    errors = {400: {"model": ErrorResponse, "description": "the body is not UTF-8 JSON"},
-              422: {"model": ErrorResponse, "description": "invalid request (the message says what and why)"}}
+    _add_error_handlers(app)
+    _add_health(app, engine, rules)
+    _add_process(app, engine, rules)
+    _add_effective_prompt(app, engine)
+    _add_tokenize(app, engine)
+    _add_decode(app, engine)
+    return JSONBodies(app)
+
+
+def _add_error_handlers(app) -> None:
+    """422s and 400s with a ``detail`` message that says what is wrong."""
+    from fastapi import HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
-        return JSONResponse(status_code=422, content={"detail": _validation_message(exc.errors())})
+        return _reject(_validation_message(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException):
@@ -95,10 +95,14 @@ def create_app(engine, postprocess: list[str] | None = None):
             detail = "the request body is not valid UTF-8 JSON; send a JSON object such as {\"prompt\": \"...\"}"
         return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=exc.headers)
 
-    def reject(message: str):
-        return JSONResponse(status_code=422, content={"detail": message})
+
+def _reject(message: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=422, content={"detail": message})
 
 
+def _add_health(app, engine, rules: list[str]) -> None:
     @app.get("/health")
     async def health() -> dict:
         """200 once the model is loaded (the server listens only after that)."""
@@ -108,21 +112,30 @@ def create_app(engine, postprocess: list[str] | None = None):
                 "postprocess": rules,
                 "stats": dict(engine.stats)}
 
+
+def _add_process(app, engine, rules: list[str]) -> None:
+    from pydantic import Field
+
+    from onegpu.submission import postprocess as post
+    from onegpu.submission import schemas
+    from onegpu.submission.engine import GenRequest
+
+    # The schema states this model's real limit, so clients (and the fuzzer) see it up front.
+    class ProcessRequest(schemas.ProcessRequest):
+        max_new_tokens: int = Field(50, ge=0, le=max(0, engine.max_seq_length - 2),
+                                    description="upper bound on completion tokens (0 with echo_prompt scores the "
+                                                f"prompt); at most {engine.max_seq_length - 2} for this model")
+
     async def process(body: ProcessRequest):
         start = time.perf_counter()
         echo = bool(body.echo_prompt)
         ids = engine.encode(effective_prompt(engine, body.prompt, echo))
         limit = engine.max_seq_length
         if body.max_new_tokens > limit - 2:
-            return reject(f"max_new_tokens={body.max_new_tokens} leaves no room for a prompt in this model's "
-                          f"context of {limit} tokens; ask for at most {limit - 2}")
-        budget = limit - body.max_new_tokens
-        if len(ids) > budget:  # keep the end of the prompt (the question), and BOS
-            keep_bos = engine.tokenizer.use_bos and ids[0] == engine.tokenizer.bos_id
-            ids = ids[:1] + ids[len(ids) - (budget - 1):] if keep_bos else ids[len(ids) - budget:]
-            print(f"[onegpu serve] prompt left-truncated to {len(ids)} tokens to fit max_new_tokens="
-                  f"{body.max_new_tokens} in {limit}", file=sys.stderr)
-        request = GenRequest(prompt_ids=ids, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+            return _reject(f"max_new_tokens={body.max_new_tokens} leaves no room for a prompt in this model's "
+                           f"context of {limit} tokens; ask for at most {limit - 2}")
+        request = GenRequest(prompt_ids=_fit_context(engine, ids, body.max_new_tokens),
+                             max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                              top_k=body.top_k, top_p=body.top_p, seed=body.seed,
                              stop_sequences=list(body.stop_sequences or []), echo=echo,
                              top_logprobs=body.top_k_per_token)
@@ -133,18 +146,31 @@ def create_app(engine, postprocess: list[str] | None = None):
                 "request_time": time.perf_counter() - start}
 
     process.__annotations__["body"] = ProcessRequest  # a local class: FastAPI cannot resolve the string annotation
-    app.post("/process", response_model=ProcessResponse, responses=errors)(process)
+    app.post("/process", response_model=ProcessResponse, responses=ERROR_RESPONSES)(process)
 
-    async def show_effective_prompt(body: schemas.EffectivePromptRequest):
+
+def _fit_context(engine, ids: list[int], max_new_tokens: int) -> list[int]:
+    """``ids`` left-truncated to fit ``max_seq_length - max_new_tokens``: the end (the question) and BOS kept."""
+    budget = engine.max_seq_length - max_new_tokens
+    if len(ids) <= budget:
+        return ids
+    keep_bos = engine.tokenizer.use_bos and ids[0] == engine.tokenizer.bos_id
+    ids = ids[:1] + ids[len(ids) - (budget - 1):] if keep_bos else ids[len(ids) - budget:]
+    print(f"[onegpu serve] prompt left-truncated to {len(ids)} tokens to fit max_new_tokens="
+          f"{max_new_tokens} in {engine.max_seq_length}", file=sys.stderr)
+    return ids
+
+
+def _add_effective_prompt(app, engine) -> None:
+    @app.post("/effective_prompt", response_model=EffectivePromptResponse, responses=ERROR_RESPONSES)
+    async def show_effective_prompt(body: EffectivePromptRequest):
         """Debug: the text and token ids /process would feed the model for this prompt."""
         text = effective_prompt(engine, body.prompt, bool(body.echo_prompt))
         return {"prompt": text, "tokens": engine.encode(text), "prompt_style": engine.prompt_style_name}
 
-    show_effective_prompt.__annotations__["body"] = schemas.EffectivePromptRequest
-    app.post("/effective_prompt", response_model=schemas.EffectivePromptResponse, responses=errors)(
-        show_effective_prompt)
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
+def _add_tokenize(app, engine) -> None:
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest):
         start = time.perf_counter()
         ids = engine.encode(body.text)
@@ -152,17 +178,27 @@ def create_app(engine, postprocess: list[str] | None = None):
             ids = ids[: body.max_length]
         return {"tokens": ids, "request_time": time.perf_counter() - start}
 
+
+def _add_decode(app, engine) -> None:
+    from pydantic import Field
+
+    from onegpu.submission import schemas
+
+    tokenizer_vocab = engine.vocab_limit()
+
+    class DecodeRequest(schemas.DecodeRequest):
+        tokens: list[Annotated[int, Field(ge=0, lt=tokenizer_vocab)]] = Field(
+            ..., max_length=1_000_000, description=f"token ids, each in [0, {tokenizer_vocab})")
+
     async def decode(body: DecodeRequest):
         start = time.perf_counter()
         bad = [t for t in body.tokens if not 0 <= t < tokenizer_vocab]
         if bad:
-            return reject(f"token ids {bad[:5]} are not in this tokenizer's vocabulary [0, {tokenizer_vocab})")
+            return _reject(f"token ids {bad[:5]} are not in this tokenizer's vocabulary [0, {tokenizer_vocab})")
         return {"text": engine.decode(body.tokens), "request_time": time.perf_counter() - start}
 
-    decode.__annotations__["body"] = DecodeRequest
-    app.post("/decode", response_model=DecodeResponse, responses=errors)(decode)
-
-    return JSONBodies(app)
+    decode.__annotations__["body"] = DecodeRequest  # a local class, as for /process
+    app.post("/decode", response_model=DecodeResponse, responses=ERROR_RESPONSES)(decode)
 
 
 class JSONBodies:
@@ -192,27 +228,6 @@ ENV_DEFAULTS = {"checkpoint": "ONEGPU_CHECKPOINT", "wandb_artifact": "ONEGPU_WAN
                 "prompt_style": "ONEGPU_PROMPT_STYLE", "quantize": "ONEGPU_QUANTIZE",
                 "max_batch_size": "ONEGPU_MAX_BATCH_SIZE", "postprocess": "ONEGPU_POSTPROCESS",
                 "dtype": "ONEGPU_DTYPE"}
-
-
-def check_port(host: str, port: int) -> None:
-    """UserError unless ``host:port`` can be bound now (as uvicorn binds it: SO_REUSEADDR set)."""
-    import socket
-
-    from onegpu.submission.launch import free_port
-
-    try:
-        family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as err:
-        raise UserError(f"cannot listen on {host}:{port}: {err.strerror}",
-                        fix="pass --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
-    try:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-    except OSError as err:  # EADDRINUSE; EACCES for ports < 1024 without root
-        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}",
-                        fix=f"pass a free port (e.g. --port {free_port()}), or stop the process that holds {port} "
-                            f"(`ss -ltnp 'sport = :{port}'` shows it)") from None
 
 
 def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8080,
@@ -262,41 +277,18 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
             prompt does not stall the running requests (0: each prompt group in one forward).
         access_log: log every HTTP request.
     """
-    import os
-
-    if not (checkpoint or wandb_artifact or hub_model):  # from the environment, first set wins
-        env = {name: os.environ.get(var) or None for name, var in ENV_DEFAULTS.items()}
-        if env["wandb_artifact"]:
-            wandb_artifact = env["wandb_artifact"]
-        elif env["hub_model"]:
-            hub_model = env["hub_model"]
-        else:
-            checkpoint = env["checkpoint"]
-    base_checkpoint = base_checkpoint or os.environ.get(ENV_DEFAULTS["base_checkpoint"]) or None
-    prompt_style = prompt_style or os.environ.get(ENV_DEFAULTS["prompt_style"]) or "auto"
-    dtype = dtype or os.environ.get(ENV_DEFAULTS["dtype"]) or "auto"
-    postprocess = postprocess if postprocess is not None else os.environ.get(ENV_DEFAULTS["postprocess"]) or None
     from onegpu.submission.postprocess import parse_rules
 
-    rules = parse_rules(postprocess)  # bad names fail before the model loads
-    quantize = quantize or os.environ.get(ENV_DEFAULTS["quantize"]) or None
-    max_batch_size = max_batch_size or int(os.environ.get(ENV_DEFAULTS["max_batch_size"]) or 16)
-    sources = [s for s in (checkpoint, wandb_artifact, hub_model) if s]
-    if len(sources) != 1:
-        raise UserError(f"onegpu serve needs exactly one model source, got {len(sources)}",
-                        fix="pass one of --checkpoint DIR, --wandb_artifact NAME, --hub_model ID "
-                            "(or set ONEGPU_CHECKPOINT / ONEGPU_WANDB_ARTIFACT / ONEGPU_HUB_MODEL)")
-    if not 0 < port < 65536:
-        raise UserError(f"port {port} is out of range", fix="use 1-65535")
+    # bad names fail before the model loads
+    rules = parse_rules(postprocess if postprocess is not None else _env("postprocess"))
+    prompt_style = prompt_style or _env("prompt_style") or "auto"
+    dtype = dtype or _env("dtype") or "auto"
+    quantize = quantize or _env("quantize")
+    max_batch_size = max_batch_size or int(_env("max_batch_size") or 16)
+    base_checkpoint = base_checkpoint or _env("base_checkpoint")
+    checkpoint, wandb_artifact, hub_model = _model_source(checkpoint, wandb_artifact, hub_model)
     check_port(host, port)  # before the model loads, not after
-    if wandb_artifact:
-        from onegpu.inference import download_wandb_artifact
-
-        checkpoint = download_wandb_artifact(wandb_artifact)
-    elif hub_model:
-        from onegpu.model import prepare
-
-        checkpoint = prepare(hub_model)
+    checkpoint = _local_checkpoint(checkpoint, wandb_artifact, hub_model)
     import uvicorn
 
     from onegpu.submission.engine import Engine
@@ -306,12 +298,72 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
                     max_seq_length=max_seq_length, quantize=quantize, prompt_style=prompt_style,
                     num_threads=num_threads, base_checkpoint=Path(base_checkpoint) if base_checkpoint else None,
                     prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk)
-    kv_gb = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in engine.caches) / 1e9
-    print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
-          f"max_batch_size={max_batch_size}, max_seq_length={engine.max_seq_length}, KV cache {kv_gb:.2f} GB, "
-          f"prompt style {engine.prompt_style_name}, postprocess {','.join(rules) or 'none'}; "
-          f"listening on http://{host}:{port}", file=sys.stderr)
+    _print_ready(engine, rules, host, port)
     try:
         uvicorn.run(create_app(engine, rules), host=host, port=port, log_level="warning", access_log=access_log)
     finally:
         engine.shutdown()
+
+
+def _env(option: str) -> str | None:
+    """The environment's value for a ``serve`` option (ENV_DEFAULTS), None when unset or empty."""
+    return os.environ.get(ENV_DEFAULTS[option]) or None
+
+
+def _model_source(checkpoint, wandb_artifact: str | None, hub_model: str | None) -> tuple:
+    """(checkpoint, wandb_artifact, hub_model) with exactly one set: the one given, else the environment's
+    (the first set of ONEGPU_WANDB_ARTIFACT, ONEGPU_HUB_MODEL, ONEGPU_CHECKPOINT); else a UserError."""
+    if not (checkpoint or wandb_artifact or hub_model):
+        wandb_artifact = _env("wandb_artifact")
+        hub_model = None if wandb_artifact else _env("hub_model")
+        checkpoint = None if wandb_artifact or hub_model else _env("checkpoint")
+    sources = [s for s in (checkpoint, wandb_artifact, hub_model) if s]
+    if len(sources) != 1:
+        raise UserError(f"onegpu serve needs exactly one model source, got {len(sources)}",
+                        fix="pass one of --checkpoint DIR, --wandb_artifact NAME, --hub_model ID "
+                            "(or set ONEGPU_CHECKPOINT / ONEGPU_WANDB_ARTIFACT / ONEGPU_HUB_MODEL)")
+    return checkpoint, wandb_artifact, hub_model
+
+
+def check_port(host: str, port: int) -> None:
+    """UserError unless ``host:port`` can be bound now (as uvicorn binds it: SO_REUSEADDR set)."""
+    import socket
+
+    from onegpu.submission.launch import free_port
+
+    if not 0 < port < 65536:
+        raise UserError(f"port {port} is out of range", fix="use 1-65535")
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror}",
+                        fix="pass --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as err:  # EADDRINUSE; EACCES for ports < 1024 without root
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}",
+                        fix=f"pass a free port (e.g. --port {free_port()}), or stop the process that holds {port} "
+                            f"(`ss -ltnp 'sport = :{port}'` shows it)") from None
+
+
+def _local_checkpoint(checkpoint, wandb_artifact: str | None, hub_model: str | None):
+    """The checkpoint dir to load: ``checkpoint``, or the W&B artifact downloaded, or the hub model prepared."""
+    if wandb_artifact:
+        from onegpu.inference import download_wandb_artifact
+
+        return download_wandb_artifact(wandb_artifact)
+    if hub_model:
+        from onegpu.model import prepare
+
+        return prepare(hub_model)
+    return checkpoint
+
+
+def _print_ready(engine, rules: list[str], host: str, port: int) -> None:
+    kv_gb = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in engine.caches) / 1e9
+    print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
+          f"max_batch_size={engine.max_batch_size}, max_seq_length={engine.max_seq_length}, KV cache {kv_gb:.2f} GB, "
+          f"prompt style {engine.prompt_style_name}, postprocess {','.join(rules) or 'none'}; "
+          f"listening on http://{host}:{port}", file=sys.stderr)
