@@ -319,19 +319,29 @@ def _legend_outside(fig, axes, runs: list[RunLog]) -> None:
                    fontsize=8, frameon=False, handlelength=3)
 
 
-def _figure(runs: list[RunLog], panels, x: str, xlabel: str, scale: dict[str, float]):
-    """One row of line panels, a line per run; ``panels`` = [(title with unit, keys)]."""
+def _figure(runs: list[RunLog], panels, x: str, xlabel: str, scale: dict[str, float], clip_outliers: bool = False):
+    """One row of line panels, a line per run; ``panels`` = [(title with unit, keys)].
+
+    ``clip_outliers``: a diverged run (values over 3x the median of all) would flatten every other
+    curve to a line; the axis stops at the rest and the panel names what runs off the top.
+    """
+    import statistics
+
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
     colors = _colors(len(runs))
     for ax, (title, keys) in zip(axes[0], panels):
+        plotted = []
         for i, run in enumerate(runs):
             xs, ys = run.series(keys, x=x)
             if ys:
                 ys = [y * scale.get(title, 1.0) for y in ys]
+                plotted.append((run.number or i + 1, ys))
                 ax.plot(xs, ys, STYLES[i % len(STYLES)], marker="o" if len(ys) < 12 else None, ms=3,
                         color=colors[run.number - 1 if run.number else i], label=run.legend, lw=1.6)
+        if clip_outliers and plotted:
+            _clip_to_the_rest(ax, plotted, 3 * statistics.median(y for _n, ys in plotted for y in ys))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
@@ -342,10 +352,24 @@ def _figure(runs: list[RunLog], panels, x: str, xlabel: str, scale: dict[str, fl
     return fig
 
 
+def _clip_to_the_rest(ax, plotted: list[tuple[int, list[float]]], ceiling: float) -> None:
+    """Top of the axis just above the values under ``ceiling``; name the runs that go above it."""
+    above = [(number, max(ys)) for number, ys in plotted if max(ys) > ceiling]
+    kept = [y for _n, ys in plotted for y in ys if y <= ceiling]
+    if not above or not kept:
+        return
+    low, high = min(kept), max(kept)
+    pad = 0.08 * (high - low or abs(high) or 1.0)
+    ax.set_ylim(low - pad, high + pad)
+    ax.text(0.99, 0.97, "off scale: " + ", ".join(f"run {n} (up to {_sig(v)})" for n, v in above),
+            transform=ax.transAxes, ha="right", va="top", fontsize=7, color="#a00")
+
+
 def plot_losses(runs: list[RunLog]):
     if not any(r.series(k)[1] for r in runs for k in (TRAIN_LOSS, VAL_LOSS)):
         return None
-    return _figure(runs, [("training loss", TRAIN_LOSS), ("validation loss", VAL_LOSS)], "step", "optimizer step", {})
+    return _figure(runs, [("training loss", TRAIN_LOSS), ("validation loss", VAL_LOSS)], "step", "optimizer step", {},
+                   clip_outliers=True)
 
 
 def plot_over_time(runs: list[RunLog]):

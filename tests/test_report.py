@@ -63,3 +63,16 @@ def test_mfu_is_a_percentage_and_task_scores_are_charted(runs, tmp_path):
         assert f"{task} ({metric})" in page.replace("\n", "") or task in page
         assert f" {value:.4g}" in page
     assert "MFU (%)" in page and "memory in use (GiB)" in page and "budget-clock time (min)" in page
+
+
+def test_a_diverged_run_does_not_flatten_the_others(runs, tmp_path):
+    from onegpu.sweeps.report import load_runs, plot_losses
+
+    _finetune_run(tmp_path / "e", 8, [2.5, 12.0, 19.0])  # learning rate too high: the loss blows up
+    figure = plot_losses(load_runs([*runs, tmp_path / "e"]))
+    train, val = figure.axes[:2]
+    assert train.get_ylim()[1] < 3.0 and val.get_ylim()[1] < 3.0  # the other runs' 1.5-2.6 fill the panels
+    notes = [t.get_text() for ax in (train, val) for t in ax.texts]
+    assert notes == ["off scale: run 5 (up to 19)", "off scale: run 5 (up to 19.1)"]
+    page = report([*runs, tmp_path / "e"], out=tmp_path / "report").read_text()
+    assert "off scale: run 5 (up to 19.1)" in page
