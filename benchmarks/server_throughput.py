@@ -18,12 +18,16 @@ in-context examples, every max_new_tokens times the scale); the table says what 
 
     python benchmarks/server_throughput.py --requests 16 --shots 1 --token_scale 0.25 --num_threads 1
     python benchmarks/server_throughput.py --requests 32 --shots 5 --token_scale 0.25 --num_threads 1 --concurrency 4,16
+
+``--servers onegpu`` runs onegpu's side alone (the baseline takes minutes per level on a CPU and
+changes only when litgpt does): quick to iterate on, no speed-up column.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import json
 import os
@@ -208,6 +212,8 @@ def main() -> None:
     parser.add_argument("--max_batch_size", type=int, default=16)
     parser.add_argument("--prefill_chunk", type=int, default=256, help="onegpu serve's --prefill_chunk (0: off)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--servers", default="onegpu,baseline",
+                        help="which servers to run (onegpu alone: iterate on onegpu against a known baseline)")
     parser.add_argument("--serve-baseline", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.checkpoint is None:
@@ -218,33 +224,45 @@ def main() -> None:
         serve_baseline(args.checkpoint, args.serve_baseline, args.num_threads)
         return
 
+    servers = set(args.servers.split(","))
+    if not servers or servers - {"onegpu", "baseline"}:
+        sys.exit(f"--servers {args.servers!r}: use onegpu, baseline or onegpu,baseline")
     requests = build_requests(args.requests, args.shots, args.token_scale, args.seed)
     levels = [int(c) for c in args.concurrency.split(",")]
     threads = ["--num_threads", str(args.num_threads)] if args.num_threads else []
     port = free_port()
     import subprocess
 
-    baseline = subprocess.Popen([sys.executable, __file__, "--checkpoint", args.checkpoint, "--serve-baseline",
-                                 str(port), *threads], env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    baseline_url = f"http://127.0.0.1:{port}"
-    rows = []
+    baseline = None
+    if "baseline" in servers:
+        baseline = subprocess.Popen([sys.executable, __file__, "--checkpoint", args.checkpoint, "--serve-baseline",
+                                     str(port), *threads], env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    rows, stats = [], {}
     try:
-        with running_server(args.checkpoint, "--max_batch_size", str(args.max_batch_size), "--prefill_chunk",
-                            str(args.prefill_chunk), *threads) as onegpu_url:
-            wait_healthy(baseline_url, baseline)
-            for url in (onegpu_url, baseline_url):  # warm-up
+        with contextlib.ExitStack() as stack:
+            urls = {}
+            if "onegpu" in servers:
+                urls["onegpu serve"] = stack.enter_context(running_server(
+                    args.checkpoint, "--max_batch_size", str(args.max_batch_size), "--prefill_chunk",
+                    str(args.prefill_chunk), *threads))
+            if baseline is not None:
+                urls["naive baseline"] = f"http://127.0.0.1:{port}"
+                wait_healthy(urls["naive baseline"], baseline)
+            for url in urls.values():  # warm-up
                 httpx.post(f"{url}/process", json=requests[0]["body"], timeout=3000)
             for concurrency in levels:
-                for name, url in (("onegpu serve", onegpu_url), ("naive baseline", baseline_url)):
+                for name, url in urls.items():
                     result = run_level(url, requests, concurrency)
                     rows.append((concurrency, name, result))
                     print(f"[bench] c={concurrency:<3} {name:<15} {result['req_s']:.3f} req/s "
                           f"p50 {result['p50']:.2f}s p95 {result['p95']:.2f}s {result['tok_s']:.1f} tok/s "
                           f"load {result['load']:.1f}", file=sys.stderr, flush=True)
-            stats = httpx.get(f"{onegpu_url}/health").json()["stats"]
+            if "onegpu serve" in urls:
+                stats = httpx.get(f"{urls['onegpu serve']}/health").json()["stats"]
     finally:
-        baseline.terminate()
-        baseline.wait()
+        if baseline is not None:
+            baseline.terminate()
+            baseline.wait()
 
     from litgpt.tokenizer import Tokenizer
 
@@ -265,11 +283,11 @@ def main() -> None:
     for concurrency, name, result in rows:
         by_level.setdefault(concurrency, {})[name] = result
     for concurrency in levels:
-        base = by_level[concurrency]["naive baseline"]["req_s"]
-        for name in ("onegpu serve", "naive baseline"):
-            r = by_level[concurrency][name]
+        base = by_level[concurrency].get("naive baseline", {}).get("req_s")
+        for name, r in by_level[concurrency].items():
+            speedup = f"{r['req_s'] / base:.1f}x" if base else "-"
             print(f"| {concurrency} | {name} | {r['req_s']:.3f} | {r['p50']:.2f} | {r['p95']:.2f} | "
-                  f"{r['p95_mc']:.2f} | {r['tok_s']:.1f} | {r['req_s'] / base:.1f}x | {r['load']:.1f} |")
+                  f"{r['p95_mc']:.2f} | {r['tok_s']:.1f} | {speedup} | {r['load']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,20 @@ computed once, each continuation scored from its K/V). :class:`CachedForward` is
 * ``kv_len`` is the number of key positions attention runs over (litgpt's ``input_pos_maxp1``):
   keys past a row's own position are masked, so any ``kv_len`` above the last position gives the
   same attention up to rounding; eval chooses it to reproduce lm-eval's padded batches exactly.
+* ``grouped_kv=True`` (the server) attends with K/V kept in their query groups: litgpt repeats each
+  group's K/V for its query heads, which in a decode step of B rows copies B x kv_len x n_head x
+  head_size values per layer, more memory traffic than the layer's weights. Off for eval, whose
+  scores reproduce HFLM's (repeated) attention bit for bit.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from litgpt.model import KVCache
+from litgpt.model import CausalSelfAttention, KVCache, apply_rope
 from torch import nn
+from torch.nn import functional as F
 
 
 class SlotKVCache(KVCache):
@@ -69,7 +76,7 @@ class CachedForward:
     back so the model can run plain forwards or litgpt's own generation again.
     """
 
-    def __init__(self, model, rows: int, max_seq_length: int):
+    def __init__(self, model, rows: int, max_seq_length: int, grouped_kv: bool = False):
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.rows, self.max_seq_length = rows, max_seq_length
@@ -90,7 +97,10 @@ class CachedForward:
                                 self.device, ref.k.dtype)
             block.attn.kv_cache = cache
             self.caches.append(cache)
-            block.attn.scaled_dot_product_attention = self._attention(block.attn.scaled_dot_product_attention)
+            if grouped_kv and plain_grouped_attention(block.attn):
+                block.attn.forward = self._grouped_forward(block.attn)
+            else:
+                block.attn.scaled_dot_product_attention = self._attention(block.attn.scaled_dot_product_attention)
 
     def _attention(self, attend):
         """Wrap a layer's attention call: batch row ``b`` attends over ``row_kv_lens[b]`` keys."""
@@ -100,10 +110,42 @@ class CachedForward:
             if lens is None or len(set(lens)) == 1:
                 n = k.size(2) if lens is None else lens[0]
                 return attend(q, k[:, :, :n], v[:, :, :n], None if mask is None else mask[..., :n])
+            mask = mask.expand(q.size(0), *mask.shape[1:])
             return torch.cat([attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], mask[b:b + 1, ..., :n])
                               for b, n in enumerate(lens)])
 
         return attend_rows
+
+    def _grouped_forward(self, attn: CausalSelfAttention):
+        """litgpt's attention forward for cached positions, with each K/V group attended once by
+        its ``q_per_kv`` query heads stacked as extra query rows (the same dot products and
+        softmax as litgpt's repeated K/V, without copying them). Plain forwards stay litgpt's."""
+        config, plain = attn.config, attn.forward
+        heads, groups, size = config.n_head, config.n_query_groups, config.head_size
+        per_group = heads // groups
+        scale = 1.0 / math.sqrt(config.attention_scores_scalar or size)
+        scale = scale * attn.mscale * attn.mscale  # as litgpt computes it
+
+        def attend(q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale)
+
+        attend_rows = self._attention(attend)
+
+        def forward(x, cos, sin, mask=None, input_pos=None, input_pos_maxp1=None):
+            if input_pos is None:
+                return plain(x, cos, sin, mask, input_pos, input_pos_maxp1)
+            B, T, _ = x.shape
+            q, k, v = attn.qkv(x).split((heads * size, groups * size, groups * size), dim=-1)
+            q = apply_rope(q.view(B, T, heads, size).transpose(1, 2), cos, sin)
+            k = apply_rope(k.view(B, T, groups, size).transpose(1, 2), cos, sin)
+            k, v = attn.kv_cache(input_pos, k, v.view(B, T, groups, size).transpose(1, 2))
+            # query head j of group g becomes rows j*T..j*T+T-1 of g (repeat_interleave's head order)
+            q = q.reshape(B, groups, per_group * T, size)
+            mask = mask.unsqueeze(2).expand(-1, -1, per_group, -1, -1).reshape(mask.size(0), 1, per_group * T, -1)
+            y = attend_rows(q, k, v, mask)  # (B, groups, per_group * T, size)
+            return attn.proj(y.reshape(B, heads, T, size).transpose(1, 2).reshape(B, T, heads * size))
+
+        return forward
 
     def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor, row_start: int,
                kv_len: int | list[int]) -> torch.Tensor:
@@ -140,6 +182,17 @@ class CachedForward:
         self.model.lm_head = self.lm_head
         self.model.config.final_logit_softcapping = self.softcap
         self.model.clear_kv_cache()
-        for block in self.model.transformer.h:
-            del block.attn.scaled_dot_product_attention  # back to the class's method
+        for block in self.model.transformer.h:  # back to the class's methods
+            block.attn.__dict__.pop("scaled_dot_product_attention", None)
+            block.attn.__dict__.pop("forward", None)
         self.caches = []
+
+
+def plain_grouped_attention(attn) -> bool:
+    """Whether :meth:`CachedForward._grouped_forward` computes what litgpt's forward does for this
+    layer: grouped-query attention (litgpt repeats K/V), RoPE over the whole head, and none of
+    q/k norms, interleaved RoPE, sliding windows or logit softcapping."""
+    config = attn.config
+    return (type(attn) is CausalSelfAttention and 1 < config.n_query_groups < config.n_head
+            and not config.norm_qk and not config.rope_interleave and config.rope_n_elem == config.head_size
+            and not attn.apply_sliding_window_attention and config.attention_logit_softcapping is None)

@@ -8,7 +8,7 @@ How a request flows:
    ``max_batch_size`` rows and prefills them in groups of similar length, ``prefill_chunk``
    prompt tokens per forward, one chunk between two decode steps (a new 1,500-token 5-shot prompt
    does not stall the running rows for its whole prefill); then it samples the first token. A
-   prompt whose leading 64-token blocks are in the prefix cache (HELM's few-shot examples, sent
+   prompt whose leading 16-token blocks are in the prefix cache (HELM's few-shot examples, sent
    again with every instance) gets their K/V copied and computes only the rest; ``stats``
    (``/health``) counts those hits.
 3. Every step it runs ONE batched forward of one token for all active slots (each row at its own
@@ -21,7 +21,8 @@ How a request flows:
 Active rows are kept packed in slots ``0..n-1`` (a finished row's slot is refilled by moving the
 last row's cache into it) so each step computes exactly ``n`` rows. ``lm_head`` is applied only to
 the positions whose logits are needed (the last one, or all of them for ``echo_prompt``), which
-saves the (T, vocab) logits of a long prompt.
+saves the (T, vocab) logits of a long prompt. Attention keeps K/V in their query groups
+(``grouped_kv``): a decode step of many rows does not copy every row's cache once per query head.
 
 Log-probabilities are those of the model itself (``log_softmax`` of the logits, temperature 1),
 whatever the sampling settings: that is what "logprob of the returned text" means, and what the
@@ -49,6 +50,7 @@ GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
 MAX_TOP_LOGPROBS = 20
 PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens of one prefill group
 PREFILL_CHUNK = 256  # prompt tokens per prefill forward between two decode steps (0: whole prompts)
+PREFIX_BLOCK = 16  # prompt tokens per prefix-cache entry: a shared prefix is reused up to the last whole block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +66,7 @@ class PrefixCache:
     position depend only on the tokens up to it, so reusing them is exact.
     """
 
-    def __init__(self, caches: list, block: int = 64, budget_bytes: int = 1 << 30):
+    def __init__(self, caches: list, block: int = PREFIX_BLOCK, budget_bytes: int = 1 << 30):
         self.caches = caches
         self.block = block
         per_token = sum(c.k[0, :, 0].numel() * c.k.element_size() + c.v[0, :, 0].numel() * c.v.element_size()
@@ -91,27 +93,35 @@ class PrefixCache:
 
     def load(self, keys: list, row: int) -> int:
         """Copy the blocks ``keys`` into cache row ``row``; returns the tokens covered."""
-        for i, key in enumerate(keys):
-            k, v = self.blocks[key]
-            start, stop = i * self.block, (i + 1) * self.block
-            for layer, cache in enumerate(self.caches):
-                cache.k[row, :, start:stop] = k[layer]
-                cache.v[row, :, start:stop] = v[layer]
-        self.hits += len(keys) * self.block
-        return len(keys) * self.block
+        if not keys:
+            return 0
+        stop = len(keys) * self.block
+        k = torch.cat([self.blocks[key][0] for key in keys], dim=2)  # (layers, groups, stop, head)
+        v = torch.cat([self.blocks[key][1] for key in keys], dim=2)
+        for layer, cache in enumerate(self.caches):
+            cache.k[row, :, :stop] = k[layer]
+            cache.v[row, :, :stop] = v[layer]
+        self.hits += stop
+        return stop
 
     def store(self, ids: list[int], row: int) -> None:
         """Remember the full blocks of prompt ``ids``, whose K/V are in cache row ``row``."""
         if self.capacity < 1:
             return
+        new = []
         for end, key in self._keys(ids, len(ids)):
             if key in self.blocks:
                 self.blocks.move_to_end(key)
-                continue
-            start = end - self.block
-            k = torch.stack([c.k[row, :, start:end] for c in self.caches]).clone()
-            v = torch.stack([c.v[row, :, start:end] for c in self.caches]).clone()
-            self.blocks[key] = (k, v)
+            else:
+                new.append((end, key))
+        if not new:
+            return
+        first = new[0][0] - self.block  # one copy of the new span per layer, then a block each
+        k = torch.stack([c.k[row, :, first:new[-1][0]] for c in self.caches])
+        v = torch.stack([c.v[row, :, first:new[-1][0]] for c in self.caches])
+        for end, key in new:
+            start = end - self.block - first
+            self.blocks[key] = (k[:, :, start:start + self.block].clone(), v[:, :, start:start + self.block].clone())
             while len(self.blocks) > self.capacity:
                 self.blocks.popitem(last=False)
 
@@ -182,7 +192,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         # one K/V-cache row per slot, lm_head only where logits are needed (see module docstring):
         # the same cached forward as `eval val`'s shared-context scoring
-        self.forward = CachedForward(self.model, rows=max_batch_size, max_seq_length=self.max_seq_length)
+        self.forward = CachedForward(self.model, rows=max_batch_size, max_seq_length=self.max_seq_length,
+                                     grouped_kv=True)
         self.caches = self.forward.caches
         self.prefix_cache = PrefixCache(self.caches, budget_bytes=prefix_cache_mb << 20)
 
@@ -359,7 +370,9 @@ class Engine:
         # padded positions must stay inside the context for every row
         inside = all(len(r.cached_keys) * self.prefix_cache.block + longest <= self.max_seq_length
                      for r in group + [req])
-        return inside and padded <= PREFILL_TOKEN_BUDGET and padded <= 1.25 * real + 64
+        # padding is computed like real tokens: with chunks of a few hundred tokens, two long prompts
+        # gain nothing from one forward, so only short suffixes of similar length are grouped
+        return inside and padded <= PREFILL_TOKEN_BUDGET and padded <= 1.1 * real + 16
 
     def _prefill_chunk(self, pf: Prefill) -> None:
         """One forward over the next chunk of the group's prompts (right-padded), in the cache rows
