@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from onegpu.contracts import checkpoint_digest, model_input
+from onegpu.contracts import atomic_write_json, checkpoint_digest, model_input
 from onegpu.errors import UserError, did_you_mean
 from onegpu.eval.tasks.helm_mc import is_helm_task, likelihood_twins
 from onegpu.threads import set_cpu_threads
@@ -278,8 +278,8 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
                    "checkpoint_digest": digest, "checkpoint_lineage": lineage, "prompt_style": prompt_style,
                    "tasks": per_task, "val_score": val_score, **helm_gen, "wall_s": round(time.time() - started, 2),
                    "lm_eval_version": _version("lm_eval")}
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-        (out / "lm_eval_results.json").write_text(json.dumps(merged, indent=1, default=str), encoding="utf-8")
+        atomic_write_json(out / "results.json", results)
+        atomic_write_json(out / "lm_eval_results.json", merged, indent=1)
         _log_scores(run, ckpt, lineage, per_task, val_score, helm_gen)
         _wandb_lm_eval(merged, samples)
         _print_summary(per_task, val_score, helm_gen)
@@ -330,7 +330,7 @@ def _evaluate_tasks(entries: list[dict], load_model, manager, run, out: Path, ru
             if log_samples:
                 _write_samples(out / "samples" / f"{name}.jsonl", task_samples.get(name, []))
                 samples.update(task_samples)
-            saved.write_text(json.dumps(done, indent=1, default=str), encoding="utf-8")
+            atomic_write_json(saved, done, indent=1)  # the file that marks the task done: whole or absent
             metrics = done["summary"]["metrics"]
             run.log({f"val/{name}/{m}": v for m, v in metrics.items() if isinstance(v, (int, float))}, step=i)
         merged = _merge(merged, done["lm_eval"])

@@ -91,25 +91,23 @@ def cached_cpu_peak(remeasure: bool = False) -> tuple[float, dict[str, Any]]:
     cores, load_now = os.cpu_count() or 1, os.getloadavg()[0]
     # A peak measured while other jobs held the cores reads low (and MFU high): once the machine is
     # quieter than it was then, measure again and keep the higher of the two.
-    measured_under_load = isinstance(entry, dict) and entry.get("load_average_1m", 0.0) > cores
-    quieter_now = measured_under_load and load_now < entry["load_average_1m"] - 1
-    measured_now = remeasure or quieter_now or not isinstance(entry, dict)
-    if measured_now:
+    quieter_now = (isinstance(entry, dict) and entry.get("load_average_1m", 0.0) > cores
+                   and load_now < entry["load_average_1m"] - 1)
+    measured_now = False
+    if remeasure or quieter_now or not isinstance(entry, dict):
         flops = measure_cpu_peak_flops()
-        if quieter_now and not remeasure and flops <= entry["flops"]:
-            measured_now = False  # the cached value still stands
-        else:
+        if remeasure or not quieter_now or flops > entry["flops"]:  # else the cached value still stands
+            measured_now = True
             entry = {"flops": flops, "method": "best of 10 fp32 1024x1024 matmuls (torch.mm)",
                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average_1m": load_now}
             table[key] = entry
             atomic_write_json(path, table)
-    if measured_now:
-        if entry["load_average_1m"] > cores:
-            import sys
+            if load_now > cores:
+                import sys
 
-            print(f"[onegpu] note: the CPU peak behind MFU was measured under load (1-min load average "
-                  f"{entry['load_average_1m']:.1f} on {cores} cores), so MFU reads high; it is measured again "
-                  "by the first run on a quieter machine (or now: --remeasure_peak true)", file=sys.stderr)
+                print(f"[onegpu] note: the CPU peak behind MFU was measured under load (1-min load average "
+                      f"{load_now:.1f} on {cores} cores), so MFU reads high; it is measured again "
+                      "by the first run on a quieter machine (or now: --remeasure_peak true)", file=sys.stderr)
     return float(entry["flops"]), {**entry, "key": key, "cache": str(path), "measured_now": measured_now}
 
 

@@ -45,6 +45,7 @@ import torch
 from onegpu import inference
 from onegpu.errors import UserError
 from onegpu.kvcache import CachedForward
+from onegpu.threads import set_cpu_threads
 
 GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
 MAX_TOP_LOGPROBS = 20
@@ -179,7 +180,7 @@ class Engine:
         if prefill_chunk < 0:
             raise UserError(f"prefill_chunk={prefill_chunk}", fix="use 0 (whole prompts) or more tokens")
         if num_threads:
-            torch.set_num_threads(num_threads)
+            set_cpu_threads(num_threads)
         # model, tokenizer (BOS rule), dtype and prompt style: the same loader as `onegpu eval val`
         loaded = inference.load(checkpoint, base_checkpoint=base_checkpoint, device=device, dtype=dtype,
                                 quantize=quantize, prompt_style=prompt_style, who="onegpu serve")
