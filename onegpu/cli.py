@@ -2,8 +2,9 @@
 
 Each verb's options come from its function's signature and docstring (litgpt style), so
 ``onegpu VERB --help`` explains every option, ``--config FILE.yaml`` loads options from YAML and
-later flags override it. Stage modules are imported only when their verb runs, so ``onegpu
---help`` and ``onegpu data ...`` never pay for importing torch-heavy stages they do not use.
+flags override it wherever they stand (:func:`config_files_first`). Stage modules are imported
+only when their verb runs, so ``onegpu --help`` and ``onegpu data ...`` never pay for importing
+torch-heavy stages they do not use.
 """
 
 from __future__ import annotations
@@ -209,6 +210,25 @@ def verb_parser(fn, prog: str):
     return auto_parser(fn, prog=prog, as_positional=True, exit_on_error=False, formatter_class=HelpFormatter)
 
 
+def config_files_first(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config FILE`` moved to the front (their own order kept).
+
+    jsonargparse applies arguments left to right, so ``--budget=45m --config=day.yaml`` would let the
+    file's ``budget`` win. W&B's agent renders a sweep's parameters sorted by name, which puts
+    ``--config`` wherever its name falls; reading config files first makes every explicit flag (a
+    sweep's own values included) override them, whatever the order.
+    """
+    files, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            files += argv[i:i + 2]
+            i += 2
+            continue
+        (files if argv[i].startswith("--config=") else rest).append(argv[i])
+        i += 1
+    return files + rest
+
+
 def _config_files(argv: list[str]) -> list[str]:
     return [argv[i + 1] if a == "--config" else a.split("=", 1)[1] for i, a in enumerate(argv)
             if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")]
@@ -296,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fn = verb_function(words)
     prog = f"onegpu {' '.join(words)}"
-    rest = _bare_bool_flags(fn, _optional_first_positional(
-        fn, _gather_list_options(fn, gather_list_positionals(fn, rest))))
+    rest = config_files_first(_bare_bool_flags(fn, _optional_first_positional(
+        fn, _gather_list_options(fn, gather_list_positionals(fn, rest)))))
     try:
         parser = verb_parser(fn, prog)
         try:

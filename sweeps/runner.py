@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onegpu.cli import config_files_first
 from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, read_json
 from onegpu.errors import UserError
 from onegpu.sweeps import schema as S
@@ -161,7 +162,7 @@ def check_command(config: dict[str, Any], points: list[dict[str, Any]], source: 
                                 + f"see `{target.name} --help`")
 
     def parse(point: dict[str, Any]) -> str | None:
-        argv = render_command(config, point)[target.argv_start:] + list(extra_args or [])
+        argv = config_files_first(render_command(config, point)[target.argv_start:] + list(extra_args or []))
         try:
             parser.parse_args(argv)
         except SystemExit:
@@ -222,7 +223,7 @@ def preflight(target: Target, config: dict[str, Any], points: list[dict[str, Any
         return
     parser, names = target.parser(), target.options()
     for point in points[:limit]:
-        ns = parser.parse_args(render_command(config, point)[target.argv_start:] + extra_args)
+        ns = parser.parse_args(config_files_first(render_command(config, point)[target.argv_start:] + extra_args))
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                     contextlib.redirect_stderr(io.StringIO()):

@@ -110,6 +110,28 @@ def test_render_command_follows_wandb_agent_macros(monkeypatch):
         render_command({"command": ["${argz}"]}, {"a": 1})
 
 
+@pytest.mark.parametrize("where", ["parameter", "command"])
+def test_sweep_values_override_a_config_file_whatever_their_names(tmp_path, capsys, where):
+    """W&B renders parameters sorted by name (``--budget`` before ``--config``); the sweep's own values
+    must still win over the file's, as must anything after a ``--config`` written into ``command``."""
+    from onegpu import cli
+
+    day = _write(tmp_path / "day.yaml", {"budget": "24h", "lora_r": 64, "learning_rate": 1.0e-4})
+    cfg = {**BASE, "parameters": {"budget": {"value": "45m"}, "lora_r": {"values": [8, 16]}}}
+    if where == "parameter":
+        cfg["parameters"]["config"] = {"value": str(day)}
+    else:
+        cfg["command"] = ["${env}", "onegpu", "finetune", "${args}", f"--config={day}"]
+    for point in schema.grid_points(cfg):
+        argv = render_command(cfg, point)
+        assert argv.index("--budget=45m") < next(i for i, a in enumerate(argv) if a.startswith("--config="))
+        with pytest.raises(SystemExit):
+            cli.main(argv[2:] + ["--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert (printed["budget"], printed["lora_r"]) == ("45m", point["lora_r"])  # the sweep's values
+        assert printed["learning_rate"] == 1.0e-4  # what only the file sets still comes from it
+
+
 BASE = {"program": "onegpu", "method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
         "command": ["${env}", "onegpu", "finetune", "${args}"]}
 
