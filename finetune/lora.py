@@ -338,6 +338,7 @@ class LoRATrainer:
                 loss, _ = loss_sum(self.inner, hidden, tb["labels"])
             fabric.backward(loss / denom)
             step_loss += loss.item()
+            del hidden, loss  # the graph dies here, not during the next micro-batch's forward (int8 keeps inputs on it)
         if cfg.train.max_norm > 0:
             grad_norm = float(fabric.clip_gradients(self.model, self.optimizer, max_norm=cfg.train.max_norm))
         else:

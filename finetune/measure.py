@@ -14,16 +14,23 @@ How the peak is measured:
   of torch's CPU allocator during the step with the allocator's running total of live bytes; the
   step's peak is the largest running total, added to the bytes that were live before the step and
   stay live through it (parameters, buffers, bitsandbytes quantization state, optimizer states:
-  their unique storages, counted once). The step creates its batch inside the measured region,
-  as the trainer does.
+  their unique storages, counted once). The running total is summed from the events' signed sizes;
+  a block allocated before the profiler started would never be seen freed, so nothing else may be
+  alive when the region starts. The step creates its batch inside the measured region, as the
+  trainer does.
 
 A warm-up step on a short batch runs first, so the optimizer states exist (steady state).
+
+``measure_litgpt_loop`` measures litgpt's ``finetune_lora`` loop body the same way (on CPU), the
+reference the ``loop="litgpt"`` model is set against before it meets litgpt's published numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -124,12 +131,18 @@ class LiveTensorPeak:
         self._prof.__exit__(*exc)
         from torch._C._profiler import _EventType
 
-        top, stack = 0, list(self._prof.profiler.kineto_results.experimental_event_tree())
+        # The running total of the allocations and frees in time order (signed sizes). The allocator's own
+        # `total_allocated` field drifts once blocks allocated before the profiler started are freed.
+        events, stack = [], list(self._prof.profiler.kineto_results.experimental_event_tree())
         while stack:
             node = stack.pop()
             stack.extend(node.children)
             if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
-                top = max(top, node.typed[1].total_allocated)
+                events.append((node.start_time_ns, node.typed[1].alloc_size))
+        live = top = 0
+        for _, size in sorted(events):
+            live += size
+            top = max(top, live)
         self.peak_bytes = self.resident_bytes + top
 
 
@@ -258,3 +271,91 @@ def validation_cases(work: Path, bundled_checkpoint: Path) -> list[tuple[Path, W
         (Path(bundled_checkpoint), Workload(lora_r=16, lora_dropout=0.05, quantize="bnb.nf4", lora_mlp=True, **cpu),
          [{"micro_batch_size": 1, "max_seq_length": 128, "activation_checkpointing": True}]),
     ]
+
+
+# ------------------------------------------------------------------------------- litgpt's loop
+@contextlib.contextmanager
+def bnb_keeping_4bit_input() -> Iterator[None]:
+    """bitsandbytes before 0.43.2: ``MatMul4Bit.forward`` kept its input on ctx (``ctx.tensors = (A, B)``;
+    PR #1270 made it ``(None, B)``). Restores that one line for the block, to measure what it cost."""
+    from bitsandbytes.autograd import _functions as bnb_functions
+
+    current = bnb_functions.MatMul4Bit.forward
+
+    def forward(ctx, A, B, out=None, bias=None, quant_state=None):
+        output = current(ctx, A, B, out, bias, quant_state)
+        if any(ctx.needs_input_grad[:2]):
+            ctx.tensors = (A, ctx.tensors[1])
+        return output
+
+    bnb_functions.MatMul4Bit.forward = staticmethod(forward)
+    try:
+        yield
+    finally:
+        bnb_functions.MatMul4Bit.forward = current
+
+
+def quantize_like_lightning(model: torch.nn.Module, mode: str) -> None:
+    """What Lightning's ``BitsandbytesPrecision`` does for litgpt: every ``nn.Linear`` (the LM head too)
+    becomes a 4-bit layer quantized from an fp16 copy of the weight (``_Linear4bit.quantize``)."""
+    import bitsandbytes as bnb
+    from litgpt.lora import LoRALinear
+
+    quant_type, double = ("nf4" if "nf4" in mode else "fp4"), mode.endswith("-dq")
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            lin = module.linear
+            layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=lin.weight.dtype, quant_type=quant_type, compress_statistics=double)
+            layer.weight = bnb.nn.Params4bit(lin.weight.data.half(), requires_grad=False, quant_type=quant_type,
+                                             compress_statistics=double)
+            module.linear = layer.to(lin.weight.device)
+
+
+def measure_litgpt_loop(config: Any, w: Workload, iterations: int = 3, seed: int = 0) -> int:
+    """Peak live tensor bytes of litgpt ``finetune_lora``'s loop body on CPU, ``iterations`` full steps in a row.
+
+    The body as litgpt writes it: ``logits = model(x, lm_head_chunk_size=128)``, the last chunk
+    shifted, ``loss = chunked_cross_entropy(...)``, backward, AdamW step; ``logits`` and ``loss`` are
+    rebound only when the next step computes them, as in litgpt. Rows are full (padded to the same
+    length), the loss on every position; QLoRA per :func:`quantize_like_lightning`, with the
+    bitsandbytes behaviour of ``w.bnb_version``.
+    """
+    from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+    from litgpt.utils import chunked_cross_entropy
+
+    torch.manual_seed(seed)
+    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}[w.precision]
+    lora = {"lora_r": w.lora_r, "lora_alpha": 2 * w.lora_r, "lora_dropout": w.lora_dropout, "lora_query": w.lora_query,
+            "lora_key": w.lora_key, "lora_value": w.lora_value, "lora_projection": w.lora_projection,
+            "lora_mlp": w.lora_mlp, "lora_head": w.lora_head}
+    from onegpu.finetune.memory import base_config_fields
+
+    model = GPT(Config(**{**base_config_fields(config), **lora})).to(dtype)
+    mark_only_lora_as_trainable(model)
+    if w.quantize:
+        quantize_like_lightning(model, w.quantize)
+    model.max_seq_length = w.max_seq_length
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    keeping = bnb_keeping_4bit_input() if w.matmul_keeps_input and w.quantize != "bnb.int8" else contextlib.nullcontext()
+    logits = loss = None
+
+    def step() -> None:
+        nonlocal logits, loss
+        ids = torch.randint(0, config.padded_vocab_size, (w.micro_batch_size, w.max_seq_length), generator=generator)
+        logits = model(ids, lm_head_chunk_size=128)
+        logits[-1] = logits[-1][..., :-1, :]
+        loss = chunked_cross_entropy(logits, ids[..., 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    with keeping:
+        step()  # optimizer states exist from here on
+        logits = loss = None
+        with LiveTensorPeak(torch.device("cpu"), resident_tensor_bytes(model, optimizer)) as tracker:
+            for _ in range(iterations):
+                step()
+    return tracker.peak_bytes

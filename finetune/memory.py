@@ -30,6 +30,18 @@ what the trainer (``finetune/lora.py`` + ``finetune/packing.py``) and its librar
   weight (bitsandbytes dequantizes a 4-bit weight for each matmul of large batches and in backward).
 * **Outside the tensors** (GPU only): CUDA context + kernels (:data:`CUDA_CONTEXT_BYTES`, assumed)
   and caching-allocator slack (:data:`ALLOCATOR_SLACK`, assumed share of the tensor peak).
+* **Which bitsandbytes.** Before 0.43.2 (PR #1270), ``MatMul4Bit.forward`` kept its input on
+  ``ctx`` for the backward it never used it in: every 4-bit linear whose input carries a gradient
+  then holds that input until the graph dies (int8's matmul still does). ``Workload.bnb_version``
+  says which behaviour to model (default: the installed bitsandbytes).
+* **Whose loop** (``Workload.loop``). ``onegpu``: this trainer (head and embeddings unquantized,
+  loss on response tokens only). ``litgpt``: litgpt's ``finetune_lora``, to set the model against
+  litgpt's published measurements: Lightning's ``BitsandbytesPrecision`` swaps *every*
+  ``nn.Linear``, the LM head included, quantizing from fp16 (so bf16 training dequantizes to fp16,
+  then casts: two transient copies of a weight: ``Workload.dequant_bytes``); rows padded, not packed; the head runs in chunks of
+  128 positions and ``chunked_cross_entropy`` takes the loss on every position in the training
+  dtype: the loop keeps the logits, the log-softmax output is saved, and backward differentiates
+  one chunk at a time (measured on CPU: 2 + 2 x 128/T copies of the logits).
 
 The peak is the larger of two moments: the loss backward (every layer's activations still saved)
 and the first block backward (loss tensors gone, one block's gradients and recompute alive).
@@ -51,6 +63,8 @@ BNB_DQ_BLOCK = 256  # blocksize of the second-level (absmax) quantization
 BNB_PAGED_MIN_NUMEL = 100_000  # bnb get_state_buffer: smaller tensors are not paged
 BNB_8BIT_MIN_NUMEL = 4096  # bnb Optimizer2State min_8bit_size
 BNB_8BIT_OPT_BLOCK = 256
+BNB_4BIT_INPUT_FREED = "0.43.2"  # bitsandbytes PR #1270: MatMul4Bit no longer keeps its input on ctx
+LITGPT_HEAD_CHUNK = 128  # litgpt finetune_lora: model(x, lm_head_chunk_size=128) + chunked_cross_entropy
 DTYPE_BYTES = {"32-true": 4, "bf16-true": 2, "16-true": 2, "bf16-mixed": 2, "16-mixed": 2}
 OPTIMIZERS = ("adamw", "paged_adamw", "adamw8bit")
 # Families whose block this module models term by term; others get the same accounting, flagged.
@@ -78,6 +92,8 @@ class Workload:
     optimizer: str = "adamw"
     loss_token_fraction: float = 1.0  # share of a row's tokens that carry a loss (1.0 = worst case)
     device: Literal["cuda", "cpu"] = "cuda"
+    loop: Literal["onegpu", "litgpt"] = "onegpu"  # whose training step (module docstring)
+    bnb_version: str | None = None  # the bitsandbytes modeled (None: the installed one)
 
     @property
     def dtype_bytes(self) -> int:
@@ -105,6 +121,44 @@ class Workload:
     def qkv_lora(self) -> int:
         return int(self.lora_query) + int(self.lora_key) + int(self.lora_value)
 
+    @property
+    def matmul_keeps_input(self) -> bool:
+        """bitsandbytes' matmul keeps its input on ctx: int8 always, 4-bit before 0.43.2."""
+        if self.quantize is None:
+            return False
+        return self.quantize == "bnb.int8" or bnb_keeps_4bit_input(self.bnb_version)
+
+    @property
+    def quantized_head(self) -> bool:
+        """litgpt quantizes the LM head with the blocks (Lightning's plugin swaps every nn.Linear)."""
+        return self.loop == "litgpt" and self.quantize is not None
+
+    @property
+    def dequant_bytes(self) -> int:
+        """Bytes per weight element that a 4-bit matmul dequantizes into (transient). litgpt (Lightning's
+        plugin) quantizes from fp16, so any other dtype dequantizes to fp16, then casts; onegpu
+        quantizes from the training dtype."""
+        if self.loop == "litgpt" and self.precision != "16-true":
+            return 2 + self.dtype_bytes
+        return self.dtype_bytes
+
+
+def bnb_keeps_4bit_input(version: str | None = None) -> bool:
+    """Whether this bitsandbytes' ``MatMul4Bit`` keeps its input on ctx (before 0.43.2)."""
+    from packaging.version import Version
+
+    version = version or installed_bnb_version()
+    return version is not None and Version(version) < Version(BNB_4BIT_INPUT_FREED)
+
+
+def installed_bnb_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
 
 @dataclass
 class MemoryEstimate:
@@ -121,6 +175,9 @@ class MemoryEstimate:
     loss_peak: int  # logits / log-softmax and their gradients at the loss backward
     block_backward: int  # one block's backward: recompute (checkpointing) + its gradients + dequant buffer
     cuda_context: int
+    # litgpt's loop: at the end of the next forward, the previous step's graph is still referenced by its
+    # `loss` and `logits` (the inputs bitsandbytes < 0.43.2 kept on ctx, the old logits) beside the new logits
+    next_forward: int = 0
     per_token_layer: dict[str, float] = field(default_factory=dict)  # activation bytes per token and layer
     peak_moment: str = ""
 
@@ -131,6 +188,12 @@ class MemoryEstimate:
     @property
     def tensor_peak(self) -> int:
         """Peak of live tensor bytes (what ``torch.cuda.max_memory_allocated`` reports)."""
+        return self.static + self.activations + self.step_tensors + max(self.loss_peak, self.block_backward,
+                                                                        self.next_forward)
+
+    @property
+    def first_step_peak(self) -> int:
+        """The tensor peak of a step with no earlier step's graph alive (the first one of a run)."""
         return self.static + self.activations + self.step_tensors + max(self.loss_peak, self.block_backward)
 
     @property
@@ -147,10 +210,12 @@ class MemoryEstimate:
                 ("LoRA weights", self.lora_weights), ("LoRA gradients", self.lora_grads),
                 ("optimizer states", self.optimizer_states), ("activations saved for backward", self.activations),
                 ("batch, masks, final hidden states", self.step_tensors),
-                ("logits + loss (peak moment)" if self.loss_peak >= self.block_backward else "logits + loss",
+                ("logits + loss (peak moment)" if self.peak_moment == "loss backward" else "logits + loss",
                  self.loss_peak),
-                ("one block's backward" + (" (peak moment)" if self.block_backward > self.loss_peak else ""),
+                ("one block's backward" + (" (peak moment)" if self.peak_moment == "first block backward" else ""),
                  self.block_backward),
+                *([("previous step's graph, next forward" + (" (peak moment)" if self.peak_moment == "next forward"
+                                                             else ""), self.next_forward)] if self.next_forward else []),
                 ("allocator slack", self.allocator_slack), ("CUDA context + kernels", self.cuda_context)]
 
 
@@ -162,13 +227,13 @@ def meta_model(config: Any, workload: Workload) -> Any:
 
     lora = {k: getattr(workload, k) for k in ("lora_r", "lora_dropout", "lora_query", "lora_key", "lora_value",
                                               "lora_projection", "lora_mlp", "lora_head")}
-    cfg = Config(**{**_base_fields(config), **lora, "lora_alpha": 2 * workload.lora_r})
+    cfg = Config(**{**base_config_fields(config), **lora, "lora_alpha": 2 * workload.lora_r})
     with torch.device("meta"):
         model = GPT(cfg)
     return model
 
 
-def _base_fields(config: Any) -> dict[str, Any]:
+def base_config_fields(config: Any) -> dict[str, Any]:
     from dataclasses import fields
 
     from litgpt.config import Config as BaseConfig
@@ -249,6 +314,10 @@ def count_weights(model: Any, workload: Workload) -> WeightCounts:
                 base_ids.add(id(module.linear.bias))
                 base_params += module.linear.bias.numel()
                 base_bytes += module.linear.bias.numel() * wb
+    if workload.quantized_head:  # litgpt: the head is one more bitsandbytes linear (kept out of max_linear:
+        head = model.lm_head.linear.weight  # its dequantized copy is counted with the loss, where it peaks)
+        base_ids.add(id(head))
+        base_bytes += quantized_bytes(head.shape[0], head.shape[1], workload.quantize, wb)
     total = trainable = other = lora = 0
     lora_numels = []
     for name, p in model.named_parameters():
@@ -272,15 +341,17 @@ def layer_activation_bytes(config: Any, w: Workload, first: bool = False) -> dic
     kv = config.n_query_groups * config.head_size
     mask_b = 1 if w.device == "cuda" else b  # dropout mask: bool on CUDA, input dtype on CPU
     drop = w.lora_dropout > 0
-    int8 = w.quantize == "bnb.int8"  # bnb's int8 matmul keeps its input on ctx, for every base linear
+    keeps = w.matmul_keeps_input  # bitsandbytes keeps each base linear's input on ctx (int8; 4-bit < 0.43.2)
+    # layer 0's qkv input carries no gradient (frozen embeddings): a 4-bit matmul keeps nothing there
+    keeps_qkv = w.quantize == "bnb.int8" or (keeps and not first)
 
-    def linear_input(width: int, lora_branches: int, input_free: bool = False) -> float:
+    def linear_input(width: int, lora_branches: int, input_free: bool = False, kept: bool = keeps) -> float:
         """What a frozen linear's input costs: a LoRA branch saves it (or dropout's output + mask per
-        branch); int8 keeps it too. ``input_free``: the input shares storage with a tensor counted elsewhere."""
+        branch); bitsandbytes may keep it too. ``input_free``: it shares storage with a tensor counted elsewhere."""
         own = 0 if input_free else width * b
         if lora_branches and drop:
-            return lora_branches * width * (b + mask_b) + (own if int8 else 0)
-        return own if lora_branches or int8 else 0
+            return lora_branches * width * (b + mask_b) + (own if kept else 0)
+        return own if lora_branches or kept else 0
 
     def norm(saved_input_bytes: float) -> float:
         if config.norm_class_name == "RMSNorm":
@@ -291,8 +362,9 @@ def layer_activation_bytes(config: Any, w: Workload, first: bool = False) -> dic
     if not first:
         parts["norm_1 input"] = norm(d * b)
     attn_grad = w.qkv_lora > 0 or not first  # layer 0's attention sees no grad unless LoRA is on q/k/v
-    if w.qkv_lora or int8:
-        parts["qkv input (LoRA / int8) + rank-r middle"] = linear_input(d, int(w.qkv_lora > 0)) + r * w.qkv_lora * b
+    if w.qkv_lora or keeps_qkv:
+        parts["qkv input (LoRA / bnb) + rank-r middle"] = (linear_input(d, int(w.qkv_lora > 0), kept=keeps_qkv)
+                                                           + r * w.qkv_lora * b)
     if 0 < w.qkv_lora < 3:  # litgpt's zero_pad: index_copy_ keeps the LoRA output of the enabled q/k/v parts
         parts["qkv LoRA output (zero-padded)"] = (hh * w.lora_query + kv * w.lora_key + kv * w.lora_value) * b
     if attn_grad:
@@ -304,36 +376,51 @@ def layer_activation_bytes(config: Any, w: Workload, first: bool = False) -> dic
         # (sliding-window layers get the same packed mask, the window folded in: packing.sliding_windows)
         if w.packing and w.attention == "sdpa":  # a boolean mask reaches SDPA as a float (B, 1, T, T) bias
             parts["packed attention mask (float)"] = w.max_seq_length * b
-    if w.lora_projection or int8:
+    if w.lora_projection or keeps:
         shared = w.device == "cuda" and w.attention == "sdpa"  # flash/efficient output is already (B, T, h, hs)
-        parts["proj input (LoRA / int8) + middle"] = (linear_input(hh, int(w.lora_projection), input_free=shared)
+        parts["proj input (LoRA / bnb) + middle"] = (linear_input(hh, int(w.lora_projection), input_free=shared)
                                                       + (r * b if w.lora_projection else 0))
     mlp_inputs = 2 if config.mlp_class_name in ("LLaMAMLP", "GemmaMLP") else 1
     if not config.parallel_residual:
         parts["norm_2 input"] = norm(d * b)
     elif config.norm_class_name != "RMSNorm":
         parts["norm_2 statistics"] = 8.0
-    if w.lora_mlp or int8:
-        parts["MLP input (LoRA / int8) + middles"] = (linear_input(d, mlp_inputs if w.lora_mlp else 0)
+    if w.lora_mlp or keeps:
+        parts["MLP input (LoRA / bnb) + middles"] = (linear_input(d, mlp_inputs if w.lora_mlp else 0)
                                                       + (mlp_inputs * r * b if w.lora_mlp else 0))
     I = config.intermediate_size
     if mlp_inputs == 2:
         parts["MLP: fc_1, fc_2, activation outputs"] = 3 * I * b
     else:
         parts["MLP: fc output (GELU input)"] = I * b
-    if w.lora_mlp or int8:
-        parts["MLP proj input (LoRA / int8) + middle"] = (linear_input(I, int(w.lora_mlp))
+    if w.lora_mlp or keeps:
+        parts["MLP proj input (LoRA / bnb) + middle"] = (linear_input(I, int(w.lora_mlp))
                                                           + (r * b if w.lora_mlp else 0))
     return parts
+
+
+def kept_input_bytes(config: Any, w: Workload, first: bool = False) -> float:
+    """Per token and layer: the base linears' inputs bitsandbytes keeps on ctx (0 unless it keeps them).
+
+    Kept as plain ctx attributes, not saved tensors, so backward does not free them: they live as long
+    as the graph is referenced. qkv's input in layer 0 carries no gradient (4-bit keeps nothing there);
+    the projection's input is the attention output itself on CUDA's SDPA; fc_1 and fc_2 share theirs.
+    """
+    if not w.matmul_keeps_input:
+        return 0.0
+    d, hh, I = config.n_embd, config.n_head * config.head_size, config.intermediate_size
+    qkv = d if (w.quantize == "bnb.int8" or not first) else 0
+    proj = 0 if (w.device == "cuda" and w.attention == "sdpa") else hh
+    return (qkv + proj + d + I) * w.dtype_bytes
 
 
 def checkpointed_layer_bytes(config: Any, w: Workload) -> dict[str, float]:
     """Per token and layer with activation checkpointing: the block input, plus what escapes the hooks."""
     parts = {"block input (checkpoint)": config.n_embd * w.dtype_bytes}
-    if w.quantize == "bnb.int8":  # bnb's int8 matmul keeps its input on ctx, outside autograd's saved tensors
+    if w.matmul_keeps_input:  # kept on ctx, outside autograd's saved tensors: the recompute does not free them
         hh, b = config.n_head * config.head_size, w.dtype_bytes
         # qkv input, proj input, MLP input (shared by fc_1/fc_2), MLP proj input
-        parts["int8 matmul inputs held by bitsandbytes"] = (2 * config.n_embd + hh + config.intermediate_size) * b
+        parts["matmul inputs kept by bitsandbytes"] = (2 * config.n_embd + hh + config.intermediate_size) * b
     return parts
 
 
@@ -360,7 +447,7 @@ def estimate_memory(config: Any, w: Workload, weights: WeightCounts | None = Non
     full = layer_activation_bytes(config, w)
     first = layer_activation_bytes(config, w, first=True)
     final_norm = 4 * d + 4 if config.norm_class_name == "RMSNorm" else d * b + 8
-    loss_index = 8 * N_loss  # hidden[keep] saves the int64 positions
+    loss_index = 8 * N_loss if w.loop == "onegpu" else 0  # hidden[keep] saves the int64 positions
     if w.activation_checkpointing:
         per_layer = checkpointed_layer_bytes(config, w)
         activations = N * (L * sum(per_layer.values()) + final_norm) + loss_index
@@ -373,11 +460,20 @@ def estimate_memory(config: Any, w: Workload, weights: WeightCounts | None = Non
         per_layer = full
         activations = N * ((L - 1) * sum(full.values()) + sum(first.values()) + final_norm) + loss_index
         recompute = 0
-    dequant = weights.max_linear * b if w.quantize else 0
+    dequant = weights.max_linear * w.dequant_bytes if w.quantize else 0
     block = int(recompute + N * block_backward_bytes(config, w) + dequant)
-    loss_fwd = N_loss * V * (b + (4 if b != 4 else 0) + 4)  # logits, fp32 logits, log-softmax
-    loss_bwd = N_loss * V * 12  # saved log-softmax + its gradient + the logits' gradient (fp32)
-    step = N * (4 * 8 + d * b)  # input_ids, labels, positions, segment ids + the loop's final hidden states
+    next_forward = 0
+    if w.loop == "litgpt":
+        loss = litgpt_loss_bytes(config, w)
+        step = N * (2 * 8 + d * b)  # input_ids, targets + the final hidden states
+        kept = N * ((L - 1) * kept_input_bytes(config, w) + kept_input_bytes(config, w, first=True))
+        head = V * d * w.dequant_bytes if w.quantized_head else 0
+        next_forward = int(kept + 2 * N * V * b + head)  # previous step's kept inputs + old and new logits
+    else:
+        loss_fwd = N_loss * V * (b + (4 if b != 4 else 0) + 4)  # logits, fp32 logits, log-softmax
+        loss_bwd = N_loss * V * 12  # saved log-softmax + its gradient + the logits' gradient (fp32)
+        loss = max(loss_fwd, loss_bwd)
+        step = N * (4 * 8 + d * b)  # input_ids, labels, positions, segment ids + the loop's final hidden states
     if w.packing:
         rope = config.rope_n_elem
         step += 2 * N * rope * w.weight_bytes  # cos/sin gathered at the restarting positions
@@ -386,12 +482,25 @@ def estimate_memory(config: Any, w: Workload, weights: WeightCounts | None = Non
     return MemoryEstimate(
         base_weights=weights.base_bytes, other_weights=weights.other_bytes, lora_weights=weights.lora_bytes,
         lora_grads=weights.lora_bytes, optimizer_states=states, paged_optimizer_states=paged,
-        activations=int(activations), step_tensors=int(step), loss_peak=int(max(loss_fwd, loss_bwd)),
+        activations=int(activations), step_tensors=int(step), loss_peak=int(loss),
         block_backward=block, cuda_context=CUDA_CONTEXT_BYTES if w.device == "cuda" else 0,
+        next_forward=next_forward,
         per_token_layer={"without checkpointing": sum(full.values()),
                          "with checkpointing": sum(checkpointed_layer_bytes(config, w).values())},
-        peak_moment="loss backward" if loss_bwd >= block else "first block backward",
+        peak_moment=max((loss, "loss backward"), (block, "first block backward"), (next_forward, "next forward"))[1],
     )
+
+
+def litgpt_loss_bytes(config: Any, w: Workload) -> int:
+    """Loss-time bytes of litgpt's loop: the head in chunks of 128 positions and ``chunked_cross_entropy``
+    on every position, in the training dtype. The loop keeps the logits, cross-entropy saves the
+    log-softmax output, and backward differentiates one chunk at a time: 2 + 2 x 128/T copies of the
+    logits (measured on CPU at T = 256, 512, 1024). A quantized head's backward dequantizes it
+    (V x d x ``dequant_bytes``) while the logits and their gradient are alive."""
+    logits = w.tokens * config.padded_vocab_size * w.dtype_bytes
+    chunk = logits * min(1.0, LITGPT_HEAD_CHUNK / w.max_seq_length)
+    head = config.padded_vocab_size * config.n_embd * w.dequant_bytes if w.quantized_head else 0
+    return int(2 * logits + max(2 * chunk, head))
 
 
 def largest_micro_batch(config: Any, w: Workload, memory_bytes: float, weights: WeightCounts,

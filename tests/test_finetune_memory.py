@@ -112,6 +112,40 @@ def test_analytic_peak_within_15_percent_of_measured_cpu_steps(tmp_path, bundled
     assert len(rows) == 8 and all(abs(r["error"]) <= 0.15 for r in rows), table
 
 
+@pytest.mark.parametrize("quantize,bnb_version", [(None, None), ("bnb.nf4", "0.50.2"), ("bnb.nf4", "0.42.0")])
+def test_litgpt_loop_terms_match_its_measured_cpu_steps(quantize, bnb_version):
+    """litgpt's finetune_lora loop body, three steps in a row (its head quantized like Lightning's plugin,
+    bitsandbytes' kept inputs as 0.42 kept them): the ``loop="litgpt"`` terms, next-forward moment included."""
+    from onegpu.finetune.measure import measure_litgpt_loop
+    from onegpu.finetune.memory import estimate_memory
+
+    torch.set_num_threads(2)
+    config = tiny_config(vocab=512, n_query_groups=4, n_layer=4)
+    w = Workload(precision="32-true", quantize=quantize, lora_r=8, max_seq_length=512, micro_batch_size=2,
+                 packing=False, device="cpu", loop="litgpt", bnb_version=bnb_version)
+    estimate = estimate_memory(config, w)
+    measured = measure_litgpt_loop(config, w)
+    assert estimate.tensor_peak == pytest.approx(measured, rel=0.05)
+    if bnb_version == "0.42.0":  # the previous step's kept inputs are alive at the end of the next forward
+        assert estimate.peak_moment == "next forward" and estimate.tensor_peak > 1.1 * estimate.first_step_peak
+
+
+def test_plan_within_ten_percent_of_litgpt_published_measurements():
+    """Every row of litgpt's published peak-memory tables, planned with the terms of its own loop and
+    bitsandbytes (benchmarks/published_memory.py prints the same comparison for RESULTS.md)."""
+    import runpy
+
+    from onegpu.paths import REPO_ROOT
+
+    rows = runpy.run_path(str(REPO_ROOT / "benchmarks" / "published_memory.py"))["compare"]()
+    assert len(rows) == 13 and sum(1 for r in rows if r["published"].quantize) == 7
+    for r in rows:
+        p = r["published"]
+        assert abs(r["error"]) <= 0.10, (p, r["error"])
+        if p.quantize:  # bitsandbytes < 0.43.2 kept every 4-bit linear's input: a named term, not a factor
+            assert r["terms"]["inputs bitsandbytes < 0.43.2 keeps on ctx"] > 0.05 * p.peak_gb * 1e9
+
+
 def test_analytic_cli_seven_b_thirteen_b_mistral_and_configs(capsys, tmp_path):
     from onegpu.cli import main
     from onegpu.paths import REPO_ROOT
