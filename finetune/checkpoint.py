@@ -1,7 +1,8 @@
-"""The training state and its atomic checkpoints (LoRA weights + optimizer + scheduler + TrainState).
+"""The training state and its atomic checkpoints (LoRA weights + optimizer + TrainState).
 
 ``TrainState`` is everything a resumed run needs besides the weights and the optimizer: the step,
-the data position, the counters, the RNG states and the budget clock. It is versioned
+the data position, the counters, the RNG states, the budget clock and the LR schedule's anchors
+(``finetune/schedule.py``). It is versioned
 (``TrainState.VERSION``): ``load_state_dict`` reads every version it knows and refuses newer ones
 with a clear message, and ``load`` reads the checkpoints written before the state had a version.
 
@@ -27,6 +28,7 @@ import torch
 
 from onegpu.budget import BudgetClock
 from onegpu.contracts import staged_dir
+from onegpu.finetune.schedule import BudgetSchedule
 from onegpu.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -36,9 +38,10 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 class TrainState:
     """Where a run is: restored from a checkpoint on ``--resume``, saved with every checkpoint."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: + the LR schedule's anchors (1: a step-count cosine, resumed as one)
 
     clock: BudgetClock  # the run's budget clock (time spent by earlier segments carries over)
+    schedule: BudgetSchedule | None = None  # set by the trainer once it knows the planned steps
     step: int = 0  # optimizer steps done
     micro_index: int = 0  # micro-batches consumed (across epochs): the data position
     tokens: int = 0  # non-padding tokens trained on
@@ -64,7 +67,7 @@ class TrainState:
         return {"version": self.VERSION, "step": self.step, "micro_index": self.micro_index, "tokens": self.tokens,
                 "loss_tokens": self.loss_tokens, "examples": self.examples, "slots": self.slots,
                 "best_val_loss": self.best_val_loss, "history": list(self.history), "rng": rng_state(),
-                "budget": self.clock.state_dict()}
+                "budget": self.clock.state_dict(), "schedule": self.schedule.state_dict() if self.schedule else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counters and the clock (a new segment starts now); keep the RNG states in ``rng``.
@@ -73,7 +76,7 @@ class TrainState:
         applies them (``set_rng_state(state.rng)``) as the last thing before the loop.
         """
         version = state.get("version")
-        if version != self.VERSION:
+        if version not in (1, self.VERSION):
             raise UserError(f"the checkpoint holds training state version {version}; this onegpu reads version "
                             f"{self.VERSION}", fix="resume with the onegpu version that wrote it, or start fresh "
                                                    "(drop --resume / use a new --out_dir)")
@@ -82,6 +85,11 @@ class TrainState:
         self.history = list(state["history"])
         self.rng = state["rng"]
         self.clock.restore(state["budget"])
+        if self.schedule is not None:
+            if state.get("schedule"):
+                self.schedule.load_state_dict(state["schedule"])
+            else:  # version 1 decayed over the planned steps: past warm-up, it continues as the step schedule
+                self.schedule.resume_from_step_schedule(self.step, self.clock.elapsed_s)
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -129,7 +137,7 @@ def latest(ckpt_root: Path) -> Path | None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """A checkpoint's ``state.pt``: model, optimizer, scheduler, ``train_state`` (a TrainState dict), wandb_id."""
+    """A checkpoint's ``state.pt``: model, optimizer, ``train_state`` (a TrainState dict), wandb_id."""
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     if "train_state" not in state and "progress" in state:
         # written before TrainState had a version: the counters under "progress", RNG and clock beside them

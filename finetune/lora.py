@@ -9,7 +9,8 @@ versioned state like torchtune's recipes):
   micro-batches (packed rows: several examples per row, block-diagonal causal attention, positions
   restarting per example; or padded rows; loss on responses only by default); open the tracked
   run; build litgpt's LoRA GPT on Lightning Fabric, load the base weights, quantize the frozen
-  base with bitsandbytes for QLoRA (CPU too), AdamW + warmup/cosine; restore a checkpoint's
+  base with bitsandbytes for QLoRA (CPU too), AdamW; the LR schedule anchored to the budget
+  (``finetune/schedule.py``: warm-up, then cosine to the floor when the budget ends); restore a checkpoint's
   weights, optimizer and ``TrainState`` on ``--resume``;
 * ``LoRATrainer.fit()``: the loop: ``train_step`` (gradient accumulation and clipping), honest
   telemetry (non-padding tokens/s, LoRA-correct MFU, memory, budget used / ETA) to W&B and CSV,
@@ -43,6 +44,7 @@ from onegpu.contracts import artifact_name
 from onegpu.errors import RunStopped, UserError
 from onegpu.finetune.config import FinetuneConfig, LoRAArgs, finetune_options, resolve
 from onegpu.finetune.proxy import ProxyEval
+from onegpu.finetune.schedule import BudgetSchedule
 
 # Fixed prompts for the sample-generation table: same prompts in every run, so runs compare.
 SAMPLE_PROMPTS = (
@@ -82,7 +84,7 @@ class LoRATrainer:
     ``setup()`` and ``train_step()`` on batches of its choosing. ``state`` (a ``TrainState``) is
     what a checkpoint restores; ``setup()`` sets the rest, in this order: ``data`` (the
     micro-batches) and ``total_steps``, ``tracker``, ``fabric``, ``model`` / ``inner`` (the
-    unwrapped GPT), ``optimizer``, ``scheduler``, ``meter`` (throughput).
+    unwrapped GPT), ``optimizer``, ``meter`` (throughput). The LR schedule lives in ``state.schedule``.
     """
 
     def __init__(self, cfg: FinetuneConfig):
@@ -157,7 +159,6 @@ class LoRATrainer:
         if checkpoint is not None:
             self.inner.load_state_dict(checkpoint["model"], strict=False)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
             print(f"[onegpu] resumed from {resume_path} at step {self.state.step}/{self.total_steps} "
                   f"({format_duration(cfg.clock.elapsed_before_s)} of the budget already used)", file=sys.stderr)
         self.start_telemetry()
@@ -212,6 +213,7 @@ class LoRATrainer:
                                  pad_multiple=8 if cfg.model.device == "cuda" else 1)
         self.steps_per_epoch = max(1, self.data.per_epoch // cfg.train.accumulation)
         self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.steps_per_epoch))
+        self.state.schedule = BudgetSchedule(cfg.train.warmup_steps, self.total_steps, cfg.train.min_lr_ratio)
 
     def open_run(self, stage: str, checkpoint: dict[str, Any] | None) -> Any:
         from onegpu.tracking import Run, wandb_online
@@ -235,7 +237,7 @@ class LoRATrainer:
         return run
 
     def build(self) -> None:
-        """Fabric, the LoRA model (QLoRA-quantized if asked), the optimizer and the LR schedule."""
+        """Fabric, the LoRA model (QLoRA-quantized if asked) and the optimizer."""
         import lightning as L
         import torch
 
@@ -255,9 +257,6 @@ class LoRATrainer:
         self.params = [p for p in self.inner.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg.train.optimizer, self.params, cfg.train.learning_rate, cfg.train.weight_decay)
         self.optimizer = self.fabric.setup_optimizers(optimizer)
-        total, warmup, min_ratio = self.total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: lr_factor(s, warmup, total, min_ratio))
 
     def start_telemetry(self) -> None:
         import torch
@@ -344,10 +343,13 @@ class LoRATrainer:
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack(
                 [p.grad.norm() for p in self.params if p.grad is not None])))
-        lr = self.optimizer.param_groups[0]["lr"]
+        clock = cfg.clock
+        lr = cfg.train.learning_rate * self.state.schedule.factor(self.state.step, clock.elapsed_s,
+                                                                   clock.train_deadline_s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         if fabric.device.type == "cuda":
             torch.cuda.synchronize()
         return StepResult(step_loss / denom, grad_norm, lr)
@@ -370,8 +372,14 @@ class LoRATrainer:
             return
         rates = self.meter.rates()
         remaining_train_s = max(0.0, clock.train_deadline_s - clock.elapsed_s)
+        schedule = st.schedule
         metrics = {
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "schedule/progress": schedule.progress, "schedule/bound_by_budget": float(schedule.bound == "budget"),
+            "schedule/warmup_steps": (schedule.warmup_steps if schedule.warmup_end_step is None
+                                      else schedule.warmup_end_step),
+            "schedule/expected_steps": schedule.expected_steps(st.step, clock.elapsed_s, clock.train_deadline_s,
+                                                               self.step_time_ema),
             "epoch": st.micro_index / self.data.per_epoch, **rates, "tokens_seen": st.tokens,
             "loss_tokens_seen": st.loss_tokens, "examples_seen": st.examples, "padding_slots_seen": st.slots - st.tokens,
             "wall_clock_s": clock.elapsed_s, "budget_used_pct": 100 * clock.used_fraction,
@@ -404,7 +412,7 @@ class LoRATrainer:
 
         st, ckpt = self.state, self.cfg.checkpoints
         state = {"model": ckpt_io.trainable_state_dict(self.inner), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "train_state": st.state_dict(),
+                 "train_state": st.state_dict(),
                  "wandb_id": self.tracker.meta.get("wandb_id")}
         meta = {"step": st.step, "total_steps": self.total_steps, "micro_index": st.micro_index,
                 "budget": self.cfg.clock.state_dict(), "train_state_version": st.VERSION,
@@ -692,11 +700,3 @@ def make_optimizer(name: str, params: list, lr: float, weight_decay: float) -> A
 
     cls = bnb.optim.PagedAdamW if name == "paged_adamw" else bnb.optim.AdamW8bit
     return cls(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine decay to ``min_ratio`` (multiplier of the peak LR)."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -1,4 +1,5 @@
-"""Exact resume after SIGKILL, the budget clock stopping a run, and bad configs failing before model load.
+"""Exact resume after SIGKILL, the budget clock stopping a run, the LR schedule anchored to the budget,
+and bad configs failing before model load.
 
 Uses a random-init 2-layer litgpt model with the bundled tokenizer (fast steps) on real Dolly /
 Self-Instruct / LIMA rows from ../shared/datasets.
@@ -7,6 +8,7 @@ Self-Instruct / LIMA rows from ../shared/datasets.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -34,6 +36,12 @@ def _args(tiny, out: Path, **extra) -> list[str]:
             "global_batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 2, "num_threads": 1, "eval_interval": 0,
             "num_samples": 0, "progress": False, "lora_mlp": True, "save_interval_minutes": 0, **extra}
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def _metric(out: Path, key: str) -> dict[int, float]:
+    """{step: value} of one logged metric (later lines, after a resume, win)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["_step"]: row[key] for row in rows if key in row}
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -172,9 +180,17 @@ def test_budget_clock_stops_the_run_and_still_merges(tiny, tmp_path):
     out = tmp_path / "budget"
     budget = 30.0  # loading this tiny model takes ~5-15 s on a loaded 2-core machine; the rest trains
     t0 = time.monotonic()
-    summary = finetune(**{**_kw(tiny, out), "max_steps": 100_000, "budget": f"{budget:.0f}s", "budget_reserve": "2s"})
+    peak, floor = 3e-4, 0.1
+    summary = finetune(**{**_kw(tiny, out), "max_steps": 100_000, "budget": f"{budget:.0f}s", "budget_reserve": "2s",
+                          "learning_rate": peak, "min_lr_ratio": floor, "warmup_steps": 1000})
     assert summary["stopped_by"] == "budget"
     assert 0 < summary["steps"] < 100_000
+    # the schedule ends with the budget: warm-up cut to a tenth of the training time, the last step at the floor
+    lr, warmup = _metric(out, "lr"), _metric(out, "schedule/warmup_steps")
+    last = max(lr)
+    assert warmup[last] < min(1000, summary["steps"]) and lr[warmup[last] + 1] == pytest.approx(peak)
+    assert lr[last] <= floor * peak + 0.05 * (1 - floor) * peak, (lr[last], summary["steps"])
+    assert _metric(out, "schedule/bound_by_budget")[last] == 1.0
     assert summary["budget_elapsed_s"] < budget + summary["finalize_s"]
     assert "budget clock" in summary["budget_stop_reason"]
     assert (out / "final" / "lit_model.pth").is_file() and (out / "final" / "lit_model.pth.lora").is_file()
@@ -184,6 +200,49 @@ def test_budget_clock_stops_the_run_and_still_merges(tiny, tmp_path):
                            "resume": "auto"})
     assert summary2["budget_segments"] == 2 and summary2["steps"] == summary["steps"]
     assert summary2["budget_elapsed_s"] > summary["budget_elapsed_s"]
+
+
+def test_run_that_finishes_its_steps_follows_the_plain_step_schedule(tiny, tmp_path):
+    """24 h of budget for a few steps: linear warm-up, then cosine over the planned steps to the floor."""
+    from onegpu.finetune.lora import finetune
+
+    out, steps, warmup, peak, floor = tmp_path / "plain", 8, 3, 2e-3, 0.2
+    finetune(**{**_kw(tiny, out), "max_steps": steps, "warmup_steps": warmup, "learning_rate": peak,
+                "min_lr_ratio": floor})
+    for step, lr in _metric(out, "lr").items():  # logged after optimizer step `step` (1-based)
+        s = step - 1
+        if s < warmup:
+            expected = (s + 1) / (warmup + 1)
+        else:
+            expected = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        assert lr == pytest.approx(peak * expected, rel=1e-9), step
+    assert set(_metric(out, "schedule/bound_by_budget").values()) == {0.0}
+
+
+def test_budget_bound_run_resumed_after_sigterm_continues_the_same_curve(tiny, tmp_path):
+    """Stopped mid-decay, resumed with --resume auto: no second warm-up, the curve goes on from where the
+    clock stands, and the run still ends at the floor when its budget does."""
+    out, peak, floor = tmp_path / "curve", 2e-3, 0.1
+    args = _args(tiny, out, max_steps=100_000, budget="60s", budget_reserve="2s", warmup_steps=1000,
+                 learning_rate=peak, min_lr_ratio=floor, save_interval=0)
+    proc = subprocess.Popen([sys.executable, "-m", "onegpu", "finetune", *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and any(
+        v > 0.1 for v in _metric(out, "schedule/progress").values()), proc)  # a tenth down the decay
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    first = _metric(out, "lr")
+    stopped_at, warmup = max(first), _metric(out, "schedule/warmup_steps")[max(first)]
+    done = subprocess.run([sys.executable, "-m", "onegpu", "finetune", *args, "--resume", "auto"], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lr = _metric(out, "lr")
+    resumed = sorted(s for s in lr if s > stopped_at)
+    assert resumed and _metric(out, "schedule/warmup_steps")[resumed[-1]] == warmup  # the anchors came back
+    decay = [lr[s] for s in sorted(lr) if s > warmup]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(decay, decay[1:]))  # one falling curve across both segments
+    assert lr[resumed[-1]] <= floor * peak + 0.05 * (1 - floor) * peak
+    assert json.loads((out / "summary.json").read_text())["stopped_by"] == "budget"
 
 
 def test_budget_too_small_to_train_exits_nonzero_and_publishes_nothing(tiny, tmp_path):
