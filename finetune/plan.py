@@ -45,7 +45,8 @@ def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float
             ``benchmarks/gpu_check.py`` when its results exist, else assumed).
 
     Returns:
-        The plan (also printed, and written to ``out_dir/plan.json`` and W&B).
+        The plan (also printed, and written to ``out_dir/plan.json`` and W&B). When the configured
+        micro-batch does not fit the track, raises ``DoesNotFit`` (exit 2) after printing and writing it.
     """
     from onegpu.finetune.analytic_plan import analytic_plan, analytic_reason
 
@@ -91,6 +92,16 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
             trainer.tracker.finish(exit_code=exit_code)
     atomic_write_json(cfg.checkpoints.out_dir / "plan.json", report)
     print("\n".join(report_lines(trainer, report)), file=sys.stderr)
+    if not report["fits"]:
+        from onegpu.finetune.analytic_plan import DoesNotFit
+
+        first = report["measured"][0]
+        needs = "runs out of memory" if first.get("oom") else f"peaks at {first['peak_memory_gib']:.1f} GiB"
+        fix = (f"--micro_batch_size {report['suggested_micro_batch_size']}" if report["suggested_micro_batch_size"]
+               else "--activation_checkpointing true or --quantize bnb.nf4-dq (`onegpu finetune plan --analytic` "
+                    "ranks the setups that fit)")
+        raise DoesNotFit(report, f"micro-batch {cfg.train.micro_batch_size} {needs}, the track has "
+                                 f"{report['track_memory_gib']:.1f} GiB", fix)
     return report
 
 

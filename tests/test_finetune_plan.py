@@ -36,9 +36,14 @@ def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_data
     assert saved["verdict"] == report["verdict"]
     assert (tmp_path / "plan" / "plan.table.json").is_file() and list((tmp_path / "plan" / "wandb").glob("offline-run-*"))
 
-    small = plan(data=str(data), checkpoint_dir=ckpt, track="rtx4090-24gb", track_memory_gib=0.05,
-                 micro_batch_size=2, steps=1, out_dir=tmp_path / "plan-small", num_threads=2, analytic=False)
+    from onegpu.finetune.analytic_plan import DoesNotFit
+
+    with pytest.raises(DoesNotFit) as too_small:  # exit 2, after the plan is printed and written
+        plan(data=str(data), checkpoint_dir=ckpt, track="rtx4090-24gb", track_memory_gib=0.05,
+             micro_batch_size=2, steps=1, out_dir=tmp_path / "plan-small", num_threads=2, analytic=False)
+    small = too_small.value.report
     assert not small["fits"] and "does NOT fit" in small["verdict"] and small["suggested_micro_batch_size"] is None
+    assert json.loads((tmp_path / "plan-small" / "plan.json").read_text())["fits"] is False
 
 
 @pytest.mark.parametrize("micro,global_batch", [(2, 32), (2, 2), (1, 6)])
