@@ -211,7 +211,8 @@ def verb_parser(fn, prog: str):
 
 
 def config_files_first(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config FILE`` moved to the front (their own order kept).
+    """``argv`` with every ``--config FILE`` moved to the front (their own order kept), each FILE located
+    by :func:`locate_config`.
 
     jsonargparse applies arguments left to right, so ``--budget=45m --config=day.yaml`` would let the
     file's ``budget`` win. W&B's agent renders a sweep's parameters sorted by name, which puts
@@ -221,12 +222,34 @@ def config_files_first(argv: list[str]) -> list[str]:
     files, rest, i = [], [], 0
     while i < len(argv):
         if argv[i] == "--config" and i + 1 < len(argv):
-            files += argv[i:i + 2]
+            files += ["--config", locate_config(argv[i + 1])]
             i += 2
             continue
-        (files if argv[i].startswith("--config=") else rest).append(argv[i])
+        if argv[i].startswith("--config="):
+            files.append("--config=" + locate_config(argv[i].split("=", 1)[1]))
+        else:
+            rest.append(argv[i])
         i += 1
     return files + rest
+
+
+STAGES = ("data", "finetune", "eval", "submission", "sweeps")
+
+
+def locate_config(path: str) -> str:
+    """A config path as given, or, where nothing is there, the shipped file it names: the checkout-relative
+    ``finetune/configs/X.yaml`` from any directory, in a checkout or an installed kit (sweeps name
+    their configs that way and run wherever ``onegpu sweep`` is started)."""
+    from pathlib import Path
+
+    given = Path(path).expanduser()
+    stage, _, rest = given.as_posix().partition("/")
+    if given.exists() or given.is_absolute() or stage not in STAGES or not rest:
+        return path
+    from onegpu.paths import stage_dir
+
+    shipped = stage_dir(stage) / rest
+    return str(shipped) if shipped.is_file() else path
 
 
 def _config_files(argv: list[str]) -> list[str]:
