@@ -53,6 +53,11 @@ class TrackSpec:
         return self.memory_mib / 1024
 
 
+# What `onegpu model push` adds to a model repo beside the HF files, and `onegpu model prepare` reads back:
+# the litgpt config, the data, the base and the scores (machine-readable), and the training format.
+PUSHED_LINEAGE = "onegpu_lineage.json"
+PUSHED_FILES = (PUSHED_LINEAGE, "prompt_style.yaml")
+
 TRACKS: dict[str, TrackSpec] = {
     "rtx4090-24gb": TrackSpec("rtx4090-24gb", "NVIDIA GeForce RTX 4090", 24_564, "24h"),
     "a100-40gb": TrackSpec("a100-40gb", "NVIDIA A100-SXM4-40GB", 40_960, "24h"),

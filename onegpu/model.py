@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import atomic_write_json, read_json, staged_dir
+from onegpu.contracts import PUSHED_FILES, PUSHED_LINEAGE, atomic_write_json, read_json, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import cache_dir
 
@@ -55,10 +55,11 @@ ALLOWED_FAMILIES = (
 # Suffixes that mark fine-tuned (not base) variants, which the challenge forbids.
 NOT_BASE_MARKERS = ("instruct", "chat", "-it", "flan", "sft", "dpo", "rlhf")
 
-# Files a litgpt checkpoint dir needs (plus the HF config for exports back to HF format).
+# Files a litgpt checkpoint dir needs (plus the HF config for exports back to HF format, and what
+# `onegpu model push` published beside a fine-tune: its lineage and training format).
 CHECKPOINT_FILES = (
     "lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json",
-    "generation_config.json", "config.json", "tokenizer.model", "special_tokens_map.json",
+    "generation_config.json", "config.json", "tokenizer.model", "special_tokens_map.json", *PUSHED_FILES,
 )
 # What to fetch from a hub repo besides the weights (litgpt's own download takes the same).
 HUB_SUPPORT_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json"]
@@ -150,18 +151,18 @@ def prepare(model: str = "bundled", checkpoint_dir: Path | None = None, revision
     if model == "bundled":
         out, name = Path(checkpoint_dir or bundled_checkpoint_dir()), BUNDLED_NAME
         _prepare_bundled(out, force)
-    elif Path(model).expanduser().is_dir():
-        local = Path(model).expanduser().resolve()
-        out, name = Path(checkpoint_dir or cache_dir() / "checkpoints" / local.name), local.name
-        wanted = {"source": "local", "path": str(local)}
-        if force or not _reusable(out, wanted):
-            _convert_local(local, out, model_name)
     else:
-        _check_hub_id(model)
-        out, name = Path(checkpoint_dir or hub_checkpoint_dir(model, revision)), model
-        wanted = {"source": "hub", "repo_id": model, **({"revision": revision} if revision else {})}
-        if force or not _reusable(out, wanted):
-            _prepare_from_hub(model, revision, model_name, out, access_token or os.environ.get("HF_TOKEN"))
+        if Path(model).expanduser().is_dir():
+            source: ModelSource = LocalModel(Path(model).expanduser().resolve())
+            out = Path(checkpoint_dir or cache_dir() / "checkpoints" / source.name)
+        else:
+            _check_hub_id(model)
+            source = HubModel(model, revision, access_token or os.environ.get("HF_TOKEN"))
+            out = Path(checkpoint_dir or hub_checkpoint_dir(model, revision))
+        if force or not _reusable(out, source.wanted):
+            prepare_from_source(source, out, model_name)
+        # a fine-tune `onegpu model push` published is as allowed as the base it was trained from
+        name = read_json(out / PROVENANCE).get("base_hub_id") or source.name
     warning = check_allowed_base_model(name)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -253,44 +254,112 @@ def fix_smollm2_tokenizer(hf_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------- local dirs and the hub
-def _convert_local(local: Path, out: Path, model_name: str | None) -> None:
-    hf_config = _read_hf_config(local / "config.json", where=str(local))
-    name = model_name or litgpt_name_for(local.name, hf_config)
-    check_architecture(hf_config, name, source=str(local))
-    provenance = {"source": "local", "path": str(local), "model_name": name,
-                  "config_sha256": file_sha256(local / "config.json")}
-    convert_hf_dir(local, out, name, provenance, move=False)
-
-
 def _check_hub_id(repo_id: str) -> None:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise UserError(f"{repo_id!r} is neither 'bundled', an existing local dir, nor a hub id like org/name",
                         fix="check the spelling, e.g. meta-llama/Llama-2-7b-hf, or the path of a local HF model dir")
 
 
-def _prepare_from_hub(repo_id: str, revision: str | None, model_name: str | None, out: Path,
-                      token: str | None) -> None:
-    """model_info (resolves the revision) -> config.json -> architecture check -> weights -> convert."""
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+class ModelSource:
+    """Where HF-format model files come from: the hub (:class:`HubModel`) or a local dir (:class:`LocalModel`).
 
-    api = HfApi(token=token)
+    ``files()`` lists the repo's files, ``fetch(patterns, into)`` puts the ones matching
+    huggingface_hub's ``allow_patterns`` into ``into``; :func:`prepare_from_source` is the one path
+    from there to a verified checkpoint, so a local dir (a ``model push --dry_run`` folder included)
+    and a hub repo are prepared alike.
+    """
+
+    name: str  # what litgpt_name_for reads: the hub id, or the dir's name
+    wanted: dict[str, Any]  # the provenance fields a reusable checkpoint of this source has
+
+    def files(self) -> list[str]:
+        raise NotImplementedError
+
+    def fetch(self, patterns: list[str], into: Path) -> None:
+        raise NotImplementedError
+
+    def provenance(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def errors(self):
+        yield
+
+
+class HubModel(ModelSource):
+    def __init__(self, repo_id: str, revision: str | None, token: str | None):
+        self.name, self.revision, self.token = repo_id, revision, token
+        self.wanted = {"source": "hub", "repo_id": repo_id, **({"revision": revision} if revision else {})}
+        self.info = None
+
+    def files(self) -> list[str]:
+        from huggingface_hub import HfApi
+
+        with self.errors():
+            self.info = HfApi(token=self.token).model_info(self.name, revision=self.revision)
+        return [s.rfilename for s in self.info.siblings or []]
+
+    def fetch(self, patterns: list[str], into: Path) -> None:
+        from huggingface_hub import snapshot_download
+
+        with self.errors():
+            snapshot_download(self.name, revision=self.info.sha, token=self.token, local_dir=into,
+                              allow_patterns=patterns)
+
+    def provenance(self) -> dict[str, Any]:
+        card = getattr(self.info, "card_data", None) or getattr(self.info, "cardData", None)
+        return {**self.wanted, "hub_id": self.name, "commit": self.info.sha,
+                "license": card.get("license") if hasattr(card, "get") else None}
+
+    def errors(self):
+        return _hub_errors(self.name, self.revision, self.token)
+
+
+class LocalModel(ModelSource):
+    """A local HF model dir: what ``save_pretrained`` writes, or a ``model push --dry_run`` folder."""
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, path.name
+        self.wanted = {"source": "local", "path": str(path)}
+
+    def files(self) -> list[str]:
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
+
+    def fetch(self, patterns: list[str], into: Path) -> None:
+        from huggingface_hub.utils import filter_repo_objects  # the hub download's own selection
+
+        for name in filter_repo_objects(self.files(), allow_patterns=patterns):
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.path / name, into / name)
+
+    def provenance(self) -> dict[str, Any]:
+        return {**self.wanted, "config_sha256": file_sha256(self.path / "config.json")}
+
+
+def prepare_from_source(source: ModelSource, out: Path, model_name: str | None) -> None:
+    """config.json and what `onegpu model push` published first -> the litgpt config -> the architecture
+    check -> weights + tokenizer -> convert, verify, rename into ``out``.
+
+    The litgpt config: ``--model_name``, else the one a pushed fine-tune names in its lineage, else
+    the one the hub id or dir name matches. A pushed ``prompt_style.yaml`` and lineage stay in the
+    checkpoint, so serving and evaluation use the format the model was trained with.
+    """
     with staged_dir(out) as staged:
         hf_dir = staged / "hf"
-        with _hub_errors(repo_id, revision, token):
-            info = api.model_info(repo_id, revision=revision)
-            files = [s.rfilename for s in info.siblings or []]
-            config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token, local_dir=hf_dir)
-        hf_config = _read_hf_config(Path(config_path), where=f"{repo_id}@{info.sha}")
-        name = model_name or litgpt_name_for(repo_id, hf_config)
-        check_architecture(hf_config, name, source=repo_id)
-        print(f"[onegpu] downloading {repo_id}@{info.sha[:12]} -> litgpt checkpoint {name} in {out}", file=sys.stderr)
-        with _hub_errors(repo_id, revision, token):
-            snapshot_download(repo_id, revision=info.sha, token=token, local_dir=hf_dir,
-                              allow_patterns=HUB_SUPPORT_FILES + _weight_patterns(repo_id, files))
-        card = getattr(info, "card_data", None) or getattr(info, "cardData", None)
-        provenance = {"source": "hub", "repo_id": repo_id, "hub_id": repo_id,
-                      **({"revision": revision} if revision else {}), "commit": info.sha, "model_name": name,
-                      "license": card.get("license") if hasattr(card, "get") else None}
+        hf_dir.mkdir()
+        files = source.files()
+        source.fetch(["config.json", *PUSHED_FILES], hf_dir)
+        hf_config = _read_hf_config(hf_dir / "config.json", where=source.name)
+        pushed = read_json(hf_dir / PUSHED_LINEAGE)
+        name = model_name or pushed.get("litgpt_model_name") or litgpt_name_for(source.name, hf_config)
+        check_architecture(hf_config, name, source=source.name)
+        print(f"[onegpu] fetching {source.name} -> litgpt checkpoint {name} in {out}", file=sys.stderr)
+        source.fetch(HUB_SUPPORT_FILES + _weight_patterns(source.name, files), hf_dir)
+        provenance = {**source.provenance(), "model_name": name}
+        if pushed:
+            base = pushed.get("base") or {}
+            provenance.update(pushed_by="onegpu model push", lineage=PUSHED_LINEAGE, base_hub_id=base.get("hub_id"),
+                              prompt_style_file="prompt_style.yaml" if (hf_dir / "prompt_style.yaml").is_file() else None)
         _convert_in_place(hf_dir, staged, name, provenance)
 
 

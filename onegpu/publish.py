@@ -31,13 +31,13 @@ from typing import Any, Literal
 
 import yaml
 
-from onegpu.contracts import RunDir, read_json, read_manifest
+from onegpu.contracts import PUSHED_LINEAGE, RunDir, read_json, read_manifest
 from onegpu.errors import UserError
 from onegpu.inference import CheckpointRef, export_hf, locate_checkpoint, uses_bos
 from onegpu.model import PROVENANCE, file_sha256
 
 Weights = Literal["merged", "adapter"]
-LINEAGE = "onegpu_lineage.json"
+LINEAGE = PUSHED_LINEAGE
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "generation_config.json")
 LORA_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
@@ -179,10 +179,19 @@ def write_upload_folder(ref: CheckpointRef, folder: Path, repo: str, weights: We
     if hparams.is_file():
         portable = portable_hyperparameters(yaml.safe_load(hparams.read_text()) or {}, base_id)
         (folder / "hyperparameters.yaml").write_text(yaml.safe_dump(portable, sort_keys=False))
-    lineage = {**lineage, "repo": repo, "weights": weights}
+    lineage = {**lineage, "repo": repo, "weights": weights, "litgpt_model_name": litgpt_model_name(ref, weights)}
     (folder / LINEAGE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
     (folder / "README.md").write_text(model_card(lineage, license), encoding="utf-8")
     return folder
+
+
+def litgpt_model_name(ref: CheckpointRef, weights: Weights) -> str | None:
+    """The litgpt config ``onegpu model prepare ORG/NAME`` converts merged weights with: the fine-tune's
+    own architecture, which is its base's (a repo name litgpt does not know cannot tell it)."""
+    config_dir = ref.path if (ref.path / "model_config.yaml").is_file() else ref.base
+    if weights != "merged" or config_dir is None:
+        return None
+    return (yaml.safe_load((config_dir / "model_config.yaml").read_text()) or {}).get("name")
 
 
 def portable_hyperparameters(hparams: dict[str, Any], base_id: str | None) -> dict[str, Any]:

@@ -100,6 +100,31 @@ def test_dry_run_folder_loads_in_transformers_with_the_same_logits_and_a_lineage
     assert portable["checkpoint_dir"] == "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
     assert not any(isinstance(v, str) and v.startswith("/") for v in portable.values())
 
+    # The hub route: what push publishes is all `onegpu model prepare ORG/NAME` needs (the image's build
+    # step, no flag), through the one path a hub repo and a local dir share, this folder standing in for
+    # the download, under a name litgpt does not know (as a team's repo is).
+    from onegpu.inference import resolve_prompt_style
+
+    repo, prepared = tmp_path / "smol-lora", tmp_path / "prepared"
+    shutil.copytree(folder, repo)
+    res = _onegpu("model", "prepare", str(repo), "--checkpoint_dir", str(prepared))
+    assert res.returncode == 0, res.stderr
+    assert lineage["litgpt_model_name"] == Config.from_file(final / "model_config.yaml").name
+    provenance = json.loads((prepared / "onegpu_model.json").read_text())
+    assert provenance["model_name"] == lineage["litgpt_model_name"] and provenance["pushed_by"] == "onegpu model push"
+    assert provenance["base_hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert json.loads((prepared / "onegpu_lineage.json").read_text()) == lineage  # the provenance travels
+    served = resolve_prompt_style("auto", prepared)  # what PROMPT_STYLE=auto serves: the training format
+    assert served is not None and served.apply(QUESTION) == style.apply(QUESTION)
+    again = GPT(Config.from_file(prepared / "model_config.yaml"))
+    again.load_state_dict(torch.load(prepared / "lit_model.pth", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(torch.tensor([ids])), lit_logits, rtol=1e-4, atol=1e-4)
+    # without push's lineage the same repo is refused before any weights are fetched, naming the fix
+    (repo / "onegpu_lineage.json").unlink()
+    res = _onegpu("model", "prepare", str(repo), "--checkpoint_dir", str(tmp_path / "refused"))
+    assert res.returncode == 2 and "--model_name" in res.stderr and not (tmp_path / "refused").exists()
+
 
 def test_adapter_dry_run_merges_back_onto_the_base_to_the_same_weights(trained, tmp_path, bundled_checkpoint):
     from huggingface_hub import ModelCard
