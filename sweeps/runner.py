@@ -37,13 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from onegpu.cli import config_files_first
-from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, read_json
+from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, atomic_write_text, read_json
 from onegpu.errors import UserError
 from onegpu.sweeps import schema as S
 
 STATE_FILE = SWEEP_STATE
 SUMMARY_FILE = "sweep_summary.json"
+BEST_FILE = "best.yaml"  # the best finished trial's swept parameters
 OPTUNA_JOURNAL = "optuna.journal"
 DONE_STATES = ("finished", "failed", "stopped")  # not re-run on resume (failed: unless --retry_failed)
 
@@ -779,6 +782,10 @@ def write_summary(state: SweepState, out: Path) -> dict[str, Any]:
                "columns": columns, "rows": rows, "best": best,
                "trial_dirs": [t["run_dir"] for t in sorted(state.trials, key=lambda t: t["index"]) if t.get("run_dir")]}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    if best:  # the winner's swept values, a config a later run reads (`--config run.yaml --config OUT/best.yaml`)
+        values = {n: (None if best["params"].get(n) == "null" else best["params"].get(n)) for n in names}
+        atomic_write_text(out / BEST_FILE, f"# {best['name']}: {metric.get('name', 'metric')} = {best['metric']}\n"
+                          + yaml.safe_dump(values, sort_keys=False))
     return summary
 
 

@@ -403,6 +403,14 @@ def test_offline_grid_sweep_of_two_real_finetune_trials_resumes_after_a_kill(fin
     summary = json.loads((out / "sweep_summary.json").read_text())
     assert summary["best"]["name"] in ("trial-000", "trial-001") and len(summary["rows"]) == 2
     assert "best: trial-00" in resumed.stdout
+    # the winner's swept values, as a config the final run reads after its own (`--config A --config best.yaml`)
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best == {"learning_rate": summary["best"]["params"]["learning_rate"]}
+    from onegpu.finetune.day import finetune_flat
+
+    quickstart = REPO_ROOT / "finetune" / "configs" / "cpu-quickstart.yaml"
+    assert finetune_flat(["--config", str(quickstart), "--config", str(out / "best.yaml")])["learning_rate"] == \
+        best["learning_rate"]
 
 
 def _chromium() -> str | None:
