@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+BNB_NOW = "0.50.2"  # what this kit installs
 TABLE_A = "litgpt tutorials/resource-tables.md (A100-40GB, bitsandbytes 0.41.1)"
 TABLE_B = "litgpt config_hub/finetune/README.md (A10G, bitsandbytes 0.42.0)"
 
@@ -86,22 +87,25 @@ def compare() -> list[dict]:
                  "loss moment: logits kept, log-softmax, one chunk's gradients (or the head dequantized)": e.loss_peak,
                  "next forward: previous step's kept inputs + old and new logits + head dequantized": e.next_forward,
                  "one block's backward": e.block_backward}
+        own = estimate_memory(config, replace(w, loop="onegpu", bnb_version=BNB_NOW))  # this trainer's terms only
         rows.append({"published": p, "steady_state": e.tensor_peak, "first_step": e.first_step_peak,
+                     "without_litgpt_terms": own.tensor_peak,
                      "error": e.tensor_peak / (p.peak_gb * 1e9) - 1, "peak_moment": e.peak_moment, "terms": terms})
     return rows
 
 
 def main() -> None:
     print("| table | model | method | micro-batch x tokens | plan, steady state (GB) | first step (GB) | "
-          "published (GB) | error | peak moment |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "published (GB) | error | peak moment | without litgpt's loop and old bitsandbytes (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = compare()
     for r in rows:
         p = r["published"]
         method = f"QLoRA {p.quantize}" if p.quantize else "LoRA bf16"
         print(f"| {'A' if p.table == TABLE_A else 'B'} | {p.model} | {method} | {p.micro_batch_size} x "
               f"{p.tokens_per_row} | {r['steady_state'] / 1e9:.2f} | {r['first_step'] / 1e9:.2f} | {p.peak_gb:.2f} | "
-              f"{r['error']:+.1%} | {r['peak_moment']} |")
+              f"{r['error']:+.1%} | {r['peak_moment']} | {r['without_litgpt_terms'] / 1e9:.2f} "
+              f"({r['without_litgpt_terms'] / (p.peak_gb * 1e9) - 1:+.1%}) |")
     print(f"\nA = {TABLE_A}\nB = {TABLE_B}\n\nTerms of the QLoRA rows (GB):\n")
     quantized = [r for r in rows if r["published"].quantize]
     names = list(quantized[0]["terms"])  # the peak adds the first five, the batch, and the largest moment

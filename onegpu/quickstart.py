@@ -221,10 +221,8 @@ def print_summary(dirs: QuickstartDirs, seconds: float, timings: dict[str, float
         lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     lines += [
         "",
-        "The real thing, on a GPU (see README.md):",
-        "  onegpu model prepare meta-llama/Llama-2-7b-hf",
-        "  onegpu data build data/recipes/competition.yaml --out runs/mix",
-        "  onegpu finetune plan --config finetune/configs/llama2-7b-qlora-rtx4090.yaml --data runs/mix",
-        "  onegpu finetune --config finetune/configs/llama2-7b-qlora-rtx4090.yaml --data runs/mix",
+        "The real thing, on one GPU for 24 h (README.md, 'The GPU day'):",
+        "  onegpu day plan --track rtx4090-24gb --model Mistral-7B-v0.1 --out runs/day   # here, the day before",
+        "  bash runs/day/day.sh    # on the GPU box: prepare, sweep, final run, eval, the image",
     ]
     print("\n".join(lines), flush=True)
