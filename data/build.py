@@ -68,18 +68,20 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
     Returns:
         The output directory.
     """
-    from onegpu.data.check import family_report, inspect_sources, mix_problems, resolve_data_dir, summary
+    from onegpu.data.check import (family_report, inspect_sources, load_tokenizer_or_problem, mix_problems,
+                                   resolve_data_dir, summary)
     from onegpu.paths import runs_dir
 
-    # Every problem first, in one pass (data/check.py): recipe, locations, rows, weights and budget.
+    # Every problem first, in one pass (data/check.py): recipe, tokenizer, locations, rows, weights and budget.
     problems: list[UserError] = []
     rec = load_recipe(recipe, seed=seed, problems=problems)
     data_dir = resolve_data_dir(data_dir)
-    tokenizer, tok_info = load_tokenizer(rec["tokenizer"])
+    tokenizer, tok_info = load_tokenizer_or_problem(rec, problems)
     checks, loaded = inspect_sources(rec, data_dir, tokenizer, problems, load_hub=True)
     problems += mix_problems(rec, checks)
     if problems:
-        print(summary(rec, checks, family_report(checks)), file=sys.stderr)
+        if checks:  # what was found for the sources that could be checked, before the problems
+            print(summary(rec, checks, family_report(checks)), file=sys.stderr)
         raise all_problems(problems)
     rows = [r for part in loaded.values() for r in part.rows]
     rejects = [r for part in loaded.values() for r in part.rejects]

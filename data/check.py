@@ -87,7 +87,7 @@ def check(recipe: Path, data_dir: Path | None = None, out: Path | None = None) -
     problems: list[UserError] = []
     rec = load_recipe(recipe, problems=problems)
     data_dir = resolve_data_dir(data_dir)
-    tokenizer, _ = _tokenizer(rec)
+    tokenizer, _ = load_tokenizer_or_problem(rec, problems)
     checks, _ = inspect_sources(rec, data_dir, tokenizer, problems, load_hub=False)
     problems += mix_problems(rec, checks)
     report = {"recipe": str(recipe), "data_dir": str(data_dir) if data_dir else "hub",
@@ -115,10 +115,16 @@ def resolve_data_dir(data_dir: Path | None) -> Path | None:
     return data_dir
 
 
-def _tokenizer(rec: dict):
+def load_tokenizer_or_problem(rec: dict, problems: list[UserError]):
+    """(tokenizer, info), or (None, None) with the problem noted: the sources are still checked, without
+    token estimates."""
     from onegpu.data.build import load_tokenizer
 
-    return load_tokenizer(rec["tokenizer"])
+    try:
+        return load_tokenizer(rec["tokenizer"])
+    except UserError as err:
+        problems.append(err)
+        return None, None
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -153,7 +159,7 @@ def inspect_sources(rec: dict, data_dir: Path | None, tokenizer, problems: list[
     checks: dict[str, SourceCheck] = {}
     loaded: dict[str, Loaded] = {}
     hub_reachable: bool | None = None
-    for spec in tqdm(rec["sources"], desc="load", unit="source"):
+    for spec in tqdm(rec["sources"], desc="load", unit="source", disable=not rec["sources"]):
         name = spec["name"]
         try:
             if "path" in spec:
@@ -163,7 +169,7 @@ def inspect_sources(rec: dict, data_dir: Path | None, tokenizer, problems: list[
             else:
                 src = get_source(name)
                 where = locate(spec, data_dir, base)
-                checks[name] = SourceCheck(name, f"local: {where}" if where else f"hub: {src.hub['path']}",
+                checks[name] = SourceCheck(name, f"local: {where}" if where else f"hub: {src.hub_name}",
                                            terms=src.terms)
                 if where is not None:
                     files = local_files(src, where, spec.get("subsets")) if src.local else []
@@ -191,7 +197,7 @@ def _missing_local(src: Source, where: Path) -> UserError:
     looked = ", ".join(src.local["files"]) if src.local else "(no local layout: hub only)"
     return UserError(f"source {src.name!r}: no local copy in {where} (looked for {looked})",
                      fix=f"add the files there, point `location:` at a copy, or set `location: hub` to load "
-                         f"{src.hub['path']}")
+                         f"{src.hub_name}")
 
 
 def _hub_reachable() -> bool:
@@ -219,7 +225,7 @@ def _probe_hub(src: Source, spec: dict, reachable: bool) -> int | None:
             info = load_dataset_builder(**kwargs).info
         except Exception as err:  # offline and not cached, gated, renamed...
             why = "the hub is not reachable from here" if not reachable else f"{type(err).__name__}: {err}"
-            raise UserError(f"source {src.name!r} (hub: {src.hub['path']}): not available: {why}, and it is not in "
+            raise UserError(f"source {src.name!r} (hub: {src.hub_name}): not available: {why}, and it is not in "
                             f"the local datasets cache",
                             fix="connect to the hub (`huggingface-cli login` for gated sets), or point "
                                 "`location:` at a local copy") from err
@@ -230,23 +236,33 @@ def _probe_hub(src: Source, spec: dict, reachable: bool) -> int | None:
 
 def _load(spec: dict, rec: dict, where: Path | None) -> Loaded:
     """A source's rows through its converter; malformed records and flagged messages become rejects."""
+    name = spec["name"]
+    out = Loaded()
+    try:
+        _convert_all(spec, rec, where, out)
+    except UserError:
+        raise
+    except Exception as err:  # records are read lazily: offline, gated (LIMA), renamed on the hub...
+        origin = f"the local copy in {where}" if where else f"the hub ({get_source(name).hub_name})"
+        raise UserError(f"source {name!r} could not be loaded from {origin}: {type(err).__name__}: {err}",
+                        fix="check the network / `huggingface-cli login` for gated sets, or point `location:` "
+                            "at a local copy") from err
+    if not out.rows:
+        raise UserError(f"source {name!r} has no usable rows ({dict(out.counts)})",
+                        fix="check its files and options (tasks/categories/subsets/languages), or drop it")
+    return out
+
+
+def _convert_all(spec: dict, rec: dict, where: Path | None, out: Loaded) -> None:
+    """Every record of a source through its converter into ``out`` (a malformed record is a reject)."""
     from onegpu.data.build import reject
 
     name = spec["name"]
-    out = Loaded()
     if "path" in spec:
         records, convert = file_source(spec, where)
     else:
         src = get_source(name)
-        try:
-            records = load_records(src, where, subsets=spec.get("subsets"))
-        except UserError:
-            raise
-        except Exception as err:  # offline, gated (LIMA), renamed on the hub...
-            origin = f"the local copy in {where}" if where else f"the hub ({src.hub['path']})"
-            raise UserError(f"source {name!r} could not be loaded from {origin}: {type(err).__name__}: {err}",
-                            fix="check the network / `huggingface-cli login` for gated sets, or point `location:` "
-                                "at a local copy") from err
+        records = load_records(src, where, subsets=spec.get("subsets"))
         opts = {k: spec[k] for k in src.options if k in spec}
         opts["_state"] = {}  # per-source converter state (e.g. instances seen per NI task)
         if "languages" in src.options and "languages" not in opts and rec["languages"]:
@@ -279,10 +295,6 @@ def _load(spec: dict, rec: dict, where: Path | None) -> Loaded:
                 out.rejects.append(reject("malformed", "empty", name, item["id"], "empty instruction or output", item))
                 continue
             out.rows.append(item)
-    if not out.rows:
-        raise UserError(f"source {name!r} has no usable rows ({dict(c)})",
-                        fix="check its files and options (tasks/categories/subsets/languages), or drop it")
-    return out
 
 
 def file_source(spec: dict, path: Path):
@@ -328,6 +340,9 @@ def _estimate(check: SourceCheck, rows: list[dict], rec: dict, spec: dict, token
     from onegpu.data.build import count_tokens
 
     check.rows = len(rows)
+    if tokenizer is None:
+        check.note = "tokens not estimated: no tokenizer"
+        return
     rng = np.random.default_rng([rec["seed"], len(rows)])
     sample = rows if len(rows) <= SAMPLE_ROWS else [rows[i] for i in sorted(rng.choice(len(rows), SAMPLE_ROWS, replace=False))]
     tokens = np.array(count_tokens(sample, rec["prompt_style"], tokenizer, parallel=False))
