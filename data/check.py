@@ -71,8 +71,11 @@ class Loaded:
 
 # ------------------------------------------------------------------------------------ the verb
 def check(recipe: Path, data_dir: Path | None = None, out: Path | None = None) -> dict[str, Any]:
-    """Check a recipe in seconds: every source's availability, rows and usable tokens, and every weight,
-    count, token cap or budget the data cannot meet, all at once, each with its fix.
+    """Every problem of a recipe in one run, in seconds, without a build.
+
+    Per source: where it is read from, whether it is there, its rows and usable tokens; then every
+    weight, count, token cap or budget the data cannot meet, each with its fix, and the planned tokens
+    per eval family.
 
     Args:
         recipe: the recipe YAML.

@@ -106,3 +106,25 @@ def test_build_reports_every_problem_before_the_filters(tmp_path, shared_dataset
     assert any("location" in p and "does not exist" in p for p in problems)
     assert sum("cannot meet its weight" in p for p in problems) == 2
     assert not (tmp_path / "out" / "train.jsonl").exists()
+
+
+def test_the_competition_recipe_names_every_source_it_cannot_reach(tmp_path, shared_datasets):
+    """Offline, the shipped competition recipe (every source on the hub, a hub tokenizer) reports each
+    unreachable source and the tokenizer in one run, and still plans every family of the score."""
+    try:
+        check(REPO_ROOT / "data" / "recipes" / "competition.yaml", data_dir=shared_datasets, out=tmp_path / "c.json")
+        raise AssertionError("nothing can be reached offline")
+    except UserError as err:
+        problems = [p.problem for p in err.problems]
+    recipe = yaml.safe_load((REPO_ROOT / "data" / "recipes" / "competition.yaml").read_text())
+    assert len(problems) == len(recipe["sources"]) + 1
+    assert any("tokenizer 'meta-llama/Llama-2-7b-hf'" in p for p in problems)
+    for source in recipe["sources"]:
+        assert any(p.startswith(f"source {source['name']!r} (hub: ") and "not available" in p for p in problems), source
+    from onegpu.data.families import SCORE_GROUPS, served_by
+    from onegpu.data.reweight import DEFAULT_AFFINITY, read_affinity
+
+    affinity = read_affinity(DEFAULT_AFFINITY)
+    names = [s["name"] for s in recipe["sources"]]
+    for family in SCORE_GROUPS["open"] + SCORE_GROUPS["hidden"]:
+        assert any(family in served_by(n, affinity) for n in names), family
