@@ -205,7 +205,7 @@ def _hub_ethics() -> Iterator[Item]:
     from datasets import load_dataset
 
     for subset in hidden.ETHICS_SUBSETS:
-        yield from _ethics_items(subset, hidden.read_ethics_csv(hidden.download(hidden.HELM_FORK_FILES[subset])))
+        yield from _ethics_items(subset, hidden.read_ethics_csv(hidden.download(hidden.HELM_FORK_FILES[subset]), subset))
         yield from _ethics_items(subset, list(load_dataset(hidden.ETHICS_HUB, subset, split="test")))
 
 

@@ -126,20 +126,27 @@ def math_problem(rec: dict[str, Any], subject: str) -> dict[str, Any]:
     return {**{k: rec[k] for k in ("problem", "level", "type", "solution")}, "subject": subject}
 
 
-def read_ethics_csv(path: Path) -> list[dict[str, Any]]:
-    """An ETHICS CSV as raw rows with the upstream (hub) column names.
+ETHICS_COLUMNS = {"commonsense": ("label", "input"), "deontology": ("label", "scenario", "excuse"),
+                  "justice": ("label", "scenario"), "virtue": ("label", "scenario")}  # upstream order
+
+
+def read_ethics_csv(path: Path, subset: str | None = None) -> list[dict[str, Any]]:
+    """An ETHICS CSV as raw rows with the upstream (hub) column names, read by position (the fork's files
+    name their columns their own way). ``subset``: default the file's folder (``ethics/<subset>/``).
 
     The upstream utilitarianism files have no header (more pleasant, less pleasant); the fork's
-    ``util.csv`` has ``scenario_1, scenario_2, label``. Both keep their own columns here.
+    ``util.csv`` has a header and three columns (scenario 1, scenario 2, the index of the more pleasant).
     """
+    subset = subset or Path(path).parent.name
     with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return []
-    header = [c.strip() for c in rows[0]]
-    if "label" in header or "scenario_1" in header:
-        return [dict(zip(header, r)) for r in rows[1:] if r]
-    return [{"activity": r[0], "baseline": r[1]} for r in rows if len(r) >= 2]
+        rows = [r for r in csv.reader(fh) if r]
+    if subset == "utilitarianism":
+        if rows and len(rows[0]) >= 3:
+            return [{"scenario_1": r[0], "scenario_2": r[1], "label": r[2]} for r in rows[1:]]
+        return [{"activity": r[0], "baseline": r[1]} for r in rows]
+    if rows and not rows[0][0].strip().isdigit():  # a header line
+        rows = rows[1:]
+    return [dict(zip(ETHICS_COLUMNS[subset], r)) for r in rows]
 
 
 def ethics_item(subset: str, rec: dict[str, Any]) -> dict[str, Any]:
@@ -179,9 +186,12 @@ def ethics_items(subset: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def read_corr2cause_csv(path: Path) -> list[dict[str, Any]]:
-    """Corr2Cause CSV (current release: input,label,...; the fork's file: label,input) -> {input, label}."""
+    """Corr2Cause CSV (current release: input,label,...; the fork's file: a label and a text column) ->
+    {input, label}."""
     with open(path, newline="", encoding="utf-8") as fh:
-        return [{"input": r["input"].strip(), "label": int(r["label"])} for r in csv.DictReader(fh)]
+        reader = csv.DictReader(fh)
+        text = "input" if "input" in (reader.fieldnames or []) else next(k for k in reader.fieldnames if k != "label")
+        return [{"input": r[text].strip(), "label": int(r["label"])} for r in reader]
 
 
 def read_dialogues(path: Path) -> list[dict[str, Any]]:

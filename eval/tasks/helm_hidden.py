@@ -138,7 +138,7 @@ class LocalFiles:
         # the fork scored the hard test sets where ETHICS has them (commonsense, justice)
         hard = self._glob(hidden.ETHICS_EVAL_FILES[1].format(subset=subset))
         return [row for f in hard or self._glob(hidden.ETHICS_EVAL_FILES[0].format(subset=subset))
-                for row in hidden.read_ethics_csv(f)]
+                for row in hidden.read_ethics_csv(f, subset)]
 
     def corr2cause(self) -> list[dict]:
         return [r for f in self._glob(hidden.CORR2CAUSE_FILES.format(split="test")) for r in hidden.read_corr2cause_csv(f)]
@@ -157,7 +157,7 @@ class HubFiles:
     """The same families from the hub: the files the challenge's HELM fork downloaded, and MATH."""
 
     def ethics(self, subset: str) -> list[dict]:
-        return hidden.read_ethics_csv(hidden.download(hidden.HELM_FORK_FILES[subset]))
+        return hidden.read_ethics_csv(hidden.download(hidden.HELM_FORK_FILES[subset]), subset)
 
     def corr2cause(self) -> list[dict]:
         return hidden.read_corr2cause_csv(hidden.download(hidden.HELM_FORK_FILES["corr2cause"]))
