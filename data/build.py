@@ -61,6 +61,7 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
             ($ONEGPU_RUNS overrides runs/).
         data_dir: folder with local copies of the datasets (layout of ../shared/datasets). Default:
             $ONEGPU_DATA_DIR, else ../shared/datasets beside the checkout, else the Hugging Face hub.
+            A source's ``location:`` in the recipe overrides it for that source.
         seed: overrides the recipe's seed.
         parallel: tokenize on tokenizers' thread pool, overlapped with near-dedup. false: one thread,
             one stage after the other (the same outputs, byte for byte; slower when a core is free).

@@ -14,7 +14,9 @@ lm-eval's ``WandbLogger`` (metrics, per-task sample tables) plus a summary table
 HELM-faithful tasks (``onegpu_helm_*``, ``eval/tasks/helm_mc.py``) generate the answer letter as
 HELM does; their exact match and count of format failures (answers that are not one of the
 question's letters) are reported beside the likelihood score of the task they mirror
-(``helm_gen`` in ``results.json``, the ``helm EM`` and ``fmt fail`` columns of the table).
+(``helm_gen`` in ``results.json``, the ``helm EM`` and ``fmt fail`` columns of the table). The hidden
+eval's generation tasks (``eval/tasks/helm_hidden.py``: MATH, summaries) report their own HELM metric and
+format failures in their row.
 """
 
 from __future__ import annotations
