@@ -59,6 +59,14 @@ class Source:
     terms: str = ""  # licence terms a user must weigh before training on it (non-commercial, unclear...)
     parts: tuple[str, ...] = ()  # named parts (`subsets:` in a recipe picks some)
 
+    @property
+    def hub_name(self) -> str:
+        """The hub dataset id, or the URL of its files for a generic builder (csv/json from GitHub)."""
+        if self.hub["path"] not in ("csv", "json"):
+            return self.hub["path"]
+        files = self.hub["data_files"]
+        return files if isinstance(files, str) else files[0]
+
 
 # ------------------------------------------------------------------------------------ converters
 def _s(value: Any) -> str:
