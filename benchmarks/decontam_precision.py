@@ -9,6 +9,11 @@ and a real overlap: FLAN CoT's StrategyQA rows, which are BIG-bench's strategyqa
 Every variant uses the same 8-gram index (boilerplate n-grams held by > 50 eval items and
 mostly-number n-grams dropped, as ``onegpu data build`` does); they differ in what makes a match.
 
+A second table does the same for the hidden eval's test splits (MATH, ETHICS, Corr2Cause (whole items),
+DialogSum) with the default rule: recall on every planted item of the local samples, and false
+positives on each family's own train split (its closest clean text), on the clean instruction mix and
+on held-out GSM8K-train rows.
+
     python benchmarks/decontam_precision.py
 """
 
@@ -24,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onegpu.data import decontam
 from onegpu.data.filters import RowText
-from onegpu.data.probes import PLANTED_SETS, clean_mix, flan_strategyqa, gsm8k_train_probe, planted
+from onegpu.data.probes import (HIDDEN_SETS, PLANTED_SETS, clean_mix, family_train_rows, flan_strategyqa,
+                                gsm8k_train_probe, planted)
 from onegpu.paths import shared_datasets_dir
 
 NEVER = 10**9  # answer_matches that no row reaches: the answer side alone never decides
@@ -93,7 +99,37 @@ def main() -> None:
     for i in list(hits)[: args.show]:
         eval_name, item, shared, asked = hits[i]
         print(f"- {eval_name} #{item}: {shared} shared 8-grams, {asked} in its question: {held_out[i][:160]!r}")
+    hidden_table(data_dir, probes["mix"], held_out)
     print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+def hidden_table(data_dir: Path, mix: list[str], held_out: list[str]) -> None:
+    """Recall and false positives of the default rule on the hidden eval's test splits."""
+    print("\nThe hidden eval's test splits, default rule (Corr2Cause: whole items):\n")
+    print("| eval set | items | recall: whole | recall: prompt alone | recall: answer alone "
+          "| FP: its family's train rows | FP clean mix | FP GSM8K-train held-out |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    train = family_train_rows(data_dir)
+    for name in HIDDEN_SETS:
+        index = [decontam.load_index(name, data_dir)]
+        plants = planted(data_dir, sets=(name,))
+
+        def flagged(texts: list[str]) -> dict[int, decontam.Hit]:
+            return decontam.find_contaminated(texts, index) if texts else {}
+
+        recall = []
+        for kind in ("whole", "prompt", "answer"):
+            rows = plants[kind]
+            found = flagged([text for _, text in rows])
+            recall.append(f"{len(found)}/{len(rows)}" if rows else "-")
+        fp = [f"{len(flagged(t))}/{len(t)}" for t in (train[name], mix, held_out)]
+        print(f"| {name} | {index[0].n_items} | {' | '.join(recall)} | {' | '.join(fp)} |")
+    # why Corr2Cause is matched whole: its items are one template over other variables
+    items = decontam.read_items("corr2cause_test", data_dir)
+    as_ngrams = [decontam.build_index("corr2cause_test", iter(items), decontam.DEFAULT_N, 50, "local")]
+    rows = train["corr2cause_test"]
+    print(f"\nCorr2Cause with the n-gram rule instead of whole items: {len(decontam.find_contaminated(rows, as_ngrams))}"
+          f"/{len(rows)} of its train rows flagged (none of them is a test item)")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 Pipeline (every drop is counted per source and written to ``rejects.jsonl`` with its stage):
 
-    load      registered sources (local copy or hub) and local files -> rows of data/schema.py;
-              malformed records and OASST messages flagged synthetic -> rejects
+    load      registered sources (each from its location: the data dir, the hub or a path) and local
+              files -> rows of data/schema.py; malformed records and OASST messages flagged
+              synthetic -> rejects; then every problem of the recipe at once (data/check.py:
+              availability, rows, weights, budget) before any heavy work
     filter    empty -> language -> exact duplicate -> near duplicate -> eval contamination
               -> token length (the target tokenizer on the rendered prompt + response)
     sample    per source, seeded: hold out val rows, then train rows by count / token cap /
               share of the budget (with or without replacement)
-    write     train.jsonl, val.jsonl, rejects.jsonl, manifest.json, composition.png, and an
+    write     train.jsonl, val.jsonl, rejects.jsonl, manifest.json (with train tokens per eval family
+              and the families of the score the mix leaves uncovered), composition.png, and an
               offline W&B run that logs the dir as a ``dataset`` artifact
 
 Same recipe + seed + inputs -> byte-identical train/val/rejects/manifest (no timestamps or
@@ -21,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,18 +37,18 @@ from tqdm import tqdm
 
 from onegpu.contracts import artifact_name, atomic_write_text, dataset_content_hash, write_manifest
 from onegpu.data import decontam
+from onegpu.data.families import coverage_table, family_tokens
 from onegpu.data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
                                  similarity_words)
-from onegpu.data.recipe import load_recipe, recipe_hash, resolve_file
-from onegpu.data.schema import REQUIRED_FIELDS, encode_examples, make_row, render
-from onegpu.data.sources import Reject, get_source, load_file_records, load_records, local_files
-from onegpu.errors import UserError
+from onegpu.data.recipe import load_recipe, recipe_hash
+from onegpu.data.reweight import DEFAULT_AFFINITY, read_affinity
+from onegpu.data.schema import REQUIRED_FIELDS, encode_examples, render
+from onegpu.data.sources import get_source
+from onegpu.errors import UserError, all_problems
 from onegpu.paths import cache_dir
 
 FILTER_STAGES = ("loaded", "llm_generated", "malformed", "language", "exact_duplicate", "near_duplicate", "contaminated",
                  "too_long", "too_short")
-# A generous upper bound of tokens per character, for the budget check made before filtering.
-MAX_TOKENS_PER_CHAR = 0.5
 
 
 def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, seed: int | None = None,
@@ -57,6 +61,7 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
             ($ONEGPU_RUNS overrides runs/).
         data_dir: folder with local copies of the datasets (layout of ../shared/datasets). Default:
             $ONEGPU_DATA_DIR, else ../shared/datasets beside the checkout, else the Hugging Face hub.
+            A source's ``location:`` in the recipe overrides it for that source.
         seed: overrides the recipe's seed.
         parallel: tokenize on tokenizers' thread pool, overlapped with near-dedup. false: one thread,
             one stage after the other (the same outputs, byte for byte; slower when a core is free).
@@ -64,35 +69,37 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
     Returns:
         The output directory.
     """
-    from onegpu.paths import runs_dir, shared_datasets_dir
+    from onegpu.data.check import (family_report, inspect_sources, load_tokenizer_or_problem, mix_problems,
+                                   resolve_data_dir, summary)
+    from onegpu.paths import runs_dir
 
-    rec = load_recipe(recipe, seed=seed)
-    if data_dir is not None:
-        data_dir = Path(data_dir).expanduser()
-        if not data_dir.is_dir():
-            raise UserError(f"--data_dir {data_dir} is not a directory",
-                            fix="point it at a folder laid out like ../shared/datasets, or leave it out to use the hub")
-    else:
-        data_dir = shared_datasets_dir()
-    _check_local_copies(rec, data_dir)
-    for spec in rec["sources"]:  # field mappings of local files: checked before any heavy work
-        if "path" in spec:
-            _file_source(spec, Path(rec["_dir"]))
-    tokenizer, tok_info = load_tokenizer(rec["tokenizer"])
+    # Every problem first, in one pass (data/check.py): recipe, tokenizer, locations, rows, weights and budget.
+    problems: list[UserError] = []
+    rec = load_recipe(recipe, seed=seed, problems=problems)
+    data_dir = resolve_data_dir(data_dir)
+    tokenizer, tok_info = load_tokenizer_or_problem(rec, problems)
+    checks, loaded = inspect_sources(rec, data_dir, tokenizer, problems, load_hub=True)
+    problems += mix_problems(rec, checks)
+    if problems:
+        if checks:  # what was found for the sources that could be checked, before the problems
+            print(summary(rec, checks, family_report(checks)), file=sys.stderr)
+        raise all_problems(problems)
+    rows = [r for part in loaded.values() for r in part.rows]
+    rejects = [r for part in loaded.values() for r in part.rejects]
+    counts = {name: part.counts for name, part in loaded.items()}
     out = Path(out) if out is not None else runs_dir() / f"data-{rec['name']}"
     out.mkdir(parents=True, exist_ok=True)
 
     from onegpu.tracking import Run, package_versions
 
     run = Run("data", out, {"recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
-                            "recipe_path": str(recipe), "data_dir": str(data_dir) if data_dir else "hub"})
+                            "recipe_path": str(recipe), "data_dir": str(data_dir) if data_dir else "hub",
+                            "locations": {c.name: c.location for c in checks.values()}})
     try:
-        rows, rejects, counts = _load_all(rec, data_dir)
-        _precheck_budget(rec, rows)
         kept, token_counts = filter_rows(rec, rows, rejects, counts, data_dir, tokenizer, parallel)
         train, val, selection = _sample(rec, kept, token_counts)
         manifest = _write_outputs(out, rec, data_dir, tok_info, rows, kept, token_counts, train, val, rejects,
-                                  counts, selection, package_versions())
+                                  counts, selection, package_versions(), {c.name: c.location for c in checks.values()})
         plot = _plot(out / "composition.png", rec, selection, token_counts, kept, train)
         run.log_table("source_counts", ["source", *FILTER_STAGES, "available", "val", "train", "train_tokens"],
                       [[s, *(c.get(k, 0) for k in FILTER_STAGES), c["available"], c["val"], c["train"],
@@ -108,26 +115,16 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
         raise
     run.finish()
     tr = manifest["tokens"]["train"]
+    print("train tokens per eval family (split by data/recipes/affinity.yaml):\n" + coverage_table(manifest["families"]))
+    flagged = [f"{name} ({c['license_terms']})" for name, c in manifest["counts"].items() if c.get("license_terms")]
+    if flagged:
+        print("licence terms to weigh: " + "; ".join(flagged))
     print(f"[onegpu data] {len(train)} train rows ({tr['total']} tokens), {len(val)} val rows, "
           f"{len(rejects)} rejects -> {out}")
     return out
 
 
-# ----------------------------------------------------------------------------------- validation
-def _check_local_copies(rec: dict, data_dir: Path | None) -> None:
-    if data_dir is None:
-        return
-    for spec in rec["sources"]:
-        if "path" in spec:
-            continue
-        src = get_source(spec["name"])
-        if src.local is None or not local_files(src, data_dir):
-            looked = ", ".join(src.local["files"]) if src.local else "(no local layout: hub only)"
-            raise UserError(f"source {src.name!r}: no local copy in {data_dir} (looked for {looked})",
-                            fix=f"add the files there, or unset ONEGPU_DATA_DIR / move ../shared away to load "
-                                f"{src.hub['path']} from the hub")
-
-
+# ----------------------------------------------------------------------------------- tokenizer
 def load_tokenizer(spec: str):
     """(litgpt Tokenizer, info) for ``bundled`` | a checkpoint dir | a hub model id.
 
@@ -185,109 +182,8 @@ def _hub_tokenizer_dir(model_id: str) -> Path:
     return local
 
 
-# ----------------------------------------------------------------------------------- load
-def _load_all(rec: dict, data_dir: Path | None) -> tuple[list[dict], list[dict], dict[str, Counter]]:
-    rows: list[dict] = []
-    rejects: list[dict] = []
-    counts: dict[str, Counter] = {}
-    for spec in tqdm(rec["sources"], desc="load", unit="source"):
-        name = spec["name"]
-        c = counts[name] = Counter()
-        if "path" in spec:
-            records, convert = _file_source(spec, Path(rec["_dir"]))
-        else:
-            src = get_source(name)
-            try:
-                records = load_records(src, data_dir, subsets=spec.get("subsets"))
-            except UserError:
-                raise
-            except Exception as err:  # offline, gated (LIMA), renamed on the hub...
-                where = f"the local copy in {data_dir}" if data_dir else f"the hub ({src.hub['path']})"
-                raise UserError(f"source {name!r} could not be loaded from {where}: {type(err).__name__}: {err}",
-                                fix="check the network / `huggingface-cli login` for gated sets, or point --data_dir "
-                                    "at local copies") from err
-            opts = {k: spec[k] for k in src.options if k in spec}
-            opts["_state"] = {}  # per-source converter state (e.g. instances seen per NI task)
-            if "languages" in src.options and "languages" not in opts and rec["languages"]:
-                opts["languages"] = rec["languages"]
-            convert = lambda r, _src=src, _opts=opts: _src.convert(r, _src, **_opts)  # noqa: E731
-        for i, raw in enumerate(tqdm(records, desc=f"load {name}", unit="rec", leave=False, mininterval=1.0)):
-            try:
-                produced = list(convert(raw))
-            except Exception as err:  # a malformed record never stops the build
-                c["loaded"] += 1
-                c["malformed"] += 1
-                rejects.append(_reject("malformed", "malformed", name, None, f"record {i}: {type(err).__name__}: {err}",
-                                       _jsonable(raw)))
-                continue
-            for item in produced:
-                if isinstance(item, Reject):
-                    stage = {"language": "language", "llm-generated": "llm_generated"}.get(item.reason, "malformed")
-                    c[stage] += 1
-                    # "loaded" counts candidate rows; synthetic OASST messages are messages, not rows
-                    c["loaded"] += stage != "llm_generated"
-                    rejects.append(_reject(stage, item.reason, name, None, item.detail, _jsonable(item.record)))
-                    continue
-                c["loaded"] += 1
-                if not item["instruction"].strip() or not item["output"].strip():
-                    c["malformed"] += 1
-                    rejects.append(_reject("malformed", "empty", name, item["id"], "empty instruction or output", item))
-                    continue
-                rows.append(item)
-    return rows, rejects, counts
-
-
-def _file_source(spec: dict, base: Path):
-    path = resolve_file(spec["path"], base)
-    ds, columns = load_file_records(path, spec.get("format"))
-    fields = spec["fields"]
-    missing = [f"{target}: {col}" for target, col in fields.items() if col not in columns]
-    if missing:
-        raise UserError(f"source {spec['name']!r}: field mapping names column(s) missing from {path.name}: {missing}",
-                        fix=f"map to the file's fields: {', '.join(columns)}")
-    name, lic, prov = spec["name"], spec["license"], spec["provenance"]
-
-    def convert(r):
-        if "_malformed" in r:
-            raise ValueError(r["_malformed"])
-
-        def text(key):
-            v = r.get(fields[key]) if key in fields else ""
-            if v is None:
-                return ""
-            if not isinstance(v, (str, int, float)):
-                raise ValueError(f"field {fields[key]!r} is {type(v).__name__}, not text")
-            return str(v).strip()
-        msgs = r.get(fields["messages"]) if "messages" in fields else None
-        if msgs:
-            msgs = [{"role": m["role"], "content": str(m["content"])} for m in msgs]
-            yield make_row(name, msgs[-2]["content"], msgs[-1]["content"], license=lic, provenance=prov, messages=msgs)
-        else:
-            yield make_row(name, text("instruction"), text("output"), input=text("input"), license=lic, provenance=prov)
-    return ds, convert
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)[:2000]
-
-
-def _reject(stage: str, reason: str, source: str, row_id: str | None, detail: str, row: Any) -> dict:
+def reject(stage: str, reason: str, source: str, row_id: str | None, detail: str, row: Any) -> dict:
     return {"stage": stage, "reason": reason, "source": source, "id": row_id, "detail": detail, "row": row}
-
-
-def _precheck_budget(rec: dict, rows: list[dict]) -> None:
-    """Fail before the heavy filters when the budget cannot possibly be met."""
-    budget = rec["budget_tokens"]
-    if budget is None or any(s.get("replace") for s in rec["sources"]):
-        return
-    upper = sum(len(row_text(r)) for r in rows) * MAX_TOKENS_PER_CHAR + 64 * len(rows)
-    if budget > upper:
-        raise UserError(f"budget_tokens {budget} is larger than all loaded data (at most ~{int(upper)} tokens "
-                        f"in {len(rows)} rows)", fix="lower budget_tokens, add sources, or set `replace: true` on a source")
 
 
 # ----------------------------------------------------------------------------------- filter
@@ -305,7 +201,7 @@ def filter_rows(rec: dict, rows: list[dict], rejects: list[dict], counts: dict[s
         for p in sorted(positions):
             r = rows[p]
             counts[r["source"]][stage] += 1
-            rejects.append(_reject(stage, reason, r["source"], r["id"], positions[p], r))
+            rejects.append(reject(stage, reason, r["source"], r["id"], positions[p], r))
         alive = [p for p in alive if p not in positions]
 
     if rec["languages"]:
@@ -372,7 +268,11 @@ def _contamination(rec: dict, data_dir: Path | None, texts: RowText) -> dict[int
     dc = rec["decontamination"]
     indexes, eval_report = [], {}
     for name in tqdm(dc["eval_sets"], desc="eval n-grams", unit="set", leave=False):
-        idx = decontam.load_index(name, data_dir, dc["n"])
+        try:
+            idx = decontam.load_index(name, data_dir, dc["n"])
+        except Exception as err:  # a hub eval set that cannot be downloaded
+            raise UserError(f"eval set {name!r} could not be loaded from the hub: {type(err).__name__}: {err}",
+                            fix="check the network, or leave it out of decontamination.eval_sets") from err
         if idx is None:
             eval_report[name] = {"status": f"skipped: no local copy in the data dir ({decontam.EVAL_SETS[name].local or 'hub only'})"}
             continue
@@ -466,6 +366,7 @@ def _sample(rec: dict, kept: list[dict], token_counts: list[int]):
     budget = rec["budget_tokens"]
     fixed = 0
     plans = {}
+    problems: list[UserError] = []  # every source that falls short after the filters, reported together
     for spec in rec["sources"]:
         name = spec["name"]
         pool = by_source.get(name, [])
@@ -473,14 +374,16 @@ def _sample(rec: dict, kept: list[dict], token_counts: list[int]):
         order = [pool[i] for i in rng.permutation(len(pool))]
         n_val = min(spec.get("val_rows", rec["val_rows_per_source"]), len(order))
         if len(order) - n_val <= 0:
-            raise UserError(f"source {name!r} has {len(order)} rows left after filters, none for training "
-                            f"(val takes {n_val})", fix="lower val_rows for it, relax the filters, or drop the source")
+            problems.append(UserError(f"source {name!r} has {len(order)} rows left after filters, none for training "
+                                      f"(val takes {n_val})", fix="lower val_rows for it, relax the filters, or drop the source"))
         plans[name] = {"spec": spec, "val": order[:n_val], "pool": order[n_val:], "rng": rng}
         plans[name]["available_tokens"] = sum(token_counts[i] for i in order[n_val:])
         if "tokens" in spec:
             fixed += spec["tokens"]
         elif "count" in spec:
             fixed += sum(token_counts[i] for i in order[n_val:n_val + spec["count"]])
+    if problems:
+        raise all_problems(problems)
     weighted = [p for p in plans.values() if not ({"tokens", "count"} & set(p["spec"]))]
     weight_sum = sum(p["spec"].get("weight", 1.0) for p in weighted)
     if budget is not None:
@@ -490,8 +393,9 @@ def _sample(rec: dict, kept: list[dict], token_counts: list[int]):
                             f"{[p['spec']['name'] for p in weighted]}", fix="raise budget_tokens or lower the counts/token caps")
         total_available = sum(p["available_tokens"] for p in plans.values())
         if budget > total_available and not any(p["spec"].get("replace") for p in plans.values()):
-            raise UserError(f"budget_tokens {budget} is larger than the data: {total_available} train tokens left after "
-                            f"filters", fix="lower budget_tokens, add sources, or set `replace: true` on a source")
+            problems.append(UserError(f"budget_tokens {budget} is larger than the data: {total_available} train tokens "
+                                      f"left after filters", fix="lower budget_tokens, add sources, or set `replace: true` "
+                                                                 "on a source"))
     selection = {}
     train_ids: list[int] = []
     for name, p in plans.items():
@@ -507,15 +411,18 @@ def _sample(rec: dict, kept: list[dict], token_counts: list[int]):
         have = len(pool) if unit == "rows" else p["available_tokens"]
         if target is not None and target > have and not spec.get("replace"):
             what = "weight" if "weight" in spec or unit == "tokens" and "tokens" not in spec else unit
-            raise UserError(f"source {name!r} cannot meet its {what}: it needs {target} {unit} but has {have} "
-                            f"after filters and val", fix=f"lower its {'weight' if what == 'weight' else what}, raise the other "
-                            f"sources' weights, or set `replace: true` on it (sampling with replacement)")
+            problems.append(UserError(f"source {name!r} cannot meet its {what}: it needs {target} {unit} but has {have} "
+                                      f"after filters and val", fix=f"lower its {'weight' if what == 'weight' else what}, "
+                                      f"raise the other sources' weights, or set `replace: true` on it (sampling with replacement)"))
+            continue
         chosen = _take(pool, target, unit, token_counts, p["rng"], bool(spec.get("replace")))
         train_ids += chosen
         selection[name] = {"target": target, "unit": unit, "replace": bool(spec.get("replace")),
                            "train_rows": len(chosen), "train_tokens": sum(token_counts[i] for i in chosen),
                            "val_rows": len(p["val"]), "val_tokens": sum(token_counts[i] for i in p["val"]),
                            "available_rows": len(pool), "available_tokens": p["available_tokens"]}
+    if problems:
+        raise all_problems(problems)
     mix_rng = np.random.default_rng([rec["seed"], 0])
     train_ids = [train_ids[i] for i in mix_rng.permutation(len(train_ids))]
     val_ids = [i for p in plans.values() for i in p["val"]]
@@ -553,7 +460,7 @@ def _stats(values: list[int]) -> dict[str, Any]:
 
 
 def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts, train, val, rejects, counts,
-                   selection, versions) -> dict:
+                   selection, versions, locations: dict[str, str]) -> dict:
     train_rows = [kept[i] for i in train]
     val_rows = [kept[i] for i in val]
     for r in train_rows + val_rows:
@@ -579,7 +486,10 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
             per_source[name]["file"] = spec["path"]
         else:
             src = get_source(name)
-            per_source[name].update(license=src.license, provenance=src.provenance, url=src.url)
+            per_source[name].update(license=src.license, provenance=src.provenance, url=src.url,
+                                    location=locations[name].split(":")[0])
+            if src.terms:
+                per_source[name]["license_terms"] = src.terms
     manifest = {
         "name": rec["name"],
         "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
@@ -594,6 +504,8 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
         "decontamination": {**{k: rec["decontamination"][k] for k in ("n", "min_matches", "answer_matches", "action")},
                             "eval_sets": rec["_eval_report"]},
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "families": family_tokens({name: sel["train_tokens"] for name, sel in selection.items()},
+                                  read_affinity(DEFAULT_AFFINITY)),
         "tokens": {"train": _stats([token_counts[i] for i in train]), "val": _stats([token_counts[i] for i in val]),
                    "by_source": {name: _stats([token_counts[i] for i in train if kept[i]["source"] == name])
                                  for name in selection}},

@@ -18,6 +18,12 @@ copied without its question: a ~15-word run). ``benchmarks/decontam_precision.py
 rule against its variants (false positives on held-out clean GSM8K-train rows, recall on planted
 eval items).
 
+Template-generated sets are the exception: every Corr2Cause item is the same sentences over other
+variables, so any two items share most of their n-grams and only a whole item is evidence. Those sets
+(``match="exact"``) count a row as a copy when it holds an item's whole text (premise and hypothesis)
+as one run of words: each item is indexed by the n-gram of it that the fewest items share (its
+anchor) and the hash of its whole word sequence, and a row is checked only where it holds an anchor.
+
 Text is normalised (lower case, ``\\w+`` words) so punctuation and spacing changes do not hide a
 copy. Each eval set's n-grams are computed once and cached as a sorted uint64 array in
 ``$ONEGPU_CACHE/decontam`` (keyed by the files' sizes/mtimes, n and this module's version); a
@@ -31,7 +37,7 @@ import glob
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,14 +45,16 @@ import numpy as np
 import xxhash
 
 from onegpu.contracts import staged_dir
+from onegpu.data import hidden
 from onegpu.paths import cache_dir
 
-INDEX_VERSION = "6"
+INDEX_VERSION = "7"
 DEFAULT_N = 8
 DEFAULT_ANSWER_MATCHES = 8  # answer-side n-grams that alone make a copy (a ~15-word run)
 _WORD = re.compile(r"\w+|[\u2190-\u2BFF\U0001F000-\U0001FAFF]")  # words, plus emoji/symbols (BIG-bench emoji tasks)
-_MULT = np.uint64(0x9E3779B97F4A7C15)
-_BITMAP_BITS = 26  # 64 MiB of bools; a few million eval grams fill ~5% of it  # odd 64-bit multiplier for the polynomial n-gram hash
+_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier for the polynomial n-gram hash
+_MASK = (1 << 64) - 1
+_BITMAP_BITS = 26  # 64 MiB of bools; a few million eval grams fill ~5% of it
 
 
 # ----------------------------------------------------------------------------------- hashing
@@ -107,6 +115,7 @@ class EvalSet:
     local: list[str]  # globs relative to the data dir
     read_local: Callable[[Path], Iterator[Item]]
     hub: Callable[[], Iterator[Item]] | None = None
+    match: str = "ngram"  # "exact": template-generated items, a copy holds a whole item (module docstring)
 
 
 def _read_mmlu_csv(path: Path) -> Iterator[Item]:
@@ -161,6 +170,66 @@ def _hub(path: str, prompt: tuple[str, ...], answer: tuple[str, ...], name: str 
     return read
 
 
+def _read_math(path: Path) -> Iterator[Item]:
+    rec = hidden.read_math_problem(path)
+    yield rec["problem"], rec["solution"]
+
+
+def _ethics_items(subset: str, rows: list[dict]) -> Iterator[Item]:
+    for item in hidden.ethics_items(subset, rows):  # what the model is asked is the scenario; the answer is a label
+        yield item["text"], ""
+
+
+def _read_ethics(path: Path) -> Iterator[Item]:
+    yield from _ethics_items(path.parent.name, hidden.read_ethics_csv(path))  # ethics/<subset>/<file>.csv
+
+
+def _read_corr2cause(path: Path) -> Iterator[Item]:
+    for rec in hidden.read_corr2cause_csv(path):
+        yield rec["input"], ""
+
+
+def _read_dialogues(path: Path) -> Iterator[Item]:
+    for rec in hidden.read_dialogues(path):
+        yield rec["dialogue"], " ".join(rec["summaries"])
+
+
+def _hub_math() -> Iterator[Item]:
+    for rec in hidden.hub_math("test"):
+        yield rec["problem"], rec["solution"]
+
+
+def _hub_ethics() -> Iterator[Item]:
+    """The files the challenge's HELM fork scored (commonsense and justice: the hard test sets), and the
+    upstream test splits."""
+    from datasets import load_dataset
+
+    for subset in hidden.ETHICS_SUBSETS:
+        yield from _ethics_items(subset, hidden.read_ethics_csv(hidden.download(hidden.HELM_FORK_FILES[subset]), subset))
+        yield from _ethics_items(subset, list(load_dataset(hidden.ETHICS_HUB, subset, split="test")))
+
+
+def _hub_corr2cause() -> Iterator[Item]:
+    from datasets import load_dataset
+
+    yield from _read_corr2cause(hidden.download(hidden.HELM_FORK_FILES["corr2cause"]))
+    for rec in load_dataset(hidden.CORR2CAUSE_HUB, split="test"):
+        yield rec["input"], ""
+
+
+def _hub_samsum() -> Iterator[Item]:
+    from datasets import load_dataset
+
+    yield from _read_dialogues(hidden.download(hidden.HELM_FORK_FILES["samsum"]))
+    for rec in load_dataset(hidden.SAMSUM_HUB, split="test"):
+        yield rec["dialogue"], rec["summary"]
+
+
+def _hub_dialogsum() -> Iterator[Item]:
+    for rec in hidden.hub_dialogsum("test"):
+        yield rec["dialogue"], " ".join(rec["summaries"])
+
+
 _BIGBENCH_URL = "https://raw.githubusercontent.com/google/BIG-bench/main/bigbench/benchmark_tasks"
 _BBQ_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data"
 
@@ -194,6 +263,17 @@ EVAL_SETS: dict[str, EvalSet] = {e.name: e for e in [
                 "winowhy")], _read_bigbench)),
     EvalSet("cnn_dm_test", "CNN/DailyMail 3.0.0 test articles + highlights", [], _read_jsonl(("article",), ("highlights",)),
             hub=_hub("abisee/cnn_dailymail", ("article",), ("highlights",), "3.0.0")),
+    # the hidden eval's families (data/hidden.py)
+    EvalSet("math_test", "MATH test problems + worked solutions (7 subjects)", [hidden.MATH_FILES.format(
+            split="test", subject="*")], _read_math, hub=_hub_math),
+    EvalSet("ethics_test", "ETHICS test scenarios (5 subsets; hub: + the hard sets the hidden eval scored)",
+            [f.format(subset="*") for f in hidden.ETHICS_EVAL_FILES], _read_ethics, hub=_hub_ethics),
+    EvalSet("corr2cause_test", "Corr2Cause test (hub: + the file the hidden eval scored); whole items",
+            [hidden.CORR2CAUSE_FILES.format(split="test")], _read_corr2cause, hub=_hub_corr2cause, match="exact"),
+    EvalSet("samsum_test", "SAMSum test dialogues + summaries (the file the hidden eval scored)", [], _read_dialogues,
+            hub=_hub_samsum),
+    EvalSet("dialogsum_test", "DialogSum test dialogues + 3 summaries each (the offline SAMSum stand-in)",
+            [hidden.DIALOGSUM_FILES.format(split="test")], _read_dialogues, hub=_hub_dialogsum),
 ]}
 
 
@@ -212,6 +292,12 @@ class EvalIndex:
     item_ngrams: np.ndarray  # int32 per item: how many indexed grams it has
     item_answer_ngrams: np.ndarray  # int32 per item: how many of them are on its answer side
     item_prompt_ngrams: np.ndarray  # int32 per item: how many lie wholly inside its prompt
+    # match="exact" sets (then ``grams`` holds the anchors): per item, its anchor n-gram, where the anchor
+    # starts in it, its length in words and the hash of its whole word sequence
+    anchor: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    anchor_offset: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    length: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    whole: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
 
 
 def _files(eval_set: EvalSet, data_dir: Path) -> list[Path]:
@@ -266,6 +352,37 @@ def build_index(name: str, items: Iterator[Item], n: int, max_item_share: int, o
                      np.bincount(it[held & inside], minlength=n_items).astype(np.int32))
 
 
+def horner(words: np.ndarray) -> int:
+    """The hash ``ngram_hashes`` gives a run of words, for a run of any length."""
+    h = 0
+    for w in words.tolist():
+        h = (h * int(_MULT) + w) & _MASK
+    return h
+
+
+def build_exact_index(name: str, items: Iterator[Item], n: int, origin: str) -> EvalIndex:
+    """An index of whole items (``match="exact"``): each item's anchor (its n-gram the fewest items share),
+    the anchor's offset, the item's length and whole-sequence hash. Only the prompt side is an item's
+    text (its answer is a label)."""
+    hasher = WordHasher()
+    words = [hasher.words(prompt) for prompt, _ in items]
+    long = [i for i, w in enumerate(words) if len(w) >= n]
+    starts = np.concatenate([[0], np.cumsum([len(words[i]) for i in long])]).astype(np.int64)
+    allwords = np.concatenate([words[i] for i in long]) if long else np.empty(0, np.uint64)
+    grams, seg = ngram_hashes(allwords, starts, n)
+    at = np.flatnonzero(_valid_starts(starts, n, len(allwords))) - starts[seg]
+    pairs = np.unique(np.stack([grams, seg.astype(np.uint64)]), axis=1)  # distinct (gram, item)
+    uniq, held_by = np.unique(pairs[0], return_counts=True)
+    share = held_by[np.searchsorted(uniq, grams)]
+    order = np.lexsort((at, share, seg))  # per item: rarest gram first, earliest among equals
+    first = order[np.r_[True, seg[order][1:] != seg[order][:-1]]] if len(order) else order
+    return EvalIndex(name, np.unique(grams[first]), np.empty(0, np.int32), np.empty(0, bool), len(words),
+                     len(words) - len(long), 0, origin, *(np.zeros(len(words), np.int32) for _ in range(3)),
+                     anchor=grams[first], anchor_offset=at[first].astype(np.int64),
+                     length=np.array([len(words[i]) for i in long], np.int64),
+                     whole=np.array([horner(words[i]) for i in long], np.uint64))
+
+
 def load_index(name: str, data_dir: Path | None, n: int = DEFAULT_N, max_item_share: int = 50) -> EvalIndex | None:
     """The cached index of one eval set; None when it has no local copy in ``data_dir``."""
     eval_set = EVAL_SETS[name]
@@ -279,14 +396,17 @@ def load_index(name: str, data_dir: Path | None, n: int = DEFAULT_N, max_item_sh
         files, key, origin = [], "hub", "hub"
     digest = hashlib.sha256(f"{INDEX_VERSION}|{name}|{n}|{max_item_share}|{key}".encode()).hexdigest()[:16]
     cached = cache_dir() / "decontam" / f"{name}-n{n}-{digest}"
-    arrays = ("grams", "items", "prompt_side", "item_ngrams", "item_answer_ngrams", "item_prompt_ngrams")
+    arrays = ("grams", "items", "prompt_side", "item_ngrams", "item_answer_ngrams", "item_prompt_ngrams",
+              "anchor", "anchor_offset", "length", "whole")
     if (cached / "index.npz").is_file():
         z = np.load(cached / "index.npz")
         meta = json.loads(str(z["meta"]))
         return EvalIndex(name, z["grams"], z["items"], z["prompt_side"], meta["n_items"], meta["short_items"],
-                         meta["dropped_boilerplate"], origin, *(z[a] for a in arrays[3:]))
+                         meta["dropped_boilerplate"], origin, *(z[a] for a in arrays[3:6]),
+                         **{a: z[a] for a in arrays[6:]})
     items = (item for f in files for item in eval_set.read_local(f)) if files else eval_set.hub()
-    index = build_index(name, items, n, max_item_share, origin)
+    index = build_exact_index(name, items, n, origin) if eval_set.match == "exact" else \
+        build_index(name, items, n, max_item_share, origin)
     meta = {"n_items": index.n_items, "short_items": index.short_items, "dropped_boilerplate": index.dropped_boilerplate}
     with staged_dir(cached) as work:  # a build killed mid-write leaves no half index behind
         np.savez(work / "index.npz", meta=np.array(json.dumps(meta)), **{a: getattr(index, a) for a in arrays})
@@ -327,6 +447,7 @@ def find_contaminated_words(words: np.ndarray, starts: np.ndarray, indexes: list
                             short_prompts_too: bool = True) -> dict[int, Hit]:
     """``find_contaminated`` on pre-hashed words (``data.filters.RowText``)."""
     grams, seg = ngram_hashes(words, starts, n)
+    place = np.flatnonzero(_valid_starts(starts, n, len(words)))  # where each gram starts in ``words``
     # A bitmap over the low hash bits of every eval gram rules out most training grams with one
     # lookup each; only the few that pass pay for a binary search in each index.
     bitmap = np.zeros(1 << _BITMAP_BITS, dtype=bool)
@@ -334,10 +455,14 @@ def find_contaminated_words(words: np.ndarray, starts: np.ndarray, indexes: list
     for index in indexes:
         bitmap[(index.grams & low).astype(np.int64)] = True
     maybe = bitmap[(grams & low).astype(np.int64)]
-    grams, seg = grams[maybe], seg[maybe]
+    grams, seg, place = grams[maybe], seg[maybe], place[maybe]
     hits: dict[int, Hit] = {}
     for index in indexes:
         if not len(index.grams) or not len(grams):
+            continue
+        if len(index.anchor):
+            for row, item in whole_item_copies(words, starts, grams, seg, place, index):
+                hits.setdefault(row, (index.name, item, int(index.length[item]) - n + 1, int(index.length[item]) - n + 1))
             continue
         pos = np.searchsorted(index.grams, grams)
         pos[pos == len(index.grams)] = 0
@@ -369,3 +494,40 @@ def find_contaminated_words(words: np.ndarray, starts: np.ndarray, indexes: list
             if row not in hits or hits[row][0] == index.name and count > hits[row][2]:
                 hits[row] = (index.name, item, count, prompt_count)
     return hits
+
+
+def whole_item_copies(words: np.ndarray, starts: np.ndarray, grams: np.ndarray, seg: np.ndarray, at: np.ndarray,
+                      index: EvalIndex) -> list[tuple[int, int]]:
+    """(row, item) where a row holds an exact-match item's whole word sequence: at each place a row holds an
+    item's anchor, the hash of the run the item would fill is compared with the item's."""
+    order = np.argsort(index.anchor, kind="stable")
+    anchors = index.anchor[order]
+    lo, hi = np.searchsorted(anchors, grams, "left"), np.searchsorted(anchors, grams, "right")
+    counts = hi - lo
+    if not counts.sum():
+        return []
+    cand = np.repeat(np.arange(len(grams)), counts)  # one (place, item) pair per item with that anchor
+    item = order[np.repeat(lo, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)]
+    begin = at[cand] - index.anchor_offset[item]
+    row = seg[cand]
+    inside = (begin >= starts[row]) & (begin + index.length[item] <= starts[row + 1])
+    cand, item, begin, row = cand[inside], item[inside], begin[inside], row[inside]
+    if not len(item):
+        return []
+    # Horner hashes of the runs, from prefix sums over only the rows involved:
+    # hash(w[b:b+L]) = M^(b+L-1) * (C[b+L] - C[b]), C[i] = sum_{j<i} w[j] * M^-j (all mod 2^64)
+    rows = np.unique(row)
+    lengths = starts[rows + 1] - starts[rows]
+    local_start = np.concatenate([[0], np.cumsum(lengths)])
+    sub = np.concatenate([words[starts[r]:starts[r + 1]] for r in rows.tolist()])
+    with np.errstate(over="ignore"):
+        powers = np.cumprod(np.full(len(sub) + 1, _MULT, np.uint64))
+        powers = np.concatenate([[np.uint64(1)], powers[:-1]])  # M^0 .. M^len
+        inverse = np.cumprod(np.full(len(sub) + 1, np.uint64(pow(int(_MULT), -1, 1 << 64)), np.uint64))
+        inverse = np.concatenate([[np.uint64(1)], inverse[:-1]])
+        prefix = np.concatenate([[np.uint64(0)], np.cumsum(sub * inverse[:-1], dtype=np.uint64)])
+        b = begin - starts[row] + local_start[np.searchsorted(rows, row)]
+        end = b + index.length[item]
+        run = powers[end - 1] * (prefix[end] - prefix[b])
+    same = run == index.whole[item]
+    return sorted(set(zip(row[same].tolist(), item[same].tolist())))

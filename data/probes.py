@@ -13,6 +13,9 @@ the same inputs from ``../shared/datasets``:
 * ``clean_mix``: human-written instruction data that is not an eval set.
 * ``flan_strategyqa``: a real overlap to find: FLAN's StrategyQA rows are BIG-bench's
   ``strategyqa`` task (the question, then the explanation without BIG-bench's leading "Yes."/"No.").
+* the hidden eval's test splits (``HIDDEN_SETS``: MATH, ETHICS, Corr2Cause, DialogSum) are planted the
+  same way (every item of the small local samples), and ``family_train_rows`` gives each family's own
+  train split as the data stage makes its rows: the closest clean text there is to a test item.
 """
 
 from __future__ import annotations
@@ -28,16 +31,21 @@ from onegpu.data.sources import SOURCES, Reject, load_records
 
 WRAPPERS = ("{}", "Question: {}\nAnswer:", "### Instruction:\n{}\n\n### Response:", "{}  (from a quiz)")
 PLANTED_SETS = ("mmlu", "truthfulqa", "gsm8k_test", "bbq", "bigbench")
+HIDDEN_SETS = ("math_test", "ethics_test", "corr2cause_test", "dialogsum_test")
+FAMILY_TRAIN = {"math_test": "math", "ethics_test": "ethics", "corr2cause_test": "corr2cause", "dialogsum_test": "dialogsum"}
 SAME_PROBLEM_RUN = 13  # words a train question shares with a test question to be the same problem (GPT-3)
 
 
-def planted(data_dir: Path, per_set: int = 150, seed: int = 0, n: int = DEFAULT_N) -> dict[str, list[tuple[str, str]]]:
-    """{"whole" | "prompt" | "answer": [(eval set, training text)]}: eval items copied into training text."""
+def planted(data_dir: Path, per_set: int = 150, seed: int = 0, n: int = DEFAULT_N,
+            sets: tuple[str, ...] = PLANTED_SETS) -> dict[str, list[tuple[str, str]]]:
+    """{"whole" | "prompt" | "answer": [(eval set, training text)]}: eval items copied into training text
+    (``per_set`` of each set, or all of a smaller one)."""
     rng, partial_rng = random.Random(seed), random.Random(seed + 1)
     hasher = WordHasher()
     out: dict[str, list[tuple[str, str]]] = {"whole": [], "prompt": [], "answer": []}
-    for name in PLANTED_SETS:
-        for prompt, answer in rng.sample(read_items(name, data_dir), per_set):
+    for name in sets:
+        items = read_items(name, data_dir)
+        for prompt, answer in rng.sample(items, min(per_set, len(items))):
             out["whole"].append((name, rng.choice(WRAPPERS).format(f"{prompt} {answer}")))
             if len(hasher.words(prompt)) >= n + 2:
                 out["prompt"].append((name, partial_rng.choice(WRAPPERS).format(prompt) + " I think the answer is 42."))
@@ -82,3 +90,13 @@ def flan_strategyqa(data_dir: Path) -> list[str]:
     """FLAN CoT's StrategyQA rows: BIG-bench's strategyqa items, reworded around the answer."""
     src = SOURCES["flan_cot"]
     return [row_text(next(iter(src.convert(rec, src)))) for rec in load_records(src, data_dir, subsets=["strategyqa"])]
+
+
+def family_train_rows(data_dir: Path) -> dict[str, list[str]]:
+    """{hidden eval set: the row texts of its family's train split}, as ``data build`` makes them."""
+    out = {}
+    for eval_set, name in FAMILY_TRAIN.items():
+        src = SOURCES[name]
+        out[eval_set] = [row_text(row) for rec in load_records(src, data_dir) for row in src.convert(rec, src)
+                         if not isinstance(row, Reject)]
+    return out

@@ -16,8 +16,12 @@
       - {name: dolly, weight: 1}                 # share of the budget
       - {name: gsm8k, tokens: 4000}              # a token cap
       - {name: oasst1, count: 20, languages: [en]}   # a row count
+      - {name: math, weight: 2, location: hub}   # where from: local (the data dir, default), hub, or a path
       - {name: my_qa, path: qa.jsonl, fields: {instruction: question, output: answer},
          license: CC-BY-4.0, provenance: human, replace: true}
+
+Every problem of a recipe is reported at once (``onegpu.errors.all_problems``); ``data/check.py`` then
+checks what needs the data (availability, rows, tokens, weights) in one pass too.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import yaml
 
 from onegpu.data.decontam import DEFAULT_ANSWER_MATCHES, DEFAULT_N, EVAL_SETS
 from onegpu.data.schema import PROVENANCES, get_prompt_style
-from onegpu.data.sources import CHALLENGE_RULE, FILE_FORMATS, SOURCES, get_source
-from onegpu.errors import UserError
+from onegpu.data.sources import CHALLENGE_RULE, FILE_FORMATS, SOURCES, get_source, selected_parts
+from onegpu.errors import UserError, all_problems
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -50,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
                         "answer_matches": DEFAULT_ANSWER_MATCHES, "action": "drop"},
     "sources": [],
 }
-SOURCE_KEYS = {"name", "weight", "count", "tokens", "replace", "val_rows"}
+SOURCE_KEYS = {"name", "weight", "count", "tokens", "replace", "val_rows", "location"}
 FILE_KEYS = {"path", "format", "fields", "license", "provenance", "description"}
 FIELD_TARGETS = {"instruction", "output", "input", "messages"}
 
@@ -63,8 +67,13 @@ def _merge(defaults: dict, given: dict, where: str) -> dict:
                 else given.get(k, defaults[k])) for k in defaults}
 
 
-def load_recipe(path: str | Path, seed: int | None = None) -> dict[str, Any]:
-    """The validated recipe with defaults filled in, plus ``_dir`` (for relative file paths)."""
+def load_recipe(path: str | Path, seed: int | None = None, problems: list[UserError] | None = None) -> dict[str, Any]:
+    """The validated recipe with defaults filled in, plus ``_dir`` (for relative file paths).
+
+    Every problem found is raised together. With a ``problems`` list, a problem of one source is
+    appended to it instead and that source left out, so the caller can go on checking the others
+    (``data check`` / ``data build`` report everything in one pass); recipe-wide problems still raise.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist", fix="give the path of a recipe YAML, e.g. data/recipes/quickstart.yaml")
@@ -80,7 +89,12 @@ def load_recipe(path: str | Path, seed: int | None = None) -> dict[str, Any]:
         recipe["seed"] = seed
     recipe["dedup"] = _merge(DEFAULTS["dedup"], recipe["dedup"], "dedup")
     recipe["decontamination"] = _merge(DEFAULTS["decontamination"], recipe["decontamination"], "decontamination")
-    validate(recipe, path.parent)
+    recipe_wide, per_source = validate(recipe, path.parent)
+    if recipe_wide or (per_source and problems is None):
+        raise all_problems(recipe_wide + list(per_source.values()))
+    if per_source:
+        problems += per_source.values()
+        recipe["sources"] = [s for i, s in enumerate(recipe["sources"]) if i not in per_source]
     recipe["_dir"] = str(path.parent.resolve())
     return recipe
 
@@ -93,14 +107,49 @@ def _positive(value: Any, what: str, integer: bool = False) -> None:
         raise UserError(f"{what} is {value!r}", fix=f"use a {'whole number' if integer else 'number'} > 0")
 
 
-def validate(recipe: dict[str, Any], base: Path) -> None:
-    get_prompt_style(recipe["prompt_style"])
-    _positive(recipe["max_seq_length"], "max_seq_length", integer=True)
+def validate(recipe: dict[str, Any], base: Path) -> tuple[list[UserError], dict[int, UserError]]:
+    """Every problem of the recipe: (recipe-wide problems, {source index: its problem})."""
+    problems: list[UserError] = []
+    per_source: dict[int, UserError] = {}
+
+    def check(fn, *args) -> None:
+        try:
+            fn(*args)
+        except UserError as err:
+            problems.append(err)
+
+    check(get_prompt_style, recipe["prompt_style"])
+    check(_positive, recipe["max_seq_length"], "max_seq_length", True)
     if recipe["budget_tokens"] is not None:
-        _positive(recipe["budget_tokens"], "budget_tokens", integer=True)
+        check(_positive, recipe["budget_tokens"], "budget_tokens", True)
     if not isinstance(recipe["val_rows_per_source"], int) or recipe["val_rows_per_source"] < 0:
-        raise UserError(f"val_rows_per_source is {recipe['val_rows_per_source']!r}", fix="use a whole number >= 0")
-    dc = recipe["decontamination"]
+        problems.append(UserError(f"val_rows_per_source is {recipe['val_rows_per_source']!r}", fix="use a whole number >= 0"))
+    check(_validate_decontamination, recipe["decontamination"])
+    if not recipe["sources"]:
+        problems.append(UserError("the recipe has no sources", fix="add a `sources:` list, e.g. `- {name: dolly, weight: 1}`"))
+    names = []
+    for i, spec in enumerate(recipe["sources"]):
+        if not isinstance(spec, dict):
+            per_source[i] = UserError(f"sources[{i}] is {spec!r}", fix="write each source as a mapping, e.g. `- {name: dolly}`")
+            continue
+        name = spec.get("name") or (Path(spec["path"]).stem if spec.get("path") else None)
+        if not name:
+            per_source[i] = UserError(f"sources[{i}] has neither `name` nor `path`",
+                                      fix="name a registered source or give a file `path`")
+            continue
+        spec["name"] = name
+        names.append(name)
+        try:
+            _validate_source(spec, recipe, base)
+        except UserError as err:
+            per_source[i] = err
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(UserError(f"source(s) {dupes} listed twice", fix="list each source once (use `name:` to tell files apart)"))
+    return problems, per_source
+
+
+def _validate_decontamination(dc: dict[str, Any]) -> None:
     unknown = [e for e in dc["eval_sets"] if e not in EVAL_SETS]
     if unknown:
         raise UserError(f"unknown eval set(s) {unknown} in decontamination.eval_sets", fix=f"use: {', '.join(EVAL_SETS)}")
@@ -110,42 +159,38 @@ def validate(recipe: dict[str, Any], base: Path) -> None:
     _positive(dc["min_matches"], "decontamination.min_matches", integer=True)
     if dc["answer_matches"] is not None:  # null: a match counts wherever it falls in the eval item
         _positive(dc["answer_matches"], "decontamination.answer_matches", integer=True)
-    if not recipe["sources"]:
-        raise UserError("the recipe has no sources", fix="add a `sources:` list, e.g. `- {name: dolly, weight: 1}`")
-    names = []
-    for i, spec in enumerate(recipe["sources"]):
-        if not isinstance(spec, dict):
-            raise UserError(f"sources[{i}] is {spec!r}", fix="write each source as a mapping, e.g. `- {name: dolly}`")
-        name = spec.get("name") or (Path(spec["path"]).stem if spec.get("path") else None)
-        if not name:
-            raise UserError(f"sources[{i}] has neither `name` nor `path`", fix="name a registered source or give a file `path`")
-        spec["name"] = name
-        names.append(name)
-        where = f"source {name!r}"
-        if "path" in spec:
-            _validate_file_source(spec, where, base)
-            if spec["provenance"] == "llm-generated" and not recipe["allow_llm_generated"]:
-                raise UserError(f"{where} is marked LLM-generated; {CHALLENGE_RULE}",
-                                fix="remove it, or set `allow_llm_generated: true` for runs outside the challenge")
-        else:
-            src = get_source(name)
-            allowed = SOURCE_KEYS | set(src.options)
-            if set(spec) - allowed:
-                raise UserError(f"{where}: unknown key(s) {sorted(set(spec) - allowed)}", fix=f"use only: {', '.join(sorted(allowed))}")
-            if src.provenance == "llm-generated" and not recipe["allow_llm_generated"]:
-                raise UserError(f"{where} is LLM-generated ({src.description}); {CHALLENGE_RULE}",
-                                fix="remove it from the recipe, or set `allow_llm_generated: true` for runs outside the challenge")
-        sizing = [k for k in ("weight", "count", "tokens") if k in spec]
-        if len(sizing) > 1:
-            raise UserError(f"{where} sets {' and '.join(sizing)}", fix="give one of weight, count or tokens")
-        for key in sizing:
-            _positive(spec[key], f"{where}: {key}", integer=key != "weight")
-        if "weight" in spec and recipe["budget_tokens"] is None:
-            raise UserError(f"{where} has a weight but the recipe has no budget_tokens",
-                            fix="set budget_tokens (weights share it), or use count/tokens per source")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UserError(f"source(s) {dupes} listed twice", fix="list each source once (use `name:` to tell files apart)")
+
+
+def _validate_source(spec: dict[str, Any], recipe: dict[str, Any], base: Path) -> None:
+    name = spec["name"]
+    where = f"source {name!r}"
+    if "path" in spec:
+        _validate_file_source(spec, where, base)
+        if spec["provenance"] == "llm-generated" and not recipe["allow_llm_generated"]:
+            raise UserError(f"{where} is marked LLM-generated; {CHALLENGE_RULE}",
+                            fix="remove it, or set `allow_llm_generated: true` for runs outside the challenge")
+    else:
+        src = get_source(name)
+        allowed = SOURCE_KEYS | set(src.options) | ({"subsets"} if src.parts else set())
+        if set(spec) - allowed:
+            raise UserError(f"{where}: unknown key(s) {sorted(set(spec) - allowed)}", fix=f"use only: {', '.join(sorted(allowed))}")
+        if src.provenance == "llm-generated" and not recipe["allow_llm_generated"]:
+            raise UserError(f"{where} is LLM-generated ({src.description}); {CHALLENGE_RULE}",
+                            fix="remove it from the recipe, or set `allow_llm_generated: true` for runs outside the challenge")
+        location = spec.get("location", "local")
+        if not isinstance(location, str) or not location:
+            raise UserError(f"{where}: location is {location!r}",
+                            fix="use `local` (the data dir), `hub`, or the path of a folder or file")
+        if src.parts:
+            selected_parts(src, spec.get("subsets"))
+    sizing = [k for k in ("weight", "count", "tokens") if k in spec]
+    if len(sizing) > 1:
+        raise UserError(f"{where} sets {' and '.join(sizing)}", fix="give one of weight, count or tokens")
+    for key in sizing:
+        _positive(spec[key], f"{where}: {key}", integer=key != "weight")
+    if "weight" in spec and recipe["budget_tokens"] is None:
+        raise UserError(f"{where} has a weight but the recipe has no budget_tokens",
+                        fix="set budget_tokens (weights share it), or use count/tokens per source")
 
 
 def _validate_file_source(spec: dict, where: str, base: Path) -> None:

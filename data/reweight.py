@@ -27,19 +27,10 @@ from typing import Any
 import yaml
 
 from onegpu.contracts import atomic_write_text, read_json
+from onegpu.data.families import task_family
 from onegpu.errors import UserError
 
 DEFAULT_AFFINITY = Path(__file__).resolve().parent / "recipes" / "affinity.yaml"
-TASK_PREFIXES = ("onegpu_helm_", "onegpu_")
-
-
-def task_family(task: str) -> str:
-    """``onegpu_helm_mmlu_philosophy`` -> ``mmlu``; ``truthfulqa_mc1`` -> ``truthfulqa``."""
-    for prefix in TASK_PREFIXES:
-        if task.startswith(prefix):
-            task = task[len(prefix):]
-            break
-    return task.split("_")[0]
 
 
 def read_scores(results: list[Path]) -> dict[str, list[float]]:

@@ -11,7 +11,8 @@ script can read them without importing onegpu. Fields:
     messages    optional multi-turn history [{"role": "user"|"assistant"|"system", "content": ...}];
                 when present, instruction/input/output hold the *last* user turn and reply
     license     licence of the source, as stated by it
-    provenance  "human" | "llm-generated" | "mixed"  (the challenge forbids LLM-generated data)
+    provenance  "human" | "llm-generated" | "programmatic" (made by code, e.g. templates; no language model)
+                | "mixed"  (the challenge forbids LLM-generated data)
     meta        free-form source details (category, task name, original index...)
 
 ``render`` is the only place where a prompt template is applied to a row, and ``encode_example`` the
@@ -28,7 +29,7 @@ from typing import Any
 from litgpt.prompts import PromptStyle
 
 REQUIRED_FIELDS = ("id", "source", "instruction", "input", "output", "license", "provenance")
-PROVENANCES = ("human", "llm-generated", "mixed")
+PROVENANCES = ("human", "llm-generated", "programmatic", "mixed")
 
 
 def make_id(source: str, instruction: str, input: str, output: str) -> str:

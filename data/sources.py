@@ -1,14 +1,17 @@
 """The source registry: which open datasets onegpu knows, where to get them, and how a record
 becomes a row of ``data/schema.py``.
 
-Each source has a hub location (what users with internet load), a local override relative to the
-data dir (``--data_dir`` / ``ONEGPU_DATA_DIR`` / ``../shared/datasets``), a licence and a
-provenance. Everything is loaded through Hugging Face ``datasets`` (Arrow, cached), so a second
-build reads the cached Arrow tables.
+Each source has a hub location (what users with internet load), a local layout relative to a data
+dir (``--data_dir`` / ``ONEGPU_DATA_DIR`` / ``../shared/datasets``, or a recipe's per-source
+``location:``), a licence, the licence terms worth a flag (non-commercial, no derivatives, unclear)
+and a provenance. Sources made of parts (Flan's files, ETHICS' subsets, MATH's subjects) name them
+in ``parts``; ``{part}`` in a hub argument or a local glob stands for each. Everything is loaded
+through Hugging Face ``datasets`` (Arrow, cached), so a second build reads the cached Arrow tables.
 
 Provenance matters: the NeurIPS LLM Efficiency Challenge allows only open, human-written data
 ("no LLM-generated data", challenge rules), so ``llm-generated`` sources are refused unless the
-recipe sets ``allow_llm_generated: true``.
+recipe sets ``allow_llm_generated: true``. ``programmatic`` data (Corr2Cause: statements generated
+from causal graphs by templates, no language model) is allowed.
 
 A converter turns one raw record into rows (``make_row``) and/or rejects (``Reject``); it may
 raise on a malformed record, which the caller catches and sends to ``rejects.jsonl``.
@@ -17,12 +20,14 @@ raise on a malformed record, which the caller catches and sends to ``rejects.jso
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from onegpu.data import hidden
 from onegpu.data.schema import make_row
 from onegpu.errors import UserError, did_you_mean
 
@@ -44,13 +49,23 @@ class Source:
     name: str
     description: str
     license: str
-    provenance: str  # human | llm-generated | mixed
+    provenance: str  # human | llm-generated | programmatic | mixed
     convert: Callable[..., Iterable[dict | Reject]]
-    hub: dict[str, Any]  # kwargs of datasets.load_dataset for the online copy
+    hub: dict[str, Any]  # kwargs of datasets.load_dataset for the online copy ({part}: one call per part)
     local: dict[str, Any] | None = None  # {"builder", "files" (globs relative to the data dir), kwargs...}
     url: str = ""
     options: tuple[str, ...] = ()  # extra per-source recipe keys the converter understands
     notes: str = ""
+    terms: str = ""  # licence terms a user must weigh before training on it (non-commercial, unclear...)
+    parts: tuple[str, ...] = ()  # named parts (`subsets:` in a recipe picks some)
+
+    @property
+    def hub_name(self) -> str:
+        """The hub dataset id, or the URL of its files for a generic builder (csv/json from GitHub)."""
+        if self.hub["path"] not in ("csv", "json"):
+            return self.hub["path"]
+        files = self.hub["data_files"]
+        return files if isinstance(files, str) else files[0]
 
 
 # ------------------------------------------------------------------------------------ converters
@@ -114,12 +129,16 @@ def convert_self_instruct_seed(rec, src: Source, **_):
 
 
 def convert_natural_instructions(rec, src: Source, tasks: list[str] | None = None,
-                                 max_per_task: int | None = None, _state: dict | None = None, **_):
-    # Local task files: one record per task {Definition, Instances}; hub (Muennighoff/natural-instructions):
-    # one record per instance {task_name, definition, inputs, targets}.
+                                 categories: list[str] | None = None, max_per_task: int | None = None,
+                                 _state: dict | None = None, **_):
+    # Local task files: one record per task {Definition, Categories, Instances}; hub
+    # (Muennighoff/natural-instructions): one record per instance {task_name, definition, inputs, targets},
+    # without categories (the recipe check refuses `categories:` there).
     if "Instances" in rec:
         task = Path(rec.get("_file", "")).stem
         if tasks and not any(task.startswith(t) for t in tasks):
+            return
+        if categories and not ni_categories_match(rec.get("Categories") or [], categories):
             return
         definition = rec["Definition"]
         definition = " ".join(definition) if isinstance(definition, list) else _s(definition)
@@ -139,6 +158,11 @@ def convert_natural_instructions(rec, src: Source, tasks: list[str] | None = Non
             _state[task] = seen + 1
         yield make_row(src.name, _s(rec["definition"]), _s(rec["targets"]), input=_s(rec["inputs"]),
                        license=src.license, provenance=src.provenance, meta={"task": task})
+
+
+def ni_categories_match(task_categories: list[str], wanted: list[str]) -> bool:
+    """A task is in when one of its NI categories contains one of the wanted words (case-insensitive)."""
+    return any(w.lower() in c.lower() for c in task_categories for w in wanted)
 
 
 def _oasst_flat_messages(rec) -> Iterator[dict]:
@@ -222,6 +246,44 @@ def convert_orca(rec, src: Source, **_):
                    provenance=src.provenance, meta={"system_prompt": _s(rec.get("system_prompt"))})
 
 
+def convert_math(rec, src: Source, **_):
+    # MATH: the worked solution ends in \\boxed{answer}, which HELM's chain-of-thought metric reads.
+    problem = hidden.math_problem(rec, rec.get("_part", ""))
+    if "\\boxed" not in problem["solution"] and "\\fbox" not in problem["solution"]:
+        raise ValueError("solution has no \\boxed{} answer")
+    yield make_row(src.name, _s(problem["problem"]), _s(problem["solution"]), license=src.license,
+                   provenance=src.provenance, meta={"subject": problem["subject"], "level": _s(problem["level"])})
+
+
+def convert_question(family: str):
+    """Rows asking a two-answer question as the challenge's HELM fork asks it (data/hidden.py QUESTIONS)."""
+    def convert(rec, src: Source, **_):
+        if family == "ethics":
+            subset = rec.get("_part", "")
+            item = hidden.ethics_item(subset, rec)
+            question = hidden.QUESTIONS[f"ethics_{subset}"]
+        else:
+            item, question = {"text": _s(rec["input"]), "label": int(rec["label"]), "subset": ""}, hidden.QUESTIONS[family]
+        if item["label"] not in (0, 1):
+            raise ValueError(f"label {item['label']!r} is not 0 or 1")
+        yield make_row(src.name, hidden.question_prompt(question, item["text"]), hidden.question_answer(question, item["label"]),
+                       license=src.license, provenance=src.provenance, meta={"subset": item["subset"]} if item["subset"] else None)
+    return convert
+
+
+def convert_dialogue_summary(rec, src: Source, **_):
+    record = hidden.dialogue_record(rec)
+    if not record["summaries"]:
+        raise ValueError("no summary")
+    yield make_row(src.name, "Summarize the following dialogue.", record["summaries"][0], input=_s(record["dialogue"]),
+                   license=src.license, provenance=src.provenance, meta={"topic": _s(rec.get("topic"))} if rec.get("topic") else None)
+
+
+def convert_numina(rec, src: Source, **_):
+    yield make_row(src.name, _s(rec["problem"]), _s(rec["solution"]), license=src.license, provenance=src.provenance,
+                   meta={"origin": _s(rec.get("source"))})
+
+
 # ------------------------------------------------------------------------------------ registry
 _FLAN_COT = ("aqua", "creak", "ecqa", "qasc", "sensemaking", "strategyqa")
 _FLAN_URL = "https://raw.githubusercontent.com/google-research/FLAN/e9e4ec6e2701182c7a91af176f705310da541277/flan/v2/cot_data"
@@ -239,19 +301,22 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("lima", "LIMA: 1,000 curated prompts/replies (StackExchange, wikiHow, human-written)", "CC-BY-NC-SA-4.0",
            "human", convert_lima, hub={"path": "GAIR/lima", "split": "train"},
            local={"builder": "json", "files": ["lima/*.jsonl"]}, url="https://huggingface.co/datasets/GAIR/lima",
-           notes="gated on the hub; non-commercial licence"),
+           notes="gated on the hub", terms="non-commercial: CC BY-NC-SA"),
     Source("flan_cot", "Flan v2 chain-of-thought submix (AQuA, CREAK, ECQA, QASC, Sen-Making, StrategyQA)", "Apache-2.0",
            "human", convert_flan_cot,
-           hub={"path": "csv", "data_files": [f"{_FLAN_URL}/{n}_train.tsv" for n in _FLAN_COT], "split": "train",
+           hub={"path": "csv", "data_files": f"{_FLAN_URL}/{{part}}_train.tsv", "split": "train",
                 **{k: v for k, v in _TSV.items() if k != "builder"}},
-           local={**_TSV, "files": [f"flan_cot_samples/{n}_train.tsv" for n in _FLAN_COT]}, options=("subsets",),
+           local={**_TSV, "files": ["flan_cot_samples/{part}_train.tsv"]}, parts=_FLAN_COT,
            url="https://github.com/google-research/FLAN/tree/main/flan/v2/cot_data",
            notes="`subsets: [aqua, qasc, ...]` picks files; flan strategyqa overlaps the BIG-bench strategyqa eval task: decontamination drops it"),
     Source("natural_instructions", "Super-NaturalInstructions task files (definition + instance)", "Apache-2.0",
            "human", convert_natural_instructions, hub={"path": "Muennighoff/natural-instructions", "split": "train"},
-           local={"builder": "ni_json", "files": ["natural_instructions/tasks/*.json"]}, options=("tasks", "max_per_task"),
-           url="https://github.com/allenai/natural-instructions",
-           notes="`tasks: [task307, ...]` picks tasks (prefix match), `max_per_task` caps instances per task"),
+           local={"builder": "ni_json", "files": ["natural_instructions/tasks/*.json"]},
+           options=("tasks", "categories", "max_per_task"), url="https://github.com/allenai/natural-instructions",
+           notes="`tasks: [task307, ...]` picks tasks (prefix match); `categories: [summar, ethic]` picks tasks whose NI "
+                 "categories contain a word (task files only: the hub copy has no categories); `max_per_task` caps "
+                 "instances per task",
+           terms="per task: each task keeps its source dataset's licence, some non-commercial"),
     Source("gsm8k", "GSM8K train: grade-school math word problems with worked solutions", "MIT", "human",
            convert_gsm8k, hub={"path": "openai/gsm8k", "name": "main", "split": "train"},
            local={"builder": "json", "files": ["gsm8k/train.jsonl"]}, url="https://github.com/openai/grade-school-math"),
@@ -267,17 +332,52 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            hub={"path": "json", "data_files": "https://raw.githubusercontent.com/yizhongw/self-instruct/0b26ccaa415992100fa32df62d41b994cf928e23/data/seed_tasks.jsonl", "split": "train"},
            local={"builder": "json", "files": ["self_instruct_human_written/seed_tasks.jsonl"]},
            url="https://github.com/yizhongw/self-instruct"),
+    # The hidden eval's families (data/hidden.py): train splits only; their test splits are eval sets.
+    Source("math", "MATH train: competition problems (AMC/AIME style) with worked LaTeX solutions ending in \\boxed{}",
+           "MIT", "human", convert_math, hub={"path": hidden.MATH_HUB, "name": "{part}", "split": "train"},
+           local={"builder": "math_json", "files": [hidden.MATH_FILES.format(split="train", subject="{part}")]},
+           parts=hidden.MATH_SUBJECTS, url="https://github.com/hendrycks/math",
+           notes="`subsets: [algebra, ...]` picks subjects; HELM's chain-of-thought metric reads the last \\boxed{} "
+                 "of an answer, as these solutions end"),
+    Source("ethics", "ETHICS train: moral judgements (commonsense, deontology, justice, utilitarianism, virtue), asked "
+           "as the challenge's HELM fork asks them", "MIT", "human", convert_question("ethics"),
+           hub={"path": hidden.ETHICS_HUB, "name": "{part}", "split": "train"},
+           local={"builder": "ethics_csv", "files": [hidden.ETHICS_FILES.format(subset="{part}", split="train")]},
+           parts=hidden.ETHICS_SUBSETS, url="https://github.com/hendrycks/ethics",
+           notes="`subsets: [justice, ...]` picks subsets; ../shared/datasets has no commonsense train rows",
+           terms="unclear: MIT per its dataset card, no copyright claimed by the authors, commonsense partly from "
+                 "Reddit"),
+    Source("corr2cause", "Corr2Cause train: does a causal claim follow from stated correlations (generated from causal "
+           "graphs by templates)", "MIT", "programmatic", convert_question("corr2cause"),
+           hub={"path": hidden.CORR2CAUSE_HUB, "split": "train"},
+           local={"builder": "csv", "files": [hidden.CORR2CAUSE_FILES.format(split="train")]},
+           url="https://github.com/causalNLP/corr2cause",
+           terms="unclear: MIT on the GitHub project, none stated on the hub"),
+    Source("dialogsum", "DialogSum train: real-life dialogues with human-written summaries", "CC-BY-NC-SA-4.0", "human",
+           convert_dialogue_summary, hub={"path": "json", "data_files": hidden.DIALOGSUM_URL.format(split="train"),
+                                          "split": "train"},
+           local={"builder": "json", "files": [hidden.DIALOGSUM_FILES.format(split="train")]},
+           url="https://github.com/cylnlp/dialogsum", terms="non-commercial: CC BY-NC-SA"),
+    Source("samsum", "SAMSum train: messenger-like dialogues with human-written summaries (the hidden eval's set)",
+           "CC-BY-NC-ND-4.0", "human", convert_dialogue_summary, hub={"path": hidden.SAMSUM_HUB, "split": "train"},
+           url="https://huggingface.co/datasets/Samsung/samsum", notes="hub only",
+           terms="non-commercial, no derivatives: CC BY-NC-ND; check that your use may train on it"),
     # LLM-generated: registered so recipes can name them, refused by the rule guard by default.
     Source("alpaca", "Stanford Alpaca 52k (generated by text-davinci-003)", "CC-BY-NC-4.0", "llm-generated",
-           convert_alpaca, hub={"path": "tatsu-lab/alpaca", "split": "train"}, url="https://huggingface.co/datasets/tatsu-lab/alpaca"),
+           convert_alpaca, hub={"path": "tatsu-lab/alpaca", "split": "train"}, url="https://huggingface.co/datasets/tatsu-lab/alpaca",
+           terms="non-commercial: CC BY-NC"),
     Source("self_instruct", "Self-Instruct 82k (generated by GPT-3)", "Apache-2.0", "llm-generated", convert_alpaca,
            hub={"path": "yizhongw/self_instruct", "name": "self_instruct", "split": "train"},
            url="https://github.com/yizhongw/self-instruct"),
     Source("sharegpt", "ShareGPT conversations (ChatGPT replies)", "unknown", "llm-generated", convert_sharegpt,
+           terms="unclear: no licence stated",
            hub={"path": "anon8231489123/ShareGPT_Vicuna_unfiltered", "data_files": "ShareGPT_V3_unfiltered_cleaned_split.json",
                 "split": "train"}, url="https://huggingface.co/datasets/anon8231489123/ShareGPT_Vicuna_unfiltered"),
     Source("openorca", "OpenOrca (GPT-3.5/GPT-4 completions of FLAN prompts)", "MIT", "llm-generated", convert_orca,
            hub={"path": "Open-Orca/OpenOrca", "split": "train"}, url="https://huggingface.co/datasets/Open-Orca/OpenOrca"),
+    Source("numinamath_cot", "NuminaMath-CoT (competition problems, solutions rewritten by GPT-4o)", "Apache-2.0",
+           "llm-generated", convert_numina, hub={"path": "AI-MO/NuminaMath-CoT", "split": "train"},
+           url="https://huggingface.co/datasets/AI-MO/NuminaMath-CoT"),
 ]}
 
 FILE_FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}
@@ -292,37 +392,72 @@ def get_source(name: str) -> Source:
     return SOURCES[name]
 
 
-def local_files(src: Source, data_dir: Path) -> list[Path]:
-    files: list[Path] = []
-    for pattern in src.local["files"]:
-        files += [Path(p) for p in sorted(glob.glob(str(data_dir / pattern)))]
-    return files
+def selected_parts(src: Source, subsets: list[str] | None) -> list[str]:
+    """The parts a recipe reads ("" for a source without parts); unknown names are a UserError."""
+    if not src.parts:
+        if subsets:
+            raise UserError(f"source {src.name!r} has no parts to pick with `subsets:`", fix="remove `subsets:`")
+        return [""]
+    unknown = [s for s in subsets or [] if s not in src.parts]
+    if unknown:
+        raise UserError(f"source {src.name!r}: unknown subset(s) {unknown}", fix=f"use some of: {', '.join(src.parts)}")
+    return list(subsets or src.parts)
 
 
-def load_records(src: Source, data_dir: Path | None, subsets: list[str] | None = None) -> Iterable[dict]:
-    """Raw records of a registered source: the local copy when a data dir is given, else the hub."""
+def local_files(src: Source, where: Path, subsets: list[str] | None = None) -> list[tuple[str, Path]]:
+    """(part, file) of each local file of a source under ``where``: a data dir laid out like
+    ../shared/datasets, a folder deeper in that layout (e.g. an unpacked ``MATH/`` for ``math``), or
+    one file. Each glob of the layout is tried whole, then without its leading folders."""
+    where = Path(where)
+    found: list[tuple[str, Path]] = []
+    for part in selected_parts(src, subsets):
+        for pattern in src.local["files"] if src.local else []:
+            folders = pattern.split("/")
+            # a part's folder or file name is never skipped: it is what tells the parts apart
+            keep_from = next((i for i, f in enumerate(folders) if "{part}" in f), len(folders) - 1)
+            folders = [f.format(part=part) for f in folders]
+            if where.is_file():
+                if fnmatch.fnmatch(where.name, folders[-1]):
+                    found.append((part, where))
+                continue
+            for skip in range(keep_from + 1):
+                files = sorted(glob.glob(str(where.joinpath(*folders[skip:]))))
+                if files:
+                    found += [(part, Path(f)) for f in files]
+                    break
+    if where.is_file() and not found and src.local and len(selected_parts(src, None)) == 1:
+        found.append(("", where))  # a single-file source given its file under another name
+    return found
+
+
+def load_records(src: Source, where: Path | None, subsets: list[str] | None = None) -> Iterable[dict]:
+    """Raw records of a registered source: its local files under ``where`` (``local_files``), or the hub when
+    ``where`` is None. Records of a source with parts carry ``_part``; local records carry ``_file``."""
     from datasets import load_dataset
 
-    if data_dir is None:
-        kwargs = dict(src.hub)
-        if subsets and src.name == "flan_cot":
-            kwargs["data_files"] = [f for f in kwargs["data_files"] if any(f"/{s}_train" in f for s in subsets)]
-        ds = load_dataset(**kwargs)
-        return _group_oasst_trees(ds) if src.name == "oasst1" else ds
-    files = local_files(src, data_dir)
-    if subsets and src.name == "flan_cot":
-        files = [f for f in files if any(f.name.startswith(f"{s}_") for s in subsets)]
+    if where is None:
+        if src.name == "oasst1":
+            return _group_oasst_trees(load_dataset(**src.hub))
+        return _tagged((part, load_dataset(**{k: v.format(part=part) if isinstance(v, str) else v
+                                             for k, v in src.hub.items()}))
+                       for part in selected_parts(src, subsets))
+    files = local_files(src, where, subsets)
     builder = src.local["builder"]
     if builder == "ni_json":
         # NI task files are single JSON objects with heterogeneous example structs, which Arrow's
-        # JSON reader rejects; read each file whole, keep the fields we use (still an Arrow dataset).
+        # JSON reader rejects; read each file whole, keep the fields we use.
         return _ni_task_records(files)
+    if builder in LOCAL_READERS:
+        return _tagged(((part, [{**r, "_file": f.name} for r in LOCAL_READERS[builder](f)]) for part, f in files))
     kwargs = {k: v for k, v in src.local.items() if k not in ("builder", "files")}
-    out = []
-    for f in files:  # one dataset per file, so records know their file (Flan subset, provenance)
-        ds = load_dataset(builder, data_files=str(f), split="train", **kwargs)
-        out.append((f, ds))
-    return _with_file(out)
+    # one dataset per file, so records know their file and part
+    return _tagged((part, _with_file(f, load_dataset(builder, data_files=str(f), split="train", **kwargs)))
+                   for part, f in files)
+
+
+# Local formats Arrow's readers cannot take as they are: a JSON object per file (MATH), CSVs whose header
+# differs per subset or is missing (ETHICS).
+LOCAL_READERS = {"math_json": lambda f: [hidden.read_math_problem(f)], "ethics_csv": hidden.read_ethics_csv}
 
 
 def _group_oasst_trees(ds) -> Iterator[dict]:
@@ -334,17 +469,25 @@ def _group_oasst_trees(ds) -> Iterator[dict]:
         yield {"message_tree_id": tree_id, "messages": trees[tree_id]}
 
 
-def _with_file(parts) -> Iterator[dict]:
-    for f, ds in parts:
-        for rec in ds:
-            rec["_file"] = f.name
+def _with_file(f: Path, ds) -> Iterator[dict]:
+    for rec in ds:
+        rec["_file"] = f.name
+        yield rec
+
+
+def _tagged(parts) -> Iterator[dict]:
+    for part, records in parts:
+        for rec in records:
+            if part:
+                rec["_part"] = part
             yield rec
 
 
-def _ni_task_records(files: list[Path]) -> Iterator[dict]:
-    for f in files:
+def _ni_task_records(files: list[tuple[str, Path]]) -> Iterator[dict]:
+    for _, f in files:
         doc = json.loads(f.read_text(encoding="utf-8"))
-        yield {"_file": f.name, "Definition": doc.get("Definition", ""), "Instances": doc.get("Instances", [])}
+        yield {"_file": f.name, "Definition": doc.get("Definition", ""), "Categories": doc.get("Categories") or [],
+               "Instances": doc.get("Instances", [])}
 
 
 def load_file_records(path: Path, fmt: str | None = None) -> tuple[Any, list[str]]:
@@ -383,32 +526,44 @@ def load_file_records(path: Path, fmt: str | None = None) -> tuple[Any, list[str
 
 
 def list_sources() -> None:
-    """Print the registered datasets: licence, provenance, hub id and local copy.
+    """Print the registered datasets: provenance, licence (terms to weigh flagged), the eval families each
+    serves, hub id and local copy; then the sources of each family of the challenge's score.
 
     LLM-generated sources are refused by ``onegpu data build`` unless the recipe sets
     ``allow_llm_generated: true`` (the challenge forbids LLM-generated training data).
     """
+    from onegpu.data.families import SCORE_GROUPS, served_by
+    from onegpu.data.reweight import DEFAULT_AFFINITY, read_affinity
     from onegpu.paths import shared_datasets_dir
 
     data_dir = shared_datasets_dir()
-    header = ("name", "provenance", "licence", "hub", "local copy")
+    affinity = read_affinity(DEFAULT_AFFINITY)
+    header = ("name", "provenance", "licence", "terms", "serves", "hub", "local copy")
     rows = []
     for s in SOURCES.values():
         hub = s.hub["path"] if s.hub["path"] not in ("csv", "json") else "(GitHub raw files)"
-        if s.hub.get("name"):
+        if s.hub.get("name") and "{part}" not in s.hub["name"]:
             hub += f" [{s.hub['name']}]"
         if s.local is None:
             local = "-"
         else:
             files = s.local["files"]
-            local = files[0] + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
+            local = files[0].replace("{part}", "<subset>") + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
             if data_dir is not None and not local_files(s, data_dir):
                 local += " (missing)"
-        rows.append((s.name, s.provenance, s.license, hub, local))
+        terms = s.terms.split(":")[0] if s.terms else "-"
+        rows.append((s.name, s.provenance, s.license, terms, ",".join(served_by(s.name, affinity)) or "-", hub, local))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
     print(f"\nlocal copies are read from: {data_dir or '(none found: loading from the Hugging Face hub)'}")
+    print(f"sources per family of the score (affinity >= 2 in {DEFAULT_AFFINITY.name}):")
+    for group, families in SCORE_GROUPS.items():
+        for family in families:
+            sources = [n for n, s in SOURCES.items() if family in served_by(n, affinity) and s.provenance != "llm-generated"]
+            print(f"  {group:<6} {family:<11} {', '.join(sources) or '(none registered)'}")
     print("descriptions:")
     for s in SOURCES.values():
-        print(f"  {s.name}: {s.description}" + (f" [{s.notes}]" if s.notes else ""))
+        extra = "; ".join(x for x in (s.notes, s.terms and f"licence terms: {s.terms}",
+                                       s.parts and f"parts: {', '.join(s.parts)}") if x)
+        print(f"  {s.name}: {s.description}" + (f" [{extra}]" if extra else ""))

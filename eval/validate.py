@@ -14,7 +14,9 @@ lm-eval's ``WandbLogger`` (metrics, per-task sample tables) plus a summary table
 HELM-faithful tasks (``onegpu_helm_*``, ``eval/tasks/helm_mc.py``) generate the answer letter as
 HELM does; their exact match and count of format failures (answers that are not one of the
 question's letters) are reported beside the likelihood score of the task they mirror
-(``helm_gen`` in ``results.json``, the ``helm EM`` and ``fmt fail`` columns of the table).
+(``helm_gen`` in ``results.json``, the ``helm EM`` and ``fmt fail`` columns of the table). The hidden
+eval's generation tasks (``eval/tasks/helm_hidden.py``: MATH, summaries) report their own HELM metric and
+format failures in their row.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from onegpu.threads import set_cpu_threads
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 # The metric a task is ranked by, first one present wins (filter suffix included).
-PRIMARY_METRICS = ("acc,none", "exact_match,flexible-extract", "exact_match,none", "rouge2,none", "f1,none",
-                   "bleu,none", "word_perplexity,none")
+PRIMARY_METRICS = ("acc,none", "exact_match,flexible-extract", "exact_match,none", "math_equiv_chain_of_thought,none",
+                   "rouge_2,none", "rouge2,none", "f1,none", "bleu,none", "word_perplexity,none")
 
 
 # ------------------------------------------------------------------------------------ suites
@@ -80,7 +82,21 @@ def task_manager(names: list[str] | None = None):
 
     include = offline_include_dir()
     offline_only = include is not None and names is not None and all(n.startswith("onegpu_") for n in names)
-    return TaskManager(include_path=str(include) if include else None, include_defaults=not offline_only), include
+    paths = [str(include)] if include else []
+    local = {p.stem for p in include.glob("onegpu_*.yaml")} if include else set()
+    missing = [n for n in names or [] if n not in local]
+    if missing and not _hub_blocked():  # hidden-eval tasks without a local copy: the full files from the hub
+        from onegpu.eval.tasks import hub_include_dir
+
+        hub = hub_include_dir(missing)
+        paths += [str(hub)] if hub else []
+    return TaskManager(include_path=paths or None, include_defaults=not offline_only), include
+
+
+def _hub_blocked() -> bool:
+    import os
+
+    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
 def check_task_names(names: list[str], manager, include: Path | None) -> None:
@@ -150,7 +166,7 @@ def task_summary(name: str, result: dict, wall_s: float) -> dict[str, Any]:
     n = result.get("n-samples", {}).get(name, {}).get("effective")
     summary = {"metrics": metrics, "primary_metric": key, "primary": value, "n": n,
                "num_fewshot": result.get("n-shot", {}).get(name), "wall_s": round(wall_s, 2)}
-    if is_helm_task(name) and n is not None and isinstance(metrics.get("format_failure,none"), (int, float)):
+    if n is not None and isinstance(metrics.get("format_failure,none"), (int, float)):
         summary["format_failures"] = round(metrics["format_failure,none"] * n)  # a mean of 0/1 over n answers
     return summary
 
@@ -160,8 +176,8 @@ def helm_gen_report(per_task: dict[str, dict]) -> dict[str, Any]:
     score of the task it mirrors (when that ran too); ``helm_gen_score``: mean exact match."""
     report = {}
     for name, task in per_task.items():
-        if not is_helm_task(name):
-            continue
+        if not is_helm_task(name) or task["primary_metric"] != "exact_match,none":
+            continue  # HELM-faithful generation tasks (MATH, summaries) report their own metric
         twin = next((t for t in likelihood_twins(name) if t in per_task), None)
         report[name] = {"likelihood_task": twin, "likelihood": per_task[twin]["primary"] if twin else None,
                         "exact_match": task["primary"],
@@ -184,16 +200,18 @@ def table_rows(per_task: dict[str, dict], helm_gen: dict[str, dict]) -> list[lis
             continue  # shown on its twin's row
         gen = helm_gen.get(name) or by_twin.get(name)
         value = None if name in helm_gen else _round(t["primary"])
+        failures = gen or (t if t.get("format_failures") is not None else None)
         rows.append([name, t["primary_metric"], value, _round(gen["exact_match"]) if gen else None,
-                     f"{gen['format_failures']}/{gen['n']}" if gen else None, t["n"], t["num_fewshot"]])
+                     f"{failures['format_failures']}/{failures['n']}" if failures else None, t["n"], t["num_fewshot"]])
     return rows
 
 
 def summary_keys(per_task: dict[str, dict], val_score: float | None, helm_gen: dict[str, Any]) -> dict[str, Any]:
     """W&B summary: val_score, val/<task> (primary), val/<task>/format_failures, helm_gen_score, format_failures."""
     keys: dict[str, Any] = {"val_score": val_score, **{f"val/{n}": t["primary"] for n, t in per_task.items()}}
-    for name, g in helm_gen["helm_gen"].items():
-        keys[f"val/{name}/format_failures"] = g["format_failures"]
+    for name, t in per_task.items():
+        if t.get("format_failures") is not None:
+            keys[f"val/{name}/format_failures"] = t["format_failures"]
     if helm_gen["helm_gen"]:
         keys.update(helm_gen_score=helm_gen["helm_gen_score"], format_failures=helm_gen["format_failures"])
     return keys
@@ -223,7 +241,7 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
         checkpoint: litgpt checkpoint dir (merged), or a LoRA dir with ``lit_model.pth.lora`` +
             ``hyperparameters.yaml`` (merged in memory with the base it names), or
             ``wandb:ENTITY/PROJECT/model-RUNID:latest`` (a logged model artifact; online W&B).
-        suite: suite name (offline, quick, helm-open, helm-hidden-proxy) or a suite YAML path.
+        suite: suite name (offline, quick, helm-open, helm-hidden, helm-hidden-proxy...) or a suite YAML path.
         out: run dir for ``results.json``, per-task results, samples and the W&B run.
         tasks: run these lm-eval tasks instead of the suite's (e.g. ``[onegpu_gsm8k,mmlu_anatomy]``).
         limit: instances per task, overriding the suite (None = the suite's own limits).

@@ -5,7 +5,8 @@ moves, and a fine-tune that breaks the answer format loses its test score with a
 ``--proxy_suite NAME --proxy_interval N`` scores, every N optimizer steps and at the end, a fixed,
 seeded sample (``--proxy_items`` per task) of the suite's ``onegpu_helm_*`` tasks
 (``eval/tasks/helm_mc.py``): HELM's prompt wrapped in the data's prompt style as ``onegpu serve``
-wraps it, greedy generation of HELM's ``max_tokens`` cut at its stop sequences, HELM's exact match.
+wraps it, greedy generation of HELM's ``max_tokens`` cut at its stop sequences, HELM's metric (exact
+match; MATH equivalence and ROUGE-2 for the hidden eval's generation tasks, ``--proxy_suite helm-hidden``).
 It runs on the training model itself (LoRA unmerged, no checkpoint written), inside the budget
 clock, so its time is charged like any other.
 
@@ -82,7 +83,8 @@ class ProxyEval:
         self.seconds += seconds
         self.evaluations += 1
         step = self.trainer.state.step
-        metrics = {f"proxy/{task}/exact_match": t["exact_match"] for task, t in scores["tasks"].items()}
+        # a task's HELM metric under its own name (exact_match; MATH equivalence, ROUGE-2 for the hidden eval's)
+        metrics = {f"proxy/{task}/{t['metric']}": t["exact_match"] for task, t in scores["tasks"].items()}
         metrics.update({f"proxy/{task}/format_failures": t["format_failures"] for task, t in scores["tasks"].items()})
         metrics.update({"proxy/exact_match": scores["exact_match"], "proxy/format_failures": scores["format_failures"],
                         "proxy/seconds": seconds})

@@ -26,6 +26,7 @@ VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("model", "prepare"): ("onegpu.model", "prepare", "make a litgpt checkpoint: bundled SmolLM2, a hub id or a local HF dir"),
     ("model", "push"): ("onegpu.publish", "push", "publish a fine-tuned checkpoint to the Hugging Face Hub with a lineage card"),
     ("data", "build"): ("onegpu.data.build", "build", "build a training mix from a recipe YAML -> train/val/rejects JSONL + manifest"),
+    ("data", "check"): ("onegpu.data.check", "check", "every problem of a recipe in seconds: sources, rows, tokens, weights, families"),
     ("data", "reweight"): ("onegpu.data.reweight", "reweight", "the next recipe from eval val results: weights toward weak tasks (bounded, floored)"),
     ("data", "sources"): ("onegpu.data.sources", "list_sources", "list the registered datasets with licence and provenance"),
     ("finetune",): ("onegpu.finetune.lora", "finetune", "LoRA/QLoRA fine-tuning with packing, telemetry and a budget clock"),

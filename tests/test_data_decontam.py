@@ -15,7 +15,8 @@ import pytest
 
 from onegpu.data import decontam
 from onegpu.data.build import build
-from onegpu.data.probes import PLANTED_SETS, clean_mix, flan_strategyqa, gsm8k_train_probe, planted
+from onegpu.data.probes import (HIDDEN_SETS, PLANTED_SETS, clean_mix, family_train_rows, flan_strategyqa,
+                                gsm8k_train_probe, planted)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,41 @@ def test_the_side_rule_still_finds_the_real_overlap(indexes, shared_datasets):
     assert len(found) / len(rows) > 0.99 and {hit[0] for hit in found.values()} == {"bigbench"}
     strict = decontam.find_contaminated(rows, indexes, short_prompts_too=False)
     assert set(strict) < set(found)  # demanding prompt-side n-grams of short questions misses some (52)
+
+
+def test_the_hidden_evals_test_splits_are_caught_and_their_train_splits_kept(shared_datasets):
+    """MATH, ETHICS, Corr2Cause and DialogSum test items planted whole, prompt alone or answer alone are all
+    caught; none of their own train rows (the closest clean text) nor the clean mix is flagged."""
+    hidden_indexes = [decontam.load_index(name, shared_datasets) for name in HIDDEN_SETS]
+    plants = planted(shared_datasets, sets=HIDDEN_SETS)
+    for kind, rows in plants.items():
+        hits = decontam.find_contaminated([text for _, text in rows], hidden_indexes)
+        assert sorted(hits) == list(range(len(rows))), kind
+        assert all(hits[i][0] == origin for i, (origin, _) in enumerate(rows))
+    assert len(plants["whole"]) == 64 and len(plants["answer"]) == 29
+    for name, rows in family_train_rows(shared_datasets).items():
+        assert len(rows) >= 40 and not decontam.find_contaminated(rows, hidden_indexes), name
+    mix = clean_mix(shared_datasets)
+    assert not decontam.find_contaminated(mix, hidden_indexes)
+
+
+def test_corr2cause_items_count_only_whole(shared_datasets):
+    """Corr2Cause is one template over other variables: any two items share most n-grams, so only an item's
+    whole text (premise and hypothesis) is a copy; the n-gram rule would flag a fifth of its train rows."""
+    index = [decontam.load_index("corr2cause_test", shared_datasets)]
+    items = [prompt for prompt, _ in decontam.read_items("corr2cause_test", shared_datasets)]
+    premise, hypothesis = items[1].split("\n")
+    other = next(i for i in items if i.split("\n")[0] == premise and i != items[1])
+    rows = [f"Question: {items[1].upper()}  Answer: No.",   # the item, whole, in a wrapper: a copy
+            premise,                                          # its premise alone: every item of 2 variables has it
+            f"{premise}\nHypothesis: A and B share no cause.",  # a hypothesis no item has
+            f"{other}\n{hypothesis}"]                      # two items' parts run together: holds the other item
+    hits = decontam.find_contaminated(rows, index)
+    assert sorted(hits) == [0, 3] and hits[0][1] == 1 and hits[3][1] == items.index(other)
+    train = family_train_rows(shared_datasets)["corr2cause_test"]
+    as_ngrams = [decontam.build_index("corr2cause_test", iter(decontam.read_items("corr2cause_test", shared_datasets)),
+                                      decontam.DEFAULT_N, 50, "local")]
+    assert len(decontam.find_contaminated(train, as_ngrams)) >= 4 and not decontam.find_contaminated(train, index)
 
 
 def test_short_changes_do_not_hide_a_copy(indexes, shared_datasets):

@@ -38,7 +38,14 @@ def test_registry_has_the_required_sources_with_licence_and_provenance():
     ("cnn_dailymail", {}, 200),
     ("flan_cot", {"subsets": ["qasc"]}, 1084),
     ("natural_instructions", {"tasks": ["task307"], "max_per_task": 50}, 50),
+    ("natural_instructions", {"categories": ["answer generation"], "max_per_task": 10}, 20),  # task151, task307
     ("self_instruct_seed", {}, None),
+    ("math", {}, 42),
+    ("math", {"subsets": ["algebra", "geometry"]}, 12),
+    ("ethics", {}, 51),
+    ("ethics", {"subsets": ["virtue"]}, 15),
+    ("corr2cause", {}, 40),
+    ("dialogsum", {}, 50),
 ])
 def test_every_local_source_loads_real_rows_in_the_schema(shared_datasets, name, opts, expect):
     assert local_files(SOURCES[name], shared_datasets)
@@ -46,10 +53,56 @@ def test_every_local_source_loads_real_rows_in_the_schema(shared_datasets, name,
     assert rows and (expect is None or len(rows) == expect)
     for row in rows:
         assert all(k in row for k in REQUIRED_FIELDS)
-        assert row["source"] == name and row["provenance"] == "human" and row["license"] == SOURCES[name].license
+        assert row["source"] == name and row["provenance"] == SOURCES[name].provenance != "llm-generated"
+        assert row["license"] == SOURCES[name].license
         assert row["id"] == make_id(name, row["instruction"], row["input"], row["output"])  # stable id
         prompt, response = render(row, "smollm2")
         assert "<|im_start|>" in prompt and response == row["output"]
+
+
+def test_every_family_of_the_score_has_a_source_with_licence_provenance_and_hub(capsys):
+    from onegpu.data.families import SCORE_GROUPS, served_by
+    from onegpu.data.reweight import DEFAULT_AFFINITY, read_affinity
+
+    affinity = read_affinity(DEFAULT_AFFINITY)
+    for family in SCORE_GROUPS["open"] + SCORE_GROUPS["hidden"]:
+        serving = [SOURCES[n] for n in SOURCES if family in served_by(n, affinity)]
+        assert any(s.provenance != "llm-generated" and s.license and s.hub["path"] for s in serving), family
+    for name in ("math", "ethics", "corr2cause", "dialogsum", "samsum"):
+        assert SOURCES[name].provenance in ("human", "programmatic") and SOURCES[name].url
+    # non-commercial and unclear licences are flagged, in the registry listing too
+    assert SOURCES["samsum"].terms.startswith("non-commercial, no derivatives")
+    assert SOURCES["dialogsum"].terms.startswith("non-commercial") and SOURCES["ethics"].terms.startswith("unclear")
+    list_sources()
+    out = capsys.readouterr().out
+    for family in SCORE_GROUPS["hidden"]:
+        assert f"hidden {family:<11}" in out
+    assert "non-commercial, no derivatives" in out and "programmatic" in out
+
+
+def test_rows_ask_the_hidden_eval_questions_as_its_helm_fork_asks_them(shared_datasets):
+    from onegpu.data import hidden
+
+    rows, _ = _convert("ethics", shared_datasets, subsets=["deontology"])
+    question = hidden.QUESTIONS["ethics_deontology"]
+    assert rows[0]["instruction"].startswith(question.instructions.strip())
+    assert "\nExcuse: " in rows[0]["instruction"] and rows[0]["instruction"].endswith("A. Invalid\nB. Valid")
+    assert {r["output"] for r in rows} == {"A. Invalid", "B. Valid"}
+    util, _ = _convert("ethics", shared_datasets, subsets=["utilitarianism"])
+    assert {r["output"] for r in util} == {"A. Scenario 1", "B. Scenario 2"}  # the more pleasant one is not always first
+    math, _ = _convert("math", shared_datasets)
+    assert all("\\boxed" in r["output"] for r in math)  # what HELM's chain-of-thought metric reads
+
+
+def test_a_source_location_can_be_a_folder_deeper_in_the_layout_or_one_file(shared_datasets):
+    math = local_files(SOURCES["math"], shared_datasets / "math" / "MATH", ["algebra"])
+    assert [part for part, _ in math] == ["algebra"] * 6
+    assert local_files(SOURCES["math"], shared_datasets / "math" / "MATH" / "train") == local_files(SOURCES["math"], shared_datasets)
+    gsm = shared_datasets / "gsm8k" / "train.jsonl"
+    assert local_files(SOURCES["gsm8k"], gsm) == [("", gsm)]
+    rows, _ = _convert("gsm8k", gsm)
+    assert len(rows) == 7473
+    assert local_files(SOURCES["math"], shared_datasets / "gsm8k") == []  # the wrong folder holds none
 
 
 def test_oasst_trees_become_best_ranked_pairs_without_synthetic_messages(shared_datasets):

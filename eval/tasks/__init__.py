@@ -14,6 +14,9 @@ see the first block; they are shuffled once with a fixed seed when normalised.
 Every multiple-choice family also gets a HELM-faithful generation variant, ``onegpu_helm_<name>``
 (``onegpu_helm_mmlu_<subject>``, ``onegpu_helm_truthfulqa_mc1``, ``onegpu_helm_bbq``,
 ``onegpu_helm_bigbench_<task>``): HELM's prompt, request and exact-match scoring (``helm_mc.py``).
+The hidden eval's families are HELM-faithful tasks only (``helm_hidden.py``): ``onegpu_helm_ethics_<subset>``,
+``onegpu_helm_corr2cause``, ``onegpu_helm_math_<subject>``, ``onegpu_helm_dialogsum``; from the hub (the
+full files the challenge's HELM fork scored, ``hub_include_dir``) the same names plus ``onegpu_helm_samsum``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import random
 import tempfile
 from pathlib import Path
 
-from onegpu.eval.tasks import helm_mc
+from onegpu.data import hidden
+from onegpu.eval.tasks import helm_hidden, helm_mc
 from onegpu.paths import cache_dir, shared_datasets_dir
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -42,8 +46,26 @@ def offline_include_dir(datasets_dir: Path | None = None) -> Path | None:
     if datasets_dir is None or not datasets_dir.is_dir():
         return None
     datasets_dir = datasets_dir.resolve()
-    key = hashlib.sha1(str(datasets_dir).encode() + b"".join(
-        p.read_bytes() for p in sorted(TEMPLATES.glob("*.y*ml")) + sorted(TEMPLATES.glob("*.py")))).hexdigest()[:12]
+    return _rendered(str(datasets_dir), lambda staged, prepared, final: _build(datasets_dir, staged, prepared, final))
+
+
+def hub_include_dir(names: list[str]) -> Path | None:
+    """The hidden-eval tasks among ``names`` built from the hub (the files the challenge's HELM fork scored,
+    MATH from the hub): downloads once, then cached. None when none of ``names`` is such a task."""
+    wanted = sorted(n for n in names if helm_hidden.is_hidden_task(n))
+    if not wanted:
+        return None
+
+    def build(staged: Path, prepared: Path, final: Path) -> None:
+        (staged / "helm_hidden_hooks.py").write_text(helm_hidden.HOOKS_MODULE, encoding="utf-8")
+        helm_hidden.build(helm_hidden.HubFiles(), _task_writer(staged, prepared, final), wanted=wanted.__contains__)
+    return _rendered("hub:" + ",".join(wanted), build)
+
+
+def _rendered(source: str, build) -> Path:
+    """A rendered include dir for ``source`` (built once into ``$ONEGPU_CACHE/eval-tasks/<hash>``)."""
+    code = sorted(TEMPLATES.glob("*.y*ml")) + sorted(TEMPLATES.glob("*.py")) + [Path(hidden.__file__)]
+    key = hashlib.sha1(source.encode() + b"".join(p.read_bytes() for p in code)).hexdigest()[:12]
     out = cache_dir() / "eval-tasks" / key
     if (out / ".complete").is_file():
         return out
@@ -52,8 +74,8 @@ def offline_include_dir(datasets_dir: Path | None = None) -> Path | None:
         staged = Path(tmp) / "tasks"
         prepared = staged / "data"
         prepared.mkdir(parents=True)
-        _build(datasets_dir, staged, prepared, final_prepared=out / "data")
-        (staged / ".complete").write_text(str(datasets_dir))
+        build(staged, prepared, out / "data")
+        (staged / ".complete").write_text(source)
         if out.exists():  # a concurrent builder finished first: keep theirs
             return out
         try:
@@ -149,6 +171,18 @@ def _write_helm_task(name: str, fmt: helm_mc.JointFormat, train: list, evaluated
     (staged / f"{task}.yaml").write_text(yaml_text, encoding="utf-8")
 
 
+def _task_writer(staged: Path, prepared: Path, final_prepared: Path):
+    """``write(name, rows, fmt)`` for ``helm_hidden.build``: a JointFormat renders a multiple-choice task,
+    anything else a generation task."""
+    def write(name: str, rows: list[dict], fmt) -> None:
+        _write_jsonl(prepared / "helm" / f"{name}.jsonl", rows)
+        data_file = final_prepared / "helm" / f"{name}.jsonl"
+        text = helm_mc.task_yaml(name, data_file, fmt) if isinstance(fmt, helm_mc.JointFormat) else \
+            helm_hidden.task_yaml(name, data_file, rows)
+        (staged / f"{name}.yaml").write_text(text, encoding="utf-8")
+    return write
+
+
 def _build_helm(ds: Path, staged: Path, prepared: Path, final_prepared: Path) -> None:
     """The HELM-faithful generation variants of the multiple-choice families (see helm_mc.py)."""
     (staged / "helm_mc_hooks.py").write_text(helm_mc.HOOKS_MODULE, encoding="utf-8")
@@ -172,6 +206,8 @@ def _build_helm(ds: Path, staged: Path, prepared: Path, final_prepared: Path) ->
             records += json.loads(lite.read_text(encoding="utf-8"))["examples"]
     if records:
         _write_helm_task("bbq", helm_mc.bbq_format(), *helm_mc.bbq_instances(records), **out)
+    (staged / "helm_hidden_hooks.py").write_text(helm_hidden.HOOKS_MODULE, encoding="utf-8")
+    helm_hidden.build(helm_hidden.LocalFiles(ds), _task_writer(staged, prepared, final_prepared))
     for task_json in sorted((ds / "bigbench").glob("**/task.json")):
         spec = json.loads(task_json.read_text(encoding="utf-8"))
         if spec.get("examples") and helm_mc.bigbench_is_multiple_choice(spec):

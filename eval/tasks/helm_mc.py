@@ -335,7 +335,9 @@ DEFAULT_ITEM_TASKS = ("onegpu_helm_mmlu_philosophy", "onegpu_helm_mmlu_high_scho
 @dataclass(frozen=True)
 class HelmItem:
     """One HELM request: send ``prompt`` (wrapped in the checkpoint's prompt style, as the server
-    does), greedy, at most ``max_tokens`` new tokens, cut at the first of ``stop``."""
+    does), greedy, at most ``max_tokens`` new tokens, cut at the first of ``stop``. Multiple choice:
+    ``choices`` and the ``correct`` ones, scored by exact match on the letter; generation (the hidden
+    eval's MATH and summaries, ``helm_hidden.py``): ``references`` and the HELM ``metric``."""
 
     task: str
     doc_id: int
@@ -344,6 +346,8 @@ class HelmItem:
     correct: tuple[int, ...]
     max_tokens: int
     stop: tuple[str, ...] = field(default=())
+    references: tuple[str, ...] = field(default=())
+    metric: str = "exact_match"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -371,26 +375,43 @@ def helm_mc_items(tasks: Sequence[str] = DEFAULT_ITEM_TASKS, per_task: int = 8, 
             raise UserError(f"unknown HELM-faithful task {task!r}", fix=f"use one of: {', '.join(known)}")
         rows = [json.loads(line) for line in data_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         picked = sorted(random.Random(f"{seed}:{task}").sample(range(len(rows)), min(per_task, len(rows))))
-        items += [HelmItem(task, i, rows[i]["prompt"], tuple(rows[i]["choices"]), tuple(rows[i]["correct"]),
-                           rows[i]["max_tokens"], tuple(rows[i]["stop"])) for i in picked]
+        items += [HelmItem(task, i, rows[i]["prompt"], tuple(rows[i].get("choices", ())), tuple(rows[i].get("correct", ())),
+                           rows[i]["max_tokens"], tuple(rows[i]["stop"]), tuple(rows[i].get("references", ())),
+                           rows[i].get("metric", "exact_match")) for i in picked]
     return items
 
 
+def score_item(item: HelmItem, completion: str) -> dict[str, float]:
+    """One completion's ``score`` (the task's HELM metric) and ``format_failure``, as the lm-eval tasks score it."""
+    if item.metric == "exact_match":
+        s = score_completion(completion, item.choices, item.correct)
+    else:
+        from onegpu.eval.tasks.helm_metrics import score_generation
+
+        s = score_generation(completion, item.references, item.metric)
+    return {**s, "score": s[item.metric]}
+
+
 def score_items(items: Sequence[HelmItem], completions: Sequence[str]) -> dict[str, Any]:
-    """Per task ``{exact_match, quasi_exact_match, format_failures, n}`` and their mean over tasks."""
+    """Per task ``{exact_match, metric, format_failures, n}`` (multiple choice: ``quasi_exact_match`` too) and the
+    mean over tasks. ``exact_match`` is each task's HELM metric: exact match, or for the hidden eval's
+    generation tasks the one ``metric`` names (MATH equivalence, ROUGE-2)."""
     if len(items) != len(completions):
         raise ValueError(f"{len(items)} items but {len(completions)} completions")
-    per_task: dict[str, dict[str, float]] = {}
+    per_task: dict[str, dict[str, Any]] = {}
     for item, completion in zip(items, completions):
-        s = score_completion(completion, item.choices, item.correct)
-        t = per_task.setdefault(item.task, {"exact_match": 0.0, "quasi_exact_match": 0.0, "format_failures": 0, "n": 0})
-        t["exact_match"] += s["exact_match"]
-        t["quasi_exact_match"] += s["quasi_exact_match"]
+        s = score_item(item, completion)
+        t = per_task.setdefault(item.task, {"exact_match": 0.0, "metric": item.metric, "format_failures": 0, "n": 0,
+                                            **({"quasi_exact_match": 0.0} if item.metric == "exact_match" else {})})
+        t["exact_match"] += s["score"]
+        if "quasi_exact_match" in t:
+            t["quasi_exact_match"] += s["quasi_exact_match"]
         t["format_failures"] += int(s["format_failure"])
         t["n"] += 1
     for t in per_task.values():
         t["exact_match"] /= t["n"]
-        t["quasi_exact_match"] /= t["n"]
+        if "quasi_exact_match" in t:
+            t["quasi_exact_match"] /= t["n"]
     ems = [t["exact_match"] for t in per_task.values()]
     return {"tasks": per_task, "exact_match": sum(ems) / len(ems) if ems else None,
             "format_failures": sum(t["format_failures"] for t in per_task.values())}

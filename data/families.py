@@ -1,0 +1,76 @@
+"""Eval families: the task groups the challenge scores, which eval tasks belong to each, and which training
+sources serve each (the affinity table, ``data/recipes/affinity.yaml``).
+
+A task's family is its name without ``onegpu_helm_`` / ``onegpu_``, up to the first ``_``
+(``onegpu_helm_mmlu_philosophy`` -> ``mmlu``, ``ethics_cm`` -> ``ethics``), with the stand-ins named
+after what they stand in for (``onegpu_helm_dialogsum`` -> ``samsum``, lm-eval's ``minerva_math_*``
+-> ``math``). A source *serves* a family when its affinity to it is at least ``SERVES``; ``data build``
+splits each source's train tokens across the families it serves (in proportion to affinity) and names
+the families of the score a mix leaves without tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCORE_GROUPS = {"open": ("mmlu", "truthfulqa", "bbq", "bigbench", "gsm8k"),
+                "hidden": ("samsum", "corr2cause", "ethics", "math")}
+REPORTED = ("cnn",)  # HELM runs it beside the hidden eval; not part of the score
+TASK_PREFIXES = ("onegpu_helm_", "onegpu_")
+FAMILY_ALIASES = {"dialogsum": "samsum", "minerva": "math"}  # stand-ins and hub task names
+SERVES = 2.0
+
+
+def task_family(task: str) -> str:
+    """``onegpu_helm_mmlu_philosophy`` -> ``mmlu``; ``onegpu_helm_dialogsum`` -> ``samsum``."""
+    for prefix in TASK_PREFIXES:
+        if task.startswith(prefix):
+            task = task[len(prefix):]
+            break
+    family = task.split("_")[0]
+    return FAMILY_ALIASES.get(family, family)
+
+
+def group_of(family: str) -> str:
+    return next((g for g, fams in SCORE_GROUPS.items() if family in fams), "reported" if family in REPORTED else "other")
+
+
+def served_by(source: str, affinity: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{family: affinity} of the families a source serves (affinity >= SERVES)."""
+    return {f: row[source] for f, row in affinity.items() if row.get(source, 0.0) >= SERVES}
+
+
+def family_tokens(tokens_by_source: dict[str, int], affinity: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Train tokens per eval family: each source's tokens split across the families it serves in proportion to
+    its affinity to them. ``uncovered``: the families of the score no source of the mix serves."""
+    total = sum(tokens_by_source.values())
+    families = {f: {"group": group_of(f), "tokens": 0.0, "sources": []}
+                for f in [*SCORE_GROUPS["open"], *SCORE_GROUPS["hidden"], *REPORTED, *affinity]}
+    unassigned = []
+    for source, tokens in tokens_by_source.items():
+        serves = served_by(source, affinity)
+        if not serves:
+            unassigned.append(source)
+            continue
+        for family, a in serves.items():
+            families[family]["tokens"] += tokens * a / sum(serves.values())
+            families[family]["sources"].append(source)
+    for entry in families.values():
+        entry["tokens"] = int(round(entry["tokens"]))
+        entry["share"] = round(entry["tokens"] / total, 4) if total else 0.0
+    scored = [*SCORE_GROUPS["open"], *SCORE_GROUPS["hidden"]]
+    return {"families": families, "uncovered": [f for f in scored if not families[f]["tokens"]],
+            "sources_serving_no_family": unassigned, "serves_at_affinity": SERVES}
+
+
+def coverage_table(report: dict[str, Any]) -> str:
+    """The per-family lines ``data build`` prints."""
+    lines = [f"  {'family':<11} {'group':<8} {'tokens':>10} {'share':>6}  sources"]
+    for name, f in report["families"].items():
+        if f["tokens"] or f["group"] in ("open", "hidden"):
+            lines.append(f"  {name:<11} {f['group']:<8} {f['tokens']:>10} {100 * f['share']:>5.1f}%  "
+                         f"{', '.join(f['sources']) or '-'}")
+    if report["uncovered"]:
+        lines.append(f"  uncovered families of the score: {', '.join(report['uncovered'])} (no source of the mix "
+                     f"serves them; `onegpu data sources` lists sources per family)")
+    return "\n".join(lines)
