@@ -198,9 +198,9 @@ def evaluation_steps(plan: DayPlan, options: dict[str, Any], seconds: dict[str, 
     if seconds["validation"]:
         val = serving_fit(plan, plan.model, seq, None, "eval val (bf16 weights)", batches=(8, 4, 2, 1))
         steps.append(Step("validation", seconds["validation"],
-                          [f"onegpu eval val {final_dir} --suite helm-open --out {out / 'eval-val'} "
-                           f"--batch_size {val['batch']}"], peak_gib=val["peak_gib"],
-                          note="lm-eval on the open eval's families"))
+                          [f"onegpu eval val {final_dir} --suite {suite} --out {out / ('eval-' + suite)} "
+                           f"--batch_size {val['batch']}" for suite in ("helm-open", "helm-hidden")],
+                          peak_gib=val["peak_gib"], note="the open eval's families and the hidden eval's (2/3 of the score)"))
     serve_args = shlex.quote(json.dumps([*(q for flag in quantized for q in flag.split()), "--max_batch_size",
                                          str(serve["batch"])]))  # strings, as `onegpu serve` reads them
     return steps + [

@@ -67,7 +67,7 @@ def test_the_day_fits_and_every_command_parses(track, model, tmp_path, capsys):
     (out / "sweep" / "best.yaml").write_text(yaml.safe_dump({"learning_rate": 2e-4, "lora_r": 16}))
     day_sh = (out / "day.sh").read_text()
     assert subprocess.run(["bash", "-n", str(out / "day.sh")]).returncode == 0
-    assert parse_every_command(day_sh, tmp_path) == 8  # prepare, plan, sweep, report, finetune, val, helm, pack
+    assert parse_every_command(day_sh, tmp_path) == 9  # prepare, plan, sweep, report, finetune, val x2, helm, pack
 
 
 def test_a_day_that_cannot_work_exits_2_naming_every_fix(tmp_path, capsys):
