@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HELM_VENV := .venv-helm
 VLLM_VENV := .venv-vllm
 
-.PHONY: quickstart test image-test venv lock helm-venv vllm-venv browser container-tools clean-venv gpu-wheels
+.PHONY: quickstart test image-test image-test-vllm venv lock helm-venv vllm-venv browser container-tools clean-venv gpu-wheels
 
 quickstart: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
@@ -16,8 +16,13 @@ test: venv helm-venv vllm-venv browser container-tools
 
 # The submission image rehearsed without a Docker daemon: pack -> buildah build -> run -> probe + HELM
 # (tests/test_image.py; README "Rehearsing the image"). The same test runs inside `make test`.
-image-test: venv helm-venv vllm-venv container-tools
+image-test: venv helm-venv container-tools
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests/test_image.py
+
+# The same rehearsal for `onegpu submission pack --engine vllm`, on a stand-in for vLLM's image (the
+# base above + vLLM's CPU build, cached): ~15 min more on first use. Not part of `make test`.
+image-test-vllm: venv helm-venv vllm-venv container-tools
+	ONEGPU_IMAGE_TEST_ENGINES=vllm WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests/test_image.py
 
 venv: $(VENV)/.installed
 
