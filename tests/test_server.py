@@ -14,6 +14,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 
 import httpx
@@ -444,3 +445,17 @@ def test_engines_agree_on_greedy_requests(onegpu_server, vllm_server):
                 assert common, (ta, tb)
                 assert [tb["top_logprob"][k] for k in common] == pytest.approx(
                     [ta["top_logprob"][k] for k in common], abs=LOGPROB_TOLERANCE)
+
+
+def test_engine_options_are_checked_before_anything_loads(bundled_checkpoint):
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "onegpu", "serve", "--checkpoint", str(bundled_checkpoint),
+                               "--port", "1", *args], capture_output=True, text=True, timeout=120)
+
+    quantized = serve("--engine", "vllm", "--quantize", "bnb.nf4")
+    assert quantized.returncode == 2 and "--quantize" in quantized.stderr and "quantization" in quantized.stderr
+    stray = serve("--vllm_args", '{"enforce_eager": true}')
+    assert stray.returncode == 2 and "--engine vllm" in stray.stderr
+    unknown = serve("--engine", "tensorrt")
+    assert unknown.returncode == 2 and "vllm" in unknown.stderr
+    assert "Traceback" not in quantized.stderr + stray.stderr + unknown.stderr

@@ -246,7 +246,7 @@ def test_vllm_engine_packs_vllm_image_with_its_memory_plan(finetuned, tmp_path):
     version = vllm_requirement(gpu=True).split("==")[1]
     assert f'ARG BASE_IMAGE="vllm/vllm-openai:v{version}"' in dockerfile
     assert f"ARG BASE_IMAGE=vllm/vllm-openai:v{version}" in (REPO_ROOT / "Dockerfile.vllm").read_text()
-    assert "COPY model/ /models/model/" in dockerfile and "onegpu.submission.vllm_engine export /models/model" in dockerfile
+    assert "COPY model/ /models/model/" in dockerfile and "-P -m onegpu.submission.vllm_engine export /models/model" in dockerfile
     assert "ONEGPU_ENGINE=vllm" in dockerfile and "ARG GPU_MEMORY_UTILIZATION=0.85" in dockerfile
     assert "ENTRYPOINT []" in dockerfile and "ARG QUANTIZE" not in dockerfile
     lint(out / "Dockerfile")
