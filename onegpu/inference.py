@@ -383,6 +383,9 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         # safetensors refuses tensors that share storage: store independent, contiguous copies.
         save_file({k: v.contiguous().clone() for k, v in state.items()}, str(work / "model.safetensors"),
                   metadata={"format": "pt"})
+        # safetensors writes its file private (0600); the export is read by other users like its config
+        # files (the vLLM image's server runs as a non-root user)
+        (work / "model.safetensors").chmod(0o644)
         for name in HF_CONFIG_FILES:
             if (source / name).is_file():
                 shutil.copy(source / name, work / name)
