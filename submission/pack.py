@@ -44,6 +44,10 @@ from onegpu.submission.weights import MODEL_DIR, WeightsRoute, embed_checkpoint,
 Engine = Literal["onegpu", "vllm"]
 DOCKERFILES = {"onegpu": "Dockerfile", "vllm": "Dockerfile.vllm"}  # the template of each engine's image
 VLLM_IMAGE = "vllm/vllm-openai"  # tagged v<the version of the kit's `vllm` extra>
+# In vLLM's image the kit's venv sees the base's packages; these the kit's stack imports when present
+# (torchmetrics imports transformers) at versions that clash with its pins (transformers 5.19 needs a
+# newer huggingface_hub than the kit's), so the venv gets its own, at the kit's versions.
+SHADOWED_IN_VLLM_IMAGE = ("transformers",)
 
 GIB = 1 << 30
 # CUDA context + allocator slack + prefill activations (one 2048-token sequence of a 7B is ~0.3 GiB).
@@ -202,14 +206,16 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def pinned_requirements(extras: tuple[str, ...] = ("serve",)) -> list[str]:
-    """``name==version`` for onegpu's core + ``extras`` requirements and their dependencies, as installed here."""
+def pinned_requirements(extras: tuple[str, ...] = ("serve",), also: tuple[str, ...] = ()) -> list[str]:
+    """``name==version`` for onegpu's core + ``extras`` requirements (+ the distributions ``also``) and
+    their dependencies, as installed here."""
     from packaging.requirements import Requirement
 
     def wanted(req: Requirement, extras: set[str]) -> bool:
         return req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {""} | extras)
 
     todo = [r for r in map(Requirement, metadata.requires("onegpu") or []) if wanted(r, set(extras))]
+    todo += [Requirement(name) for name in also]
     seen: dict[str, str] = {}
     expanded: set[tuple[str, str]] = set()  # (distribution, extra) pairs already walked
     while todo:
@@ -490,8 +496,9 @@ def write_bundle(out: Path, source: dict, route: WeightsRoute, base: WeightsRout
     (out / ".dockerignore").write_text(ignore)
     (out / "Dockerfile").write_text(render_dockerfile(route, base, options))
     extras = ("serve", "wandb") if route.kind == "wandb" else ("serve",)
+    also = SHADOWED_IN_VLLM_IMAGE if options["engine"] == "vllm" else ()
     (out / "requirements.txt").write_text("# pinned by `onegpu submission pack`; torch comes from the base image\n"
-                                          + "\n".join(pinned_requirements(extras)) + "\n")
+                                          + "\n".join(pinned_requirements(extras, also)) + "\n")
     (out / "server.yaml").write_text("# onegpu serve --config server.yaml (the Docker image reads the same values "
                                      "from ONEGPU_* env vars)\n"
                                      + yaml.safe_dump(_server_config(source, options), sort_keys=False))

@@ -252,6 +252,11 @@ def test_vllm_engine_packs_vllm_image_with_its_memory_plan(finetuned, tmp_path):
     lint(out / "Dockerfile")
     cfg = yaml.safe_load((out / "server.yaml").read_text())
     assert cfg["engine"] == "vllm" and cfg["gpu_memory_utilization"] == 0.85
+    # the kit's own transformers (and its huggingface-hub) shadow the versions vLLM's image brings
+    pins = dict(p.split("==") for p in (out / "requirements.txt").read_text().splitlines()[1:])
+    from importlib import metadata
+
+    assert pins["transformers"] == metadata.version("transformers") and "huggingface-hub" in pins
     plan = info["estimate"]
     assert plan["engine"] == "vllm" and plan["share_bytes"] == int(0.85 * (24_564 << 20))
     assert plan["kv_cache_bytes"] == plan["share_bytes"] - plan["weights_bytes"] - plan["overhead_bytes"]
