@@ -86,11 +86,14 @@ def create_vllm_venv(venv: Path) -> None:
     _step([python, "-m", "pip", "install", "-q", requirement])
     if not gpu:
         _step([python, "-m", "pip", "uninstall", "-q", "-y", *UNUSED_MISMATCHED])
+        # its CPU kernels link the system's libnuma; `import vllm` alone only warns without it
+        _step([python, "-c", "import vllm._C"], fix="install libnuma (Debian/Ubuntu: apt-get install libnuma1), "
+                                                    f"then remove {venv} and retry")
     _step([python, "-c", "import vllm, vllm.v1.engine.async_llm"])  # fail here, not at the first serve
 
 
-def _step(cmd: list[str]) -> None:
+def _step(cmd: list[str], fix: str = "check registry access, or install vLLM yourself and set ONEGPU_VLLM_PYTHON"
+          ) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise UserError(f"creating the vLLM env failed at `{' '.join(cmd)}`:\n{result.stderr[-2000:]}",
-                        fix="check registry access, or install vLLM yourself and set ONEGPU_VLLM_PYTHON")
+        raise UserError(f"creating the vLLM env failed at `{' '.join(cmd)}`:\n{result.stderr[-2000:]}", fix=fix)
