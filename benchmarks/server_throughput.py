@@ -1,4 +1,5 @@
-"""Throughput of `onegpu serve` vs a naive server built the organizers' sample-server way.
+"""Throughput of `onegpu serve` with its own engine, with vLLM (`--engine vllm`), and a naive server
+built the organizers' sample-server way.
 
 Replays a HELM-shaped request mix (the adapters of ../shared/reference/helm/run_specs_full_coarse_600_budget.conf):
 mostly 5-token multiple-choice requests with stop "\\n" (MMLU/TruthfulQA/BBQ, greedy), some 400-token
@@ -6,9 +7,15 @@ GSM8K requests with stop "\\n\\n", 128-token CNN/DM summaries (temperature 0.3) 
 requests, built from the real datasets in ../shared/datasets, with HELM's 5 in-context examples by
 default (``--shots``; 5-shot prompts are ~160-800 tokens with the bundled tokenizer). Each concurrency level (1, 4, 16) runs
 its own requests (the same mix, other items: a level must not find the previous one's prompts in
-onegpu's prefix cache) against both servers, alternating, and prints req/s, p50/p95 latency (all
+onegpu's prefix cache) against every server, alternating, and prints req/s, p50/p95 latency (all
 requests, and the short multiple-choice ones, which a long prefill would stall), tokens/s, the
-1-minute load average and onegpu's prefix-cache hits.
+1-minute load average and onegpu's prefix-cache hits; then each server's start-up time (launch to
+``/health`` 200, vLLM's warm-up compile included) and peak memory (RSS of its process tree).
+
+The two engines serve the same contract from the same front end (tokenizer, BOS rule, stop
+sequences), so on greedy requests they must return the same text: the script compares every
+greedy completion of the two and reports the onegpu/vLLM ratio only when they all agree (else it
+lists the requests that differ). The sampled CNN/DM requests carry seeds, as HELM's do.
 
 The baseline is what the sample servers did: one request at a time (a lock), litgpt's
 ``generate`` with a KV cache for all ``max_new_tokens`` (no EOS, no stop sequences), then the
@@ -21,7 +28,11 @@ in-context examples, every max_new_tokens times the scale); the table says what 
     python benchmarks/server_throughput.py --requests 32 --shots 5 --token_scale 0.25 --num_threads 1 --concurrency 4,16
 
 ``--servers onegpu`` runs onegpu's side alone (the baseline takes minutes per level on a CPU and
-changes only when litgpt does): quick to iterate on, no speed-up column.
+changes only when litgpt does): quick to iterate on, no speed-up column. ``--servers onegpu,vllm``
+compares the engines (vLLM's env is created on first use: `make vllm-venv`).
+
+    python benchmarks/server_throughput.py --requests 16 --shots 5 --token_scale 0.25 --num_threads 1 \
+        --concurrency 4 --servers onegpu,vllm
 """
 
 from __future__ import annotations
@@ -45,7 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from onegpu.paths import shared_datasets_dir  # noqa: E402
-from onegpu.submission.launch import free_port, running_server, wait_healthy  # noqa: E402
+from onegpu.submission.launch import free_port, start_server, stop_process_group, wait_healthy  # noqa: E402
+
+SERVERS = {"onegpu": "onegpu serve", "vllm": "onegpu serve --engine vllm", "baseline": "naive baseline"}
 
 # (kind, share of requests, max_new_tokens, temperature, stop) as in the open-eval adapters
 MIX = [
@@ -175,26 +188,69 @@ def serve_baseline(checkpoint: str, port: int, num_threads: int | None) -> None:
 
 
 def run_level(base_url: str, requests: list[dict], concurrency: int) -> dict:
-    latencies, short, tokens = [], [], 0
+    latencies, short, tokens, texts = [], [], 0, []
 
     def one(request):
         start = time.perf_counter()
         response = client.post(f"{base_url}/process", json=request["body"])
         response.raise_for_status()
-        return time.perf_counter() - start, len(response.json()["tokens"])
+        return time.perf_counter() - start, response.json()
 
     with httpx.Client(timeout=3000, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-            for request, (latency, n) in zip(requests, pool.map(one, requests)):
+            for request, (latency, body) in zip(requests, pool.map(one, requests)):
                 latencies.append(latency)
                 if request["kind"] == "mmlu":
                     short.append(latency)
-                tokens += n
+                tokens += len(body["tokens"])
+                texts.append(body["text"])
         wall = time.perf_counter() - start
     return {"req_s": len(requests) / wall, "p50": statistics.median(latencies), "p95": p95(latencies),
             "p95_mc": p95(short), "tok_s": tokens / wall, "tokens": tokens, "wall": wall,
-            "load": os.getloadavg()[0]}
+            "load": os.getloadavg()[0], "texts": texts}
+
+
+class Memory:
+    """Peak RSS of a process and its children, sampled every second in a thread."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.process, self.peak = psutil.Process(pid), 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(1.0):
+            try:
+                tree = [self.process, *self.process.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+
+    def stop(self) -> float:
+        self._stop.set()
+        return self.peak / 2**30
+
+
+def greedy_disagreements(requests_at: dict, rows: list) -> tuple[int, list[str]]:
+    """(greedy requests compared, descriptions of those whose onegpu and vLLM texts differ)."""
+    texts = {(c, name): r["texts"] for c, name, r in rows}
+    compared, differ = 0, []
+    for concurrency, requests in requests_at.items():
+        ours, theirs = texts.get((concurrency, SERVERS["onegpu"])), texts.get((concurrency, SERVERS["vllm"]))
+        if ours is None or theirs is None:
+            continue
+        for request, a, b in zip(requests, ours, theirs):
+            if request["body"]["temperature"] > 1e-5:
+                continue
+            compared += 1
+            if a != b:
+                differ.append(f"c={concurrency} {request['kind']}: onegpu {a[:60]!r} vs vLLM {b[:60]!r}")
+    return compared, differ
 
 
 def p95(values: list[float]) -> float:
@@ -225,9 +281,9 @@ def main() -> None:
         serve_baseline(args.checkpoint, args.serve_baseline, args.num_threads)
         return
 
-    servers = set(args.servers.split(","))
-    if not servers or servers - {"onegpu", "baseline"}:
-        sys.exit(f"--servers {args.servers!r}: use onegpu, baseline or onegpu,baseline")
+    servers = [s for s in SERVERS if s in args.servers.split(",")]
+    if not servers or set(args.servers.split(",")) - set(SERVERS):
+        sys.exit(f"--servers {args.servers!r}: a comma-separated subset of {', '.join(SERVERS)}")
     levels = [int(c) for c in args.concurrency.split(",")]
     # Each level its own requests (seed + its index): repeating one level's prompts at the next
     # would find them all in onegpu's prefix cache and flatter it (11.8x instead of ~5-7x at c=16).
@@ -235,39 +291,43 @@ def main() -> None:
                    for k, c in enumerate(levels)}
     warm_up = dict(requests_at[levels[0]][0]["body"], prompt="Warm-up: the capital of France is")
     threads = ["--num_threads", str(args.num_threads)] if args.num_threads else []
-    port = free_port()
     import subprocess
+    import tempfile
 
-    baseline = None
-    if "baseline" in servers:
-        baseline = subprocess.Popen([sys.executable, __file__, "--checkpoint", args.checkpoint, "--serve-baseline",
-                                     str(port), *threads], env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    rows, stats = [], {}
+    procs, urls, started, memory, rows, stats = {}, {}, {}, {}, [], {}
+    logs = Path(tempfile.mkdtemp(prefix="bench-servers-"))
     try:
-        with contextlib.ExitStack() as stack:
-            urls = {}
-            if "onegpu" in servers:
-                urls["onegpu serve"] = stack.enter_context(running_server(
-                    args.checkpoint, "--max_batch_size", str(args.max_batch_size), "--prefill_chunk",
-                    str(args.prefill_chunk), *threads))
-            if baseline is not None:
-                urls["naive baseline"] = f"http://127.0.0.1:{port}"
-                wait_healthy(urls["naive baseline"], baseline)
-            for url in urls.values():  # warm-up, with a request none of the levels sends
-                httpx.post(f"{url}/process", json=warm_up, timeout=3000)
-            for concurrency in levels:
-                for name, url in urls.items():
-                    result = run_level(url, requests_at[concurrency], concurrency)
-                    rows.append((concurrency, name, result))
-                    print(f"[bench] c={concurrency:<3} {name:<15} {result['req_s']:.3f} req/s "
-                          f"p50 {result['p50']:.2f}s p95 {result['p95']:.2f}s {result['tok_s']:.1f} tok/s "
-                          f"load {result['load']:.1f}", file=sys.stderr, flush=True)
-            if "onegpu serve" in urls:
-                stats = httpx.get(f"{urls['onegpu serve']}/health").json()["stats"]
+        for server in servers:  # one at a time: start-up time and memory are each server's own
+            name, port, t0 = SERVERS[server], free_port(), time.perf_counter()
+            if server == "baseline":
+                procs[name] = subprocess.Popen([sys.executable, __file__, "--checkpoint", args.checkpoint,
+                                                "--serve-baseline", str(port), *threads], start_new_session=True,
+                                               env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+            else:
+                engine = ["--engine", server, "--max_batch_size", str(args.max_batch_size), *threads]
+                if server == "onegpu":
+                    engine += ["--prefill_chunk", str(args.prefill_chunk)]
+                procs[name] = start_server(args.checkpoint, port, logs / f"{server}.log", engine)
+            urls[name] = f"http://127.0.0.1:{port}"
+            memory[name] = Memory(procs[name].pid)
+            wait_healthy(urls[name], procs[name], timeout=1800, log_path=logs / f"{server}.log")
+            started[name] = time.perf_counter() - t0
+            httpx.post(f"{urls[name]}/process", json=warm_up, timeout=3000)  # a request none of the levels sends
+            print(f"[bench] {name}: ready in {started[name]:.0f} s", file=sys.stderr, flush=True)
+        for concurrency in levels:
+            for name, url in urls.items():
+                result = run_level(url, requests_at[concurrency], concurrency)
+                rows.append((concurrency, name, result))
+                print(f"[bench] c={concurrency:<3} {name:<27} {result['req_s']:.3f} req/s "
+                      f"p50 {result['p50']:.2f}s p95 {result['p95']:.2f}s {result['tok_s']:.1f} tok/s "
+                      f"load {result['load']:.1f}", file=sys.stderr, flush=True)
+        for name, url in urls.items():
+            if name != SERVERS["baseline"]:
+                stats[name] = httpx.get(f"{url}/health").json()["stats"]
     finally:
-        if baseline is not None:
-            baseline.terminate()
-            baseline.wait()
+        peaks = {name: m.stop() for name, m in memory.items()}
+        for proc in procs.values():
+            stop_process_group(proc)
 
     from litgpt.tokenizer import Tokenizer
 
@@ -281,19 +341,32 @@ def main() -> None:
           + ", ".join(f"{k} x{n} (max_new_tokens {m})" for k, (n, m) in kinds.items())
           + f"; {args.shots}-shot prompts (median {statistics.median(prompt_tokens)} tokens, "
           f"max {max(prompt_tokens)}); token_scale {args.token_scale}; onegpu --prefill_chunk {args.prefill_chunk}; "
-          f"onegpu /health stats at the end: {stats}\n")
+          f"/health stats at the end: {stats}\n")
+    compared, differ = greedy_disagreements(requests_at, rows)
+    both = SERVERS["onegpu"] in urls and SERVERS["vllm"] in urls
+    if both:
+        print(f"Greedy outputs, onegpu vs vLLM: {compared - len(differ)} of {compared} identical"
+              + ("" if not differ else "; the onegpu/vLLM ratio is not reported, they differ on:\n  "
+                 + "\n  ".join(differ)) + "\n")
     print("| concurrency | server | req/s | p50 latency (s) | p95 latency (s) | p95 MC latency (s) | "
-          "returned tokens/s | speed-up (req/s) | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "returned tokens/s | vs baseline (req/s) | onegpu / vLLM (req/s) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by_level = {}
     for concurrency, name, result in rows:
         by_level.setdefault(concurrency, {})[name] = result
     for concurrency in levels:
-        base = by_level[concurrency].get("naive baseline", {}).get("req_s")
-        for name, r in by_level[concurrency].items():
+        level = by_level[concurrency]
+        base = level.get(SERVERS["baseline"], {}).get("req_s")
+        for name, r in level.items():
             speedup = f"{r['req_s'] / base:.1f}x" if base else "-"
+            ratio = "-"
+            if both and name == SERVERS["onegpu"] and not differ:
+                ratio = f"{r['req_s'] / level[SERVERS['vllm']]['req_s']:.2f}x"
             print(f"| {concurrency} | {name} | {r['req_s']:.3f} | {r['p50']:.2f} | {r['p95']:.2f} | "
-                  f"{r['p95_mc']:.2f} | {r['tok_s']:.1f} | {speedup} | {r['load']:.1f} |")
+                  f"{r['p95_mc']:.2f} | {r['tok_s']:.1f} | {speedup} | {ratio} | {r['load']:.1f} |")
+    print("\n| server | start-up to /health (s) | peak RSS, all its processes (GiB) |\n|---|---|---|")
+    for name in urls:
+        print(f"| {name} | {started[name]:.0f} | {peaks[name]:.2f} |")
 
 
 if __name__ == "__main__":

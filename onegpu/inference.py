@@ -321,7 +321,7 @@ class LoadedModel:
 
     ref: CheckpointRef
     checkpoint: Path          # the merged dir the weights and tokenizer came from
-    model: GPT
+    model: GPT | None         # None when another engine runs the weights (``load(..., with_model=False)``)
     tokenizer: Tokenizer      # litgpt's, ``use_bos`` set by :func:`uses_bos`
     device: torch.device
     dtype: torch.dtype
@@ -330,7 +330,7 @@ class LoadedModel:
 
 def load(checkpoint: str | Path, *, base_checkpoint: str | Path | None = None, device: str | None = "auto",
          dtype: str | None = "auto", quantize: str | None = None, prompt_style: str = "auto",
-         who: str = "onegpu") -> LoadedModel:
+         who: str = "onegpu", with_model: bool = True) -> LoadedModel:
     """Load a checkpoint source for inference; every option is checked before anything heavy runs.
 
     Args:
@@ -341,6 +341,8 @@ def load(checkpoint: str | Path, *, base_checkpoint: str | Path | None = None, d
         quantize: one of ``QUANTIZE_MODES`` (CUDA only) or None.
         prompt_style: ``auto``, ``raw`` or a litgpt prompt-style name.
         who: the prefix of warnings (``onegpu serve``, ``onegpu eval``).
+        with_model: False decides everything (merge included) but leaves the weights unloaded, for an
+            engine that loads them itself (``onegpu serve --engine vllm``).
     """
     ref = locate_checkpoint(checkpoint, base_checkpoint)
     torch_device = resolve_device(device)
@@ -348,7 +350,8 @@ def load(checkpoint: str | Path, *, base_checkpoint: str | Path | None = None, d
     mode = check_quantize(quantize, torch_device)
     style = resolve_prompt_style(prompt_style, ref.path, ref.base, who=who)
     merged = merged_checkpoint(ref)
-    return LoadedModel(ref=ref, checkpoint=merged, model=load_model(merged, torch_device, torch_dtype, mode),
+    model = load_model(merged, torch_device, torch_dtype, mode) if with_model else None
+    return LoadedModel(ref=ref, checkpoint=merged, model=model,
                        tokenizer=load_tokenizer(ref, merged), device=torch_device, dtype=torch_dtype,
                        prompt_style=style)
 
@@ -380,6 +383,9 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         # safetensors refuses tensors that share storage: store independent, contiguous copies.
         save_file({k: v.contiguous().clone() for k, v in state.items()}, str(work / "model.safetensors"),
                   metadata={"format": "pt"})
+        # safetensors writes its file private (0600); the export is read by other users like its config
+        # files (the vLLM image's server runs as a non-root user)
+        (work / "model.safetensors").chmod(0o644)
         for name in HF_CONFIG_FILES:
             if (source / name).is_file():
                 shutil.copy(source / name, work / name)

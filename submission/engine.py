@@ -26,7 +26,8 @@ saves the (T, vocab) logits of a long prompt. Attention keeps K/V in their query
 
 Log-probabilities are those of the model itself (``log_softmax`` of the logits, temperature 1),
 whatever the sampling settings: that is what "logprob of the returned text" means, and what the
-tests check against a plain forward pass.
+tests check against a plain forward pass. The engine returns token ids and logprobs
+(:class:`submission.generation.Generation`); the server decodes and shapes them.
 """
 
 from __future__ import annotations
@@ -38,17 +39,16 @@ import random
 import threading
 from concurrent.futures import Future
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from onegpu import inference
 from onegpu.errors import UserError
 from onegpu.kvcache import CachedForward
+from onegpu.submission.generation import MAX_TOP_LOGPROBS, GenRequest, Generation, TokenCodec, TokenTop
 from onegpu.threads import set_cpu_threads
 
-GREEDY_TEMPERATURE = 1e-5  # HELM sends 1e-7 when it means temperature 0
-MAX_TOP_LOGPROBS = 20
 PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens of one prefill group
 PREFILL_CHUNK = 256  # prompt tokens per prefill forward between two decode steps (0: whole prompts)
 PREFIX_BLOCK = 16  # prompt tokens per prefix-cache entry: a shared prefix is reused up to the last whole block
@@ -131,36 +131,27 @@ class PrefixCache:
 # Requests
 
 
-@dataclass
-class GenRequest:
-    """One /process call, tokenized. Results arrive through ``future`` as a dict."""
+@dataclass(eq=False)
+class Sequence(GenRequest):
+    """A request in the worker: its state while it waits, prefills and decodes. Its
+    :class:`Generation` arrives through ``future``."""
 
-    prompt_ids: list[int]
-    max_new_tokens: int
-    temperature: float = 0.8
-    top_k: int = 200
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_sequences: list[str] = field(default_factory=list)
-    echo: bool = False
-    top_logprobs: int = 1
     future: Future = field(default_factory=Future)
-    # worker state
     generator: torch.Generator | None = None
     out_ids: list[int] = field(default_factory=list)
     out_logprobs: list[float] = field(default_factory=list)
-    out_top: list[dict[str, float]] = field(default_factory=list)
-    prompt_entries: list[dict] = field(default_factory=list)
+    out_top: list[TokenTop] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top: list[TokenTop] = field(default_factory=list)
     position: int = 0  # the position of the next token to feed
     cached_keys: list = field(default_factory=list)  # prefix-cache blocks this prompt starts with
-    stop_text_cut: int | None = None
 
 
 @dataclass
 class Prefill:
     """A group of prompts being prefilled, chunk by chunk, into the cache rows after the running ones."""
 
-    group: list[GenRequest]
+    group: list[Sequence]
     offsets: list[int]          # prompt tokens each row got from the prefix cache
     first_row: int              # cache row of group[0]
     done: int = 0               # suffix tokens computed in every row
@@ -170,6 +161,8 @@ class Prefill:
 
 class Engine:
     """Loads a checkpoint and serves generation requests from a background thread."""
+
+    name = "onegpu"
 
     def __init__(self, checkpoint: Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
                  max_seq_length: int = 2048, quantize: str | None = None, prompt_style: str = "auto",
@@ -187,6 +180,7 @@ class Engine:
         self.checkpoint, self.device, self.dtype = loaded.checkpoint, loaded.device, loaded.dtype
         self.tokenizer, self.model, self.prompt_style = loaded.tokenizer, loaded.model, loaded.prompt_style
         self.prompt_style_name = type(self.prompt_style).__name__ if self.prompt_style else "raw"
+        self.codec = TokenCodec(self.tokenizer, self.prompt_style)
         config = self.model.config
         self.max_seq_length = min(max_seq_length, config.block_size)
         self.vocab_size = config.vocab_size
@@ -198,13 +192,11 @@ class Engine:
         self.caches = self.forward.caches
         self.prefix_cache = PrefixCache(self.caches, budget_bytes=prefix_cache_mb << 20)
 
-        self.eos_id = self.tokenizer.eos_id
-        stop_token_seqs = [list(s) for s in (self.prompt_style.stop_tokens(self.tokenizer) if self.prompt_style
-                                             else ([self.eos_id],)) if s]
-        self.stop_token_seqs = [s for s in stop_token_seqs if all(t is not None for t in s)]
-        self._queue: queue.Queue[GenRequest | None] = queue.Queue()
-        self._active: list[GenRequest] = []      # decoding, in cache rows 0..n-1
-        self._waiting: list[GenRequest] = []     # taken off the queue, not yet prefilling
+        self.eos_id = self.codec.eos_id
+        self.stop_token_seqs = self.codec.stop_token_seqs
+        self._queue: queue.Queue[Sequence | None] = queue.Queue()
+        self._active: list[Sequence] = []      # decoding, in cache rows 0..n-1
+        self._waiting: list[Sequence] = []     # taken off the queue, not yet prefilling
         self._prefill: Prefill | None = None     # the group being prefilled, in rows n..
         self.prefill_chunk = prefill_chunk
         self._stopping = False
@@ -215,60 +207,11 @@ class Engine:
         atexit.register(self.shutdown)  # a daemon thread inside torch at interpreter exit aborts it
 
     # ------------------------------------------------------------------------------------------
-    # Tokenizer helpers
+    # Tokenizer
 
     def encode(self, text: str) -> list[int]:
         """The ids the model sees for ``text`` (with BOS when the tokenizer uses one)."""
-        return self.tokenizer.encode(text).tolist()
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of ``ids``; a leading BOS (which :meth:`encode` adds) is dropped so ids round-trip."""
-        if ids and self.tokenizer.use_bos and ids[0] == self.tokenizer.bos_id:
-            ids = ids[1:]
-        if not ids:
-            return ""
-        if self.tokenizer.backend == "huggingface":
-            return self.tokenizer.processor.decode(ids, skip_special_tokens=False)
-        return self.tokenizer.processor.decode(ids)
-
-    def token_texts(self, ids: list[int], prefix_ids: list[int] | None = None) -> list[str]:
-        """Per-token texts whose concatenation is ``decode(ids)`` (given the tokens before them).
-
-        Each token's text is what decoding a short window ending with it adds to decoding the
-        window without it: leading spaces (SentencePiece) come out right, a partial UTF-8
-        character (U+FFFD) is held back until the token that completes it, and a long prompt costs
-        O(n) small decodes.
-        """
-        window = 8
-        all_ids = list(prefix_ids or [])[-window:] + list(ids)
-        done = len(all_ids) - len(ids)  # tokens whose text has been emitted
-        texts = []
-        for i in range(done, len(all_ids)):
-            start = max(0, done - window)
-            before = self._raw_decode(all_ids[start:done])
-            after = self._raw_decode(all_ids[start:i + 1])
-            if after.endswith("\ufffd") and i + 1 < len(all_ids):
-                texts.append("")
-                continue
-            texts.append(after[len(before):] if after.startswith(before) else after)
-            done = i + 1
-        return texts
-
-    def _raw_decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        if self.tokenizer.backend == "huggingface":
-            return self.tokenizer.processor.decode(ids, skip_special_tokens=False)
-        return self.tokenizer.processor.decode(ids)
-
-    def vocab_limit(self) -> int:
-        """Token ids below this decode (the tokenizer's vocabulary incl. added tokens)."""
-        if self.tokenizer.backend == "huggingface":
-            return self.tokenizer.processor.get_vocab_size(with_added_tokens=True)
-        return self.tokenizer.processor.vocab_size()
-
-    def id_text(self, token_id: int) -> str:
-        return self._raw_decode([token_id])
+        return self.codec.encode(text)
 
     # ------------------------------------------------------------------------------------------
     # Public API
@@ -280,10 +223,21 @@ class Engine:
         return self.forward.logits(self.model(torch.tensor([ids], dtype=torch.long, device=self.device))[0])
 
     def submit(self, request: GenRequest) -> Future:
+        """Queue ``request``; the future resolves to its :class:`Generation`."""
         if self._stopping:
             raise RuntimeError("engine is shutting down")
-        self._queue.put(request)
-        return request.future
+        sequence = Sequence(**{f.name: getattr(request, f.name) for f in fields(GenRequest)})
+        self._queue.put(sequence)
+        return sequence.future
+
+    def kv_cache_bytes(self) -> int:
+        return sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in self.caches)
+
+    def health(self) -> dict:
+        return {"checkpoint": str(self.checkpoint), "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "max_seq_length": self.max_seq_length,
+                "max_batch_size": self.max_batch_size, "kv_cache_gb": round(self.kv_cache_bytes() / 1e9, 3),
+                "stats": dict(self.stats)}
 
     def shutdown(self) -> None:
         if self._stopping:
@@ -354,17 +308,17 @@ class Engine:
         self.stats["prefix_hits"] += sum(1 for off in offsets if off)
         return Prefill(group, offsets, first_row)
 
-    def _first_uncached_block(self, req: GenRequest) -> tuple | None:
+    def _first_uncached_block(self, req: Sequence) -> tuple | None:
         """The prompt up to the end of its first block not in the prefix cache (None: none to share)."""
         end = (len(req.cached_keys) + 1) * self.prefix_cache.block
         if req.echo or self.prefix_cache.capacity < 1 or end >= len(req.prompt_ids):
             return None
         return tuple(req.prompt_ids[:end])
 
-    def _suffix_len(self, req: GenRequest) -> int:
+    def _suffix_len(self, req: Sequence) -> int:
         return len(req.prompt_ids) - len(req.cached_keys) * self.prefix_cache.block
 
-    def _fits(self, group: list[GenRequest], req: GenRequest) -> bool:
+    def _fits(self, group: list[Sequence], req: Sequence) -> bool:
         longest = self._suffix_len(req)  # req is the longest (sorted)
         padded = longest * (len(group) + 1)
         real = sum(self._suffix_len(r) for r in group) + longest
@@ -438,38 +392,22 @@ class Engine:
             else:
                 self._accept(req, logprobs[i])
 
-    def _score_prompt(self, req: GenRequest, hidden: torch.Tensor) -> None:
+    def _score_prompt(self, req: Sequence, hidden: torch.Tensor) -> None:
         """Prompt-token logprobs: token i scored by the logits at position i-1 (the next-token ones)."""
         ids = req.prompt_ids
-        texts = self.token_texts(ids)
-        entries = []
-        skip_bos = 1 if (self.tokenizer.use_bos and ids and ids[0] == self.tokenizer.bos_id) else 0
-        # First token: no preceding context, so it gets logprob 0.0 and an empty top_logprob
-        # (documented convention; with a BOS the BOS itself is that token and is not returned).
-        if not skip_bos:
-            entries.append({"text": texts[0], "logprob": 0.0, "top_logprob": {}})
         for start in range(0, len(ids) - 1, 256):  # chunks bound the (T, vocab) logits
             stop = min(start + 256, len(ids) - 1)
             logprobs = torch.log_softmax(self.forward.logits(hidden[start:stop]), dim=-1)
             targets = torch.tensor(ids[start + 1: stop + 1], device=logprobs.device)
-            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-            top = self._top(logprobs, req.top_logprobs)
-            for j in range(stop - start):
-                entries.append({"text": texts[start + 1 + j], "logprob": chosen[j], "top_logprob": top[j]})
-        req.prompt_entries = entries
+            req.prompt_logprobs += logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            req.prompt_top += self._top(logprobs, req.top_logprobs)
 
-    def _top(self, logprobs: torch.Tensor, k: int) -> list[dict[str, float]]:
+    @staticmethod
+    def _top(logprobs: torch.Tensor, k: int) -> list[TokenTop]:
         if k <= 0:
-            return [{} for _ in range(logprobs.size(0))]
+            return [[] for _ in range(logprobs.size(0))]
         values, indices = logprobs.topk(min(k, MAX_TOP_LOGPROBS), dim=-1)
-        out = []
-        for vals, ids in zip(values.tolist(), indices.tolist()):
-            entry: dict[str, float] = {}
-            for v, i in zip(vals, ids):
-                text = self.id_text(i)
-                entry[text] = max(v, entry.get(text, -math.inf))  # two ids may share a text
-            out.append(entry)
-        return out
+        return [list(zip(ids, vals)) for ids, vals in zip(indices.tolist(), values.tolist())]
 
     def _step(self) -> None:
         n = len(self._active)
@@ -485,8 +423,8 @@ class Engine:
         for row, req in list(enumerate(self._active)):
             self._accept(req, logprobs[row])
 
-    def _sample(self, req: GenRequest, logprobs: torch.Tensor) -> int:
-        if req.temperature <= GREEDY_TEMPERATURE:
+    def _sample(self, req: Sequence, logprobs: torch.Tensor) -> int:
+        if req.greedy:
             return int(torch.argmax(logprobs))
         logits = logprobs / req.temperature
         if req.top_k and req.top_k < logits.size(-1):
@@ -500,7 +438,7 @@ class Engine:
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=req.generator))
 
-    def _accept(self, req: GenRequest, logprobs: torch.Tensor) -> None:
+    def _accept(self, req: Sequence, logprobs: torch.Tensor) -> None:
         """Sample the next token of ``req`` from ``logprobs`` (V,), record it, finish if it stops."""
         token = self._sample(req, logprobs)
         out = req.out_ids
@@ -514,29 +452,13 @@ class Engine:
         out.append(token)
         req.out_logprobs.append(float(logprobs[token]))
         req.out_top.append(self._top(logprobs[None], req.top_logprobs)[0])
-        if req.stop_sequences and self._hit_stop_sequence(req):
+        if self.codec.stop_sequence_hit(out, req.stop_sequences):  # the server cuts the text there
             self._finish(req)
             return
         if len(out) >= req.max_new_tokens or req.position >= self.max_seq_length:
             self._finish(req)
 
-    def _hit_stop_sequence(self, req: GenRequest) -> bool:
-        longest = max(len(s) for s in req.stop_sequences)
-        # decoding the last few tokens is enough to see a stop string that ends with this token
-        tail = self._raw_decode(req.out_ids[-(longest + 2):])
-        if not any(s in tail for s in req.stop_sequences):
-            return False
-        text = self.decode_completion(req)
-        cuts = [text.find(s) for s in req.stop_sequences if s in text]
-        if not cuts:
-            return False
-        req.stop_text_cut = min(cuts)
-        return True
-
-    def decode_completion(self, req: GenRequest) -> str:
-        return "".join(self.token_texts(req.out_ids, prefix_ids=req.prompt_ids))
-
-    def _finish(self, req: GenRequest) -> None:
+    def _finish(self, req: Sequence) -> None:
         if req in self._active:
             row = self._active.index(req)
             last = len(self._active) - 1
@@ -545,32 +467,5 @@ class Engine:
                 self.forward.copy_row(last, row, moved.position)
                 self._active[row] = moved
             self._active.pop()
-        try:
-            req.future.set_result(self._result(req))
-        except Exception as err:
-            req.future.set_exception(err)
-
-    def _result(self, req: GenRequest) -> dict:
-        texts = self.token_texts(req.out_ids, prefix_ids=req.prompt_ids)
-        tokens = [{"text": t, "logprob": lp, "top_logprob": top}
-                  for t, lp, top in zip(texts, req.out_logprobs, req.out_top)]
-        if req.stop_text_cut is not None:  # drop the stop string and anything after it
-            kept, length = [], 0
-            for tok in tokens:
-                if length >= req.stop_text_cut:
-                    break
-                if length + len(tok["text"]) > req.stop_text_cut:
-                    tok = dict(tok, text=tok["text"][: req.stop_text_cut - length])
-                kept.append(tok)
-                length += len(tok["text"])
-            tokens = kept
-        completion = "".join(t["text"] for t in tokens)
-        if req.echo:
-            prompt_text = "".join(e["text"] for e in req.prompt_entries)
-            tokens = req.prompt_entries + tokens
-            text = prompt_text + completion
-        else:
-            text = completion
-        return {"text": text, "tokens": tokens, "logprob": float(sum(t["logprob"] for t in tokens)),
-                "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.out_ids)}
-
+        req.future.set_result(Generation(req.out_ids, req.out_logprobs, req.out_top, req.prompt_logprobs,
+                                         req.prompt_top))

@@ -4,8 +4,8 @@
 
 What it writes (the organizers run `docker build` in it, then `docker run --gpus all -p 8080:80`):
 
-    Dockerfile        the repo's, with the model step for the weights route and the server options
-                      baked in (ARG defaults)
+    Dockerfile        the repo's (Dockerfile; --engine vllm: Dockerfile.vllm, on vLLM's image), with the
+                      model step for the weights route and the server options baked in (ARG defaults)
     model/            --weights embed: the merged checkpoint's serving files (weights, config,
                       tokenizer, prompt_style.yaml, onegpu_model.json); hub:/wandb: routes fetch
                       them at build instead (submission/weights.py)
@@ -17,9 +17,12 @@ What it writes (the organizers run `docker build` in it, then `docker run --gpus
     ../<out>.zip      a zip of the folder (--zip false skips it)
 
 Before writing anything, the weights route is checked (a hub revision pinned) and the inference
-memory (weights at the chosen dtype/quantization + the server's KV cache, max_batch_size rows x
-max_seq_length positions, + the prefix cache + a fixed overhead) is checked against the track's
-GPU; a config that does not fit is refused with the numbers. After writing, the packed server
+memory is checked against the track's GPU; a config that does not fit is refused with the numbers.
+The onegpu engine needs weights at the chosen dtype/quantization + its KV cache (max_batch_size rows
+x max_seq_length positions) + the prefix cache + a fixed overhead. vLLM takes
+``gpu_memory_utilization`` of the card and gives its paged KV cache what the weights and the
+overhead leave: that share must hold at least one max_seq_length sequence (vLLM refuses to start
+otherwise), and holds max_batch_size of them for HELM's parallel requests to run without waiting. After writing, the packed server
 config is started outside Docker (on the embedded model, else the local source, else the bundled
 model) and sent the organizers' health request.
 """
@@ -37,6 +40,14 @@ from onegpu.contracts import TRACKS, Quantize, Track, TrackSpec, model_input, st
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
 from onegpu.submission.weights import MODEL_DIR, WeightsRoute, embed_checkpoint, parse_route, pin_revision
+
+Engine = Literal["onegpu", "vllm"]
+DOCKERFILES = {"onegpu": "Dockerfile", "vllm": "Dockerfile.vllm"}  # the template of each engine's image
+VLLM_IMAGE = "vllm/vllm-openai"  # tagged v<the version of the kit's `vllm` extra>
+# In vLLM's image the kit's venv sees the base's packages; these the kit's stack imports when present
+# (torchmetrics imports transformers) at versions that clash with its pins (transformers 5.19 needs a
+# newer huggingface_hub than the kit's), so the venv gets its own, at the kit's versions.
+SHADOWED_IN_VLLM_IMAGE = ("transformers",)
 
 GIB = 1 << 30
 # CUDA context + allocator slack + prefill activations (one 2048-token sequence of a 7B is ~0.3 GiB).
@@ -153,6 +164,11 @@ def count_params(config) -> tuple[int, int]:
     return linear, total - linear
 
 
+def kv_bytes_per_token(config, dtype: str) -> int:
+    """K and V of one token in every layer, at ``dtype`` (a name in DTYPE_BYTES)."""
+    return config.n_layer * 2 * config.n_query_groups * config.head_size * DTYPE_BYTES[dtype]
+
+
 def estimate_memory(config, dtype: str, quantize: str | None, max_batch_size: int, max_seq_length: int,
                     prefix_cache_mb: int) -> dict:
     """Bytes the server needs on the GPU, by part (weights, KV cache, prefix cache, overhead)."""
@@ -161,26 +177,45 @@ def estimate_memory(config, dtype: str, quantize: str | None, max_batch_size: in
     per_linear = QUANT_BYTES[quantize] if quantize else DTYPE_BYTES[compute]
     weights = int(linear * per_linear + other * DTYPE_BYTES[compute])
     seq = min(max_seq_length, config.block_size)
-    kv_per_token = config.n_layer * 2 * config.n_query_groups * config.head_size * DTYPE_BYTES[compute]
-    kv = kv_per_token * seq * max_batch_size
+    kv = kv_bytes_per_token(config, compute) * seq * max_batch_size
     prefix = prefix_cache_mb << 20
-    return {"params": linear + other, "dtype": compute, "quantize": quantize, "weights_bytes": weights,
-            "kv_cache_bytes": kv, "kv_rows": max_batch_size, "kv_positions": seq, "prefix_cache_bytes": prefix,
-            "overhead_bytes": OVERHEAD_BYTES, "total_bytes": weights + kv + prefix + OVERHEAD_BYTES}
+    return {"engine": "onegpu", "params": linear + other, "dtype": compute, "quantize": quantize,
+            "weights_bytes": weights, "kv_cache_bytes": kv, "kv_rows": max_batch_size, "kv_positions": seq,
+            "prefix_cache_bytes": prefix, "overhead_bytes": OVERHEAD_BYTES,
+            "total_bytes": weights + kv + prefix + OVERHEAD_BYTES}
+
+
+def estimate_vllm_memory(config, dtype: str, max_batch_size: int, max_seq_length: int,
+                         gpu_memory_utilization: float, capacity_bytes: int) -> dict:
+    """vLLM's plan on a GPU of ``capacity_bytes``: the share it takes, the weights, and the paged KV
+    cache it is left with (prefix cache included), in bytes, tokens and full-length sequences."""
+    compute = "bfloat16" if dtype == "auto" else dtype
+    linear, other = count_params(config)
+    weights = (linear + other) * DTYPE_BYTES[compute]
+    seq = min(max_seq_length, config.block_size)
+    share = int(gpu_memory_utilization * capacity_bytes)
+    kv = max(0, share - weights - OVERHEAD_BYTES)
+    per_token = kv_bytes_per_token(config, compute)
+    return {"engine": "vllm", "params": linear + other, "dtype": compute, "quantize": None, "weights_bytes": weights,
+            "gpu_memory_utilization": gpu_memory_utilization, "share_bytes": share, "overhead_bytes": OVERHEAD_BYTES,
+            "kv_cache_bytes": kv, "kv_tokens": kv // per_token, "kv_sequences": kv // (per_token * seq),
+            "kv_rows": max_batch_size, "kv_positions": seq, "total_bytes": share}
 
 
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def pinned_requirements(extras: tuple[str, ...] = ("serve",)) -> list[str]:
-    """``name==version`` for onegpu's core + ``extras`` requirements and their dependencies, as installed here."""
+def pinned_requirements(extras: tuple[str, ...] = ("serve",), also: tuple[str, ...] = ()) -> list[str]:
+    """``name==version`` for onegpu's core + ``extras`` requirements (+ the distributions ``also``) and
+    their dependencies, as installed here."""
     from packaging.requirements import Requirement
 
     def wanted(req: Requirement, extras: set[str]) -> bool:
         return req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {""} | extras)
 
     todo = [r for r in map(Requirement, metadata.requires("onegpu") or []) if wanted(r, set(extras))]
+    todo += [Requirement(name) for name in also]
     seen: dict[str, str] = {}
     expanded: set[tuple[str, str]] = set()  # (distribution, extra) pairs already walked
     while todo:
@@ -237,8 +272,9 @@ def model_step(route: WeightsRoute, base: WeightsRoute | None) -> str:
 
 
 def render_dockerfile(route: WeightsRoute, base: WeightsRoute | None, options: dict) -> str:
-    """The repo's Dockerfile with the model step for ``route`` and ARG defaults set to ``options``."""
-    text = (REPO_ROOT / "Dockerfile").read_text()
+    """The engine's Dockerfile template with the model step for ``route`` and ARG defaults set to ``options``."""
+    engine = options.get("engine", "onegpu")
+    text = (REPO_ROOT / DOCKERFILES[engine]).read_text()
     begin, end = (text.find(f"\n{m}") for m in MODEL_STEP)
     if begin < 0 or end < begin:
         raise UserError(f"the repo's Dockerfile has no '{MODEL_STEP[0]}' ... '{MODEL_STEP[1]}' block",
@@ -248,26 +284,35 @@ def render_dockerfile(route: WeightsRoute, base: WeightsRoute | None, options: d
             "PROMPT_STYLE": options["prompt_style"], "QUANTIZE": options["quantize"] or "",
             "DTYPE": options["dtype"], "POSTPROCESS": options["postprocess"] or "",
             "MAX_BATCH_SIZE": str(options["max_batch_size"])}
+    if engine == "vllm":  # vLLM quantizes by its own options; its share of the GPU instead
+        from onegpu.submission.vllm_env import vllm_requirement
+
+        del args["QUANTIZE"]
+        args["GPU_MEMORY_UTILIZATION"] = str(options["gpu_memory_utilization"])
+        args["BASE_IMAGE"] = f"{VLLM_IMAGE}:v{vllm_requirement(gpu=True).split('==')[1]}"
     lines = text.splitlines()
     for i, line in enumerate(lines):
         for arg, value in args.items():
             if line.startswith(f"ARG {arg}="):
-                lines[i] = f"ARG {arg}={value}" if value.isdigit() else f'ARG {arg}="{value}"'
+                lines[i] = f"ARG {arg}={value}" if value.replace(".", "", 1).isdigit() else f'ARG {arg}="{value}"'
                 args[arg] = None  # done
     missing = [a for a, v in args.items() if v is not None]
     if missing:
         raise UserError(f"the repo's Dockerfile has no ARG line for {missing}",
                         fix="restore the ARG lines in Dockerfile (see git log) and pack again")
-    header = f"# Packed by `onegpu submission pack` for track {options['track']}: --weights {route}.\n"
+    header = (f"# Packed by `onegpu submission pack` for track {options['track']}: --weights {route}, "
+              f"--engine {engine}.\n")
     return header + "\n".join(lines) + "\n"
 
 
 def _server_config(source: dict, options: dict) -> dict:
     cfg = {"checkpoint": source["path"]} if source["kind"] == "checkpoint" else {source["kind"]: source["name"]}
-    cfg.update(host="127.0.0.1", port=8080, prompt_style=options["prompt_style"],
+    cfg.update(host="127.0.0.1", port=8080, engine=options["engine"], prompt_style=options["prompt_style"],
                postprocess=options["postprocess"], dtype=options["dtype"], quantize=options["quantize"],
                max_batch_size=options["max_batch_size"], max_seq_length=options["max_seq_length"],
                prefix_cache_mb=options["prefix_cache_mb"])
+    if options["engine"] == "vllm":
+        cfg["gpu_memory_utilization"] = options["gpu_memory_utilization"]
     return cfg
 
 
@@ -316,20 +361,35 @@ Outside Docker (with the onegpu kit installed): `onegpu serve --config server.ya
 | quantize | {options['quantize'] or 'none'} |
 | max_batch_size | {options['max_batch_size']} |
 | max_seq_length | {options['max_seq_length']} |
+| engine | {options['engine']}{f" (gpu_memory_utilization {options['gpu_memory_utilization']})" if options['engine'] == 'vllm' else ''} |
 
-## Memory estimate for {track.gpu} ({track.memory_gib:.1f} GiB)
+## Memory estimate for {track.gpu} ({track.memory_gib:.1f} GiB), {options['engine']} engine
 
-| part | size |
-|---|---|
-| weights ({estimate['params'] / 1e9:.2f} B params, {estimate['quantize'] or estimate['dtype']}) | {_gib(estimate['weights_bytes'])} |
-| KV cache ({estimate['kv_rows']} rows x {estimate['kv_positions']} tokens) | {_gib(estimate['kv_cache_bytes'])} |
-| prefix cache | {_gib(estimate['prefix_cache_bytes'])} |
-| overhead (CUDA context, activations) | {_gib(estimate['overhead_bytes'])} |
-| **total** | **{_gib(estimate['total_bytes'])}** |
+{_memory_table(estimate)}
 
 requirements.txt pins what the server imports, as installed where this was packed; torch is the
 base image's (the Dockerfile holds pip to it and fails the build if it would change).
 """
+
+
+def _memory_table(estimate: dict) -> str:
+    rows = [("part", "size"), ("---", "---"),
+            (f"weights ({estimate['params'] / 1e9:.2f} B params, {estimate['quantize'] or estimate['dtype']})",
+             _gib(estimate["weights_bytes"]))]
+    if estimate["engine"] == "vllm":
+        rows += [("overhead (CUDA context, activations, CUDA graphs)", _gib(estimate["overhead_bytes"])),
+                 (f"paged KV cache incl. prefix cache: {estimate['kv_tokens']:,} tokens = {estimate['kv_sequences']} "
+                  f"sequences of {estimate['kv_positions']} (max_batch_size {estimate['kv_rows']})",
+                  _gib(estimate["kv_cache_bytes"])),
+                 (f"**vLLM's share: gpu_memory_utilization {estimate['gpu_memory_utilization']}**",
+                  f"**{_gib(estimate['share_bytes'])}**")]
+    else:
+        rows += [(f"KV cache ({estimate['kv_rows']} rows x {estimate['kv_positions']} tokens)",
+                  _gib(estimate["kv_cache_bytes"])),
+                 ("prefix cache", _gib(estimate["prefix_cache_bytes"])),
+                 ("overhead (CUDA context, activations)", _gib(estimate["overhead_bytes"])),
+                 ("**total**", f"**{_gib(estimate['total_bytes'])}**")]
+    return "\n".join(f"| {a} | {b} |" for a, b in rows)
 
 
 def verify_config(config_path: Path, checkpoint: Path, on_cpu: bool, timeout: float = 300.0) -> dict:
@@ -371,6 +431,8 @@ def verify_config(config_path: Path, checkpoint: Path, on_cpu: bool, timeout: fl
 
 def check_fits(source: dict, track: str, options: dict) -> dict:
     """The memory estimate for ``track``'s GPU; a config that does not fit is a UserError with the numbers."""
+    if options["engine"] == "vllm":
+        return check_vllm_fits(source, track, options)
     estimate = estimate_memory(source["config"], options["dtype"], options["quantize"], options["max_batch_size"],
                                options["max_seq_length"], options["prefix_cache_mb"])
     gpu = TRACKS[track]
@@ -393,6 +455,31 @@ def check_fits(source: dict, track: str, options: dict) -> dict:
     return estimate
 
 
+def check_vllm_fits(source: dict, track: str, options: dict) -> dict:
+    """vLLM's memory plan for ``track``'s GPU; a share that leaves no room for one full-length
+    sequence is a UserError with the numbers (vLLM itself would refuse to start)."""
+    gpu = TRACKS[track]
+    capacity = gpu.memory_mib << 20
+    estimate = estimate_vllm_memory(source["config"], options["dtype"], options["max_batch_size"],
+                                    options["max_seq_length"], options["gpu_memory_utilization"], capacity)
+    parts = (f"gpu_memory_utilization {options['gpu_memory_utilization']} x {_gib(capacity)} = "
+             f"{_gib(estimate['share_bytes'])}: weights {_gib(estimate['weights_bytes'])} "
+             f"({estimate['params'] / 1e9:.2f} B params at {estimate['dtype']}) + overhead "
+             f"{_gib(estimate['overhead_bytes'])} + paged KV cache {_gib(estimate['kv_cache_bytes'])} "
+             f"({estimate['kv_tokens']:,} tokens, {estimate['kv_sequences']} sequences of {estimate['kv_positions']})")
+    if estimate["kv_sequences"] < 1:
+        raise UserError(f"vLLM's share of the {track} track's {gpu.gpu} leaves no room for one "
+                        f"{estimate['kv_positions']}-token sequence: {parts}",
+                        fix="raise --gpu_memory_utilization (at most ~0.95), shorten --max_seq_length, or use a "
+                            "smaller model (or the onegpu engine with --quantize bnb.nf4)")
+    print(f"[onegpu pack] vLLM memory plan for {gpu.gpu}: {parts}", file=sys.stderr)
+    if estimate["kv_sequences"] < options["max_batch_size"]:
+        print(f"[onegpu pack] note: {estimate['kv_sequences']} full-length sequences fit, fewer than "
+              f"--max_batch_size {options['max_batch_size']}: vLLM queues the rest when prompts are that long",
+              file=sys.stderr)
+    return estimate
+
+
 def write_bundle(out: Path, source: dict, route: WeightsRoute, base: WeightsRoute | None, options: dict,
                  estimate: dict) -> None:
     """The kit's source, the rendered Dockerfile, pins, server config, README and (embed) model/ in ``out``."""
@@ -409,8 +496,9 @@ def write_bundle(out: Path, source: dict, route: WeightsRoute, base: WeightsRout
     (out / ".dockerignore").write_text(ignore)
     (out / "Dockerfile").write_text(render_dockerfile(route, base, options))
     extras = ("serve", "wandb") if route.kind == "wandb" else ("serve",)
+    also = SHADOWED_IN_VLLM_IMAGE if options["engine"] == "vllm" else ()
     (out / "requirements.txt").write_text("# pinned by `onegpu submission pack`; torch comes from the base image\n"
-                                          + "\n".join(pinned_requirements(extras)) + "\n")
+                                          + "\n".join(pinned_requirements(extras, also)) + "\n")
     (out / "server.yaml").write_text("# onegpu serve --config server.yaml (the Docker image reads the same values "
                                      "from ONEGPU_* env vars)\n"
                                      + yaml.safe_dump(_server_config(source, options), sort_keys=False))
@@ -418,10 +506,16 @@ def write_bundle(out: Path, source: dict, route: WeightsRoute, base: WeightsRout
 
 
 def check_options(track: str | None, prompt_style: str, postprocess: str | None, max_batch_size: int,
-                  max_seq_length: int, prefix_cache_mb: int) -> list[str]:
+                  max_seq_length: int, prefix_cache_mb: int, engine: str = "onegpu", quantize: str | None = None,
+                  gpu_memory_utilization: float = 0.9) -> list[str]:
     """UserError for a missing track, impossible sizes or unknown names; returns the output rules."""
     from onegpu.inference import resolve_prompt_style
     from onegpu.submission.postprocess import parse_rules
+    from onegpu.submission.server import check_engine_options
+
+    check_engine_options(engine, quantize, None)
+    if not 0 < gpu_memory_utilization < 1:
+        raise UserError(f"gpu_memory_utilization={gpu_memory_utilization}", fix="use a fraction below 1, e.g. 0.9")
 
     if track not in TRACKS:
         raise UserError("no --track given" if track is None else f"unknown track {track!r}",
@@ -441,6 +535,7 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
          prompt_style: str = "auto", postprocess: str | None = None,
          dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto", quantize: Quantize | None = None,
          max_batch_size: int = 16, max_seq_length: int = 2048, prefix_cache_mb: int = 1024,
+         engine: Engine = "onegpu", gpu_memory_utilization: float = 0.9,
          verify: bool = True, zip: bool = True, force: bool = False) -> dict:
     """Write a self-contained submission folder (Dockerfile, model or its fetch step, pins, server config, README).
 
@@ -470,6 +565,10 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
             beyond it wait in the queue).
         max_seq_length: context served; HELM's neurips/local deployment uses 2048.
         prefix_cache_mb: memory for cached few-shot prefixes (part of the estimate).
+        engine: onegpu (the kit's engine on a CUDA PyTorch base) or vllm (`onegpu serve --engine vllm` on
+            vLLM's image; its memory plan in vLLM's terms).
+        gpu_memory_utilization: --engine vllm: the share of the GPU vLLM takes (weights, activations,
+            its paged KV cache).
         verify: start the packed config outside Docker and send the health request (on the embedded
             model, else the source if it is a local checkpoint, else the bundled model).
         zip: also write OUT.zip (with embedded weights it is as large as they are).
@@ -481,7 +580,8 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
     if not model:
         raise UserError("no --model given", fix="pass --model DIR|entity/project/name:alias|org/name, or --weights "
                                                 "hub:ORG/NAME[@REVISION] / wandb:ENTITY/PROJECT/NAME:VERSION")
-    rules = check_options(track, prompt_style, postprocess, max_batch_size, max_seq_length, prefix_cache_mb)
+    rules = check_options(track, prompt_style, postprocess, max_batch_size, max_seq_length, prefix_cache_mb, engine,
+                          quantize, gpu_memory_utilization)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty", fix="pass another --out, or --force true to overwrite it")
@@ -491,7 +591,7 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
     route, base_route = choose_route(weights, base, source)
     options = {"track": track, "prompt_style": prompt_style, "postprocess": ",".join(rules) or None, "dtype": dtype,
                "quantize": quantize, "max_batch_size": max_batch_size, "max_seq_length": max_seq_length,
-               "prefix_cache_mb": prefix_cache_mb}
+               "prefix_cache_mb": prefix_cache_mb, "engine": engine, "gpu_memory_utilization": gpu_memory_utilization}
     estimate = check_fits(source, track, options)
     route, base_route = pin_revision(route), pin_revision(base_route) if base_route else None
     info = {"source": {k: v for k, v in source.items() if k != "config"}, "weights": str(route),

@@ -13,8 +13,10 @@ and documented in the README's "Submission server" section:
   ``effective_prompt`` is the one place that happens; ``POST /effective_prompt`` shows its result.
 * ``--postprocess`` rules (submission/postprocess.py) narrow completions; tokens follow the text.
 
-Handlers are ``async`` and only tokenize and wait: the engine's worker thread batches generation
-(see engine.py), so dozens of concurrent HELM requests share each forward pass.
+Handlers are ``async`` and only tokenize and wait: the engine batches generation, so dozens of
+concurrent HELM requests share each forward pass. Two engines run under the same contract code
+(submission/generation.py): ``--engine onegpu`` (engine.py: continuous batching, chunked prefill,
+prefix cache on litgpt modules) and ``--engine vllm`` (vllm_engine.py: vLLM in its own env).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from onegpu.contracts import Quantize
 from onegpu.errors import UserError
@@ -57,7 +59,7 @@ ERROR_RESPONSES = {400: {"model": ErrorResponse, "description": "the body is not
 
 
 def create_app(engine, postprocess: list[str] | None = None):
-    """The FastAPI app serving ``engine`` (a :class:`submission.engine.Engine`).
+    """The FastAPI app serving ``engine`` (a :class:`submission.generation.ServingEngine`).
 
     ``postprocess``: rule names from :mod:`submission.postprocess`, applied to non-echo completions.
     """
@@ -103,14 +105,17 @@ def _reject(message: str):
 
 
 def _add_health(app, engine, rules: list[str]) -> None:
+    from fastapi.responses import JSONResponse
+
     @app.get("/health")
-    async def health() -> dict:
-        """200 once the model is loaded (the server listens only after that)."""
-        return {"status": "ok", "checkpoint": str(engine.checkpoint), "device": str(engine.device),
-                "dtype": str(engine.dtype).removeprefix("torch."), "max_seq_length": engine.max_seq_length,
-                "max_batch_size": engine.max_batch_size, "prompt_style": engine.prompt_style_name,
-                "postprocess": rules,
-                "stats": dict(engine.stats)}
+    async def health():
+        """200 once the model is loaded (the server listens only after that); 503 if the engine died."""
+        try:
+            facts = engine.health()
+        except RuntimeError as err:
+            return JSONResponse(status_code=503, content={"status": "error", "detail": str(err)})
+        return {"status": "ok", "engine": engine.name, **facts, "prompt_style": engine.prompt_style_name,
+                "postprocess": rules}
 
 
 def _add_process(app, engine, rules: list[str]) -> None:
@@ -118,7 +123,7 @@ def _add_process(app, engine, rules: list[str]) -> None:
 
     from onegpu.submission import postprocess as post
     from onegpu.submission import schemas
-    from onegpu.submission.engine import GenRequest
+    from onegpu.submission.generation import GenRequest, shape_response
 
     # The schema states this model's real limit, so clients (and the fuzzer) see it up front.
     class ProcessRequest(schemas.ProcessRequest):
@@ -129,7 +134,7 @@ def _add_process(app, engine, rules: list[str]) -> None:
     async def process(body: ProcessRequest):
         start = time.perf_counter()
         echo = bool(body.echo_prompt)
-        ids = engine.encode(effective_prompt(engine, body.prompt, echo))
+        ids = engine.codec.encode(effective_prompt(engine, body.prompt, echo))
         limit = engine.max_seq_length
         if body.max_new_tokens > limit - 2:
             return _reject(f"max_new_tokens={body.max_new_tokens} leaves no room for a prompt in this model's "
@@ -139,7 +144,7 @@ def _add_process(app, engine, rules: list[str]) -> None:
                              top_k=body.top_k, top_p=body.top_p, seed=body.seed,
                              stop_sequences=list(body.stop_sequences or []), echo=echo,
                              top_logprobs=body.top_k_per_token)
-        result = await asyncio.wrap_future(engine.submit(request))
+        result = shape_response(engine.codec, request, await asyncio.wrap_future(engine.submit(request)))
         if rules and not echo:
             result = post.apply(result, rules, body.prompt)
         return {"text": result["text"], "tokens": result["tokens"], "logprob": result["logprob"],
@@ -154,7 +159,7 @@ def _fit_context(engine, ids: list[int], max_new_tokens: int) -> list[int]:
     budget = engine.max_seq_length - max_new_tokens
     if len(ids) <= budget:
         return ids
-    keep_bos = engine.tokenizer.use_bos and ids[0] == engine.tokenizer.bos_id
+    keep_bos = engine.codec.starts_with_bos(ids)
     ids = ids[:1] + ids[len(ids) - (budget - 1):] if keep_bos else ids[len(ids) - budget:]
     print(f"[onegpu serve] prompt left-truncated to {len(ids)} tokens to fit max_new_tokens="
           f"{max_new_tokens} in {engine.max_seq_length}", file=sys.stderr)
@@ -166,14 +171,14 @@ def _add_effective_prompt(app, engine) -> None:
     async def show_effective_prompt(body: EffectivePromptRequest):
         """Debug: the text and token ids /process would feed the model for this prompt."""
         text = effective_prompt(engine, body.prompt, bool(body.echo_prompt))
-        return {"prompt": text, "tokens": engine.encode(text), "prompt_style": engine.prompt_style_name}
+        return {"prompt": text, "tokens": engine.codec.encode(text), "prompt_style": engine.prompt_style_name}
 
 
 def _add_tokenize(app, engine) -> None:
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest):
         start = time.perf_counter()
-        ids = engine.encode(body.text)
+        ids = engine.codec.encode(body.text)
         if body.truncation:
             ids = ids[: body.max_length]
         return {"tokens": ids, "request_time": time.perf_counter() - start}
@@ -184,7 +189,7 @@ def _add_decode(app, engine) -> None:
 
     from onegpu.submission import schemas
 
-    tokenizer_vocab = engine.vocab_limit()
+    tokenizer_vocab = engine.codec.vocab_limit()
 
     class DecodeRequest(schemas.DecodeRequest):
         tokens: list[Annotated[int, Field(ge=0, lt=tokenizer_vocab)]] = Field(
@@ -195,7 +200,7 @@ def _add_decode(app, engine) -> None:
         bad = [t for t in body.tokens if not 0 <= t < tokenizer_vocab]
         if bad:
             return _reject(f"token ids {bad[:5]} are not in this tokenizer's vocabulary [0, {tokenizer_vocab})")
-        return {"text": engine.decode(body.tokens), "request_time": time.perf_counter() - start}
+        return {"text": engine.codec.decode(body.tokens), "request_time": time.perf_counter() - start}
 
     decode.__annotations__["body"] = DecodeRequest  # a local class, as for /process
     app.post("/decode", response_model=DecodeResponse, responses=ERROR_RESPONSES)(decode)
@@ -227,7 +232,9 @@ ENV_DEFAULTS = {"checkpoint": "ONEGPU_CHECKPOINT", "wandb_artifact": "ONEGPU_WAN
                 "hub_model": "ONEGPU_HUB_MODEL", "base_checkpoint": "ONEGPU_BASE_CHECKPOINT",
                 "prompt_style": "ONEGPU_PROMPT_STYLE", "quantize": "ONEGPU_QUANTIZE",
                 "max_batch_size": "ONEGPU_MAX_BATCH_SIZE", "postprocess": "ONEGPU_POSTPROCESS",
-                "dtype": "ONEGPU_DTYPE"}
+                "dtype": "ONEGPU_DTYPE", "engine": "ONEGPU_ENGINE",
+                "gpu_memory_utilization": "ONEGPU_GPU_MEMORY_UTILIZATION"}
+ENGINES = ("onegpu", "vllm")
 
 
 def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8080,
@@ -237,7 +244,8 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
           max_seq_length: int = 2048, quantize: Quantize | None = None,
           wandb_artifact: str | None = None, hub_model: str | None = None, base_checkpoint: Path | None = None,
           num_threads: int | None = None, prefix_cache_mb: int = 1024, prefill_chunk: int = 256,
-          access_log: bool = False) -> None:
+          engine: Literal["onegpu", "vllm"] | None = None, gpu_memory_utilization: float | None = None,
+          vllm_args: dict | None = None, access_log: bool = False) -> None:
     """Serve a checkpoint over the challenge's HTTP API until interrupted.
 
     Exactly one model source: ``--checkpoint`` (a litgpt checkpoint dir, or a LoRA adapter dir
@@ -245,7 +253,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     left unset fall back to environment variables, which is how the Docker image is configured:
     the source from ONEGPU_WANDB_ARTIFACT, else ONEGPU_HUB_MODEL, else ONEGPU_CHECKPOINT (first set
     wins); ONEGPU_BASE_CHECKPOINT, ONEGPU_PROMPT_STYLE, ONEGPU_POSTPROCESS, ONEGPU_DTYPE,
-    ONEGPU_QUANTIZE, ONEGPU_MAX_BATCH_SIZE.
+    ONEGPU_QUANTIZE, ONEGPU_MAX_BATCH_SIZE, ONEGPU_ENGINE, ONEGPU_GPU_MEMORY_UTILIZATION.
 
     Args:
         checkpoint: litgpt checkpoint dir (e.g. what `onegpu model prepare` printed, or a fine-tune's
@@ -275,6 +283,12 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
             examples in every prompt of a scenario; those are computed once). 0 turns it off.
         prefill_chunk: prompt tokens computed per forward between two decode steps, so a long new
             prompt does not stall the running requests (0: each prompt group in one forward).
+        engine: onegpu (the default: the kit's engine) or vllm (vLLM in its own env, created on first
+            use: `make vllm-venv`); the same API, tokenizer, BOS rule and prompt style either way.
+        gpu_memory_utilization: vllm on a GPU: the share of the card vLLM takes for weights,
+            activations and its KV cache (default 0.9). On a CPU its KV cache is max_batch_size x
+            max_seq_length tokens + prefix_cache_mb, as for the onegpu engine.
+        vllm_args: more vLLM engine arguments, e.g. '{"enforce_eager": true}' (vLLM's names).
         access_log: log every HTTP request.
     """
     from onegpu.submission.postprocess import parse_rules
@@ -285,24 +299,46 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     dtype = dtype or _env("dtype") or "auto"
     quantize = quantize or _env("quantize")
     max_batch_size = max_batch_size or int(_env("max_batch_size") or 16)
+    engine = engine or _env("engine") or "onegpu"
+    gpu_memory_utilization = gpu_memory_utilization or float(_env("gpu_memory_utilization") or 0.9)
+    check_engine_options(engine, quantize, vllm_args)
     base_checkpoint = base_checkpoint or _env("base_checkpoint")
     checkpoint, wandb_artifact, hub_model = _model_source(checkpoint, wandb_artifact, hub_model)
     check_port(host, port)  # before the model loads, not after
     checkpoint = _local_checkpoint(checkpoint, wandb_artifact, hub_model)
     import uvicorn
 
-    from onegpu.submission.engine import Engine
+    print(f"[onegpu serve] loading {checkpoint} (engine {engine})", file=sys.stderr)
+    common = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_length=max_seq_length,
+                  prompt_style=prompt_style, num_threads=num_threads, prefix_cache_mb=prefix_cache_mb,
+                  base_checkpoint=Path(base_checkpoint) if base_checkpoint else None)
+    if engine == "vllm":
+        from onegpu.submission.vllm_engine import VLLMEngine
 
-    print(f"[onegpu serve] loading {checkpoint}", file=sys.stderr)
-    engine = Engine(Path(checkpoint), device=device, dtype=dtype, max_batch_size=max_batch_size,
-                    max_seq_length=max_seq_length, quantize=quantize, prompt_style=prompt_style,
-                    num_threads=num_threads, base_checkpoint=Path(base_checkpoint) if base_checkpoint else None,
-                    prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk)
-    _print_ready(engine, rules, host, port)
+        serving = VLLMEngine(Path(checkpoint), gpu_memory_utilization=gpu_memory_utilization, vllm_args=vllm_args,
+                             **common)
+    else:
+        from onegpu.submission.engine import Engine
+
+        serving = Engine(Path(checkpoint), quantize=quantize, prefill_chunk=prefill_chunk, **common)
+    _print_ready(serving, rules, host, port)
     try:
-        uvicorn.run(create_app(engine, rules), host=host, port=port, log_level="warning", access_log=access_log)
+        uvicorn.run(create_app(serving, rules), host=host, port=port, log_level="warning", access_log=access_log)
     finally:
-        engine.shutdown()
+        serving.shutdown()
+
+
+def check_engine_options(engine: str, quantize: str | None, vllm_args) -> None:
+    """UserError for an unknown engine or options that do not apply to it (before anything loads)."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}", fix=f"use one of: {', '.join(ENGINES)}")
+    if engine == "vllm" and quantize:
+        raise UserError(f"--quantize {quantize} is the onegpu engine's bitsandbytes loading",
+                        fix="drop --quantize, or give vLLM its own: --vllm_args '{\"quantization\": \"bitsandbytes\"}'")
+    if engine != "vllm" and vllm_args:
+        raise UserError("--vllm_args applies to --engine vllm only", fix="add --engine vllm, or drop --vllm_args")
+    if vllm_args is not None and not isinstance(vllm_args, dict):
+        raise UserError(f"--vllm_args {vllm_args!r} is not a JSON object", fix="""write e.g. '{"enforce_eager": true}'""")
 
 
 def _env(option: str) -> str | None:
@@ -362,8 +398,10 @@ def _local_checkpoint(checkpoint, wandb_artifact: str | None, hub_model: str | N
 
 
 def _print_ready(engine, rules: list[str], host: str, port: int) -> None:
-    kv_gb = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in engine.caches) / 1e9
-    print(f"[onegpu serve] ready: {engine.checkpoint} on {engine.device} ({engine.dtype}), "
-          f"max_batch_size={engine.max_batch_size}, max_seq_length={engine.max_seq_length}, KV cache {kv_gb:.2f} GB, "
-          f"prompt style {engine.prompt_style_name}, postprocess {','.join(rules) or 'none'}; "
+    facts = engine.health()
+    memory = (f"KV cache {facts['kv_cache_gb']:.2f} GB" if facts.get("kv_cache_gb")
+              else f"gpu_memory_utilization {facts.get('gpu_memory_utilization')}")
+    print(f"[onegpu serve] ready: {facts['checkpoint']} with the {engine.name} engine on {facts['device']} "
+          f"({facts['dtype']}), max_batch_size={facts['max_batch_size']}, max_seq_length={facts['max_seq_length']}, "
+          f"{memory}, prompt style {engine.prompt_style_name}, postprocess {','.join(rules) or 'none'}; "
           f"listening on http://{host}:{port}", file=sys.stderr)

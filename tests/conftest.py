@@ -67,6 +67,31 @@ def lora_adapter(bundled_checkpoint, tmp_path_factory) -> Path:
     return make_adapter(bundled_checkpoint, tmp_path_factory.mktemp("adapter") / "out-final")
 
 
+# `onegpu serve --engine vllm` as the contract tests use it (tests/test_server.py): the onegpu
+# server there runs with the same context, rows and threads. A 64 MB prefix cache keeps vLLM's
+# CPU KV cache at ~0.44 GB; a 256-token step budget makes vLLM prefill longer prompts in chunks (the
+# onegpu server there uses 64-token chunks).
+VLLM_SERVE_ARGS = ("--engine", "vllm", "--prompt_style", "raw", "--max_batch_size", "16", "--max_seq_length", "512",
+                   "--num_threads", "1", "--prefix_cache_mb", "64", "--vllm_args", '{"max_num_batched_tokens": 256}')
+
+
+@pytest.fixture(scope="session")
+def vllm_server(bundled_checkpoint, tmp_path_factory):
+    """`onegpu serve --engine vllm` on the bundled model, started once per test session: vLLM's start-up
+    (with its warm-up compile) takes 2-4 minutes on a 2-core CPU. Skipped, saying why, without vLLM."""
+    from onegpu.errors import UserError
+    from onegpu.submission.launch import running_server
+    from onegpu.submission.vllm_env import vllm_python
+
+    try:
+        vllm_python()  # creates .venv-vllm on first use (`make test` does it before the tests)
+    except UserError as err:
+        pytest.skip(f"vLLM is not available here, so the --engine vllm tests are skipped: {err}")
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    with running_server(bundled_checkpoint, *VLLM_SERVE_ARGS, timeout=1200, log_path=log) as base_url:
+        yield base_url
+
+
 def default_sigint() -> None:
     """Popen preexec_fn: give the child the default Ctrl-C behaviour.
 

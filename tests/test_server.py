@@ -1,7 +1,10 @@
-"""`onegpu serve` on the bundled model: a real uvicorn server on 127.0.0.1, started once per module.
+"""`onegpu serve` on the bundled model: a real uvicorn server on 127.0.0.1, with each engine.
 
-Checked against the contract (../shared/reference/challenge-api.md) and against a direct litgpt
-forward pass of the same checkpoint; ends with a real helm-run against the server.
+The contract tests (../shared/reference/challenge-api.md, a direct litgpt forward pass of the same
+checkpoint, a real helm-run) run against both engines: ``--engine onegpu`` (started once for this
+module) and ``--engine vllm`` (the session's one vLLM server, conftest.py). Tests of the onegpu
+engine's own machinery (prefix cache, chunked prefill, batching counters) run against it alone, and
+the parity test holds the two engines to the same greedy outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 
 import httpx
@@ -20,10 +24,13 @@ import torch
 from onegpu.submission.launch import running_server
 
 FRANCE = "The capital of France is "  # the organizers' start-up probe
+# |logprob difference| allowed between two computations of the same fp32 model (litgpt reference,
+# the onegpu engine, vLLM): measured up to 5e-5 on this model, on CPU
+LOGPROB_TOLERANCE = 2e-4
 
 
 @pytest.fixture(scope="module")
-def server(bundled_checkpoint):
+def onegpu_server(bundled_checkpoint):
     # a 512-token context keeps the over-long-prompt test cheap on CPU (the default is HELM's 2048);
     # one torch thread: on a shared 2-core box two OpenMP threads make small matmuls ~10x slower;
     # 64-token prefill chunks: every prompt over 64 tokens below is prefilled in several forwards
@@ -32,10 +39,20 @@ def server(bundled_checkpoint):
         yield base_url
 
 
+@pytest.fixture(scope="module", params=["onegpu", "vllm"])
+def server(request):
+    """The server under test: each engine in turn, with the same context, rows and threads."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
 @pytest.fixture(scope="module")
 def client(server):
     with httpx.Client(base_url=server, timeout=300) as http:
         yield http
+
+
+def engine_of(client) -> str:
+    return client.get("/health").json()["engine"]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +131,7 @@ def test_greedy_text_and_logprobs_match_a_direct_forward_pass(client, reference)
     _, tokenizer = reference
     assert result["text"] == tokenizer.processor.decode(ref_ids, skip_special_tokens=False)
     got = [t["logprob"] for t in result["tokens"]]
-    assert got == pytest.approx(ref_logprobs, abs=2e-4)
+    assert got == pytest.approx(ref_logprobs, abs=LOGPROB_TOLERANCE)
     for token in result["tokens"]:  # greedy: the chosen token is the top one, 3 entries per token
         assert len(token["top_logprob"]) == 3
         assert max(token["top_logprob"].values()) == pytest.approx(token["logprob"], abs=1e-5)
@@ -124,19 +141,21 @@ def test_shared_prefix_is_reused_exactly(client, reference):
     # HELM-style: the same in-context examples in front of every question
     shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in [(2, 3), (7, 5), (10, 4),
                                                                                          (6, 6), (9, 1), (8, 3)])
-    reused_before = client.get("/health").json()["stats"]["prefix_tokens_reused"]
+    stats_before = client.get("/health").json()["stats"]
     process(client, prompt=shots + "Question: What is 4 plus 4?\nAnswer:", temperature=1e-7, max_new_tokens=3)
     prompt = shots + "Question: What is 3 plus 5?\nAnswer:"
     result = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=6, stop_sequences=["\n"])
-    assert client.get("/health").json()["stats"]["prefix_tokens_reused"] >= reused_before + 64
+    if engine_of(client) == "onegpu":  # vLLM keeps its prefix cache to itself
+        assert client.get("/health").json()["stats"]["prefix_tokens_reused"] >= stats_before["prefix_tokens_reused"] + 64
     ref_ids, ref_logprobs = greedy_reference(reference, prompt, 6)
     _, tokenizer = reference
     full = tokenizer.processor.decode(ref_ids, skip_special_tokens=False)
     assert result["text"] == full.split("\n")[0]
-    assert [t["logprob"] for t in result["tokens"]] == pytest.approx(ref_logprobs[: len(result["tokens"])], abs=2e-4)
+    assert [t["logprob"] for t in result["tokens"]] == pytest.approx(ref_logprobs[: len(result["tokens"])],
+                                                                     abs=LOGPROB_TOLERANCE)
 
 
-def test_chunked_prefill_matches_whole_prompts_and_prefix_hits_are_counted(client, bundled_checkpoint):
+def test_chunked_prefill_matches_whole_prompts_and_prefix_hits_are_counted(onegpu_server, bundled_checkpoint):
     # 5-shot prompts sharing their examples (~300 tokens), sent at once as HELM does
     shots = "".join(f"Question: A shop sells {a} apples and {b} pears. How many fruits does it sell?\n"
                     f"Answer: {a} + {b} = {a + b}. The answer is {a + b}.\n\n"
@@ -144,6 +163,7 @@ def test_chunked_prefill_matches_whole_prompts_and_prefix_hits_are_counted(clien
     prompts = [shots + f"Question: A shop sells {a} apples and {a + 4} pears. How many fruits does it sell?\nAnswer:"
                for a in (2, 9, 14, 27)]
     body = dict(temperature=1e-7, max_new_tokens=12, stop_sequences=["\n"], top_k_per_token=2)
+    client = httpx.Client(base_url=onegpu_server, timeout=300)
     before = client.get("/health").json()["stats"]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         chunked = list(pool.map(lambda p: process(client, prompt=p, **body), prompts))
@@ -165,7 +185,7 @@ def test_chunked_prefill_matches_whole_prompts_and_prefix_hits_are_counted(clien
     for a, b in zip(chunked, whole):
         assert_consistent(a)
         assert a["text"] == b["text"] and a["text"]
-        assert [t["logprob"] for t in a["tokens"]] == pytest.approx([t["logprob"] for t in b["tokens"]], abs=2e-4)
+        assert [t["logprob"] for t in a["tokens"]] == pytest.approx([t["logprob"] for t in b["tokens"]], abs=LOGPROB_TOLERANCE)
         assert [list(t["top_logprob"]) for t in a["tokens"]] == [list(t["top_logprob"]) for t in b["tokens"]]
 
 
@@ -181,9 +201,9 @@ def test_echo_prompt_logprobs_are_next_token_logprobs(client, reference):
     expected = forward_logprobs(model, ids)
     # token i is scored by the logits at position i-1 (the sample servers used position i)
     want = [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))]
-    assert [t["logprob"] for t in result["tokens"]] == pytest.approx(want, abs=2e-4)
+    assert [t["logprob"] for t in result["tokens"]] == pytest.approx(want, abs=LOGPROB_TOLERANCE)
     top = [max(t["top_logprob"].values()) for t in result["tokens"]]
-    assert top == pytest.approx([float(expected[i - 1].max()) for i in range(1, len(ids))], abs=2e-4)
+    assert top == pytest.approx([float(expected[i - 1].max()) for i in range(1, len(ids))], abs=LOGPROB_TOLERANCE)
 
     # echo + completion: the prompt's tokens, then the same completion as without echo
     plain = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=6)
@@ -213,7 +233,7 @@ def test_stop_sequences_cut_text_tokens_and_logprobs(client):
         # the kept tokens are the greedy tokens up to the stop (the last one may be cut mid-text)
         n = len(cut["tokens"])
         assert [t["logprob"] for t in cut["tokens"]] == pytest.approx([t["logprob"] for t in full["tokens"][:n]],
-                                                                      abs=2e-4)
+                                                                      abs=LOGPROB_TOLERANCE)
 
 
 def test_eos_ends_generation(client):
@@ -233,10 +253,27 @@ def test_seed_makes_sampling_reproducible(client):
     assert first["text"] == again["text"]
     # logprobs agree up to float noise of different batch shapes
     assert [t["logprob"] for t in first["tokens"]] == pytest.approx([t["logprob"] for t in again["tokens"]],
-                                                                    abs=2e-4)
+                                                                    abs=LOGPROB_TOLERANCE)
     assert process(client, seed=1234, **body)["text"] == first["text"]  # alone == in a batch
     others = {r["text"] for r in rest}
     assert len(others | {first["text"]}) > 1, "different seeds should give different samples"
+
+
+def test_seeded_sampling_of_long_prompts_is_reproducible_and_keeps_the_server_up(client):
+    # prompts of ~420 tokens are prefilled in chunks (onegpu: 64-token chunks; vLLM: a 256-token step
+    # budget, conftest.py), and a chunk's discarded sample must not disturb the request's generator.
+    # Unpatched, vLLM's CPU build dies on the first such request and answers 500 ever after.
+    story = "The old lighthouse keeper climbed the stairs every evening to light the lamp. " * 28
+    bodies = [dict(prompt=f"{story}\nChapter {i}:", temperature=0.9, top_k=40, seed=100 + i, max_new_tokens=6)
+              for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda b: process(client, **b), bodies))
+    alone = [process(client, **b) for b in bodies[:2]]
+    assert [r["text"] for r in alone] == [r["text"] for r in together[:2]]
+    assert client.get("/health").status_code == 200
+    assert_consistent(process(client, prompt=FRANCE, temperature=1e-7, max_new_tokens=3))
+    if engine_of(client) == "vllm":
+        assert client.get("/health").json()["stats"]["seeded_sampling"] == "exact"
 
 
 def test_tokenize_truncation_and_decode_round_trip(client):
@@ -321,7 +358,7 @@ def test_concurrent_requests_are_batched_and_long_ones_do_not_block_short_ones(c
         return result, time.perf_counter() - start
 
     short_prompts = [f"Question {i}: what is {i} plus {i}?\nAnswer:" for i in range(24)]
-    steps_before = client.get("/health").json()["stats"]["steps"]
+    steps_before = client.get("/health").json()["stats"].get("steps")
     with concurrent.futures.ThreadPoolExecutor(max_workers=26) as pool:
         long = pool.submit(call, dict(prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", temperature=1e-7,
                                       max_new_tokens=100))
@@ -337,14 +374,15 @@ def test_concurrent_requests_are_batched_and_long_ones_do_not_block_short_ones(c
         assert_consistent(result)
         assert len(result["tokens"]) <= 5
     stats = client.get("/health").json()["stats"]
-    assert stats["max_batch"] >= 8, stats
+    if engine_of(client) == "onegpu":  # the onegpu engine counts its decode steps and batch sizes
+        assert stats["max_batch"] >= 8, stats
+        assert stats["steps"] > steps_before
     # batching changes nothing for greedy decoding: a request alone gives the same completion
     for i in (0, 7, 23):
         alone = process(client, prompt=short_prompts[i], temperature=1e-7, max_new_tokens=5, stop_sequences=["\n"])
         assert alone["text"] == short_results[i][0]["text"]
         assert [t["logprob"] for t in alone["tokens"]] == pytest.approx(
-            [t["logprob"] for t in short_results[i][0]["tokens"]], abs=2e-4)
-    assert stats["steps"] > steps_before
+            [t["logprob"] for t in short_results[i][0]["tokens"]], abs=LOGPROB_TOLERANCE)
 
 
 def test_real_helm_run_against_the_server(server, tmp_path):
@@ -372,3 +410,52 @@ def test_real_helm_run_against_the_server(server, tmp_path):
         assert completion["text"] == "".join(t["text"] for t in completion["tokens"])
         assert "\n" not in completion["text"]  # HELM's stop sequence, applied by our server
         assert result["request_time"] > 0
+
+
+# HELM-shaped greedy requests: few-shot prompts (prefilled in chunks by both engines), a multiple-choice
+# question, a list, echo scoring with top-k, stop sequences
+PARITY_PROMPTS = [
+    "Water boils at a temperature of",
+    "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in [(2, 3), (7, 5), (10, 4), (6, 6),
+                                                                              (9, 1)]) + "Question: What is 3 plus 5?\nAnswer:",
+    "The following are multiple choice questions (with answers) about geography.\n\nQuestion: Which is the largest "
+    "ocean?\nA. Atlantic\nB. Pacific\nC. Indian\nD. Arctic\nAnswer:",
+    "Here is a list of fruits:\n1.",
+    "".join(f"Q: A shop sells {a} apples and {b} pears. How many fruits?\nA: {a} + {b} = {a + b}.\n\n"
+            for a, b in [(12, 7), (3, 30), (41, 9), (5, 5), (18, 22)]) + "Q: A shop sells 9 apples and 13 pears. How many fruits?\nA:",
+]
+
+
+def test_engines_agree_on_greedy_requests(onegpu_server, vllm_server):
+    """Parity: the same text and tokens from both engines, logprobs within LOGPROB_TOLERANCE."""
+    bodies = [dict(prompt=p, temperature=1e-7, max_new_tokens=40, top_k_per_token=3) for p in PARITY_PROMPTS]
+    bodies += [dict(prompt=p, temperature=1e-7, max_new_tokens=30, stop_sequences=["\n"]) for p in PARITY_PROMPTS]
+    bodies += [dict(prompt=p, temperature=1e-7, max_new_tokens=0, echo_prompt=True, top_k_per_token=2)
+               for p in PARITY_PROMPTS[:3]]
+    with httpx.Client(base_url=onegpu_server, timeout=300) as ours, httpx.Client(base_url=vllm_server, timeout=300) as vllm:
+        for body in bodies:
+            a, b = process(ours, **body), process(vllm, **body)
+            assert_consistent(b)
+            assert a["text"] == b["text"], body
+            assert [t["text"] for t in a["tokens"]] == [t["text"] for t in b["tokens"]]
+            assert [t["logprob"] for t in b["tokens"]] == pytest.approx([t["logprob"] for t in a["tokens"]],
+                                                                        abs=LOGPROB_TOLERANCE)
+            for ta, tb in zip(a["tokens"], b["tokens"]):
+                common = ta["top_logprob"].keys() & tb["top_logprob"].keys()
+                assert common, (ta, tb)
+                assert [tb["top_logprob"][k] for k in common] == pytest.approx(
+                    [ta["top_logprob"][k] for k in common], abs=LOGPROB_TOLERANCE)
+
+
+def test_engine_options_are_checked_before_anything_loads(bundled_checkpoint):
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "onegpu", "serve", "--checkpoint", str(bundled_checkpoint),
+                               "--port", "1", *args], capture_output=True, text=True, timeout=120)
+
+    quantized = serve("--engine", "vllm", "--quantize", "bnb.nf4")
+    assert quantized.returncode == 2 and "--quantize" in quantized.stderr and "quantization" in quantized.stderr
+    stray = serve("--vllm_args", '{"enforce_eager": true}')
+    assert stray.returncode == 2 and "--engine vllm" in stray.stderr
+    unknown = serve("--engine", "tensorrt")
+    assert unknown.returncode == 2 and "vllm" in unknown.stderr
+    assert "Traceback" not in quantized.stderr + stray.stderr + unknown.stderr

@@ -1,4 +1,5 @@
-"""The Docker image's entry command, serving a base + LoRA adapter dir, fuzzed from its OpenAPI schema.
+"""The Docker image's entry command, serving a base + LoRA adapter dir, fuzzed from its OpenAPI schema
+(and the session's `onegpu serve --engine vllm`, conftest.py, fuzzed the same way).
 
 One server for the module, started exactly as the Dockerfile's CMD (host/port rewritten to
 127.0.0.1 and a free port), configured through the environment as in the image, with an
@@ -109,18 +110,24 @@ def test_template_from_the_adapter_dir_wraps_the_prompt_and_never_leaks(docker_s
     assert len(result["tokens"]) < 40, "the template's stop token (<|im_end|>) should end the answer"
 
 
+@pytest.fixture(scope="module", params=["onegpu", "vllm"])
+def fuzz_server(request):
+    """The image's command (the onegpu engine on an adapter dir), then the vLLM engine."""
+    return request.getfixturevalue("docker_server" if request.param == "onegpu" else "vllm_server")
+
+
 @pytest.fixture(scope="module")
-def api_schema(docker_server):
-    return schemathesis.openapi.from_url(f"{docker_server}/openapi.json")
+def api_schema(fuzz_server):
+    return schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json")
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
-def test_fuzzed_requests_never_get_a_5xx(api_schema, docker_server, mode):
+def test_fuzzed_requests_never_get_a_5xx(api_schema, fuzz_server, mode):
     # schemathesis' pytest plugin does not run under pytest 9 here: drive its strategies with hypothesis
     seen = set()
 
     def short(case):
-        # valid /process bodies may ask for up to the context's 94 tokens; fewer keeps the fuzz quick on
+        # valid /process bodies may ask for up to the context's 94 (vLLM's: 510) tokens; fewer keeps the fuzz quick on
         # CPU (limits are tested in test_server.py and by the invalid mode)
         if mode == GenerationMode.POSITIVE and case.operation.path == "/process" and isinstance(case.body, dict):
             case.body["max_new_tokens"] = min(case.body.get("max_new_tokens", 50), 8)
@@ -133,7 +140,7 @@ def test_fuzzed_requests_never_get_a_5xx(api_schema, docker_server, mode):
         seen.add(case.operation.path)
         # every default check: no 5xx, documented status codes and response schemas, and (invalid mode)
         # invalid data rejected with a 4xx
-        case.call_and_validate(base_url=docker_server, timeout=120)
+        case.call_and_validate(base_url=fuzz_server, timeout=120)
 
     check()
     assert seen >= {"/process", "/tokenize", "/decode"}

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from onegpu.errors import UserError
+from onegpu.paths import REPO_ROOT
 from onegpu.submission.launch import free_port, running_server
 from onegpu.submission.pack import HEALTH_REQUEST, choose_route, estimate_memory, pack, render_dockerfile, resolve_source
 from onegpu.submission.weights import SERVING_FILES, parse_route
@@ -231,3 +232,52 @@ def test_cli_refusal_and_unresolvable_sources(tmp_path):
         assert expect in err.value.problem and err.value.fix
     with pytest.raises(UserError, match="postprocess"):
         pack(model="meta-llama/Llama-2-7b-hf", track="a100-40gb", out=tmp_path / "z", postprocess="trim")
+
+
+def test_vllm_engine_packs_vllm_image_with_its_memory_plan(finetuned, tmp_path):
+    """--engine vllm: vLLM's image at the kit's pinned version, the HF export at build, the plan in vLLM's terms.
+    (Built and run in tests/test_image.py on vLLM's CPU build.)"""
+    from onegpu.submission.vllm_env import vllm_requirement
+
+    out = tmp_path / "sub-vllm"
+    info = pack(model=str(finetuned), track="rtx4090-24gb", out=out, engine="vllm", gpu_memory_utilization=0.85,
+                max_batch_size=8, verify=False, zip=False)
+    dockerfile = (out / "Dockerfile").read_text()
+    version = vllm_requirement(gpu=True).split("==")[1]
+    assert f'ARG BASE_IMAGE="vllm/vllm-openai:v{version}"' in dockerfile
+    assert f"ARG BASE_IMAGE=vllm/vllm-openai:v{version}" in (REPO_ROOT / "Dockerfile.vllm").read_text()
+    assert "COPY model/ /models/model/" in dockerfile and "-P -m onegpu.submission.vllm_engine export /models/model" in dockerfile
+    assert "ONEGPU_ENGINE=vllm" in dockerfile and "ARG GPU_MEMORY_UTILIZATION=0.85" in dockerfile
+    assert "ENTRYPOINT []" in dockerfile and "ARG QUANTIZE" not in dockerfile
+    lint(out / "Dockerfile")
+    cfg = yaml.safe_load((out / "server.yaml").read_text())
+    assert cfg["engine"] == "vllm" and cfg["gpu_memory_utilization"] == 0.85
+    # the kit's own transformers (and its huggingface-hub) shadow the versions vLLM's image brings
+    pins = dict(p.split("==") for p in (out / "requirements.txt").read_text().splitlines()[1:])
+    from importlib import metadata
+
+    assert pins["transformers"] == metadata.version("transformers") and "huggingface-hub" in pins
+    plan = info["estimate"]
+    assert plan["engine"] == "vllm" and plan["share_bytes"] == int(0.85 * (24_564 << 20))
+    assert plan["kv_cache_bytes"] == plan["share_bytes"] - plan["weights_bytes"] - plan["overhead_bytes"]
+    assert plan["kv_sequences"] > 8  # a 135M model leaves vLLM room for far more than 8 full sequences
+    assert "gpu_memory_utilization 0.85" in (out / "README.md").read_text()
+    shutil.rmtree(out)
+
+
+def test_vllm_memory_plan_refuses_a_share_without_room_for_one_sequence(tmp_path):
+    revision = "01c7f73d771dfac7d292323805ebc428287df4f9"
+    weights = f"hub:meta-llama/Llama-2-7b-hf@{revision}"
+    with pytest.raises(UserError) as err:  # 0.6 x 24 GiB holds the 12.6 GiB of bf16 weights and little else
+        pack(weights=weights, track="rtx4090-24gb", out=tmp_path / "a", engine="vllm", gpu_memory_utilization=0.6,
+             verify=False, zip=False)
+    assert "no room for one 2048-token sequence" in err.value.problem and "gpu_memory_utilization" in err.value.fix
+    config = resolve_source("meta-llama/Llama-2-7b-hf")["config"]
+    from onegpu.submission.pack import estimate_vllm_memory
+
+    a100 = estimate_vllm_memory(config, "auto", 16, 2048, 0.9, 40_960 << 20)
+    rtx = estimate_vllm_memory(config, "auto", 16, 2048, 0.9, 24_564 << 20)
+    assert a100["kv_sequences"] >= 16 > rtx["kv_sequences"] >= 1  # the 4090 queues some full-length rows
+    with pytest.raises(UserError, match="--quantize"):
+        pack(weights=weights, track="a100-40gb", out=tmp_path / "b", engine="vllm", quantize="bnb.nf4", verify=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
