@@ -11,7 +11,8 @@ files to follow on the GPU box (``day_plan.md``, ``day.sh``, ``final.yaml``, ``s
    ``sweep/best.yaml``;
 4. **final run**: the setup on ``final.yaml`` (a shipped preset for this track and model when there is
    one, else the planner's recommendation), with the winner's values, for what the day has left;
-5. **reserve**: validation, HELM against the served model, and the submission folder + image.
+5. **reserve**: validation, HELM against the model served by the image's engine (vLLM by default),
+   and the submission folder + image.
 
 Every step that holds the model on the card is checked against the track before anything runs:
 training by the analytic planner (``finetune/analytic_plan.py``), validation, HELM and the image by
@@ -24,21 +25,21 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from onegpu.budget import default_reserve, format_duration, parse_duration
-from onegpu.contracts import TRACKS, Quantize, Track, atomic_write_json, atomic_write_text, read_json
+from onegpu.contracts import TRACKS, EngineName, Quantize, Track, atomic_write_json, atomic_write_text, read_json
 from onegpu.errors import UserError, all_problems
 
 GIB = 2**30
 SWEEP_RANKS = (16, 64)  # the trials' LoRA ranks: the sweep's question is rank x learning rate
 SWEEP_LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # around the setup's learning rate, as many as the share allows
 SERVE_BATCH_SIZES = (16, 8, 4, 2, 1)  # the serving batch the image gets: the largest that fits
+VLLM_SHARE = 0.9  # vLLM's gpu_memory_utilization: the card less the plan's safe headroom
 
 
 @dataclass
@@ -80,8 +81,8 @@ def day_plan(track: Track = "rtx4090-24gb", model: str = "Mistral-7B-v0.1", data
              out: Path = Path("runs/day"), final_config: Path | None = None, lora_r: int = 64,
              max_seq_length: int = 2048,
              sweep_share: float = 0.2, trial_minutes: int = 30, setup: str = "30m", memory_check: str = "10m",
-             validation: str = "30m", helm: str = "1h", pack: str = "30m", serve_quantize: Quantize | None = None,
-             mfu: float | None = None) -> dict:
+             validation: str = "30m", helm: str = "1h", pack: str = "30m", serve_engine: EngineName = "vllm",
+             serve_quantize: Quantize | None = None, mfu: float | None = None) -> dict:
     """Lay out the GPU day: set-up, a memory check on the card, a sweep, the final run, validation, HELM and the image.
 
     Args:
@@ -102,8 +103,11 @@ def day_plan(track: Track = "rtx4090-24gb", model: str = "Mistral-7B-v0.1", data
         validation: time for `onegpu eval val` on the final model.
         helm: time for `onegpu eval helm` on the final model.
         pack: time for `onegpu submission pack`, the image build and the organizers' probe.
-        serve_quantize: serve (HELM and the image) with 4-bit/8-bit weights, for a model whose bf16 weights
-            do not leave room on the card (``eval val`` still loads bf16: ``--validation 0m`` skips it).
+        serve_engine: the engine of the image, which HELM scores too: ``vllm`` (proven on CUDA; the
+            set-up makes its env) or ``onegpu``.
+        serve_quantize: serve (HELM and the image) with 4-bit/8-bit weights on the onegpu engine, for a
+            model whose bf16 weights do not leave room on the card (``eval val`` still loads bf16:
+            ``--validation 0m`` skips it).
         mfu: model FLOPs utilization for the forecast (default: measured by benchmarks/gpu_check.py
             when its results exist, else assumed per method).
 
@@ -113,7 +117,7 @@ def day_plan(track: Track = "rtx4090-24gb", model: str = "Mistral-7B-v0.1", data
     """
     plan = lay_out(track, model, data, Path(out), final_config, lora_r, max_seq_length, sweep_share, trial_minutes,
                    {"set-up": setup, "memory check": memory_check, "validation": validation, "HELM": helm,
-                    "pack + image": pack}, serve_quantize, mfu)
+                    "pack + image": pack}, "onegpu" if serve_quantize else serve_engine, serve_quantize, mfu)
     text = render(plan)
     write_files(plan, text)
     print(text)
@@ -125,7 +129,7 @@ def day_plan(track: Track = "rtx4090-24gb", model: str = "Mistral-7B-v0.1", data
 # ------------------------------------------------------------------------------------ the layout
 def lay_out(track: str, model: str, data: str | None, out: Path, config: Path | None, lora_r: int,
             max_seq_length: int, sweep_share: float, trial_minutes: int, durations: dict[str, str],
-            serve_quantize: str | None, mfu: float | None) -> DayPlan:
+            engine: str, serve_quantize: str | None, mfu: float | None) -> DayPlan:
     """The steps in order, each checked; problems collected on the plan, not raised."""
     spec, hub_id = TRACKS[track], model_hub_id(model)
     seconds = {name: 0.0 if str(v).strip() in ("0", "0s", "0m", "0h") else parse_duration(v)  # 0: skip the step
@@ -139,7 +143,8 @@ def lay_out(track: str, model: str, data: str | None, out: Path, config: Path | 
     data_dir = data or "runs/data"
     plan.steps.append(Step("set-up", seconds["set-up"], [
         f"onegpu model prepare {hub_id} --checkpoint_dir {options['checkpoint_dir']}",
-        *([] if data else [f"onegpu data build data/recipes/competition.yaml --out {data_dir}"])],
+        *([] if data else [f"onegpu data build data/recipes/competition.yaml --out {data_dir}"]),
+        *(["make vllm-venv"] if engine == "vllm" else [])],
         note="a gated model needs HF_TOKEN"))
     final_fit = check_training(plan, options, "final run", mfu)
     plan.steps.append(Step("memory check", seconds["memory check"],
@@ -150,7 +155,7 @@ def lay_out(track: str, model: str, data: str | None, out: Path, config: Path | 
         plan.steps.append(sweep_step(plan, trials, trial_minutes, mfu))
     reserve = sum(seconds[k] for k in ("validation", "HELM", "pack + image"))
     plan.steps.append(final_step(plan, options, final_fit, plan.day_s - plan.planned_s - reserve, data, bool(trials)))
-    plan.steps += evaluation_steps(plan, options, seconds, serve_quantize)
+    plan.steps += evaluation_steps(plan, options, seconds, engine, serve_quantize)
     start = 0.0
     for step in plan.steps:
         step.start_s, start = start, start + step.seconds
@@ -188,31 +193,51 @@ def final_step(plan: DayPlan, options: dict[str, Any], fit: Any, final_s: float,
     return Step("final run", max(0.0, final_s), [command], peak_gib=fit.configured_peak_gib, note=note)
 
 
-def evaluation_steps(plan: DayPlan, options: dict[str, Any], seconds: dict[str, float],
+def evaluation_steps(plan: DayPlan, options: dict[str, Any], seconds: dict[str, float], engine: str,
                      serve_quantize: str | None) -> list[Step]:
-    """Validation (bf16, skipped at 0m), HELM against the served model, the submission folder + image."""
+    """Validation (bf16, skipped at 0m), HELM against the model served as the image serves it, the
+    submission folder + image."""
     out, final_dir, seq = plan.out, Path(options["out_dir"]) / "final", options["max_seq_length"]
-    serve = serving_fit(plan, plan.model, seq, serve_quantize, "serving (HELM and the image)")
-    quantized = [f"--quantize {serve_quantize}"] if serve_quantize else []
+    serve = (vllm_fit(plan, seq) if engine == "vllm"
+             else serving_fit(plan, plan.model, seq, serve_quantize, "serving (HELM and the image)"))
+    serving = [*(["--engine", "vllm"] if engine == "vllm" else []),
+               *(["--quantize", serve_quantize] if serve_quantize else []), "--max_batch_size", str(serve["batch"])]
     steps = []
     if seconds["validation"]:
         val = serving_fit(plan, plan.model, seq, None, "eval val (bf16 weights)", batches=(8, 4, 2, 1))
         steps.append(Step("validation", seconds["validation"],
-                          [f"onegpu eval val {final_dir} --suite {suite} --out {out / ('eval-' + suite)} "
+                          [f"onegpu eval val {final_dir} --suite {suite} --out {out / ('eval-val-' + suite.split('-')[-1])} "
                            f"--batch_size {val['batch']}" for suite in ("helm-open", "helm-hidden")],
                           peak_gib=val["peak_gib"], note="the open eval's families and the hidden eval's (2/3 of the score)"))
-    serve_args = shlex.quote(json.dumps([*(q for flag in quantized for q in flag.split()), "--max_batch_size",
-                                         str(serve["batch"])]))  # strings, as `onegpu serve` reads them
+    serve_args = shlex.quote(json.dumps(serving))  # strings, as `onegpu serve` reads them
     return steps + [
         Step("HELM", seconds["HELM"], [f"onegpu eval helm {final_dir} --conf quick --out {out / 'eval-helm'} "
                                        f"--serve_args {serve_args}"],
-             peak_gib=serve["peak_gib"], note="HELM against the served model (--conf open-600: the whole open eval)"),
+             peak_gib=serve["peak_gib"], note=f"HELM against the {engine} engine the image serves with "
+                                              "(--conf open-600: the whole open eval)"),
         Step("pack + image", seconds["pack + image"],
-             [" ".join([f"onegpu submission pack {final_dir} --track {plan.track}", *quantized,
-                        f"--max_batch_size {serve['batch']} --out {out / 'submission'}"]),
+             [" ".join([f"onegpu submission pack {final_dir} --track {plan.track}", *serving,
+                        f"--out {out / 'submission'}"]),
               f"docker build -t onegpu-submission {out / 'submission'}"],
              peak_gib=serve["peak_gib"], note="then the organizers' probe against the running image"),
     ]
+
+
+def vllm_fit(plan: DayPlan, max_seq_length: int) -> dict[str, Any]:
+    """vLLM takes ``VLLM_SHARE`` of the card (the plan's headroom) and pages its KV cache into what the
+    weights leave (``submission pack``'s plan in vLLM's terms); a problem when one sequence does not fit."""
+    from litgpt.config import Config
+
+    from onegpu.submission.pack import estimate_vllm_memory
+
+    capacity = TRACKS[plan.track].memory_mib << 20
+    estimate = estimate_vllm_memory(Config.from_name(plan.model), "auto", 16, max_seq_length, VLLM_SHARE, capacity)
+    if estimate["kv_sequences"] < 1:
+        plan.problems.append(UserError(
+            f"serving (HELM and the image) with vLLM: {plan.model}'s bf16 weights ({estimate['weights_bytes'] / GIB:.1f} GiB) "
+            f"leave no room for one {max_seq_length}-token sequence in {VLLM_SHARE:.0%} of {plan.memory_gib:.1f} GiB",
+            fix="--serve_quantize bnb.nf4 (the onegpu engine with 4-bit weights), a smaller model, or the a100-40gb track"))
+    return {"batch": max(1, min(16, estimate["kv_sequences"])), "peak_gib": estimate["share_bytes"] / GIB}
 
 
 def model_hub_id(model: str) -> str:
@@ -414,7 +439,7 @@ def render(plan: DayPlan) -> str:
     else:
         lines.append(f"  verdict: every step fits {plan.track} with at least 10% of the card free; "
                      f"{format_duration(plan.planned_s)} of {format_duration(plan.day_s)}")
-    lines.append(f"  files: day_plan.md (this), day.sh (the commands in order), final.yaml, sweep.yaml, day_plan.json")
+    lines.append("  files: day_plan.md (this), day.sh (the commands in order), final.yaml, sweep.yaml, day_plan.json")
     return "\n".join(lines)
 
 

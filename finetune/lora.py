@@ -239,7 +239,6 @@ class LoRATrainer:
     def build(self) -> None:
         """Fabric, the LoRA model (QLoRA-quantized if asked) and the optimizer."""
         import lightning as L
-        import torch
 
         from onegpu.finetune import telemetry
         from onegpu.finetune.packing import use_flex_attention

@@ -37,6 +37,8 @@ QUANTIZE_MODES: tuple[str, ...] = get_args(Quantize)
 
 # ------------------------------------------------------------------------------------ tracks
 Track = Literal["rtx4090-24gb", "a100-40gb"]
+# The serving engines, by name: the kit's own (default) and vLLM (its own env; the GPU image's recommended engine).
+EngineName = Literal["onegpu", "vllm"]
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from onegpu.contracts import TRACKS, Quantize, Track, TrackSpec, model_input, staged_dir
+from onegpu.contracts import TRACKS, EngineName, Quantize, Track, TrackSpec, model_input, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
 from onegpu.submission.weights import MODEL_DIR, WeightsRoute, embed_checkpoint, parse_route, pin_revision
 
-Engine = Literal["onegpu", "vllm"]
 DOCKERFILES = {"onegpu": "Dockerfile", "vllm": "Dockerfile.vllm"}  # the template of each engine's image
 VLLM_IMAGE = "vllm/vllm-openai"  # tagged v<the version of the kit's `vllm` extra>
 # In vLLM's image the kit's venv sees the base's packages; these the kit's stack imports when present
@@ -535,7 +534,7 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
          prompt_style: str = "auto", postprocess: str | None = None,
          dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto", quantize: Quantize | None = None,
          max_batch_size: int = 16, max_seq_length: int = 2048, prefix_cache_mb: int = 1024,
-         engine: Engine = "onegpu", gpu_memory_utilization: float = 0.9,
+         engine: EngineName = "onegpu", gpu_memory_utilization: float = 0.9,
          verify: bool = True, zip: bool = True, force: bool = False) -> dict:
     """Write a self-contained submission folder (Dockerfile, model or its fetch step, pins, server config, README).
 

@@ -26,9 +26,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from onegpu.contracts import Quantize
+from onegpu.contracts import EngineName, Quantize
 from onegpu.errors import UserError
 from onegpu.submission.schemas import (DecodeResponse, EffectivePromptRequest, EffectivePromptResponse, ErrorResponse,
                                        ProcessResponse, TokenizeRequest, TokenizeResponse)
@@ -244,7 +244,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
           max_seq_length: int = 2048, quantize: Quantize | None = None,
           wandb_artifact: str | None = None, hub_model: str | None = None, base_checkpoint: Path | None = None,
           num_threads: int | None = None, prefix_cache_mb: int = 1024, prefill_chunk: int = 256,
-          engine: Literal["onegpu", "vllm"] | None = None, gpu_memory_utilization: float | None = None,
+          engine: EngineName | None = None, gpu_memory_utilization: float | None = None,
           vllm_args: dict | None = None, access_log: bool = False) -> None:
     """Serve a checkpoint over the challenge's HTTP API until interrupted.
 

@@ -71,12 +71,13 @@ def test_the_day_fits_and_every_command_parses(track, model, tmp_path, capsys):
 
 
 def test_a_day_that_cannot_work_exits_2_naming_every_fix(tmp_path, capsys):
-    """Llama-2-13B trains on a 4090 (4-bit), but bf16 serving does not fit: both eval steps are refused
+    """Llama-2-13B trains on a 4090 (4-bit), but its bf16 weights leave vLLM no room: both eval steps are refused
     with their fixes, then the fixes planned again make the day fit; steps overrunning the day are refused."""
     args = ["day", "plan", "--track", "rtx4090-24gb", "--model", "Llama-2-13b-hf", "--out", str(tmp_path / "a")]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert "serving (HELM and the image): Llama-2-13b-hf needs" in err and "--serve_quantize bnb.nf4" in err
+    assert "serving (HELM and the image) with vLLM: Llama-2-13b-hf's bf16 weights" in err
+    assert "--serve_quantize bnb.nf4" in err
     assert "eval val (bf16 weights)" in err and "--validation 0m" in err
     assert (tmp_path / "a" / "day_plan.md").is_file()  # written before refusing: the plan says what does not work
     assert cli.main([*args, "--serve_quantize", "bnb.nf4", "--validation", "0m"]) == 0
