@@ -31,7 +31,7 @@ import contextlib
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,6 @@ class StepMeasurement:
     tokens: int
     loss_tokens: int
     step_s: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def synthetic_batch(w: Workload, vocab_size: int, examples_per_row: int = 2, seed: int = 0,

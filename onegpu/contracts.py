@@ -67,12 +67,6 @@ TRACKS: dict[str, TrackSpec] = {
 assert tuple(TRACKS) == get_args(Track)
 
 
-def track_spec(name: str) -> TrackSpec:
-    if name not in TRACKS:
-        raise UserError(f"unknown track {name!r}", fix=f"use one of: {', '.join(TRACKS)}")
-    return TRACKS[name]
-
-
 # ----------------------------------------------------------------------------- atomic writes
 def _umask() -> int:
     mask = os.umask(0)

@@ -213,37 +213,13 @@ def build(files: LocalFiles | HubFiles, write: Callable[[str, list[dict], Any], 
 def task_yaml(name: str, data_file: Path, rows: list[dict]) -> str:
     """The lm-eval task YAML of one generation task (its hook module sits beside it)."""
     metric = rows[0]["metric"]
-    metrics = [metric, "rouge_1", "rouge_l"] if metric == "rouge_2" else [metric]
-    return GENERATION_TEMPLATE.format(
-        name=name, data_file=json.dumps(str(data_file)), until=json.dumps(rows[0]["stop"]),
-        max_tokens=rows[0]["max_tokens"],
-        metrics="".join(f"  - {{metric: {m}, aggregation: mean, higher_is_better: true}}\n" for m in metrics))
+    return helm_mc.generation_task_yaml(
+        name, data_file, stop=rows[0]["stop"], max_tokens=rows[0]["max_tokens"], target="references[0]",
+        hooks="helm_hidden_hooks", metrics=[metric, "rouge_1", "rouge_l"] if metric == "rouge_2" else [metric],
+        about="HELM-faithful generation task of the hidden eval (eval/tasks/helm_hidden.py): HELM's prompt (in-context\n"
+              "# examples included), greedy, HELM's max_tokens and stop sequences, HELM's metric.")
 
 
-GENERATION_TEMPLATE = """\
-# HELM-faithful generation task of the hidden eval (eval/tasks/helm_hidden.py): HELM's prompt (in-context
-# examples included), greedy, HELM's max_tokens and stop sequences, HELM's metric.
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data_file}
-output_type: generate_until
-test_split: test
-num_fewshot: 0
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{references[0]}}}}"
-generation_kwargs:
-  until: {until}
-  max_gen_toks: {max_tokens}
-  do_sample: false
-  temperature: 0.0
-process_results: !function helm_hidden_hooks.process_results
-metric_list:
-{metrics}  - {{metric: format_failure, aggregation: mean, higher_is_better: false}}
-metadata:
-  version: 1.0
-"""
 HOOKS_MODULE = "from onegpu.eval.tasks.helm_hidden import process_results  # noqa: F401\n"
 
 

@@ -38,7 +38,7 @@ import re
 import string
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
 from typing import Any
@@ -276,13 +276,25 @@ def task_rows(fmt: JointFormat, train: Sequence[MCInstance], evaluated: Sequence
 
 def task_yaml(name: str, data_file: Path, fmt: JointFormat) -> str:
     """The lm-eval task YAML of one HELM-faithful task (its hook module sits beside it)."""
-    return TASK_TEMPLATE.format(name=name, data_file=json.dumps(str(data_file)), until=json.dumps(list(fmt.stop)),
-                                max_tokens=fmt.max_tokens)
+    return generation_task_yaml(
+        name, data_file, stop=list(fmt.stop), max_tokens=fmt.max_tokens, target="target", hooks="helm_mc_hooks",
+        metrics=["exact_match", "quasi_exact_match"],
+        about="HELM-faithful generation variant (eval/tasks/helm_mc.py): HELM's multiple_choice_joint prompt\n"
+              "# (in-context examples included), greedy, HELM's max_tokens and stop sequences, HELM's exact match.")
 
 
-TASK_TEMPLATE = """\
-# HELM-faithful generation variant (eval/tasks/helm_mc.py): HELM's multiple_choice_joint prompt
-# (in-context examples included), greedy, HELM's max_tokens and stop sequences, HELM's exact match.
+def generation_task_yaml(name: str, data_file: Path, *, stop: list[str], max_tokens: int, target: str, hooks: str,
+                         metrics: list[str], about: str) -> str:
+    """One HELM-faithful generation task for lm-eval: greedy, HELM's stop sequences and max_tokens, scored
+    by ``hooks.process_results`` (higher-is-better ``metrics``, then the format failures)."""
+    return GENERATION_TASK.format(
+        about=about, name=name, data_file=json.dumps(str(data_file)), until=json.dumps(stop), max_tokens=max_tokens,
+        target=target, hooks=hooks,
+        metrics="".join(f"  - {{metric: {m}, aggregation: mean, higher_is_better: true}}\n" for m in metrics))
+
+
+GENERATION_TASK = """\
+# {about}
 task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -292,17 +304,15 @@ output_type: generate_until
 test_split: test
 num_fewshot: 0
 doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
+doc_to_target: "{{{{{target}}}}}"
 generation_kwargs:
   until: {until}
   max_gen_toks: {max_tokens}
   do_sample: false
   temperature: 0.0
-process_results: !function helm_mc_hooks.process_results
+process_results: !function {hooks}.process_results
 metric_list:
-  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
-  - {{metric: quasi_exact_match, aggregation: mean, higher_is_better: true}}
-  - {{metric: format_failure, aggregation: mean, higher_is_better: false}}
+{metrics}  - {{metric: format_failure, aggregation: mean, higher_is_better: false}}
 metadata:
   version: 1.0
 """
@@ -348,9 +358,6 @@ class HelmItem:
     stop: tuple[str, ...] = field(default=())
     references: tuple[str, ...] = field(default=())
     metric: str = "exact_match"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def helm_mc_items(tasks: Sequence[str] = DEFAULT_ITEM_TASKS, per_task: int = 8, seed: int = 1234,
