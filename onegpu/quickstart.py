@@ -7,9 +7,11 @@ against our own server) -> a 3-trial learning-rate sweep -> an HTML report. The 
 trials stop after a fixed number of steps, not when a budget runs out, so a busy machine makes the
 quickstart slower but never teaches less; the budget clock still runs (the track's 24 h) and the
 summary projects what 24 h would give at the pace measured. Steps whose outputs already exist are
-skipped, so an interrupted quickstart picks up where it stopped (``--fresh`` starts over).
+skipped, so an interrupted quickstart picks up where it stopped (``--fresh`` starts over). A step
+whose inputs come from a skipped step is skipped too (and says so); the report compares what ran.
 
-Adding a step: write a function ``(QuickstartDirs) -> Step`` and put it in ``STEPS``.
+Adding a step: write a function ``(QuickstartDirs, ran) -> Step`` (``ran``: the keys of the steps
+done so far) and put it in ``STEPS``; ``needs`` names the steps whose outputs it reads.
 """
 
 from __future__ import annotations
@@ -54,62 +56,70 @@ class Step:
     title: str
     args: list[str]
     done_marker: Path  # the step is complete when this file exists
+    needs: tuple[str, ...] = ()  # the steps whose outputs it reads
+    output: str = ""  # the summary's line for it (empty: none)
 
     def command(self) -> list[str]:
         return ["onegpu", *self.args]
 
 
-def data_step(d: QuickstartDirs) -> Step:
+def data_step(d: QuickstartDirs, ran: set[str]) -> Step:
     recipe = stage_dir("data") / "recipes/quickstart.yaml"
-    return Step("data", "data mix", ["data", "build", str(recipe), "--out", str(d.data)], d.data / "manifest.json")
+    return Step("data", "data mix", ["data", "build", str(recipe), "--out", str(d.data)], d.data / "manifest.json",
+                output=f"data mix         {d.data}  (train/val/rejects JSONL, manifest.json, plot)")
 
 
-def finetune_step(d: QuickstartDirs) -> Step:
+def finetune_step(d: QuickstartDirs, ran: set[str]) -> Step:
     config = stage_dir("finetune") / "configs/cpu-quickstart.yaml"
     return Step("finetune", "fine-tune (LoRA, CPU, a fixed number of steps)",
                 ["finetune", "--config", str(config), "--checkpoint_dir", str(d.checkpoint), "--data", str(d.data),
-                 "--out_dir", str(d.finetune)], d.finetune / "final" / "lit_model.pth")
+                 "--out_dir", str(d.finetune)], d.finetune / "final" / "lit_model.pth", needs=("data",),
+                output=f"fine-tune run    {d.finetune}  (metrics.csv, training_curves.png, run.json, checkpoints/)\n"
+                       f"  merged model     {d.finetune / 'final'}")
 
 
-def val_step(d: QuickstartDirs) -> Step:
+def val_step(d: QuickstartDirs, ran: set[str]) -> Step:
     return Step("val", "validation (lm-eval, offline suite)",
                 ["eval", "val", "--checkpoint", str(d.finetune / "final"), "--suite", "offline", "--out", str(d.eval_val)],
-                d.eval_val / "results.json")
+                d.eval_val / "results.json", needs=("finetune",), output=f"validation       {d.eval_val / 'results.json'}")
 
 
-def helm_step(d: QuickstartDirs) -> Step:
+def helm_step(d: QuickstartDirs, ran: set[str]) -> Step:
     return Step("helm", "test (HELM, offline synthetic conf)",
                 ["eval", "helm", "--checkpoint", str(d.finetune / "final"), "--conf", "offline", "--out", str(d.eval_helm)],
-                d.eval_helm / "results.json")
+                d.eval_helm / "results.json", needs=("finetune",), output=f"HELM test        {d.eval_helm / 'results.json'}")
 
 
-def sweep_step(d: QuickstartDirs) -> Step:
+def sweep_step(d: QuickstartDirs, ran: set[str]) -> Step:
     # The sweep YAML names no data dir of its own: point its trials at this mix.
     return Step("sweep", "sweep (3 learning rates: too low, good, too high)",
                 ["sweep", str(stage_dir("sweeps") / "quickstart.yaml"), "--out", str(d.sweep),
-                 "--params", json.dumps({"data": str(d.data)})], d.sweep / "sweep_summary.json")
+                 "--params", json.dumps({"data": str(d.data)})], d.sweep / "sweep_summary.json", needs=("data",),
+                output=f"sweep            {d.sweep}  (one trial-NNN dir per learning rate: metrics, LoRA adapter)")
 
 
-def report_step(d: QuickstartDirs) -> Step:
-    # A sweep dir stands for its trials; eval dirs attach their scores to the run they scored.
-    return Step("report", "report", ["report", json.dumps([str(d.finetune), str(d.eval_val), str(d.eval_helm),
-                                                           str(d.sweep)]), "--out", str(d.report)],
-                d.report / "index.html")
+def report_step(d: QuickstartDirs, ran: set[str]) -> Step:
+    # A sweep dir stands for its trials; eval dirs attach their scores to the run they scored. Only what ran.
+    inputs = [str(path) for key, path in (("finetune", d.finetune), ("val", d.eval_val), ("helm", d.eval_helm),
+                                          ("sweep", d.sweep)) if key in ran]
+    return Step("report", "report", ["report", json.dumps(inputs), "--out", str(d.report)], d.report / "index.html",
+                needs=("finetune",) if "sweep" not in ran else (), output=f"report           {d.report / 'index.html'}")
 
 
 # ------------------------------------------------------------ one turn of the loop (eval-guided mixing)
 # build -> fine-tune -> val (above) -> reweight -> rebuild: the validation scores choose the next mix.
 # Cheap on purpose: the mix is rebuilt, not fine-tuned on again (that is the next turn, by hand).
-def reweight_step(d: QuickstartDirs) -> Step:
+def reweight_step(d: QuickstartDirs, ran: set[str]) -> Step:
     recipe = stage_dir("data") / "recipes/quickstart.yaml"
     return Step("reweight", "reweight the mix from the validation scores",
                 ["data", "reweight", "--results", str(d.eval_val), "--recipe", str(recipe), "--out", str(d.recipe_r2)],
-                d.recipe_r2)
+                d.recipe_r2, needs=("val",))
 
 
-def rebuild_step(d: QuickstartDirs) -> Step:
+def rebuild_step(d: QuickstartDirs, ran: set[str]) -> Step:
     return Step("rebuild", "rebuild the mix (the next turn's data)", ["data", "build", str(d.recipe_r2), "--out",
-                                                                      str(d.data_r2)], d.data_r2 / "manifest.json")
+                                                                      str(d.data_r2)], d.data_r2 / "manifest.json",
+                needs=("reweight",))
 
 
 def loop_turn_lines(d: QuickstartDirs) -> list[str]:
@@ -139,7 +149,7 @@ def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: l
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(out).resolve()
     placeholder = QuickstartDirs(out, Path())
-    known = [make(placeholder).key for make in STEPS]
+    known = [make(placeholder, set()).key for make in STEPS]
     skip = set(skip or [])
     if skip - set(known):
         raise UserError(f"unknown step(s) to skip: {sorted(skip - set(known))}", fix=f"choose from {known}")
@@ -153,18 +163,26 @@ def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: l
     print("== [0] bundled model: onegpu model prepare", flush=True)
     dirs = QuickstartDirs(out, prepare())
     timings: dict[str, float] = {}
-    for step in (make(dirs) for make in STEPS):
-        code = run_step(step, skip, timings)
+    ran: list[Step] = []  # done before or now, in order
+    for make in STEPS:
+        step = make(dirs, {s.key for s in ran})
+        code = run_step(step, skip, {s.key for s in ran}, timings)
         if code:
             return code
-    print_summary(dirs, time.time() - started, timings)
+        if step.key not in skip and step.done_marker.exists():
+            ran.append(step)
+    print_summary(dirs, ran, time.time() - started, timings)
     return 0
 
 
-def run_step(step: Step, skip: set[str], timings: dict[str, float]) -> int:
-    """Run one step as its own ``onegpu`` process (unless skipped or done); its exit code."""
+def run_step(step: Step, skip: set[str], ran: set[str], timings: dict[str, float]) -> int:
+    """Run one step as its own ``onegpu`` process (unless skipped, left without its inputs, or done)."""
     if step.key in skip:
-        print(f"== skip {step.title}", flush=True)
+        print(f"== skip {step.title} (--skip)", flush=True)
+        return 0
+    missing = [need for need in step.needs if need not in ran]
+    if missing:
+        print(f"== skip {step.title}: it reads the output of {', '.join(missing)}, which did not run", flush=True)
         return 0
     if step.done_marker.exists():
         print(f"== {step.title}: already done ({step.done_marker})", flush=True)
@@ -194,17 +212,11 @@ def learning_lines(summary: dict) -> list[str]:
     return lines
 
 
-def print_summary(dirs: QuickstartDirs, seconds: float, timings: dict[str, float]) -> None:
+def print_summary(dirs: QuickstartDirs, ran: list[Step], seconds: float, timings: dict[str, float]) -> None:
     lines = [
         "",
         f"quickstart finished in {seconds / 60:.1f} min. Where everything is:",
-        f"  data mix         {dirs.data}  (train/val/rejects JSONL, manifest.json, plot)",
-        f"  fine-tune run    {dirs.finetune}  (metrics.csv, training_curves.png, run.json, checkpoints/)",
-        f"  merged model     {dirs.finetune / 'final'}",
-        f"  validation       {dirs.eval_val / 'results.json'}",
-        f"  HELM test        {dirs.eval_helm / 'results.json'}",
-        f"  sweep            {dirs.sweep}  (one trial-NNN dir per learning rate: metrics, LoRA adapter)",
-        f"  report           {dirs.report / 'index.html'}",
+        *(f"  {step.output}" for step in ran if step.output),
         f"  W&B offline runs {dirs.out}/*/wandb/offline-run-*   (upload: wandb sync <dir>)",
         "",
         "What it learned:",

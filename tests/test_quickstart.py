@@ -19,13 +19,29 @@ from onegpu.paths import REPO_ROOT
 
 def test_steps_run_in_pipeline_order_each_writing_under_out(tmp_path):
     dirs = Q.QuickstartDirs(tmp_path, Path("ckpt"))
-    steps = [make(dirs) for make in Q.STEPS]
+    steps = [make(dirs, {"data", "finetune", "val", "reweight", "rebuild", "helm", "sweep"}) for make in Q.STEPS]
     assert [s.key for s in steps] == ["data", "finetune", "val", "reweight", "rebuild", "helm", "sweep", "report"]
     assert all(s.done_marker.is_relative_to(tmp_path) and s.command()[0] == "onegpu" for s in steps)
     # each step reads what an earlier one wrote
     assert str(dirs.data) in steps[1].args and str(dirs.finetune / "final") in steps[2].args
     assert str(dirs.eval_val) in steps[3].args and str(dirs.recipe_r2) in steps[4].args
     assert str(dirs.sweep) in steps[6].args and str(dirs.sweep) in steps[7].args[1]  # the report reads the sweep
+
+
+def test_skipped_steps_take_the_steps_that_read_them_along_and_the_summary_lists_what_ran(tmp_path, capsys,
+                                                                                             bundled_checkpoint):
+    out = tmp_path / "qs"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "manifest.json").write_text("{}")  # the data step is done
+    assert Q.quickstart(out=out, skip=["finetune", "sweep"]) == 0
+    printed = capsys.readouterr().out
+    assert "== data mix: already done" in printed and "== skip fine-tune (LoRA, CPU, a fixed number of steps) (--skip)" in printed
+    for title in ("validation (lm-eval, offline suite)", "test (HELM, offline synthetic conf)", "report",
+                  "reweight the mix from the validation scores"):
+        assert f"== skip {title}: it reads the output of" in printed, title
+    summary = printed.split("Where everything is:")[1]
+    assert "data mix" in summary and not any(w in summary for w in ("fine-tune run", "validation ", "HELM test", "report "))
+    assert sorted(p.name for p in out.iterdir()) == ["data"]
 
 
 def test_unknown_skip_is_refused_before_any_work(tmp_path):
