@@ -22,9 +22,9 @@ import csv
 import hashlib
 import json
 import random
-import tempfile
 from pathlib import Path
 
+from onegpu.contracts import scratch_dir
 from onegpu.eval.tasks import helm_mc
 from onegpu.paths import cache_dir, shared_datasets_dir
 
@@ -47,9 +47,8 @@ def offline_include_dir(datasets_dir: Path | None = None) -> Path | None:
     out = cache_dir() / "eval-tasks" / key
     if (out / ".complete").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
-        staged = Path(tmp) / "tasks"
+    with scratch_dir(out.parent, out.name) as tmp:  # a killed builder's goes next time
+        staged = tmp / "tasks"
         prepared = staged / "data"
         prepared.mkdir(parents=True)
         _build(datasets_dir, staged, prepared, final_prepared=out / "data")
