@@ -22,6 +22,7 @@ from typing import Any
 from onegpu.contracts import TRACKS, atomic_write_json
 from onegpu.errors import UserError
 from onegpu.finetune.config import requested_max_seq_length
+from onegpu.finetune.disk import plan_disk
 from onegpu.finetune.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS, Workload,
                                     count_weights, estimate_memory, flops_per_token, largest_micro_batch, meta_model,
                                     recompute_factor)
@@ -214,6 +215,10 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
                         max_micro_batch_size, a["global_batch_size"])
     chosen = tracks[a["track"]]
     problems += fit_problems(a["track"], chosen, w, estimate, a["global_batch_size"])
+    disk = plan_disk(a, config, w)
+    if not disk["fits"]:
+        problems.append(Problem(f"disk: {disk['text']}", "free space, or a smaller --keep_last, --export_hf false, "
+                                "--merge false, or --out_dir on a larger disk"))
     report = {
         "mode": "analytic", "reason": reason, "model": config.name, "model_source": source,
         "workload": asdict(w), "total_params": weights.total_params, "trainable_params": weights.trainable_params,
@@ -228,7 +233,7 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
         "flops_per_token": flops_per_token(weights, w), "mfu": rate, "mfu_source": rate_source,
         "recompute_factor": recompute_factor(weights) if w.activation_checkpointing else 1.0,
         "budget_s": clock.budget_s, "train_time_s": clock.budget_s - clock.reserve_s,
-        "problems": [str(p) for p in problems], "assumptions": assumptions(w),
+        "disk": disk, "problems": [str(p) for p in problems], "assumptions": assumptions(w),
     }
     out = Path(a["out_dir"]).expanduser() if a.get("out_dir") else None
     if out is None:
@@ -308,6 +313,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"  speed: {r['flops_per_token'] / 1e9:.2f} GFLOP per token (LoRA-correct)"
                  + (f" x{r['recompute_factor']:.2f} recompute" if r["recompute_factor"] > 1 else "")
                  + f"; MFU {r['mfu']:.0%} {r['mfu_source']}")
+    lines.append(f"  disk: {r['disk']['text']}")
     lines.append("  problems: " + ("none" if not r["problems"] else ""))
     lines += [f"    - {p}" for p in r["problems"]]
     lines.append("  assumptions: " + "; ".join(r["assumptions"]))
