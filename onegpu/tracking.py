@@ -16,6 +16,7 @@ input is also recorded in the run config under ``lineage`` (artifact name, type,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -24,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,26 +96,55 @@ def secret_values() -> list[str]:
     return sorted({v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}, key=len, reverse=True)
 
 
+def _mask(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret-named options (``--token X``, ``--api_key=X``) and of secret
+    variables masked."""
+    secrets, out, hide_next = secret_values(), [], False
+    for arg in argv:
+        name, eq, _value = arg.partition("=")
+        if hide_next:
+            out.append(REDACTED)
+        elif arg.startswith("--") and SECRET_NAME.search(name[2:]):
+            out.append(f"{name}={REDACTED}" if eq else arg)
+        else:
+            out.append(_mask(arg, secrets))
+        hide_next = arg.startswith("--") and not eq and SECRET_NAME.search(arg[2:]) is not None
+    return out
+
+
 def redact(value: Any) -> Any:
-    """``value`` (a string, or a config of dicts and lists) without secrets: the values of secret-looking
-    environment variables, of options and keys named like one (``--token X``, ``api_key: X``)."""
+    """A config (dicts, lists, strings) without secrets: values of keys named like one (``api_key: X``),
+    of secret-named options in lists of arguments, and of secret variables anywhere."""
     secrets = secret_values()
 
     def scrub(item: Any, key: str = "") -> Any:
         if isinstance(item, dict):
             return {k: scrub(v, str(k)) for k, v in item.items()}
         if isinstance(item, list):
-            return [scrub(v, key) for v in item]
-        if not isinstance(item, str):
-            return item
-        if SECRET_NAME.search(key) and item:
+            items = redact_argv(item) if all(isinstance(v, str) for v in item) else item
+            return [scrub(v, key) for v in items]
+        if isinstance(item, str) and item and SECRET_NAME.search(key):
             return REDACTED
-        for secret in secrets:
-            item = item.replace(secret, REDACTED)
-        return re.sub(r"(--(?:[\w-]*[_-])?(?:token|api_?key|secret|password|passwd)(?:=|\s+))('[^']*'|\S+)",
-                      lambda m: m.group(1) + REDACTED, item, flags=re.IGNORECASE)
+        return _mask(item, secrets) if isinstance(item, str) else item
 
     return scrub(value)
+
+
+@contextlib.contextmanager
+def argv_without_secrets() -> Iterator[None]:
+    """``sys.argv`` redacted for the block: W&B records the command line in its run files at ``init``."""
+    saved = sys.argv
+    sys.argv = [saved[0], *redact_argv(saved[1:])] if saved else saved
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def exact_command() -> str:
@@ -133,7 +164,7 @@ def exact_command() -> str:
         prog = ["python", argv0]
     else:
         prog = [argv0]
-    return shlex.join([*prog, *sys.argv[1:]])
+    return shlex.join([*prog, *redact_argv(sys.argv[1:])])
 
 
 def package_versions(names: tuple[str, ...] = (
@@ -199,7 +230,7 @@ class Run:
         self.meta = {
             "stage": stage,
             "git_sha": git_sha(),
-            "command": redact(exact_command()),
+            "command": exact_command(),
             "cwd": os.getcwd(),  # relative paths in the command are relative to it
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "process": this_process(),  # tells "still running" from "killed" (RunDir.status)
@@ -219,18 +250,19 @@ class Run:
         if self.mode != "disabled":
             import wandb
 
-            self._wandb_run = wandb.init(
-                project=project or os.environ.get("WANDB_PROJECT", "onegpu"),
-                name=name,
-                group=group,
-                job_type=stage,
-                tags=tags,
-                dir=str(self.out_dir),
-                config={**self.config, "_onegpu": self.meta},
-                id=resume_id,
-                resume="allow" if resume_id else None,
-                settings=wandb.Settings(silent=True, console="off"),
-            )
+            with argv_without_secrets():
+                self._wandb_run = wandb.init(
+                    project=project or os.environ.get("WANDB_PROJECT", "onegpu"),
+                    name=name,
+                    group=group,
+                    job_type=stage,
+                    tags=tags,
+                    dir=str(self.out_dir),
+                    config={**self.config, "_onegpu": self.meta},
+                    id=resume_id,
+                    resume="allow" if resume_id else None,
+                    settings=wandb.Settings(silent=True, console="off"),
+                )
             self.meta["wandb_id"] = self._wandb_run.id
             self.meta["wandb_project"] = self._wandb_run.project
             if self.online:  # where write_back_summary finds the run on the server
@@ -412,10 +444,11 @@ def write_back_summary(run_dir: str | Path, values: dict[str, Any], exit_code: i
             api_run.summary.update(values)
             api_run.update()
             return
-        run = wandb.init(project=meta.get("wandb_project") or os.environ.get("WANDB_PROJECT", "onegpu"),
-                         id=meta["wandb_id"], resume="allow", dir=str(run_dir), job_type=meta.get("stage"),
-                         reinit="create_new",  # beside the eval's own run, which stays open
-                         settings=wandb.Settings(silent=True, console="off"))
+        with argv_without_secrets():
+            run = wandb.init(project=meta.get("wandb_project") or os.environ.get("WANDB_PROJECT", "onegpu"),
+                             id=meta["wandb_id"], resume="allow", dir=str(run_dir), job_type=meta.get("stage"),
+                             reinit="create_new",  # beside the eval's own run, which stays open
+                             settings=wandb.Settings(silent=True, console="off"))
         for key, value in values.items():
             run.summary[key] = value
         run.finish(exit_code=exit_code)
@@ -425,12 +458,13 @@ def write_back_summary(run_dir: str | Path, values: dict[str, Any], exit_code: i
 
 def record_crash(run_dir: str | Path) -> RunStatus | None:
     """A run that ended with no exit recorded (SIGKILL, OOM killer, power loss): say so in its
-    ``summary.json`` and W&B run, once, so neither shows it "running" forever. Returns its status.
+    ``summary.json`` and W&B run, once, so neither shows it "running" forever.
 
     The summary gets ``state: crashed``, how far it got (``last_step``, ``total_steps``) and its last
     sign of life. On W&B: online, the server already marks a run whose heartbeats stopped "crashed"
     and these keys are added to its summary; offline, a closing segment with the run's id carries
-    them and ends with exit code 1, so after ``wandb sync`` the run is failed, not running.
+    them and ends with exit code 1, so after ``wandb sync`` the run is failed, not running. Returns
+    the status when it recorded a crash now (None: not crashed, or recorded before).
     """
     run = RunDir.load(run_dir)
     status = run.status()
@@ -439,7 +473,7 @@ def record_crash(run_dir: str | Path) -> RunStatus | None:
     crash = {"state": "crashed", "last_step": status.last_step, "total_steps": status.total_steps,
              "last_alive_at": status.last_alive_at, "stopped_by": "crash"}
     if all(run.summary.get(k) == v for k, v in crash.items()):
-        return status  # recorded by an earlier call
+        return None  # recorded by an earlier call
     write_back_summary(run.path, crash, exit_code=1)
     return status
 

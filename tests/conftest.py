@@ -76,3 +76,48 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run's ``.wandb`` file (W&B's leveldb-style log: 32 KiB
+    blocks of records, each a full record or first / middle / last pieces of one)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, header, block = Path(path).read_bytes(), 7, 32 * 1024  # header: ":W&B", magic, version
+    pos, raw, pending = header, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first ; middle / last
+        if kind in (1, 4):
+            raw.append(pending)
+    records = []
+    for item in raw:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(item)
+        records.append(record)
+    return records
+
+
+# Fake credentials: set where the kit could leak them (environment, flags, build secrets), then searched
+# for, byte for byte, in whatever it wrote (tests/test_secrets.py, tests/test_image.py).
+FAKE_SECRETS = {"HF_TOKEN": "hf_fAkEtOkEn4TeStS0nlYxQzW7p", "HUGGING_FACE_HUB_TOKEN": "hf_sEcOnDfAkE9tOkEnVbNmR2",
+                "WANDB_API_KEY": "0123456789abcdeffedcba9876543210fa4e5ec7", "--token": "hf_pAsSeDaSaFlAg7tOkEnKzY3"}
+
+
+def secret_hits(*roots: Path) -> list[str]:
+    """``path: NAME`` for every file under ``roots`` (or file given) that holds one of ``FAKE_SECRETS``."""
+    found = []
+    for root in map(Path, roots):
+        for path in [root] if root.is_file() else root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [f"{path}: {name}" for name, value in FAKE_SECRETS.items() if value.encode() in data]
+    return found

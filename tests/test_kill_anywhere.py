@@ -368,3 +368,42 @@ def test_model_prepare(tmp_path, bundled_checkpoint):
         outputs=["*"],
     )
     kill_everywhere(stage, tmp_path, reference=bundled_checkpoint)
+
+
+def test_a_crash_without_a_resume_shows_in_the_report_and_in_wandb(tiny, tmp_path):
+    """A fine-tune SIGKILLed and never resumed: `onegpu report` and its W&B run show how far it got and
+    that it crashed, instead of a run that stays "running" forever."""
+    from conftest import wandb_records
+    from onegpu.contracts import RunDir
+
+    base = tmp_path / "crash"
+    base.mkdir()
+    cmd = onegpu("finetune", *_finetune_args(tiny, out_dir="ft", max_steps=40, save_interval=4))
+    with frozen_at(cmd, base, KillPoint("after a checkpoint", file="ft/checkpoints/step-000004/state.pt"),
+                   tmp_path / "killed.log"):
+        assert RunDir.load(base / "ft").status().state == "running"  # alive, only stopped
+    status = RunDir.load(base / "ft").status()
+    assert status.state == "crashed" and 4 <= status.last_step < 40 and status.total_steps == 40
+
+    report = run(onegpu("report", "ft", "--out", "report"), base, tmp_path / "report.log")
+    assert report.returncode == 0, report.output[-3000:]
+    assert f"the finetune run was killed after step {status.last_step} of 40" in report.output
+    (row,) = _json(base / "report" / "report.json")["runs"]
+    assert row["status"] == f"crashed after step {status.last_step} of 40"
+    assert row["steps"] == status.last_step and row["stopped by"] == "crash"
+    summary = _json(base / "ft" / "summary.json")
+    assert summary["state"] == "crashed" and summary["last_step"] == status.last_step
+
+    # W&B: a closing segment of the same run carries the crash and ends with exit code 1 (failed, not running)
+    run_id = _json(base / "ft" / "run.json")["wandb_id"]
+    segments = sorted((base / "ft" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(segments) == 2
+    records = wandb_records(segments[-1] / f"run-{run_id}.wandb")
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "exit" in kinds and records[kinds.index("exit")].exit.exit_code == 1
+    summary_items = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+                     for item in r.summary.update}
+    assert summary_items["state"] == "crashed" and summary_items["last_step"] == status.last_step
+    again = run(onegpu("report", "ft", "--out", "report"), base, tmp_path / "again.log")
+    assert again.returncode == 0 and "marked crashed" not in again.output  # recorded once
+    assert len(list((base / "ft" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
