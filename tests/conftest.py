@@ -36,6 +36,24 @@ def bundled_checkpoint() -> Path:
     return prepare()
 
 
+@pytest.fixture(scope="session")
+def helm_offline_run(bundled_checkpoint, tmp_path_factory):
+    """(out dir, the finished process) of `onegpu eval helm --conf offline --max_eval_instances 1` on the
+    bundled model: once per session (a minute or more), for tests/test_eval_helm.py and the kill tests."""
+    import subprocess
+    import sys
+
+    from onegpu.helm_env import helm_bin_dir
+
+    helm_bin_dir()  # creates .venv-helm on first use (the Makefile does it before the tests)
+    out = tmp_path_factory.mktemp("helm-offline") / "helm"
+    proc = subprocess.run([sys.executable, "-m", "onegpu", "eval", "helm", "--checkpoint", str(bundled_checkpoint),
+                           "--conf", "offline", "--max_eval_instances", "1", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return out, proc
+
+
 def make_adapter(base: Path, out: Path) -> Path:
     """A small random LoRA adapter on ``base``, laid out as litgpt's finetune writes it (no merged weights)."""
     import shutil

@@ -98,29 +98,23 @@ class Attempt:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
-def env_for(point: KillPoint | None) -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if point is not None and point.op:
-        env["ONEGPU_TEST_STOP_AT"] = json.dumps({"op": point.op, "path": point.path, "nth": point.nth})
-    return env
-
-
-def run(cmd: list[str], base: Path, log: Path, timeout: float = 900) -> Attempt:
+def run(cmd: list[str], base: Path, log: Path, env: dict[str, str], timeout: float = 900) -> Attempt:
     """Run the command to its end in ``base``."""
     with open(log, "w") as fh:
-        code = subprocess.run(cmd, cwd=base, env=env_for(None), stdout=fh, stderr=subprocess.STDOUT,
-                              timeout=timeout).returncode
+        code = subprocess.run(cmd, cwd=base, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
     return Attempt(log, code)
 
 
 @contextlib.contextmanager
-def frozen_at(cmd: list[str], base: Path, point: KillPoint, log: Path, timeout: float = 900) -> Iterator[Attempt]:
-    """Run the command in ``base`` until ``point``; yield with the whole process tree frozen there; then
-    SIGKILL its group and check that every process it had started is gone."""
+def frozen_at(cmd: list[str], base: Path, point: KillPoint, log: Path, env: dict[str, str],
+              timeout: float = 900) -> Iterator[Attempt]:
+    """Run the command in ``base`` until ``point``; yield with its process group frozen there; then
+    SIGKILL the group and check that every process it had started is gone."""
     attempt = Attempt(log)
+    if point.op:
+        env = {**env, "ONEGPU_TEST_STOP_AT": json.dumps({"op": point.op, "path": point.path, "nth": point.nth})}
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=base, env=env_for(point), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=base, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not reached(point, proc, base, attempt):
