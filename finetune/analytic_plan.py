@@ -15,14 +15,14 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from onegpu.contracts import TRACKS, atomic_write_json
 from onegpu.errors import UserError
-from onegpu.finetune.config import requested_max_seq_length
-from onegpu.finetune.disk import plan_disk
+from onegpu.finetune.config import CheckpointArgs, requested_max_seq_length
+from onegpu.finetune.disk import model_sizes, plan_disk
 from onegpu.finetune.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS, Workload,
                                     count_weights, estimate_memory, flops_per_token, largest_micro_batch, meta_model,
                                     recompute_factor)
@@ -215,7 +215,8 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
                         max_micro_batch_size, a["global_batch_size"])
     chosen = tracks[a["track"]]
     problems += fit_problems(a["track"], chosen, w, estimate, a["global_batch_size"])
-    disk = plan_disk(a, config, w)
+    checkpoints = CheckpointArgs(**{f.name: a[f.name] for f in fields(CheckpointArgs)})
+    disk = plan_disk(checkpoints, model_sizes(config, w, a.get("checkpoint_dir")), a.get("max_steps"))
     if not disk["fits"]:
         problems.append(Problem(f"disk: {disk['text']}", "free space, or a smaller --keep_last, --export_hf false, "
                                 "--merge false, or --out_dir on a larger disk"))

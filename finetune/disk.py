@@ -113,8 +113,10 @@ def model_sizes(config: Any, workload: Any, checkpoint_dir: Path | None) -> Mode
     workload = replace(workload, device="cpu")  # on disk, every optimizer state counts (none is paged out)
     weights = count_weights(meta_model(config, workload), workload)
     optimizer, _paged = optimizer_state_bytes(weights.lora_numels, workload.optimizer, workload.weight_bytes, "cpu")
-    small = FINAL_FILES_BYTES + (sum(p.stat().st_size for p in Path(checkpoint_dir).iterdir()
-                                     if p.is_file() and not p.name.startswith("lit_model.pth")) if checkpoint_dir else 0)
+    base = Path(checkpoint_dir).expanduser() if checkpoint_dir else None  # absent when planning by name
+    small = FINAL_FILES_BYTES + (sum(p.stat().st_size for p in base.iterdir()
+                                     if p.is_file() and not p.name.startswith("lit_model.pth"))
+                                 if base is not None and base.is_dir() else 0)
     merged = (weights.total_params - weights.trainable_params) * MERGE_DTYPE_BYTES[workload.precision]
     return ModelSizes(checkpoint=weights.lora_bytes + optimizer + TRAIN_STATE_BYTES, adapter=weights.lora_bytes,
                       merged=merged, small_files=small)
@@ -176,16 +178,15 @@ def wandb_staging_dir() -> Path:
     return Path(env.get_data_dir()) / "artifacts" / "staging"
 
 
-def plan_disk(a: dict[str, Any], config: Any, workload: Any) -> dict[str, Any]:
-    """The disk part of a plan (``finetune plan``): what the run would write and whether it fits."""
-    from dataclasses import fields
+def plan_disk(ckpt: Any, sizes: ModelSizes, total_steps: int | None) -> dict[str, Any]:
+    """The disk part of a plan (``finetune plan``): what the run would write and whether it fits.
 
-    from onegpu.finetune.config import CheckpointArgs
+    ``ckpt``: the run's ``CheckpointArgs`` as given (no ``--out_dir``: the default, runs/finetune).
+    """
     from onegpu.paths import runs_dir
 
-    ckpt = CheckpointArgs(**{f.name: a[f.name] for f in fields(CheckpointArgs)})
     ckpt = replace(ckpt, out_dir=Path(ckpt.out_dir or runs_dir() / "finetune").expanduser())
-    need = run_need(ckpt, model_sizes(config, workload, a.get("checkpoint_dir")), a.get("max_steps"))
+    need = run_need(ckpt, sizes, total_steps)
     short = need.shortfalls()
     text = (f"writes up to {need.describe()}: " + ("fits the free space" if not short else "does NOT fit: " + "; ".join(
         f"{s['mount']} needs {human(s['need'])} with the margin, {human(s['free'])} free" for s in short)))

@@ -494,8 +494,8 @@ class LoRATrainer:
             self.proxy.evaluate()
         if cfg.checkpoints.final_checkpoint:
             self.save_final_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
-        selected = self.proxy.select_final(cfg.checkpoints.select)  # may load the best proxy step's weights
         self.check_disk_for_final()
+        selected = self.proxy.select_final(cfg.checkpoints.select)  # may load the best proxy step's weights
         final_dir = self.write_final()
         samples = self.generate_samples() if cfg.eval.num_samples else []
         plot = telemetry.plot_training_curves(cfg.checkpoints.out_dir)
@@ -540,14 +540,19 @@ class LoRATrainer:
                                 "continues from that checkpoint") from err
 
     def check_disk_for_final(self) -> None:
-        """Before the merge: room for final/ (and W&B's copy), else stop with the adapter checkpoint kept."""
-        from onegpu.finetune import disk
+        """Before the merge: room for final/ (and W&B's copy), else stop with the last step's checkpoint kept."""
         from onegpu.finetune import checkpoint as ckpt_io
+        from onegpu.finetune import disk
 
         cfg = self.cfg
+        need = disk.final_need(cfg.checkpoints, self.disk_sizes or disk.config_sizes(cfg))
+        if not need.shortfalls():
+            return
         kept = ckpt_io.latest(cfg.checkpoints.out_dir / "checkpoints")
-        sizes = self.disk_sizes or disk.config_sizes(cfg)
-        disk.check(disk.final_need(cfg.checkpoints, sizes), "final/ (the merge)",
+        if kept is None or kept.name != f"step-{self.state.step:06d}":  # --final_checkpoint false: save it now
+            self.save_final_checkpoint()
+            kept = ckpt_io.latest(cfg.checkpoints.out_dir / "checkpoints")
+        disk.check(need, "final/ (the merge)",
                    fix=f"nothing trained is lost: the LoRA weights and optimizer of step {self.state.step} are in "
                        f"{kept}. Free that much space, then run the same command with --resume auto: it merges "
                        "without training more. Or add --merge false to it: final/ then holds only the LoRA "
