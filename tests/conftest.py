@@ -54,6 +54,19 @@ def helm_offline_run(bundled_checkpoint, tmp_path_factory):
     return out, proc
 
 
+def exportable_tiny(out: Path, bundled: Path) -> Path:
+    """The random-init tiny model (``finetune.testing.make_tiny_checkpoint``) with the HF config an HF
+    export (``onegpu model push``) needs: a 25 MB stand-in for the bundled model's 540 MB."""
+    from transformers import LlamaConfig
+
+    from onegpu.finetune.testing import make_tiny_checkpoint
+
+    make_tiny_checkpoint(out, bundled)
+    LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024).to_json_file(out / "config.json")
+    return out
+
+
 def make_adapter(base: Path, out: Path) -> Path:
     """A small random LoRA adapter on ``base``, laid out as litgpt's finetune writes it (no merged weights)."""
     import shutil

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAKE_SECRETS, secret_hits
+from conftest import FAKE_SECRETS, exportable_tiny, secret_hits
 from killing import KillPoint, assert_whole, frozen_at, onegpu, run, temps_left, visible_files
 
 pytestmark = pytest.mark.slow
@@ -355,15 +354,10 @@ def test_submission_pack(tiny, tmp_path):
         assert same(archives[0].read(name)) == same(archives[1].read(name)), name
 
 
-def test_model_push_dry_run(tiny, tmp_path):
+def test_model_push_dry_run(tmp_path, bundled_checkpoint):
     """Killed in the HF export, before the model card and as the folder is about to land: written again
     from the start, byte-identical."""
-    from transformers import LlamaConfig
-
-    checkpoint = tmp_path / "exportable"  # the tiny model with the HF config its export needs
-    shutil.copytree(tiny["ckpt"], checkpoint)
-    LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024).to_json_file(checkpoint / "config.json")
+    checkpoint = exportable_tiny(tmp_path / "exportable", bundled_checkpoint)
     stage = Stage(
         cmd=onegpu("model", "push", checkpoint, "--repo", "team/tiny-test", "--dry_run", "push"),
         out="push",

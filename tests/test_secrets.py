@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_SECRETS, secret_hits
+from conftest import FAKE_SECRETS, exportable_tiny, secret_hits
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +106,7 @@ def onegpu(env: dict, cwd: Path, log: Path, *args, extra_env: dict | None = None
 
 
 def test_no_token_in_the_upload_or_the_pack_of_a_hub_route(kit_env, hub, tmp_path, bundled_checkpoint):
+    checkpoint = exportable_tiny(tmp_path / "model", bundled_checkpoint)
     env, home = kit_env
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -123,7 +124,7 @@ def test_no_token_in_the_upload_or_the_pack_of_a_hub_route(kit_env, hub, tmp_pat
     # the upload route, to the stand-in hub: the token given as a flag goes where it must, in the
     # requests' Authorization header (and wins over HF_TOKEN)
     FakeHub.seen.clear()
-    pushed = ok("push", "model", "push", bundled_checkpoint, "--repo", "team/secret-test", "--token", FLAG_TOKEN,
+    pushed = ok("push", "model", "push", checkpoint, "--repo", "team/secret-test", "--token", FLAG_TOKEN,
                 extra_env={"HF_ENDPOINT": hub, "HF_HUB_OFFLINE": "0"})
     assert f"{hub}/commit/1" in pushed.stdout
     assert {auth for _method, _path, auth in FakeHub.seen} == {f"Bearer {FLAG_TOKEN}"}
