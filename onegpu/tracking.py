@@ -243,6 +243,9 @@ class Run:
             self.meta["previous_attempt"] = previous.as_dict()
             print(f"[onegpu] an earlier {previous.stage} run in {self.out_dir} did not finish ({previous.text}); "
                   f"{after_interrupt}", file=sys.stderr)
+        elif previous.state == "running" and previous.pid != os.getpid():
+            print(f"[onegpu] warning: a {previous.stage} run (pid {previous.pid}) is still writing to {self.out_dir}; "
+                  "two runs in one dir overwrite each other's files: stop one, or use another dir", file=sys.stderr)
         self.config = redact(_jsonable(config))
         self._metrics_path = self.out_dir / "metrics.jsonl"
         self._summary: dict[str, Any] = {}

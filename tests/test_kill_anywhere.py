@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -423,3 +425,19 @@ def test_a_crash_without_a_resume_shows_in_the_report_and_in_wandb(tiny, tmp_pat
     assert again.returncode == 0 and "marked crashed" not in again.output  # recorded once
     assert len(list((base / "ft" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
     assert secret_hits(tmp_path) == []
+
+
+def test_a_second_run_in_a_dir_another_run_still_writes_to_is_warned(tmp_path, capfd, monkeypatch):
+    from onegpu.tracking import Run
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from onegpu.tracking import Run; "
+                               f"Run('data', {str(tmp_path)!r}, {{}}); print('open', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        Run("data", tmp_path, {}).finish()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"a data run (pid {holder.pid}) is still writing to {tmp_path}" in capfd.readouterr().err
