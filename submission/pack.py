@@ -455,7 +455,8 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
             a W&B model artifact (entity/project/name:alias) or a hub id (org/name). Optional when
             --weights names a hub or W&B model.
         track: the challenge track whose GPU the estimate is checked against: a100-40gb or rtx4090-24gb.
-        out: the folder to write (the zip goes beside it as OUT.zip).
+        out: the folder to write (the zip goes beside it as OUT.zip). It appears whole or not at all; a
+            re-run with the same inputs and options reuses a finished one (by its pack.json).
         weights: how the weights reach the image: embed (copied into the folder; the default for a
             local checkpoint), hub:ORG/NAME[@REVISION] (fetched at build, revision pinned; the default
             for a hub id) or wandb:ENTITY/PROJECT/NAME:VERSION (fetched at build; the default for a
