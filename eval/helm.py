@@ -249,13 +249,13 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
               "max_eval_instances": max_eval_instances, "num_threads": num_threads, "suite": suite,
               "serve_args": serve_args or [], "checkpoint_digest": digest}
     run = Run("eval-helm", out, config, tags=["eval", "helm", conf_name],
-              after_interrupt="the HELM run entries it finished are reused (--fresh to redo them)")
+              after_interrupt="the HELM runs it finished are reused (--fresh to redo them)")
     exit_code = 1
     try:
         with sigterm_as_interrupt():
             lineage = record_checkpoint_lineage(run, ckpt)
             server_log = out / "server.log"
-            reuse_finished_runs(helm_out / "runs" / suite, total=len(entries))
+            reuse_finished_runs(helm_out / "runs" / suite)
             with _helm_server(ckpt, serve_args or [], server_timeout, server_log, out / "server.json") as base_url:
                 env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=base_url)
                 run_cmd = [str(bin_dir / "helm-run"), "--conf-paths", str(conf_path), "--suite", suite,
@@ -304,26 +304,26 @@ def _helm_output_dir(out: Path, ckpt: Path, digest: str, fresh: bool) -> Path:
     return helm_out
 
 
-# What helm-run writes for a run entry, the last file last; it skips an entry whose scenario_state,
-# stats and per_instance_stats exist (--skip-completed-runs), whole or not.
+# What helm-run writes for a run, the last file last; it skips a run whose scenario_state, stats and
+# per_instance_stats exist (--skip-completed-runs), whole or not.
 HELM_RUN_FILES = ("run_spec.json", "scenario_state.json", "stats.json", "per_instance_stats.json")
 
 
-def reuse_finished_runs(suite_dir: Path, total: int) -> None:
-    """Keep the run entries an earlier, interrupted helm-run finished; remove the ones it left half-written
+def reuse_finished_runs(suite_dir: Path) -> None:
+    """Keep the runs an earlier, interrupted helm-run finished; remove the ones it left half-written
     (helm-run writes its files in place, so a kill can leave a cut ``per_instance_stats.json`` that it
     would skip as done). Says what it reuses."""
     done = []
-    for run_dir in sorted(p for p in suite_dir.glob("*") if p.is_dir() and not p.name.startswith(("eval_cache", "."))):
+    for run_dir in sorted(p for p in suite_dir.glob("*") if p.is_dir()):
         if (run_dir / "scenario_state.json").exists() or (run_dir / "run_spec.json").exists():
             if all(_whole_json(run_dir / name) for name in HELM_RUN_FILES):
                 done.append(run_dir.name)
             else:
                 shutil.rmtree(run_dir)
-                print(f"[onegpu] removed {run_dir}: a run entry an interrupted helm-run left unfinished; "
+                print(f"[onegpu] removed {run_dir}: a HELM run an interrupted helm-run left unfinished; "
                       "helm-run runs it again", file=sys.stderr)
     if done:
-        print(f"[onegpu] {len(done)} of {total} HELM run entries finished in an earlier run and are reused "
+        print(f"[onegpu] reusing {len(done)} HELM run(s) an earlier, interrupted helm-run finished "
               f"({', '.join(done)}; --fresh to redo them)", file=sys.stderr)
 
 

@@ -245,8 +245,8 @@ def test_eval_val(tmp_path, bundled_checkpoint, val_reference):
 
 
 def test_eval_helm(tmp_path, bundled_checkpoint, helm_offline_run):
-    """Killed as helm-run starts, once helm-run wrote a run entry's stats (its other files maybe not yet),
-    and before results.json: the server and helm-run die with it; a re-run redoes an entry helm-run left
+    """Killed as helm-run starts, once helm-run wrote a run's stats (its other files maybe not yet), and
+    before results.json: the server and helm-run die with it; a re-run redoes a run helm-run left
     unfinished and reuses the finished ones; the scores are the reference's."""
     reference, done = helm_offline_run  # the same command, once per session
     assert done.returncode == 0, done.stderr[-4000:]
@@ -256,11 +256,11 @@ def test_eval_helm(tmp_path, bundled_checkpoint, helm_offline_run):
                    "1", "--out", "helm"),
         out="helm",
         points=[KillPoint("helm-run starting against the ready server", line=r"server ready at http"),
-                KillPoint("a run entry's stats.json written", file=f"{runs}/*/stats.json"),
+                KillPoint("a HELM run's stats.json written", file=f"{runs}/*/stats.json"),
                 KillPoint("HELM done, results.json about to land", op="rename", path=r"/helm/results\.json$")],
-        reruns=[STARTS_OVER + "the HELM run entries it finished are reused",
-                r"(run entry an interrupted helm-run left unfinished|1 of 2 HELM run entries finished in an earlier run)",
-                r"2 of 2 HELM run entries finished in an earlier run and are reused"],
+        reruns=[STARTS_OVER + "the HELM runs it finished are reused",
+                r"(a HELM run an interrupted helm-run left unfinished|reusing 1 HELM run\(s\))",
+                r"reusing 2 HELM run\(s\) an earlier, interrupted helm-run finished"],
         outputs=["helm_scenarios.table.json", "helm_runs.table.json"],
         skip=(f"{runs}/**/*", "helm/helm/prod_env/**/*"),  # helm-run's own files, written in place
     )
