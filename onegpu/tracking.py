@@ -241,7 +241,7 @@ class Run:
         previous = RunDir.load(self.out_dir).status()
         if previous.state == "crashed":
             self.meta["previous_attempt"] = previous.as_dict()
-            print(f"[onegpu] an earlier {previous.stage} run in {self.out_dir} did not finish ({previous.text}); "
+            print(f"[onegpu] an earlier {previous.stage} run in {self.out_dir} did not finish: {previous.text}; "
                   f"{after_interrupt}", file=sys.stderr)
         elif previous.state == "running" and previous.pid != os.getpid():
             print(f"[onegpu] warning: a {previous.stage} run (pid {previous.pid}) is still writing to {self.out_dir}; "

@@ -119,7 +119,7 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-STARTS_OVER = r"did not finish \(killed .*\); "
+STARTS_OVER = r"did not finish: killed .*; "
 REMOVED = r"removed \S+: an interrupted run \(pid \d+\) left it half-written; it is written again from the start"
 
 
