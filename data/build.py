@@ -35,7 +35,8 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-from onegpu.contracts import artifact_name, atomic_write_text, dataset_content_hash, write_manifest
+from onegpu.contracts import (MANIFEST, artifact_name, atomic_path, atomic_write_text, dataset_content_hash,
+                              write_manifest)
 from onegpu.data import decontam
 from onegpu.data.families import coverage_table, family_tokens
 from onegpu.data.filters import (RowText, detect_script_language, exact_duplicates, near_duplicates, row_text,
@@ -94,7 +95,10 @@ def build(recipe: Path, out: Path | None = None, data_dir: Path | None = None, s
 
     run = Run("data", out, {"recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
                             "recipe_path": str(recipe), "data_dir": str(data_dir) if data_dir else "hub",
-                            "locations": {c.name: c.location for c in checks.values()}})
+                            "locations": {c.name: c.location for c in checks.values()}},
+              after_interrupt="building again from the recipe: a data build does not resume (its steps take "
+                              "seconds to minutes and are deterministic, so the same recipe and seed rebuild "
+                              "the same files byte for byte)")
     try:
         kept, token_counts = filter_rows(rec, rows, rejects, counts, data_dir, tokenizer, parallel)
         train, val, selection = _sample(rec, kept, token_counts)
@@ -465,6 +469,9 @@ def _write_outputs(out: Path, rec, data_dir, tok_info, rows, kept, token_counts,
     val_rows = [kept[i] for i in val]
     for r in train_rows + val_rows:
         assert all(k in r for k in REQUIRED_FIELDS)
+    # The manifest goes first and comes back last: a build killed in between leaves a dir that
+    # `onegpu finetune` refuses (no manifest), never new rows under an old manifest.
+    (out / MANIFEST).unlink(missing_ok=True)
     train_sha = _dump_jsonl(out / "train.jsonl", train_rows)
     val_sha = _dump_jsonl(out / "val.jsonl", val_rows)
     rejects_sha = _dump_jsonl(out / "rejects.jsonl", rejects)
@@ -541,6 +548,7 @@ def _plot(path: Path, rec, selection, token_counts, kept, train) -> Path:
     ax2.set_title("length distribution (train)")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
     return path

@@ -32,7 +32,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import atomic_write_json, read_json
+from onegpu.contracts import atomic_path, atomic_write_json, read_json
 from onegpu.errors import UserError
 
 OPEN_SCENARIOS = ("mmlu", "truthful_qa", "big_bench", "gsm", "bbq")
@@ -280,7 +280,8 @@ def plot_val_vs_test(scored: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel(f"test score ({scored['test_score_kind']})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
 
@@ -346,7 +347,8 @@ def compare(run_dirs: list[Path] | Path, out: Path = Path("runs/eval-compare"), 
     scored = score_runs(runs, reference)
     out = Path(out)
     config = {"run_dirs": [str(d) for d in run_dirs], "field": (reference or {}).get("path")}
-    run = Run("eval-compare", out, config, tags=["eval", "compare"])
+    run = Run("eval-compare", out, config, tags=["eval", "compare"],
+              after_interrupt="comparing again: compare does not resume (it only reads results, in seconds)")
     exit_code = 1
     try:
         for r in runs:

@@ -29,7 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from onegpu.contracts import atomic_write_json
 from onegpu.errors import UserError, did_you_mean
+from onegpu.processes import die_with_parent
 from onegpu.submission.launch import free_port, log_tail, start_server, stop_process_group, wait_healthy
 
 CONFS_DIR = Path(__file__).resolve().parent / "helm_confs"
@@ -104,7 +106,7 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, total: int | None = No
 
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, text=True, bufsize=1, start_new_session=True)
+                                env=env, text=True, bufsize=1, start_new_session=True, preexec_fn=die_with_parent())
         try:
             with tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=total is None) as bar:
                 for line in proc.stdout:
@@ -246,12 +248,14 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
     config = {"checkpoint": str(ckpt), "conf": conf_name, "conf_path": str(conf_path), "entries": entries,
               "max_eval_instances": max_eval_instances, "num_threads": num_threads, "suite": suite,
               "serve_args": serve_args or [], "checkpoint_digest": digest}
-    run = Run("eval-helm", out, config, tags=["eval", "helm", conf_name])
+    run = Run("eval-helm", out, config, tags=["eval", "helm", conf_name],
+              after_interrupt="the HELM runs it finished are reused (--fresh to redo them)")
     exit_code = 1
     try:
         with sigterm_as_interrupt():
             lineage = record_checkpoint_lineage(run, ckpt)
             server_log = out / "server.log"
+            reuse_finished_runs(helm_out / "runs" / suite)
             with _helm_server(ckpt, serve_args or [], server_timeout, server_log, out / "server.json") as base_url:
                 env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=base_url)
                 run_cmd = [str(bin_dir / "helm-run"), "--conf-paths", str(conf_path), "--suite", suite,
@@ -266,7 +270,7 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
         results = {"stage": "eval-helm", "conf": conf_name, "conf_path": str(conf_path), "checkpoint": str(ckpt),
                    "checkpoint_digest": digest, "checkpoint_lineage": lineage, **parsed, "test_score": test_score,
                    "helm_output": str(helm_out), "wall_s": round(time.time() - started, 2)}
-        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        atomic_write_json(out / "results.json", results)
         _log_scores(run, ckpt, lineage, parsed, test_score)
         _print_table(parsed, test_score)
         print(f"\nresults: {out / 'results.json'}")
@@ -296,8 +300,39 @@ def _helm_output_dir(out: Path, ckpt: Path, digest: str, fresh: bool) -> Path:
                               or json.loads(marker.read_text()).get("digest") != digest):
         shutil.rmtree(helm_out)  # another checkpoint's cached answers must never leak into this score
     helm_out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"checkpoint": str(ckpt), "digest": digest}))
+    atomic_write_json(marker, {"checkpoint": str(ckpt), "digest": digest})
     return helm_out
+
+
+# What helm-run writes for a run, the last file last; it skips a run whose scenario_state, stats and
+# per_instance_stats exist (--skip-completed-runs), whole or not.
+HELM_RUN_FILES = ("run_spec.json", "scenario_state.json", "stats.json", "per_instance_stats.json")
+
+
+def reuse_finished_runs(suite_dir: Path) -> None:
+    """Keep the runs an earlier, interrupted helm-run finished; remove the ones it left half-written
+    (helm-run writes its files in place, so a kill can leave a cut ``per_instance_stats.json`` that it
+    would skip as done). Says what it reuses."""
+    done = []
+    for run_dir in sorted(p for p in suite_dir.glob("*") if p.is_dir()):
+        if (run_dir / "scenario_state.json").exists() or (run_dir / "run_spec.json").exists():
+            if all(_whole_json(run_dir / name) for name in HELM_RUN_FILES):
+                done.append(run_dir.name)
+            else:
+                shutil.rmtree(run_dir)
+                print(f"[onegpu] removed {run_dir}: a HELM run an interrupted helm-run left unfinished; "
+                      "helm-run runs it again", file=sys.stderr)
+    if done:
+        print(f"[onegpu] reusing {len(done)} HELM run(s) an earlier, interrupted helm-run finished "
+              f"({', '.join(done)}; --fresh to redo them)", file=sys.stderr)
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @contextmanager
@@ -309,7 +344,7 @@ def _helm_server(ckpt: Path, serve_args: list[str], timeout: float, log_path: Pa
           f"(log: {log_path})", file=sys.stderr, flush=True)
     server = start_server(ckpt, port, log_path, list(serve_args))
     try:
-        info_path.write_text(json.dumps({"pid": server.pid, "port": port, "url": base_url}))
+        atomic_write_json(info_path, {"pid": server.pid, "port": port, "url": base_url})
         health = wait_healthy(base_url, server, timeout, log_path=log_path)
         print(f"[onegpu] server ready at {base_url} ({health.get('device')}, {health.get('dtype')})",
               file=sys.stderr, flush=True)

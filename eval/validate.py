@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from onegpu.contracts import atomic_write_json, checkpoint_digest, model_input
+from onegpu.contracts import atomic_write_json, atomic_write_text, checkpoint_digest, model_input
 from onegpu.errors import UserError, did_you_mean
 from onegpu.eval.tasks.helm_mc import is_helm_task, likelihood_twins
 from onegpu.threads import set_cpu_threads
@@ -280,7 +280,8 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
     config = {"checkpoint": str(ckpt), "base_checkpoint": str(base) if base else None, "suite": spec["name"],
               "suite_path": spec["path"], "tasks": entries, "batch_size": batch_size, "prompt_style": prompt_style,
               "device": device, "dtype": dtype, "seed": seed, "checkpoint_digest": digest}
-    run = Run("eval-val", out, config, tags=["eval", "lm-eval", spec["name"]])
+    run = Run("eval-val", out, config, tags=["eval", "lm-eval", spec["name"]],
+              after_interrupt=f"the tasks it finished are reused ({out / 'tasks'}; --fresh to redo them)")
     exit_code = 1
     try:
         lineage = record_checkpoint_lineage(run, ckpt)
@@ -385,10 +386,7 @@ def _run_lm_eval(lm, entry: dict[str, Any], manager, seed: int, log_samples: boo
 
 
 def _write_samples(path: Path, samples: list) -> None:
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for s in samples:
-            fh.write(json.dumps(s, default=str) + "\n")
+    atomic_write_text(path, "".join(json.dumps(s, default=str) + "\n" for s in samples))
 
 
 def _mean_primary(per_task: dict[str, dict]) -> float | None:

@@ -16,13 +16,14 @@ import difflib
 import itertools
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from onegpu.contracts import TRACKS, atomic_write_json
 from onegpu.errors import UserError
-from onegpu.finetune.config import requested_max_seq_length
+from onegpu.finetune.config import CheckpointArgs, requested_max_seq_length
+from onegpu.finetune.disk import model_sizes, plan_disk
 from onegpu.finetune.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS, Workload,
                                     count_weights, estimate_memory, flops_per_token, largest_micro_batch, meta_model,
                                     recompute_factor)
@@ -316,6 +317,11 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
                                 f"{data['epochs_requested'] * data['tokens_per_epoch'] / 1e6:.0f} M tokens; the budget "
                                 f"trains ~{data['epochs_in_budget']:.2f} epochs", "nothing to do if that is intended: the "
                                 "budget stops the run and the LR schedule reaches its floor then (finetune/schedule.py)"))
+    checkpoints = CheckpointArgs(**{f.name: a[f.name] for f in fields(CheckpointArgs)})
+    disk = plan_disk(checkpoints, model_sizes(config, w, a.get("checkpoint_dir")), a.get("max_steps"))
+    if not disk["fits"]:
+        problems.append(Problem(f"disk: {disk['text']}", "free space, or a smaller --keep_last, --export_hf false, "
+                                "--merge false, or --out_dir on a larger disk"))
     report = {
         "mode": "analytic", "reason": reason, "model": config.name, "model_source": source,
         "workload": asdict(w), "total_params": weights.total_params, "trainable_params": weights.trainable_params,
@@ -333,7 +339,7 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
         "recompute_factor": recompute_factor(weights) if w.activation_checkpointing else 1.0,
         "budget_s": clock.budget_s, "train_time_s": train_s, "data": data,
         "recommendation": {"rule": RECOMMEND_RULE, "setups": chosen.recommend(w)},
-        "problems": [str(p) for p in problems], "assumptions": assumptions(w),
+        "disk": disk, "problems": [str(p) for p in problems], "assumptions": assumptions(w),
     }
     out = Path(a["out_dir"]).expanduser() if a.get("out_dir") else None
     if out is None:
@@ -470,6 +476,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  data: {data['tokens_per_epoch'] / 1e6:,.1f} M training tokens per epoch of {data['dir']} "
                      f"(counted with the {data['tokenizer'] or 'data build'} tokenizer); the budget trains "
                      f"~{data['epochs_in_budget']:.2f} epochs")
+    lines.append(f"  disk: {r['disk']['text']}")
     setups, rank = r["recommendation"]["setups"], w["lora_r"]
     at_rank = next((c for c in setups if c["lora_r"] == rank), None)
     lines.append(f"  recommended on {r['track']} at r={rank}: " + (setup_text(at_rank) if at_rank else

@@ -115,13 +115,29 @@ def save(ckpt_root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]
     """Write ``step-XXXXXX`` atomically, then drop all but the newest ``keep_last``."""
     final = ckpt_root / f"step-{step:06d}"
     with staged_dir(final) as tmp:
-        torch.save(state, tmp / "state.pt")
+        torch_save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        with open(tmp / "state.pt", "rb") as fh:  # data on disk before the rename makes it visible
-            os.fsync(fh.fileno())
     for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a file closed here, synced to disk before it is renamed into place.
+
+    A write that fails frees its space at once (no open handle outlives it), and a full disk is
+    raised as the ``OSError`` it is (torch reports it as a RuntimeError, the OSError as its context).
+    """
+    try:
+        with open(path, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except RuntimeError as err:
+        cause = err.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror, str(path)) from err
+        raise
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

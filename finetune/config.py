@@ -585,6 +585,18 @@ def find_data_dir(data: str | None) -> Path:
                         "or a W&B dataset artifact with WANDB_MODE=online")
 
 
+def check_files_match_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """train.jsonl and val.jsonl are the files the manifest describes (its sha256s), not others'."""
+    for name, recorded in (manifest.get("files") or {}).items():
+        if name == "rejects.jsonl":
+            continue  # not read for training
+        actual = hashlib.sha256((path / name).read_bytes()).hexdigest() if (path / name).is_file() else None
+        if actual != recorded:
+            raise UserError(f"{path / name} is not the file its manifest.json describes (sha256 {actual} vs {recorded})",
+                            fix="its build was interrupted or the file was edited: rebuild the dir with "
+                                "`onegpu data build RECIPE --out DIR`")
+
+
 def load_data(data: str | None) -> DataBundle:
     """Read a data dir once: manifest, every train and val row, and the dataset artifact's name and digest."""
     path = find_data_dir(data)
@@ -594,6 +606,7 @@ def load_data(data: str | None) -> DataBundle:
         raise UserError(f"the training set {path / 'train.jsonl'} is empty or missing",
                         fix="rebuild the mix with `onegpu data build` (check its rejects.jsonl for why rows were dropped)")
     val_rows = read_rows(path / "val.jsonl")
+    check_files_match_manifest(path, manifest)
     manifest_sha256 = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
     name = artifact_name("dataset", manifest.get("name") or path.name)
     return DataBundle(path, manifest, train_rows, val_rows, manifest_sha256, dataset_digest(path, manifest), name)

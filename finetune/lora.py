@@ -27,6 +27,7 @@ versioned state like torchtune's recipes):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -93,6 +94,7 @@ class LoRATrainer:
         self.cfg = cfg
         self.state = TrainState(clock=cfg.clock)
         self.tracker = None  # the tracked run (onegpu.tracking.Run), opened by setup()
+        self.disk_sizes = None  # what the run writes (finetune/disk.py), sized by check_disk()
         self.step_time_ema: float | None = None  # predicts the next step for the budget clock
         self.steps_this_segment = 0  # since this process started (the ETA's rate)
         self.last_save = time.monotonic()
@@ -150,6 +152,8 @@ class LoRATrainer:
         self.tokenizer = Tokenizer(cfg.model.checkpoint_dir)
         self.style = get_prompt_style(cfg.data.prompt_style)
         self.plan_data()
+        if stage == "finetune":
+            self.check_disk(steps_done=checkpoint["train_state"]["step"] if checkpoint else 0)
         self.tracker = self.open_run(stage, checkpoint)
         if checkpoint is not None:
             self.state.load_state_dict(checkpoint["train_state"])  # counters; the clock's new segment starts now
@@ -215,6 +219,17 @@ class LoRATrainer:
         self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.steps_per_epoch))
         self.state.schedule = BudgetSchedule(cfg.train.warmup_steps, self.total_steps, cfg.train.min_lr_ratio)
 
+    def check_disk(self, steps_done: int) -> None:
+        """Refuse to start (exit 2, with the numbers) when the disk cannot hold what the run will write."""
+        from onegpu.finetune import disk
+
+        self.disk_sizes = disk.config_sizes(self.cfg)
+        need = disk.run_need(self.cfg.checkpoints, self.disk_sizes, self.total_steps, steps_done)
+        disk.check(need, "this fine-tune", fix="free that much space, or write less: a smaller --keep_last, "
+                   "--export_hf false, --merge false (final/ keeps the LoRA adapter, to merge later), or "
+                   "--out_dir (and WANDB_DATA_DIR for W&B's copy) on a larger disk")
+        print(f"[onegpu] disk: this run writes up to {need.describe()}", file=sys.stderr)
+
     def open_run(self, stage: str, checkpoint: dict[str, Any] | None) -> Any:
         from onegpu.tracking import Run, wandb_online
 
@@ -229,8 +244,12 @@ class LoRATrainer:
         # Online, a resumed segment continues the same W&B run. Offline, a SIGKILLed run's id can
         # still be held by its orphaned W&B service ("run ID is in use"), so a new offline run is
         # started and linked through `resumed_from_wandb_id`; metrics.jsonl stays one file.
+        after = ("continuing it (--resume)" if cfg.checkpoints.resume else
+                 "starting over; to continue from its last checkpoint instead, run the same command with "
+                 "--resume auto")
         run = Run(stage, cfg.checkpoints.out_dir, config, project=cfg.logging.wandb_project,
-                  name=cfg.logging.run_name, resume_id=previous_id if wandb_online() else None)
+                  name=cfg.logging.run_name, resume_id=previous_id if wandb_online() else None,
+                  after_interrupt=after)
         run.use_input(cfg.dataset.name, "dataset", cfg.dataset.digest, cfg.dataset.path)
         cfg.clock.note(wandb_id=run.meta.get("wandb_id"), resumed_from_wandb_id=previous_id)
         cfg.clock.beat()  # the chain link is on disk before the model loads
@@ -403,8 +422,24 @@ class LoRATrainer:
         due_steps = ckpt.save_interval and step % ckpt.save_interval == 0
         due_time = ckpt.save_interval_minutes and time.monotonic() - self.last_save >= 60 * ckpt.save_interval_minutes
         if (due_steps or due_time) and step < self.total_steps:
-            self.save_checkpoint()
+            try:
+                self.save_checkpoint()
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self.say_disk_full(err)  # training goes on; the next interval tries again
             self.last_save = time.monotonic()
+
+    def say_disk_full(self, err: OSError) -> None:
+        from onegpu.finetune import checkpoint as ckpt_io
+        from onegpu.finetune.disk import human
+
+        root = self.cfg.checkpoints.out_dir / "checkpoints"
+        kept = ckpt_io.latest(root)
+        print(f"\n[onegpu] warning: the checkpoint of step {self.state.step} was not saved: {err.strerror} "
+              f"({human(shutil.disk_usage(root).free)} free on {root}); the previous checkpoint "
+              f"{kept or '(none yet)'} is kept whole. Training goes on and saves again at the next interval; "
+              "free space on that disk.", file=sys.stderr)
 
     def save_checkpoint(self) -> Path:
         from onegpu.finetune import checkpoint as ckpt_io
@@ -466,7 +501,8 @@ class LoRATrainer:
         if self.proxy.items:
             self.proxy.evaluate()
         if cfg.checkpoints.final_checkpoint:
-            self.save_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
+            self.save_final_checkpoint()  # `--resume auto` after the end (or after a budget stop) starts from here
+        self.check_disk_for_final()
         selected = self.proxy.select_final(cfg.checkpoints.select)  # may load the best proxy step's weights
         final_dir = self.write_final()
         samples = self.generate_samples() if cfg.eval.num_samples else []
@@ -494,6 +530,41 @@ class LoRATrainer:
                   f"{format_duration(max(0.0, clock.remaining_s))} of the budget left after the merge. "
                   f"Continue with --resume auto and a larger --budget.", file=sys.stderr)
         return summary
+
+    def save_final_checkpoint(self) -> None:
+        """The end-of-training checkpoint; a full disk here is an error naming the checkpoint that is kept."""
+        from onegpu.finetune import checkpoint as ckpt_io
+
+        try:
+            self.save_checkpoint()
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = ckpt_io.latest(self.cfg.checkpoints.out_dir / "checkpoints")
+            raise UserError(f"the disk is full ({err.strerror}): the checkpoint of the last step "
+                            f"({self.state.step}) could not be saved and final/ was not written; the newest "
+                            f"checkpoint on disk is {kept or '(none)'}, whole",
+                            fix="free space on that disk, then run the same command with --resume auto: it "
+                                "continues from that checkpoint") from err
+
+    def check_disk_for_final(self) -> None:
+        """Before the merge: room for final/ (and W&B's copy), else stop with the last step's checkpoint kept."""
+        from onegpu.finetune import checkpoint as ckpt_io
+        from onegpu.finetune import disk
+
+        cfg = self.cfg
+        need = disk.final_need(cfg.checkpoints, self.disk_sizes or disk.config_sizes(cfg))
+        if not need.shortfalls():
+            return
+        kept = ckpt_io.latest(cfg.checkpoints.out_dir / "checkpoints")
+        if kept is None or kept.name != f"step-{self.state.step:06d}":  # --final_checkpoint false: save it now
+            self.save_final_checkpoint()
+            kept = ckpt_io.latest(cfg.checkpoints.out_dir / "checkpoints")
+        disk.check(need, "final/ (the merge)",
+                   fix=f"nothing trained is lost: the LoRA weights and optimizer of step {self.state.step} are in "
+                       f"{kept}. Free that much space, then run the same command with --resume auto: it merges "
+                       "without training more. Or add --merge false to it: final/ then holds only the LoRA "
+                       "adapter (small), which `litgpt merge_lora OUT/final` merges later")
 
     def stop_without_final(self, stopped_by: str) -> None:
         """SIGTERM: a checkpoint (no validation, no merge: a scheduler's grace period is short), the summary."""
@@ -539,8 +610,6 @@ class LoRATrainer:
         cfg = self.cfg
         base = cfg.model.checkpoint_dir
         final = cfg.checkpoints.out_dir / "final"
-        for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a run killed while merging
-            shutil.rmtree(stale, ignore_errors=True)
         lineage = self.lineage()
         with staged_dir(final) as staging:
             lora_sd = {k: v for k, v in trainable_state_dict(self.inner).items() if "lora_" in k}

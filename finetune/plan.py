@@ -62,6 +62,7 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
                   track_memory_gib: float | None) -> dict[str, Any]:
     """Real steps of the trainer (``LoRATrainer.setup`` + ``train_step``) on the fullest batches of the data."""
     from onegpu.contracts import TRACKS, atomic_write_json
+    from onegpu.finetune.disk import config_sizes, plan_disk
     from onegpu.finetune.lora import LoRATrainer
 
     global_batch = options.train.global_batch_size  # suggestions must divide it (plan steps use one micro-batch)
@@ -82,6 +83,7 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
         else:
             results, suggested, estimate = measure_on_cpu(trainer, steps, max_micro_batch_size, track_gib, global_batch)
         report = plan_report(trainer, results, suggested, estimate, track_gib, global_batch)
+        report["disk"] = plan_disk(options.checkpoints, config_sizes(trainer.cfg), options.train.max_steps)
         report.update(measure_proxy(trainer))
         trainer.tracker.summary(**{k: v for k, v in report.items() if k != "measured"})
         columns = list(results[0].keys()) if not results[0].get("oom") else ["micro_batch_size", "oom"]
@@ -249,6 +251,7 @@ def report_lines(trainer: Any, report: dict[str, Any]) -> list[str]:
         f"training): {report['tokens_in_budget']:.3g} tokens = {report['epochs_in_budget']:.2f} epochs of this mix "
         f"({report['tokens_per_epoch']} tokens)",
         f"  memory: {report['memory_estimate']}",
+        f"  disk: {report['disk']['text']}",
         *([f"  test proxy: {format_duration(report['proxy_s_per_evaluation'])} per evaluation of "
            f"{report['proxy_items']}" + (f"; every {cfg.eval.proxy_interval} steps = "
                                         f"{report['proxy_s_per_step']:.2f} s per step on the budget clock"

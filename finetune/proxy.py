@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from onegpu.contracts import atomic_write_json
+from onegpu.contracts import atomic_path, atomic_write_json
 from onegpu.errors import UserError
 from onegpu.eval.tasks.helm_mc import HelmItem, helm_mc_items, is_helm_task, score_items
 
@@ -75,7 +75,7 @@ class ProxyEval:
 
     def evaluate(self) -> dict[str, Any]:
         """Generate and score every item on the live weights; log ``proxy/*``; remember the best."""
-        from onegpu.finetune.checkpoint import trainable_state_dict
+        from onegpu.finetune.checkpoint import torch_save, trainable_state_dict
 
         t0 = time.perf_counter()
         scores = score_items(self.items, self.complete_all())
@@ -90,13 +90,9 @@ class ProxyEval:
                         "proxy/seconds": seconds})
         self.trainer.tracker.log(metrics, step=step)
         if self.best is None or scores["exact_match"] >= self.best["exact_match"]:
-            import torch
-
-            self.dir.mkdir(parents=True, exist_ok=True)
             lora = {k: v for k, v in trainable_state_dict(self.trainer.inner).items() if "lora_" in k}
-            tmp = self.dir / ".best.pt.tmp"
-            torch.save(lora, tmp)
-            tmp.replace(self.dir / "best.pt")
+            with atomic_path(self.dir / "best.pt") as tmp:
+                torch_save(lora, tmp)
             self.best = {"step": step, "exact_match": scores["exact_match"]}
             atomic_write_json(self.dir / "best.json", self.best)
         print(f"\n[onegpu] proxy at step {step}: exact match {scores['exact_match']:.3f}, "

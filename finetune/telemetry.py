@@ -266,7 +266,10 @@ def plot_training_curves(out_dir: Path) -> Path | None:
     ax3.plot(steps, [100 * train[s]["mfu"] for s in steps], color="tab:red", alpha=0.6)
     ax3.set_ylabel("MFU %", color="tab:red")
     fig.tight_layout()
+    from onegpu.contracts import atomic_path
+
     path = out_dir / "training_curves.png"
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path

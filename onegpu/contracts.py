@@ -5,8 +5,9 @@ definition of those files and of the small rules every stage must apply the same
 
 * ``QUANTIZE_MODES`` / ``Quantize``: the bitsandbytes weight formats (training and serving);
 * ``TRACKS`` / ``Track``: the challenge's two hardware tracks (GPU, its memory, the 24 h budget);
-* ``atomic_write_text`` / ``atomic_write_json`` / ``staged_dir``: write-to-temp-then-rename, so a
-  kill mid-write leaves the old file (or dir) or the new one, never half of one;
+* ``atomic_path`` / ``atomic_write_text`` / ``atomic_write_json`` / ``staged_dir``: write-to-temp-
+  then-rename, so a kill mid-write leaves the old file (or dir) or the new one, never half of one
+  (``scratch_dir``: temp work of the same kind that is never handed over);
 * ``read_manifest`` / ``write_manifest``: a data dir's ``manifest.json``;
 * ``artifact_name`` / ``dataset_digest`` / ``checkpoint_digest`` / ``model_input``: the name and digest under which
   a stage logs its output and under which every later stage records it as an input (lineage);
@@ -16,13 +17,16 @@ definition of those files and of the small rules every stage must apply the same
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,34 +72,92 @@ assert tuple(TRACKS) == get_args(Track)
 
 
 # ----------------------------------------------------------------------------- atomic writes
+# Every file and dir a stage hands over is written under a temp name beside its final name and
+# renamed into place, so a kill at any moment leaves the old one or the new one, never half of one.
+# The temp name carries the writer (pid and host): the next write in that dir removes the leftovers
+# of writers that are gone (killed), and only theirs.
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[0-9a-f]{6})\.[A-Za-z0-9_]+\.tmp$")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same dir and an atomic rename."""
+def _temp_prefix(final: Path) -> str:
+    from onegpu.processes import host_id
+
+    return f".{final.name}.{os.getpid()}@{host_id()}."
+
+
+def remove_stale_temps(final: str | Path) -> list[Path]:
+    """Remove the temp files/dirs beside ``final`` whose writers are no longer running; returns them.
+
+    Run before each atomic write, so a killed writer's leftovers (a half-written 14 GB merge, say)
+    go the next time anything is written there. A live writer's temp is kept.
+    """
+    from onegpu.processes import process_alive
+
+    final = Path(final)
+    removed = []
+    for temp in final.parent.glob(".*.tmp") if final.parent.is_dir() else ():
+        match = TEMP_NAME.match(temp.name)
+        if match is None or process_alive(int(match["pid"]), host=match["host"]) is not False:
+            continue
+        if temp.is_dir() and not temp.is_symlink():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
+        removed.append(temp)
+        print(f"[onegpu] removed {temp}: an interrupted run (pid {match['pid']}) left it half-written; it is "
+              "written again from the start", file=sys.stderr)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write in any way (``torch.save``, ``savefig``, a zip);
+    when the block ends without an exception it is synced to disk and renamed to ``path``.
+
+    The temp name ends in ``.tmp``: writers that pick a format from the suffix must be told it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    os.close(fd)
     try:
         # mkstemp makes 0600 files: give the result the mode a plain open() would (other users, e.g.
         # the non-root user of the serving image, must be able to read what root wrote at build)
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:  # the data on disk before the rename makes it visible
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same dir and an atomic rename."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
 def atomic_write_json(path: str | Path, doc: Any, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(doc, indent=indent, default=str))
+
+
+def _temp_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    work = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temp_prefix(final), suffix=".tmp"))
+    os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes 0700 dirs; see atomic_path
+    return work
 
 
 @contextlib.contextmanager
@@ -105,9 +167,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     On an exception the temp dir is removed and ``final`` is left as it was.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes 0700 dirs; see atomic_write_text
+    work = _temp_dir(final)
     try:
         yield work
     except BaseException:
@@ -118,6 +178,17 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     elif final.exists():
         shutil.rmtree(final)
     os.rename(work, final)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str | Path, name: str) -> Iterator[Path]:
+    """A temp dir ``PARENT/.NAME.<pid>@<host>.*.tmp`` for work that is never handed over (e.g. the
+    folder an upload is made from), removed when the block ends; a killed run's, by the next one."""
+    work = _temp_dir(Path(parent) / name)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- manifest
@@ -232,6 +303,47 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class RunStatus:
+    """Where a run stands: ``running``, ``finished``, ``stopped`` (SIGTERM / Ctrl-C), ``failed`` (an
+    error), ``crashed`` (ended with no exit recorded: SIGKILL, the OOM killer, power loss), ``unknown``
+    (no exit recorded, ran on another host) or ``none`` (no run there)."""
+
+    state: str
+    stage: str
+    last_step: int | None = None  # the last step it logged
+    total_steps: int | None = None
+    last_alive_at: str | None = None  # its last heartbeat or logged row (UTC)
+    started_at: str | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+
+    @property
+    def progress(self) -> str:
+        """``after step 7 of 12``, ``before its first step`` (a run with steps), else ''."""
+        if self.last_step is None:
+            return "before its first step" if self.total_steps else ""
+        return f"after step {self.last_step}" + (f" of {self.total_steps}" if self.total_steps else "")
+
+    @property
+    def text(self) -> str:
+        """``killed after step 7 of 12 (last sign of life 2026-12-05T01:02:03Z, pid 123 is gone)``."""
+        if self.state != "crashed":
+            return self.state
+        when = (f"last sign of life {self.last_alive_at}" if self.last_alive_at
+                else f"started {self.started_at}" if self.started_at else "")
+        facts = ", ".join(f for f in (when, f"pid {self.pid} is gone" if self.pid else "") if f)
+        return " ".join(w for w in ("killed", self.progress, f"({facts})" if facts else "") if w)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("state", "stage", "last_step", "total_steps", "last_alive_at",
+                                               "started_at", "pid", "exit_code")}
+
+
+def _utc(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
 @dataclass
 class RunDir:
     """A run directory as every stage writes it (``onegpu.tracking.Run``)."""
@@ -258,6 +370,34 @@ class RunDir:
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / "metrics.jsonl")
+
+    def status(self) -> RunStatus:
+        """How the run ended, or that it still runs: from its exit code, else its process and heartbeat."""
+        from onegpu.budget import HEARTBEAT_FILE, HEARTBEAT_INTERVAL_S
+        from onegpu.processes import process_alive
+
+        if not self.meta:
+            return RunStatus("none", self.stage)
+        rows = self.metrics()
+        steps = [r["_step"] for r in rows if isinstance(r.get("_step"), int)]
+        beats = read_json(self.path / HEARTBEAT_FILE).get("segments") or [{}]
+        beat = beats[-1].get("beat_at")
+        last_alive = beat or next((_utc(r["_time"]) for r in reversed(rows) if r.get("_time")), None)
+        total = self.config.get("total_steps")
+        common = dict(stage=self.stage, last_step=max(steps) if steps else None,
+                      total_steps=total if isinstance(total, int) else None, last_alive_at=last_alive,
+                      started_at=self.meta.get("started_at"))
+        if "exit_code" in self.meta:
+            code = self.meta["exit_code"]
+            state = "finished" if code == 0 else "stopped" if code in (130, 143) else "failed"
+            return RunStatus(state, exit_code=code, **common)
+        process = self.meta.get("process") or {}
+        alive = process_alive(process.get("pid"), process.get("started"), process.get("host")) if process else None
+        if alive is None and beat is not None:  # another host, or no process record: the heartbeat's age
+            age = time.time() - calendar.timegm(time.strptime(beat, "%Y-%m-%dT%H:%M:%SZ"))
+            alive = age < 10 * HEARTBEAT_INTERVAL_S
+        state = {True: "running", False: "crashed", None: "unknown"}[alive]
+        return RunStatus(state, pid=process.get("pid"), **common)
 
 
 SWEEP_STATE = "sweep_state.json"

@@ -36,7 +36,6 @@ import hashlib
 import io
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -375,9 +374,12 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
                             "(or drop --export_hf)")
     source = merged_checkpoint(ref)
     with staged_dir(out) as work:
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            convert_lit_checkpoint(checkpoint_dir=source, output_dir=Path(tmp))  # pprints its locals
-            state = torch.load(Path(tmp) / "model.pth", map_location="cpu", weights_only=True)
+        converted = work / ".litgpt-export"  # inside the staged dir: a kill leaves nothing elsewhere
+        converted.mkdir()
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert_lit_checkpoint(checkpoint_dir=source, output_dir=converted)  # pprints its locals
+        state = torch.load(converted / "model.pth", map_location="cpu", weights_only=True)
+        shutil.rmtree(converted)
         if read_json(source / "config.json").get("tie_word_embeddings"):
             state.pop("lm_head.weight", None)
         # safetensors refuses tensors that share storage: store independent, contiguous copies.

@@ -31,12 +31,11 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import PUSHED_FILES, PUSHED_LINEAGE, atomic_write_json, read_json, staged_dir
+from onegpu.contracts import PUSHED_FILES, PUSHED_LINEAGE, atomic_write_json, read_json, scratch_dir, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import cache_dir
 
@@ -219,9 +218,8 @@ def _prepare_bundled(out: Path, force: bool) -> None:
 
     print(f"[onegpu] converting {gguf_path.name} (bundled {BUNDLED_NAME}) -> litgpt checkpoint in {out}",
           file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".prepare-") as tmp:
-        hf_dir = Path(tmp) / "hf"
+    with scratch_dir(out.parent, f"{out.name}-hf") as tmp:  # a killed run's goes next time
+        hf_dir = tmp / "hf"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=BUNDLED_GGUF,

@@ -25,13 +25,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from onegpu.contracts import PUSHED_LINEAGE, RunDir, read_json, read_manifest
+from onegpu.contracts import PUSHED_LINEAGE, RunDir, read_json, read_manifest, scratch_dir, staged_dir
 from onegpu.errors import UserError
 from onegpu.inference import CheckpointRef, export_hf, locate_checkpoint, uses_bos
 from onegpu.model import PROVENANCE, file_sha256
@@ -73,13 +72,14 @@ def push(checkpoint: Path, repo: str | None = None, dry_run: Path | None = None,
     api = None if dry_run else hub_session(token or os.environ.get("HF_TOKEN"))  # fails before the export
     if dry_run:
         folder = _fresh_dry_run_dir(Path(dry_run))
-        write_upload_folder(ref, folder, repo, weights, lineage, license)
+        with staged_dir(folder) as staging:  # whole or absent: a killed dry run never leaves half a folder
+            write_upload_folder(ref, staging, repo, weights, lineage, license)
         print(f"[onegpu push] dry run: wrote the folder that would go to https://huggingface.co/{repo} "
               f"(nothing uploaded)", file=sys.stderr)
         print(folder)
         return {"dry_run": str(folder), "repo": repo, "files": sorted(p.name for p in folder.iterdir())}
-    with tempfile.TemporaryDirectory(prefix=".push-", dir=_scratch_dir()) as tmp:
-        folder = write_upload_folder(ref, Path(tmp) / "upload", repo, weights, lineage, license)
+    with scratch_dir(_scratch_dir(), "push") as tmp:  # a killed push's (a merged 7B: ~14 GB) goes next time
+        folder = write_upload_folder(ref, tmp / "upload", repo, weights, lineage, license)
         message = commit_message or (f"onegpu push: {ref.path.name} (git {lineage['run'].get('git_sha') or '?'})")
         url = upload(api, folder, repo, private=private, revision=revision, commit_message=message)
     print(f"[onegpu push] uploaded {ref.path} -> {url}", file=sys.stderr)
@@ -104,12 +104,10 @@ def _check_repo_id(repo: str | None) -> None:
 
 
 def _fresh_dry_run_dir(folder: Path) -> Path:
-    if folder.exists() and any(folder.iterdir()):
-        if not (folder / LINEAGE).is_file():
-            raise UserError(f"--dry_run {folder} exists and is not an earlier dry run",
-                            fix="pass a new or empty dir (its whole content is what would be uploaded)")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """``folder`` when it is new, empty or an earlier dry run (replaced once the new one is written)."""
+    if folder.exists() and any(folder.iterdir()) and not (folder / LINEAGE).is_file():
+        raise UserError(f"--dry_run {folder} exists and is not an earlier dry run",
+                        fix="pass a new or empty dir (its whole content is what would be uploaded)")
     return folder
 
 

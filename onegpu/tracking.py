@@ -16,17 +16,20 @@ input is also recorded in the run config under ``lineage`` (artifact name, type,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import atomic_write_json, read_json, read_jsonl
+from onegpu.contracts import RunDir, RunStatus, atomic_path, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from onegpu.paths import REPO_ROOT
 
 # Offline unless the user asked for something else: never require an account or a network.
@@ -83,6 +86,67 @@ def git_sha() -> str | None:
         return None
 
 
+# Names of secrets, as variables, options or config keys: HF_TOKEN, WANDB_API_KEY, --token, api_key.
+SECRET_NAME = re.compile(r"(?:^|[_-])(?:token|api_?key|secret|password|passwd)$", re.IGNORECASE)
+REDACTED = "***"
+
+
+def secret_values() -> list[str]:
+    """Values of this process's secret-looking environment variables (HF_TOKEN, WANDB_API_KEY, ...)."""
+    return sorted({v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}, key=len, reverse=True)
+
+
+def _mask(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret-named options (``--token X``, ``--api_key=X``) and of secret
+    variables masked."""
+    secrets, out, hide_next = secret_values(), [], False
+    for arg in argv:
+        name, eq, _value = arg.partition("=")
+        if hide_next:
+            out.append(REDACTED)
+        elif arg.startswith("--") and SECRET_NAME.search(name[2:]):
+            out.append(f"{name}={REDACTED}" if eq else arg)
+        else:
+            out.append(_mask(arg, secrets))
+        hide_next = arg.startswith("--") and not eq and SECRET_NAME.search(arg[2:]) is not None
+    return out
+
+
+def redact(value: Any) -> Any:
+    """A config (dicts, lists, strings) without secrets: values of keys named like one (``api_key: X``),
+    of secret-named options in lists of arguments, and of secret variables anywhere."""
+    secrets = secret_values()
+
+    def scrub(item: Any, key: str = "") -> Any:
+        if isinstance(item, dict):
+            return {k: scrub(v, str(k)) for k, v in item.items()}
+        if isinstance(item, list):
+            items = redact_argv(item) if all(isinstance(v, str) for v in item) else item
+            return [scrub(v, key) for v in items]
+        if isinstance(item, str) and item and SECRET_NAME.search(key):
+            return REDACTED
+        return _mask(item, secrets) if isinstance(item, str) else item
+
+    return scrub(value)
+
+
+@contextlib.contextmanager
+def argv_without_secrets() -> Iterator[None]:
+    """``sys.argv`` redacted for the block: W&B records the command line in its run files at ``init``."""
+    saved = sys.argv
+    sys.argv = [saved[0], *redact_argv(saved[1:])] if saved else saved
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def exact_command() -> str:
     """The command line that re-runs this process as written, shell-quoted.
 
@@ -100,7 +164,7 @@ def exact_command() -> str:
         prog = ["python", argv0]
     else:
         prog = [argv0]
-    return shlex.join([*prog, *sys.argv[1:]])
+    return shlex.join([*prog, *redact_argv(sys.argv[1:])])
 
 
 def package_versions(names: tuple[str, ...] = (
@@ -154,7 +218,10 @@ class Run:
         group: str | None = None,
         tags: list[str] | None = None,
         resume_id: str | None = None,
+        after_interrupt: str = "starting over",
     ):
+        from onegpu.processes import this_process
+
         self.stage = stage
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,29 +233,39 @@ class Run:
             "command": exact_command(),
             "cwd": os.getcwd(),  # relative paths in the command are relative to it
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "process": this_process(),  # tells "still running" from "killed" (RunDir.status)
             "versions": package_versions(),
             "wandb_mode": self.mode,
             "wandb_mode_source": mode_source,
         }
-        self.config = _jsonable(config)
+        previous = RunDir.load(self.out_dir).status()
+        if previous.state == "crashed":
+            self.meta["previous_attempt"] = previous.as_dict()
+            print(f"[onegpu] an earlier {previous.stage} run in {self.out_dir} did not finish: {previous.text}; "
+                  f"{after_interrupt}", file=sys.stderr)
+        elif previous.state == "running" and previous.pid != os.getpid():
+            print(f"[onegpu] warning: a {previous.stage} run (pid {previous.pid}) is still writing to {self.out_dir}; "
+                  "two runs in one dir overwrite each other's files: stop one, or use another dir", file=sys.stderr)
+        self.config = redact(_jsonable(config))
         self._metrics_path = self.out_dir / "metrics.jsonl"
         self._summary: dict[str, Any] = {}
         self._wandb_run = None
         if self.mode != "disabled":
             import wandb
 
-            self._wandb_run = wandb.init(
-                project=project or os.environ.get("WANDB_PROJECT", "onegpu"),
-                name=name,
-                group=group,
-                job_type=stage,
-                tags=tags,
-                dir=str(self.out_dir),
-                config={**self.config, "_onegpu": self.meta},
-                id=resume_id,
-                resume="allow" if resume_id else None,
-                settings=wandb.Settings(silent=True, console="off"),
-            )
+            with argv_without_secrets():
+                self._wandb_run = wandb.init(
+                    project=project or os.environ.get("WANDB_PROJECT", "onegpu"),
+                    name=name,
+                    group=group,
+                    job_type=stage,
+                    tags=tags,
+                    dir=str(self.out_dir),
+                    config={**self.config, "_onegpu": self.meta},
+                    id=resume_id,
+                    resume="allow" if resume_id else None,
+                    settings=wandb.Settings(silent=True, console="off"),
+                )
             self.meta["wandb_id"] = self._wandb_run.id
             self.meta["wandb_project"] = self._wandb_run.project
             if self.online:  # where write_back_summary finds the run on the server
@@ -289,9 +366,8 @@ class Run:
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A W&B table, mirrored to ``<key>.table.json`` in the run dir."""
-        (self.out_dir / f"{key}.table.json").write_text(
-            json.dumps({"columns": columns, "data": _jsonable(rows)}, indent=1), encoding="utf-8"
-        )
+        atomic_write_text(self.out_dir / f"{key}.table.json",
+                          json.dumps({"columns": columns, "data": _jsonable(rows)}, indent=1))
         if self._wandb_run is not None:
             import wandb
 
@@ -304,14 +380,16 @@ class Run:
             self._wandb_run.log({key: wandb.Image(str(path))})
 
     def finish(self, exit_code: int = 0) -> None:
-        self.meta["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.meta["exit_code"] = exit_code
-        self._write_run_json()
+        """summary.json, metrics.csv, the W&B run's end, then run.json with the exit code: last, so a
+        run.json that has one means everything before it was written (``RunDir.status``)."""
         atomic_write_json(self.out_dir / "summary.json", self._summary)
         write_metrics_csv(self._metrics_path, self.out_dir / "metrics.csv")
         if self._wandb_run is not None:
             self._wandb_run.finish(exit_code=exit_code)
             self._wandb_run = None
+        self.meta["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.meta["exit_code"] = exit_code
+        self._write_run_json()
 
     def update_summary_file(self, **values: Any) -> None:
         """Change keys of ``summary.json`` after ``finish`` (numbers that are only final then, like the clock)."""
@@ -345,13 +423,13 @@ def training_run_dir(checkpoint: str | Path, lineage: dict[str, Any]) -> Path | 
     return None
 
 
-def write_back_summary(run_dir: str | Path, values: dict[str, Any]) -> None:
+def write_back_summary(run_dir: str | Path, values: dict[str, Any], exit_code: int = 0) -> None:
     """Add ``values`` (an eval's ``val/...`` or ``test/...`` scores) to a finished run's summary.
 
     Always to its ``summary.json`` (what the sweep table and ``onegpu report`` read). On W&B: online,
     the server's run is updated through the API; offline, a short segment with the run's own id is
     written beside its files, so ``wandb sync <run dir>/wandb/offline-run-*`` merges the scores into
-    that run (the dashboard's score panels then show them per trial).
+    that run (the dashboard's score panels then show them per trial); it ends with ``exit_code``.
     """
     run_dir = Path(run_dir)
     values = _jsonable(values)
@@ -369,15 +447,38 @@ def write_back_summary(run_dir: str | Path, values: dict[str, Any]) -> None:
             api_run.summary.update(values)
             api_run.update()
             return
-        run = wandb.init(project=meta.get("wandb_project") or os.environ.get("WANDB_PROJECT", "onegpu"),
-                         id=meta["wandb_id"], resume="allow", dir=str(run_dir), job_type=meta.get("stage"),
-                         reinit="create_new",  # beside the eval's own run, which stays open
-                         settings=wandb.Settings(silent=True, console="off"))
+        with argv_without_secrets():
+            run = wandb.init(project=meta.get("wandb_project") or os.environ.get("WANDB_PROJECT", "onegpu"),
+                             id=meta["wandb_id"], resume="allow", dir=str(run_dir), job_type=meta.get("stage"),
+                             reinit="create_new",  # beside the eval's own run, which stays open
+                             settings=wandb.Settings(silent=True, console="off"))
         for key, value in values.items():
             run.summary[key] = value
-        run.finish()
+        run.finish(exit_code=exit_code)
     except Exception as err:  # the local summary.json has the scores either way
         print(f"[onegpu] note: could not write the scores to W&B run {meta['wandb_id']}: {err}", file=sys.stderr)
+
+
+def record_crash(run_dir: str | Path) -> RunStatus | None:
+    """A run that ended with no exit recorded (SIGKILL, OOM killer, power loss): say so in its
+    ``summary.json`` and W&B run, once, so neither shows it "running" forever.
+
+    The summary gets ``state: crashed``, how far it got (``last_step``, ``total_steps``) and its last
+    sign of life. On W&B: online, the server already marks a run whose heartbeats stopped "crashed"
+    and these keys are added to its summary; offline, a closing segment with the run's id carries
+    them and ends with exit code 1, so after ``wandb sync`` the run is failed, not running. Returns
+    the status when it recorded a crash now (None: not crashed, or recorded before).
+    """
+    run = RunDir.load(run_dir)
+    status = run.status()
+    if status.state != "crashed":
+        return None
+    crash = {"state": "crashed", "last_step": status.last_step, "total_steps": status.total_steps,
+             "last_alive_at": status.last_alive_at, "stopped_by": "crash"}
+    if all(run.summary.get(k) == v for k, v in crash.items()):
+        return None  # recorded by an earlier call
+    write_back_summary(run.path, crash, exit_code=1)
+    return status
 
 
 def shut_down_wandb() -> None:
@@ -402,7 +503,7 @@ def write_metrics_csv(jsonl_path: str | Path, csv_path: str | Path) -> None:
         for key in row:
             if key not in columns:
                 columns.append(key)
-    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:

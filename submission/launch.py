@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from onegpu.errors import UserError
+from onegpu.processes import die_with_parent
 
 
 LOG_TAIL_LINES = 40
@@ -38,7 +39,8 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def start_server(checkpoint: str | Path | None, port: int, log_path: str | Path, serve_args: list[str] = (),
                  command: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``onegpu serve`` on 127.0.0.1:PORT in its own process group (``stop_process_group`` ends it all).
+    """``onegpu serve`` on 127.0.0.1:PORT in its own process group (``stop_process_group`` ends it all),
+    stopped by the kernel (SIGTERM) if its parent dies without stopping it (SIGKILL).
 
     ``command`` replaces ``onegpu serve --checkpoint ... --host ... --port ...`` (e.g. the
     Dockerfile's CMD with host and port rewritten); ``port`` must then be the one it names.
@@ -49,7 +51,7 @@ def start_server(checkpoint: str | Path | None, port: int, log_path: str | Path,
             command += ["--checkpoint", str(checkpoint)]
     with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own copy
         return subprocess.Popen([*command, *serve_args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(),
                                 env=dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {})))
 
 

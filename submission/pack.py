@@ -32,11 +32,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from onegpu.contracts import TRACKS, EngineName, Quantize, Track, TrackSpec, model_input, staged_dir
+from onegpu.contracts import (TRACKS, EngineName, Quantize, Track, TrackSpec, atomic_path, atomic_write_json,
+                              model_input, read_json, staged_dir)
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
 from onegpu.submission.weights import MODEL_DIR, WeightsRoute, embed_checkpoint, parse_route, pin_revision
@@ -547,7 +549,8 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
             a W&B model artifact (entity/project/name:alias) or a hub id (org/name). Optional when
             --weights names a hub or W&B model.
         track: the challenge track whose GPU the estimate is checked against: a100-40gb or rtx4090-24gb.
-        out: the folder to write (the zip goes beside it as OUT.zip).
+        out: the folder to write (the zip goes beside it as OUT.zip). It appears whole or not at all; a
+            re-run with the same inputs and options reuses a finished one (by its pack.json).
         weights: how the weights reach the image: embed (copied into the folder; the default for a
             local checkpoint), hub:ORG/NAME[@REVISION] (fetched at build, revision pinned; the default
             for a hub id) or wandb:ENTITY/PROJECT/NAME:VERSION (fetched at build; the default for a
@@ -582,8 +585,6 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
     rules = check_options(track, prompt_style, postprocess, max_batch_size, max_seq_length, prefix_cache_mb, engine,
                           quantize, gpu_memory_utilization)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty", fix="pass another --out, or --force true to overwrite it")
     if weights is not None:
         parse_route(weights)
     source = resolve_source(model)
@@ -597,17 +598,46 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
             "base": str(base_route) if base_route else None, "options": options,
             "track": {"name": track, "gpu": TRACKS[track].gpu, "mib": TRACKS[track].memory_mib},
             "estimate": estimate, "build": build_command(route, base_route)}
-    with staged_dir(out) as stage:
-        stage.chmod(0o755)  # a temp dir is private; the bundle is shared with whoever builds it
-        write_bundle(stage, source, route, base_route, options, estimate)
-        if verify:
-            info["verify"] = _verify(stage, source, route)
-        (stage / "pack.json").write_text(json.dumps(info, indent=2, default=str))
+    info = json.loads(json.dumps(info, default=str))  # as pack.json holds it
+    earlier = earlier_pack(out, info, verify)
+    if earlier is not None:
+        info = earlier
+        print(f"[onegpu pack] {out} already holds this pack (the same model, weights route and options, by its "
+              "pack.json): reusing it", file=sys.stderr)
+    else:
+        if out.exists() and any(out.iterdir()) and not force:
+            raise UserError(f"{out} exists and is not empty", fix="pass another --out, or --force true to overwrite it")
+        with staged_dir(out) as stage:
+            stage.chmod(0o755)  # a temp dir is private; the bundle is shared with whoever builds it
+            write_bundle(stage, source, route, base_route, options, estimate)
+            if verify:
+                info["verify"] = _verify(stage, source, route)
+            atomic_write_json(stage / "pack.json", info)
     if zip:
-        info["zip"] = shutil.make_archive(str(out), "zip", root_dir=out.parent, base_dir=out.name)
+        info["zip"] = write_zip(out)
     print(f"[onegpu pack] wrote {out}" + (f" and {info['zip']}" if zip else "") + f"; build it with: cd {out} && "
           f"{info['build']}")
     return info
+
+
+def earlier_pack(out: Path, info: dict, verify: bool) -> dict | None:
+    """The ``pack.json`` of a finished earlier pack in ``out`` that this one would repeat, else None.
+
+    The folder appears whole or not at all (it is written beside ``out`` and renamed), so a
+    ``pack.json`` inside means a complete pack; a re-run after a kill during the zip reuses it.
+    """
+    earlier = read_json(out / "pack.json")
+    same = {k: v for k, v in earlier.items() if k not in ("verify", "zip")} == info
+    return earlier if same and (not verify or "verify" in earlier) else None
+
+
+def write_zip(out: Path) -> str:
+    """``OUT.zip`` of the folder (written beside it and renamed: never a cut archive under that name)."""
+    archive_path = out.with_name(out.name + ".zip")
+    with atomic_path(archive_path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(out.rglob("*")):
+            archive.write(path, path.relative_to(out.parent))
+    return str(archive_path)
 
 
 def _verify(stage: Path, source: dict, route: WeightsRoute) -> dict:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, atomic_write_text, find_run_dirs
+from onegpu.contracts import SWEEP_STATE, RunDir, atomic_path, atomic_write_json, atomic_write_text, find_run_dirs
 from onegpu.errors import UserError
 
 # Where each number lives in what the stages log (first key found wins).
@@ -177,6 +177,18 @@ def load_runs(paths: list[Path]) -> list[RunLog]:
     for number, run in enumerate(kept, start=1):
         run.number = number
     return kept
+
+
+def record_crashes(paths: list[Path]) -> None:
+    """Runs killed with no exit recorded (SIGKILL, OOM killer, power loss): marked crashed in their
+    summary.json and W&B run (``tracking.record_crash``), so the page and W&B show how far they got."""
+    from onegpu.tracking import record_crash
+
+    for path in find_run_dirs(paths):
+        status = record_crash(path)
+        if status is not None:
+            print(f"[onegpu] {path}: the {status.stage} run was {status.text}; marked crashed in its "
+                  f"summary.json and W&B run")
 
 
 def _is_eval(run: RunLog) -> bool:
@@ -534,7 +546,8 @@ def render_chart(fig, png: Path) -> str:
     import matplotlib
     import matplotlib.pyplot as plt
 
-    fig.savefig(png, dpi=110, bbox_inches="tight")
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(buf, format="svg", bbox_inches="tight")
@@ -545,7 +558,8 @@ def render_chart(fig, png: Path) -> str:
 
 # ------------------------------------------------------------------------------------------- table
 COLUMNS = ["#", "run", "stage", "lora_r", "lora_alpha", "precision", "quantize", "learning_rate", "steps",
-           "val_loss", "val score", "test score", "tokens/s", "MFU %", "peak GiB", "budget used", "stopped by", "dir"]
+           "val_loss", "val score", "test score", "tokens/s", "MFU %", "peak GiB", "budget used", "stopped by", "status",
+           "dir"]
 
 
 def table_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
@@ -554,11 +568,12 @@ def table_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
         used, total = r.budget()
         mfu = r.value(MFU, reduce="median")
         scores = r.scores()
+        status = r.run.status()
         rows.append({
             "#": r.number, "run": r.name, "stage": r.stage, "lora_r": r.config.get("lora_r"),
             "lora_alpha": r.config.get("lora_alpha"), "precision": r.config.get("precision"),
             "quantize": r.config.get("quantize"), "learning_rate": r.config.get("learning_rate"),
-            "steps": r.summary.get("steps"), "val_loss": r.value(VAL_LOSS),
+            "steps": r.summary.get("steps", status.last_step), "val_loss": r.value(VAL_LOSS),
             # an eval dir passed alongside, else what the evals wrote back to the run (tracking.write_back_summary)
             "val score": scores.get("eval-val:val_score", r.summary.get("val/score")),
             "test score": scores.get("eval-helm:test_score", r.summary.get("test/score")),
@@ -566,9 +581,18 @@ def table_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
             "peak GiB": r.value(PEAK_MEMORY, reduce="max"),
             "budget used": (f"{_percent(100 * used / total)} of {_duration(total)}" if used is not None and total
                             else (_duration(used) if used is not None else None)),
-            "stopped by": r.summary.get("stopped_by"), "dir": str(r.path),
+            "stopped by": r.summary.get("stopped_by"), "status": _status_cell(status), "dir": str(r.path),
         })
     return rows
+
+
+def _status_cell(status: Any) -> str:
+    """``finished``, ``running``, ``failed (exit 1)``, ``crashed after step 7 of 12``."""
+    if status.state == "crashed":
+        return " ".join(w for w in ("crashed", status.progress) if w)
+    if status.state == "failed":
+        return f"failed (exit {status.exit_code})"
+    return status.state
 
 
 def _percent(pct: float) -> str:
@@ -690,6 +714,7 @@ def report(
         run_dirs = [Path(run_dirs)]
     if not run_dirs:
         raise UserError("no runs given", fix="pass run dirs, e.g. onegpu report runs/sweep-quickstart --out runs/report")
+    record_crashes([Path(p) for p in run_dirs])
     runs = load_runs([Path(p) for p in run_dirs])
     if not runs:
         raise UserError("none of the given dirs holds a finished or running run",

@@ -42,6 +42,7 @@ import yaml
 from onegpu.cli import config_files_first
 from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, atomic_write_text, read_json
 from onegpu.errors import UserError
+from onegpu.processes import die_with_parent, process_alive, start_time, this_process
 from onegpu.sweeps import schema as S
 
 STATE_FILE = SWEEP_STATE
@@ -483,8 +484,10 @@ def _from_optuna(config: dict[str, Any], space: dict[str, Any], chosen: dict[str
 
 # ------------------------------------------------------------------------------------- trials
 def _run_trial(argv: list[str], trial_dir: Path, env: dict[str, str], config: dict[str, Any],
-               previous_histories: list[list[float]]) -> tuple[int, str | None]:
-    """Run one trial to the end (or until hyperband stops it). Returns (exit code, stop reason)."""
+               previous_histories: list[list[float]], on_start=None) -> tuple[int, str | None]:
+    """Run one trial to the end (or until hyperband stops it). Returns (exit code, stop reason).
+
+    ``on_start(proc)`` is called once the trial process exists (to record it)."""
     early = config.get("early_terminate")
     metric = config.get("metric", {})
     log_path = trial_dir / "trial.log"
@@ -493,9 +496,12 @@ def _run_trial(argv: list[str], trial_dir: Path, env: dict[str, str], config: di
         log.flush()
         # Own session: Ctrl-C on the sweep is forwarded deliberately, and a stop hits the whole trial tree.
         # SIGINT back to its default in the trial: a sweep started in the background (SIGINT ignored)
-        # must still be able to stop its trial gracefully.
+        # must still be able to stop its trial gracefully. A sweep killed outright (SIGKILL) has its
+        # trial SIGTERMed by the kernel: a fine-tune saves a checkpoint and stops.
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                preexec_fn=die_with_parent(also=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+        if on_start is not None:
+            on_start(proc)
         try:
             while True:
                 try:
@@ -647,8 +653,9 @@ def run_trials(state: SweepState, sampler: Sampler, launch: Launch, out: Path, s
     metric = cfg.get("metric") or {}
     print(f"sweep {state.sweep_id}: {cfg['method']}, {sampler.total} trial(s) -> {out}"
           + (f"; each runs `{launch.target.name}`" if launch.target else ""), flush=True)
+    say_what_resumes(state, retry_failed, launch)
     run = Run("sweep", out / "sweep-run", {"sweep": cfg, "sweep_id": state.sweep_id, "source": source},
-              name=state.sweep_id, group=state.sweep_id)
+              name=state.sweep_id, group=state.sweep_id, after_interrupt="resuming it (see above)")
     # A kill of the sweep process becomes KeyboardInterrupt: the running trial is stopped and recorded.
     previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     bar = tqdm(total=sampler.total, desc="trials", unit="trial", dynamic_ncols=True)
@@ -692,6 +699,18 @@ def run_trials(state: SweepState, sampler: Sampler, launch: Launch, out: Path, s
     return 0 if any(t["state"] == "finished" for t in state.trials) else 1
 
 
+def say_what_resumes(state: SweepState, retry_failed: bool, launch: Launch) -> None:
+    """On a re-run: which trials are kept and which run again (from their checkpoint when the verb can)."""
+    if not state.trials:
+        return
+    kept = [t["name"] for t in state.trials if state.is_done(t["index"], retry_failed)]
+    again = [t["name"] for t in state.trials if not state.is_done(t["index"], retry_failed)]
+    how = "continue from their last checkpoint (--resume=auto)" if launch.resume_flag else "start over"
+    print(f"sweep {state.sweep_id}: resuming from {state.path}: {len(kept)} trial(s) done and kept"
+          + (f" ({', '.join(kept)})" if kept else "")
+          + (f"; interrupted, they {how}: {', '.join(again)}" if again else ""), flush=True)
+
+
 def reached_target(metric: dict[str, Any], trial: dict[str, Any] | None) -> bool:
     """``metric.target`` in the YAML: a trial that reached it ends the sweep."""
     target, value = metric.get("target"), (trial or {}).get("metric")
@@ -707,6 +726,8 @@ def run_trial(state: SweepState, index: int, point: dict[str, Any], launch: Laun
     cfg, name = state.config, f"trial-{index:03d}"
     trial_dir = out / name
     trial = state.trial(index)
+    if trial is not None:
+        wait_for_orphan(trial)
     rerun = trial is not None and trial.get("params") == point  # interrupted (or retried): same params
     if trial is not None and not rerun and trial_dir.exists():  # new params for this index: a fresh dir
         shutil.rmtree(trial_dir)
@@ -728,7 +749,12 @@ def run_trial(state: SweepState, index: int, point: dict[str, Any], launch: Laun
     previous = [metric_history(Path(t["run_dir"]), metric["name"]) for t in state.trials
                 if t is not trial and t.get("run_dir")] if metric else []
     t0 = time.time()
-    code, stop_reason = _run_trial(argv, trial_dir, env, cfg, previous)
+
+    def record_process(proc: subprocess.Popen) -> None:
+        trial["process"] = {**this_process(), "pid": proc.pid, "started": start_time(proc.pid)}
+        state.save()
+
+    code, stop_reason = _run_trial(argv, trial_dir, env, cfg, previous, on_start=record_process)
     trial["seconds"] = round(time.time() - t0, 1)
     trial["returncode"] = code
     trial["metric"] = read_metric(trial_dir, metric["name"]) if metric else None
@@ -746,19 +772,44 @@ def run_trial(state: SweepState, index: int, point: dict[str, Any], launch: Laun
     return trial
 
 
+ORPHAN_WAIT_S = 120.0  # a trial SIGTERMed by its dying sweep saves a checkpoint; allow it that long
+
+
+def wait_for_orphan(trial: dict[str, Any]) -> None:
+    """A trial process of an earlier, killed sweep that still runs (saving its checkpoint after the
+    kernel's SIGTERM) must end before the trial runs again in the same dir: waited for, then killed."""
+    process = trial.get("process") or {}
+    if not process_alive(process.get("pid"), process.get("started"), process.get("host")):
+        return
+    pid = process["pid"]
+    print(f"[{trial['name']}] its process {pid} from the interrupted sweep is still stopping; waiting for it "
+          f"(up to {ORPHAN_WAIT_S:.0f} s)", file=sys.stderr)
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while time.monotonic() < deadline and process_alive(pid, process.get("started")):
+        time.sleep(0.5)
+    if process_alive(pid, process.get("started")):
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the trial leads its own session (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def trial_env(state: SweepState, point: dict[str, Any], trial_dir: Path, json_file: Path) -> dict[str, str]:
     """The trial's inputs as W&B's agent hands them over (``${args_json_file}``, the sweep-params
     file ``wandb.init`` merges into the run config) and its environment."""
     import yaml
 
-    json_file.write_text(json.dumps(S.nest(point)), encoding="utf-8")
+    atomic_write_text(json_file, json.dumps(S.nest(point)))
     param_file = trial_dir / "sweep_params.yaml"
-    param_file.write_text(yaml.safe_dump({**{k: {"value": v} for k, v in S.nest(point).items()},
-                                          "sweep_id": {"value": state.sweep_id},
-                                          "sweep_trial": {"value": trial_dir.name}}), encoding="utf-8")
+    atomic_write_text(param_file, yaml.safe_dump({**{k: {"value": v} for k, v in S.nest(point).items()},
+                                                  "sweep_id": {"value": state.sweep_id},
+                                                  "sweep_trial": {"value": trial_dir.name}}))
     env = {**os.environ, "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_RUN_GROUP": state.sweep_id,
            "ONEGPU_SWEEP_ID": state.sweep_id, "ONEGPU_TRIAL_DIR": str(trial_dir),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Not the sweep's own W&B service (its address is inherited through WANDB_SERVICE): the trial
+    # starts its own, so a sweep killed outright does not take the trial's W&B run down with it.
+    env.pop("WANDB_SERVICE", None)
     if state.config.get("project"):
         env.setdefault("WANDB_PROJECT", state.config["project"])
     return env
@@ -781,7 +832,7 @@ def write_summary(state: SweepState, out: Path) -> dict[str, Any]:
     summary = {"sweep_id": state.sweep_id, "method": state.config["method"], "metric": metric,
                "columns": columns, "rows": rows, "best": best,
                "trial_dirs": [t["run_dir"] for t in sorted(state.trials, key=lambda t: t["index"]) if t.get("run_dir")]}
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    atomic_write_json(out / SUMMARY_FILE, summary)
     if best:  # the winner's swept values, a config a later run reads (`--config run.yaml --config OUT/best.yaml`)
         values = {n: (None if best["params"].get(n) == "null" else best["params"].get(n)) for n in names}
         atomic_write_text(out / BEST_FILE, f"# {best['name']}: {metric.get('name', 'metric')} = {best['metric']}\n"

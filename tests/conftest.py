@@ -36,6 +36,37 @@ def bundled_checkpoint() -> Path:
     return prepare()
 
 
+@pytest.fixture(scope="session")
+def helm_offline_run(bundled_checkpoint, tmp_path_factory):
+    """(out dir, the finished process) of `onegpu eval helm --conf offline --max_eval_instances 1` on the
+    bundled model: once per session (a minute or more), for tests/test_eval_helm.py and the kill tests."""
+    import subprocess
+    import sys
+
+    from onegpu.helm_env import helm_bin_dir
+
+    helm_bin_dir()  # creates .venv-helm on first use (the Makefile does it before the tests)
+    out = tmp_path_factory.mktemp("helm-offline") / "helm"
+    proc = subprocess.run([sys.executable, "-m", "onegpu", "eval", "helm", "--checkpoint", str(bundled_checkpoint),
+                           "--conf", "offline", "--max_eval_instances", "1", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return out, proc
+
+
+def exportable_tiny(out: Path, bundled: Path) -> Path:
+    """The random-init tiny model (``finetune.testing.make_tiny_checkpoint``) with the HF config an HF
+    export (``onegpu model push``) needs: a 25 MB stand-in for the bundled model's 540 MB."""
+    from transformers import LlamaConfig
+
+    from onegpu.finetune.testing import make_tiny_checkpoint
+
+    make_tiny_checkpoint(out, bundled)
+    LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024).to_json_file(out / "config.json")
+    return out
+
+
 def make_adapter(base: Path, out: Path) -> Path:
     """A small random LoRA adapter on ``base``, laid out as litgpt's finetune writes it (no merged weights)."""
     import shutil
@@ -101,3 +132,48 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run's ``.wandb`` file (W&B's leveldb-style log: 32 KiB
+    blocks of records, each a full record or first / middle / last pieces of one)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, header, block = Path(path).read_bytes(), 7, 32 * 1024  # header: ":W&B", magic, version
+    pos, raw, pending = header, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first ; middle / last
+        if kind in (1, 4):
+            raw.append(pending)
+    records = []
+    for item in raw:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(item)
+        records.append(record)
+    return records
+
+
+# Fake credentials: set where the kit could leak them (environment, flags, build secrets), then searched
+# for, byte for byte, in whatever it wrote (tests/test_secrets.py, tests/test_image.py).
+FAKE_SECRETS = {"HF_TOKEN": "hf_fAkEtOkEn4TeStS0nlYxQzW7p", "HUGGING_FACE_HUB_TOKEN": "hf_sEcOnDfAkE9tOkEnVbNmR2",
+                "WANDB_API_KEY": "0123456789abcdeffedcba9876543210fa4e5ec7", "--token": "hf_pAsSeDaSaFlAg7tOkEnKzY3"}
+
+
+def secret_hits(*roots: Path) -> list[str]:
+    """``path: NAME`` for every file under ``roots`` (or file given) that holds one of ``FAKE_SECRETS``."""
+    found = []
+    for root in map(Path, roots):
+        for path in [root] if root.is_file() else root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [f"{path}: {name}" for name, value in FAKE_SECRETS.items() if value.encode() in data]
+    return found

@@ -46,10 +46,8 @@ def helm_bin():
     return helm_bin_dir()  # creates .venv-helm on first use (the Makefile does it before tests)
 
 
-def test_helm_offline_conf_end_to_end(bundled_checkpoint, helm_bin, tmp_path):
-    out = tmp_path / "helm"
-    proc = subprocess.run(_cmd(bundled_checkpoint, out), capture_output=True, text=True, cwd=REPO_ROOT,
-                          timeout=600, env=_env())
+def test_helm_offline_conf_end_to_end(helm_offline_run):
+    out, proc = helm_offline_run  # `_cmd(bundled_checkpoint, out)`, run once per session
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     # both synthetic_reasoning entries of the conf ran, one instance each, and were parsed

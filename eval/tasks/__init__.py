@@ -25,9 +25,9 @@ import csv
 import hashlib
 import json
 import random
-import tempfile
 from pathlib import Path
 
+from onegpu.contracts import scratch_dir
 from onegpu.data import hidden
 from onegpu.eval.tasks import helm_hidden, helm_mc
 from onegpu.paths import cache_dir, shared_datasets_dir
@@ -69,9 +69,8 @@ def _rendered(source: str, build) -> Path:
     out = cache_dir() / "eval-tasks" / key
     if (out / ".complete").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
-        staged = Path(tmp) / "tasks"
+    with scratch_dir(out.parent, out.name) as tmp:  # a killed builder's goes next time
+        staged = tmp / "tasks"
         prepared = staged / "data"
         prepared.mkdir(parents=True)
         build(staged, prepared, out / "data")
