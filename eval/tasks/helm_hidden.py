@@ -29,7 +29,6 @@ Every task reports ``format_failure`` beside its metric: not one of the letters 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
