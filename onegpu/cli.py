@@ -24,7 +24,7 @@ from onegpu.errors import RunStopped, UserError, did_you_mean
 VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("quickstart",): ("onegpu.quickstart", "quickstart", "run the whole pipeline on the bundled model (offline, CPU)"),
     ("model", "prepare"): ("onegpu.model", "prepare", "make a litgpt checkpoint: bundled SmolLM2, a hub id or a local HF dir"),
-    ("model", "push"): ("onegpu.publish", "push", "publish a fine-tuned checkpoint to the Hugging Face Hub with a lineage card"),
+    ("model", "push"): ("onegpu.submission.publish", "push", "publish a fine-tuned checkpoint to the Hugging Face Hub with a lineage card"),
     ("data", "build"): ("onegpu.data.build", "build", "build a training mix from a recipe YAML -> train/val/rejects JSONL + manifest"),
     ("data", "check"): ("onegpu.data.check", "check", "every problem of a recipe in seconds: sources, rows, tokens, weights, families"),
     ("data", "reweight"): ("onegpu.data.reweight", "reweight", "the next recipe from eval val results: weights toward weak tasks (bounded, floored)"),

@@ -130,7 +130,7 @@ def test_adapter_dry_run_merges_back_onto_the_base_to_the_same_weights(trained, 
     from huggingface_hub import ModelCard
 
     from onegpu.inference import locate_checkpoint, merged_checkpoint
-    from onegpu.publish import push
+    from onegpu.submission.publish import push
 
     folder = tmp_path / "adapter"
     push(trained["final"], repo="myteam/smol-lora-adapter", dry_run=folder, weights="adapter")
@@ -167,7 +167,7 @@ def test_push_without_the_hub_stops_before_any_work_and_names_the_fix(trained, t
 
 
 def test_push_refuses_inputs_that_would_publish_wrong_lineage(trained, tmp_path, bundled_checkpoint):
-    from onegpu.publish import push
+    from onegpu.submission.publish import push
 
     with pytest.raises(UserError, match="no --repo"):
         push(trained["final"], dry_run=tmp_path / "a")
