@@ -22,7 +22,7 @@ from onegpu.errors import RunStopped, UserError, did_you_mean
 
 # verb words -> (module, function, one-line description). Order is the order of --help.
 VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
-    ("quickstart",): ("onegpu.quickstart", "quickstart", "run the whole pipeline on the bundled model (offline, CPU)"),
+    ("quickstart",): ("onegpu.sweeps.quickstart", "quickstart", "run the whole pipeline on the bundled model (offline, CPU)"),
     ("model", "prepare"): ("onegpu.model", "prepare", "make a litgpt checkpoint: bundled SmolLM2, a hub id or a local HF dir"),
     ("model", "push"): ("onegpu.submission.publish", "push", "publish a fine-tuned checkpoint to the Hugging Face Hub with a lineage card"),
     ("data", "build"): ("onegpu.data.build", "build", "build a training mix from a recipe YAML -> train/val/rejects JSONL + manifest"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onegpu import quickstart as Q
+from onegpu.sweeps import quickstart as Q
 from onegpu.errors import UserError
 from onegpu.finetune import config as C
 from onegpu.paths import REPO_ROOT
