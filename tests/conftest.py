@@ -43,7 +43,7 @@ def helm_offline_run(bundled_checkpoint, tmp_path_factory):
     import subprocess
     import sys
 
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.helm_env import helm_bin_dir
 
     helm_bin_dir()  # creates .venv-helm on first use (the Makefile does it before the tests)
     out = tmp_path_factory.mktemp("helm-offline") / "helm"

@@ -41,7 +41,7 @@ def _server_gone(out: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def helm_bin():
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.helm_env import helm_bin_dir
 
     return helm_bin_dir()  # creates .venv-helm on first use (the Makefile does it before tests)
 

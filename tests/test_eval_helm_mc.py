@@ -33,7 +33,7 @@ def _request(include: Path, task: str) -> dict:
 
 @pytest.fixture(scope="module")
 def helm_reference(shared_datasets, tmp_path_factory):
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.helm_env import helm_bin_dir
 
     work = tmp_path_factory.mktemp("helm-ref")
     out = work / "reference.json"

@@ -58,7 +58,7 @@ def _questions(shared_datasets) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(shared_datasets, tmp_path_factory):
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.helm_env import helm_bin_dir
 
     work = tmp_path_factory.mktemp("helm-hidden-ref")
     summaries = [r["summaries"][0] for r in hidden.read_dialogues(

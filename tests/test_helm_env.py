@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from onegpu.helm_env import has_nvidia_gpu, helm_bin_dir
+from onegpu.eval.helm_env import has_nvidia_gpu, helm_bin_dir
 
 pytestmark = pytest.mark.skipif(bool(os.environ.get("ONEGPU_HELM_BIN")),
                                 reason="ONEGPU_HELM_BIN points at an env onegpu did not build")

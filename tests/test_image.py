@@ -387,7 +387,7 @@ def test_organizers_probe_and_contract(server, container, config, engine):
 
 def test_helm_run_against_the_container(server, tmp_path):
     from onegpu.eval.helm import parse_helm_suite, resolve_conf
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.helm_env import helm_bin_dir
 
     url, _port = server
     _name, conf = resolve_conf("offline")

@@ -34,7 +34,7 @@ def _onegpu(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, shared_datasets, bundled_checkpoint) -> dict[str, Path]:
     """The quickstart's stages on a small mix: the quickstart's recipe and fine-tune config, fewer rows and steps."""
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.helm_env import helm_bin_dir
 
     helm_bin_dir()  # creates the HELM env on first use (the Makefile does it before tests)
     tmp = tmp_path_factory.mktemp("lineage")

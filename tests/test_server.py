@@ -386,7 +386,7 @@ def test_concurrent_requests_are_batched_and_long_ones_do_not_block_short_ones(c
 
 
 def test_real_helm_run_against_the_server(server, tmp_path):
-    from onegpu.helm_env import helm_bin_dir
+    from onegpu.eval.helm_env import helm_bin_dir
 
     helm_run = helm_bin_dir() / "helm-run"
     env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=server)

@@ -11,22 +11,19 @@ it, which fail to import beside a CPU torch; HELM needs it only for image metric
 it gets the kit's torch version from the registry (the CUDA build) and the torchvision matching it.
 
 Lookup order: ``ONEGPU_HELM_BIN`` (a dir holding helm-run), then ``.venv-helm/bin``
-(``ONEGPU_HELM_VENV`` moves it), then creating it. A file lock makes concurrent first uses
-(parallel tests) build it once.
+(``ONEGPU_HELM_VENV`` moves it), then creating it (``onegpu/tool_envs.py``: once, under a lock).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
+from onegpu.tool_envs import has_nvidia_gpu, install_step, ready_venv
 
 HELM_VERSION = "0.5.16"
 CPU_INDEX_HINT = "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"  # where PyTorch's CPU builds live
@@ -34,17 +31,6 @@ CPU_INDEX_HINT = "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"  # w
 
 def helm_venv_dir() -> Path:
     return Path(os.environ.get("ONEGPU_HELM_VENV", REPO_ROOT / ".venv-helm"))
-
-
-def has_nvidia_gpu() -> bool:
-    """An NVIDIA GPU that the driver sees (``nvidia-smi -L`` lists one)."""
-    if shutil.which("nvidia-smi") is None:
-        return False
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
 
 
 def helm_bin_dir(create: bool = True) -> Path:
@@ -56,19 +42,7 @@ def helm_bin_dir(create: bool = True) -> Path:
             raise UserError(f"ONEGPU_HELM_BIN={env} has no helm-run in it",
                             fix="point it at the bin/ dir of an env with crfm-helm installed, or unset it")
         return path
-    venv = helm_venv_dir()
-    marker = venv / ".installed"
-    if marker.is_file():
-        return venv / "bin"
-    if not create:
-        raise UserError(f"HELM is not installed ({venv} missing)", fix="run `make helm-venv`")
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(venv) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.is_file():
-            create_helm_venv(venv)
-            marker.touch()
-    return venv / "bin"
+    return ready_venv(helm_venv_dir(), create_helm_venv, allowed=create, what="HELM", make_target="helm-venv") / "bin"
 
 
 def create_helm_venv(venv: Path) -> None:
@@ -113,8 +87,5 @@ def helm_requirements(venv: Path, leave_out: set[str]) -> list[str]:
 
 
 def _step(cmd: list[str], check: bool = True) -> bool:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0 and check:
-        raise UserError(f"creating the HELM env failed at `{' '.join(cmd)}`:\n{result.stderr[-2000:]}",
+    return install_step(cmd, "the HELM env", check=check,
                         fix="check registry access, or install crfm-helm yourself and set ONEGPU_HELM_BIN")
-    return result.returncode == 0
