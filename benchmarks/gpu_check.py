@@ -8,7 +8,7 @@ Sections (each one's failure is recorded and the next one still runs):
    QLoRA nf4-dq, r=64 on every projection, seq 2048: onegpu's packed step (non-padding tok/s, MFU,
    peak memory) beside litgpt's own LoRA fine-tune step (``model(input_ids, lm_head_chunk_size=128)``
    + ``chunked_cross_entropy``, one padded example per row) on the same examples; and the analytic
-   peak of ``finetune/memory.py`` for the same step.
+   peak of ``finetune/planning/memory.py`` for the same step.
 3. **tracks**: each method's config shape run under ``torch.cuda.set_per_process_memory_fraction``
    set to each track's card (less the measured CUDA context): fits or OOM, beside the analytic verdict.
 4. **server**: ``submission/engine.py``'s ``Engine`` on the 7B shape (random weights, the bundled
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from onegpu.contracts import TRACKS, atomic_write_json
-from onegpu.finetune.memory import GIB, Workload, estimate_memory
+from onegpu.finetune.planning.memory import GIB, Workload, estimate_memory
 
 # (kind, share, prompt tokens, max_new_tokens) of the open-eval adapters (benchmarks/server_throughput.py's MIX)
 HELM_MIX = [("mmlu", 0.625, 600, 5), ("gsm8k", 0.125, 900, 400), ("cnn_dm", 0.125, 1000, 128),
@@ -208,7 +208,7 @@ def timed(harness: Any, batches: list[dict[str, Any]], step: Any) -> dict[str, f
 
 
 def train_check(method: str, tiny: bool, device: torch.device, work: Path) -> tuple[dict[str, Any], Any]:
-    from onegpu.finetune.measure import StepHarness
+    from onegpu.finetune.planning.measure import StepHarness
     from onegpu.finetune.packing import collate, plan_rows
 
     w = workload(method, tiny, device)

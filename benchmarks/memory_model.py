@@ -1,9 +1,9 @@
-"""Analytic peak memory (finetune/memory.py) vs the measured live-tensor peak of real CPU training steps.
+"""Analytic peak memory (finetune/planning/memory.py) vs the measured live-tensor peak of real CPU training steps.
 
 The cases of tests/test_finetune_memory.py (``measure.validation_cases``): a random-init 4-layer
 LLaMA-shaped litgpt model and the bundled SmolLM2-135M, LoRA and QLoRA nf4, several sequence
 lengths, micro-batches, with and without activation checkpointing, fp32 on CPU. Prints the markdown
-table of benchmarks/RESULTS.md. The measurement is ``finetune/measure.py``'s (profiler allocation
+table of benchmarks/RESULTS.md. The measurement is ``finetune/planning/measure.py``'s (profiler allocation
 events of torch's CPU allocator + the bytes resident before the step), not RSS.
 
     python benchmarks/memory_model.py
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from onegpu.finetune.measure import compare, validation_cases
+from onegpu.finetune.planning.measure import compare, validation_cases
 from onegpu.model import prepare
 
 

@@ -1,4 +1,4 @@
-"""The analytic memory model (finetune/memory.py) against litgpt's published peak-memory measurements.
+"""The analytic memory model (finetune/planning/memory.py) against litgpt's published peak-memory measurements.
 
 litgpt published the ``torch.cuda.max_memory_allocated()`` of ``litgpt finetune_lora`` runs (in GB of
 1e9 bytes) in two tables. Each row is planned with the model's ``loop="litgpt"`` terms and the
@@ -69,7 +69,7 @@ def compare() -> list[dict]:
 
     from litgpt.config import Config
 
-    from onegpu.finetune.memory import Workload, estimate_memory
+    from onegpu.finetune.planning.memory import Workload, estimate_memory
 
     rows = []
     for p in PUBLISHED:

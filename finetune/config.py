@@ -13,7 +13,7 @@ Three steps, each with a name that says what it does:
   model's one-off conversion with no ``--checkpoint_dir``); returns a frozen ``FinetuneConfig``.
   Every problem raises ``UserError`` before any model weights are loaded.
 
-The trainer (``finetune/lora.py``), plan mode (``finetune/plan.py``) and the sweep pre-flight
+The trainer (``finetune/lora.py``), plan mode (``finetune/planning/plan.py``) and the sweep pre-flight
 (``sweeps/runner.py``) all go through ``resolve``.
 """
 

@@ -3,7 +3,7 @@
 A 24-hour run that fills its disk while merging at hour 23 loses the day. ``onegpu finetune``
 checks this before loading the model, and again before the merge; ``onegpu finetune plan`` shows
 it. The one formula, from the model config (litgpt's model on the meta device, as the memory
-model counts it: ``finetune/memory.py``), in bytes:
+model counts it: ``finetune/planning/memory.py``), in bytes:
 
     checkpoint   = LoRA weights (trainable params x weight bytes)
                    + optimizer states (``memory.optimizer_state_bytes``, all of them: on disk even
@@ -108,7 +108,7 @@ class ModelSizes:
 
 def model_sizes(config: Any, workload: Any, checkpoint_dir: Path | None) -> ModelSizes:
     """Sizes for a litgpt ``Config`` and a ``memory.Workload`` (precision, quantize, LoRA layers, optimizer)."""
-    from onegpu.finetune.memory import count_weights, meta_model, optimizer_state_bytes
+    from onegpu.finetune.planning.memory import count_weights, meta_model, optimizer_state_bytes
 
     workload = replace(workload, device="cpu")  # on disk, every optimizer state counts (none is paged out)
     weights = count_weights(meta_model(config, workload), workload)
@@ -128,7 +128,7 @@ def config_sizes(cfg: Any) -> ModelSizes:
 
     from litgpt import Config
 
-    from onegpu.finetune.memory import Workload
+    from onegpu.finetune.planning.memory import Workload
 
     workload = Workload(precision=cfg.model.precision, quantize=cfg.model.quantize, optimizer=cfg.train.optimizer,
                         **{k: v for k, v in asdict(cfg.lora).items() if k != "lora_alpha"})

@@ -81,7 +81,7 @@ class StepResult:
 class LoRATrainer:
     """One fine-tuning run of a resolved config: ``setup()`` -> ``fit()`` -> ``finalize()``.
 
-    ``run()`` does all three inside the tracked run. Plan mode (``finetune/plan.py``) calls
+    ``run()`` does all three inside the tracked run. Plan mode (``finetune/planning/plan.py``) calls
     ``setup()`` and ``train_step()`` on batches of its choosing. ``state`` (a ``TrainState``) is
     what a checkpoint restores; ``setup()`` sets the rest, in this order: ``data`` (the
     micro-batches) and ``total_steps``, ``tracker``, ``fabric``, ``model`` / ``inner`` (the

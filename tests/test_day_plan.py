@@ -13,7 +13,7 @@ import yaml
 
 from onegpu import cli
 from onegpu.contracts import TRACKS
-from onegpu.finetune.analytic_plan import SAFE_HEADROOM
+from onegpu.finetune.planning.analytic import SAFE_HEADROOM
 from onegpu.paths import REPO_ROOT
 
 STEPS = ["set-up", "memory check", "sweep: 8 x 30m", "final run", "validation", "HELM", "pack + image"]

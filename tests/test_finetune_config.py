@@ -40,7 +40,7 @@ def test_cli_verbs_take_exactly_the_flat_options():
 
     from onegpu import cli
     from onegpu.finetune.lora import finetune
-    from onegpu.finetune.plan import plan
+    from onegpu.finetune.planning.plan import plan
 
     def options(fn) -> dict[str, tuple]:
         parser = ArgumentParser()
@@ -102,7 +102,7 @@ def test_resolve_settles_every_default_once(inputs, tmp_path, monkeypatch):
 
 
 def test_plan_mode_runs_the_config_one_micro_batch_per_step(inputs, tmp_path, monkeypatch):
-    from onegpu.finetune.plan import plan_options
+    from onegpu.finetune.planning.plan import plan_options
 
     monkeypatch.setenv("ONEGPU_RUNS", str(tmp_path))
     options = plan_options(C.finetune_options(data=str(inputs["data"]), micro_batch_size=2, global_batch_size=16,

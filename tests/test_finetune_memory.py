@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from onegpu.finetune.memory import Workload, count_weights, layer_activation_bytes, meta_model
+from onegpu.finetune.planning.memory import Workload, count_weights, layer_activation_bytes, meta_model
 
 
 def tiny_config(vocab: int = 512, n_query_groups: int = 2, n_layer: int = 2):
-    from onegpu.finetune.measure import tiny_llama_config
+    from onegpu.finetune.planning.measure import tiny_llama_config
 
     return tiny_llama_config(vocab, n_layer, n_query_groups)
 
@@ -33,7 +33,7 @@ def real_lora_model(config, w: Workload):
 
 @pytest.mark.parametrize("quantize", [None, "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"])
 def test_weight_bytes_and_counts_match_the_real_quantized_model(quantize):
-    from onegpu.finetune.measure import resident_tensor_bytes
+    from onegpu.finetune.planning.measure import resident_tensor_bytes
     from onegpu.finetune.telemetry import count_parameters
 
     config = tiny_config()
@@ -100,7 +100,7 @@ def test_layer_activations_match_what_autograd_saves(config_kw, w_kw):
 @pytest.mark.slow
 def test_analytic_peak_within_15_percent_of_measured_cpu_steps(tmp_path, bundled_checkpoint):
     """Real training steps (LoRA and QLoRA nf4, several shapes) measured as live tensor bytes."""
-    from onegpu.finetune.measure import compare, validation_cases
+    from onegpu.finetune.planning.measure import compare, validation_cases
 
     torch.set_num_threads(2)
     rows = []
@@ -116,8 +116,8 @@ def test_analytic_peak_within_15_percent_of_measured_cpu_steps(tmp_path, bundled
 def test_litgpt_loop_terms_match_its_measured_cpu_steps(quantize, bnb_version):
     """litgpt's finetune_lora loop body, three steps in a row (its head quantized like Lightning's plugin,
     bitsandbytes' kept inputs as 0.42 kept them): the ``loop="litgpt"`` terms, next-forward moment included."""
-    from onegpu.finetune.measure import measure_litgpt_loop
-    from onegpu.finetune.memory import estimate_memory
+    from onegpu.finetune.planning.measure import measure_litgpt_loop
+    from onegpu.finetune.planning.memory import estimate_memory
 
     torch.set_num_threads(2)
     config = tiny_config(vocab=512, n_query_groups=4, n_layer=4)
@@ -203,7 +203,7 @@ def test_all_problems_reported_at_once(capsys):
 
 def test_auto_analytic_without_weights(tmp_path, capsys):
     """No weights at the checkpoint dir: plan answers analytically instead of failing on the checkpoint."""
-    from onegpu.finetune.plan import plan
+    from onegpu.finetune.planning.plan import plan
 
     report = plan(checkpoint_dir=tmp_path / "meta-llama" / "Llama-2-7b-hf", quantize="bnb.nf4-dq", lora_r=64,
                   max_seq_length=2048, micro_batch_size=2, optimizer="paged_adamw", activation_checkpointing=True,

@@ -12,7 +12,7 @@ from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
 
 
 def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_datasets, capsys):
-    from onegpu.finetune.plan import plan
+    from onegpu.finetune.planning.plan import plan
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", bundled_checkpoint)
     data = make_data_dir(tmp_path / "data", shared_datasets, n_train=60, max_seq_length=128)
@@ -36,7 +36,7 @@ def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_data
     assert saved["verdict"] == report["verdict"]
     assert (tmp_path / "plan" / "plan.table.json").is_file() and list((tmp_path / "plan" / "wandb").glob("offline-run-*"))
 
-    from onegpu.finetune.analytic_plan import DoesNotFit
+    from onegpu.finetune.planning.analytic import DoesNotFit
 
     with pytest.raises(DoesNotFit) as too_small:  # exit 2, after the plan is printed and written
         plan(data=str(data), checkpoint_dir=ckpt, track="rtx4090-24gb", track_memory_gib=0.05,
@@ -49,7 +49,7 @@ def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_data
 @pytest.mark.parametrize("micro,global_batch", [(2, 32), (2, 2), (1, 6)])
 def test_analytic_suggestions_divide_the_global_batch(tmp_path, micro, global_batch):
     """A suggested micro-batch is the largest that fits the track's memory AND divides the global batch."""
-    from onegpu.finetune.plan import plan
+    from onegpu.finetune.planning.plan import plan
 
     report = plan(model_name="Llama-2-7b-hf", quantize="bnb.nf4-dq", lora_r=64, max_seq_length=2048,
                   micro_batch_size=micro, global_batch_size=global_batch, activation_checkpointing=True,
@@ -63,7 +63,7 @@ def test_analytic_suggestions_divide_the_global_batch(tmp_path, micro, global_ba
 
 def test_measured_plan_reports_every_problem_at_once(tmp_path):
     """Options, optimizer, checkpoint and data problems in one error, before any model loading."""
-    from onegpu.finetune.plan import plan
+    from onegpu.finetune.planning.plan import plan
 
     with pytest.raises(UserError) as caught:
         plan(analytic=False, data=str(tmp_path / "no-data"), checkpoint_dir=tmp_path / "no-checkpoint",

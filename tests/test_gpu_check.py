@@ -28,8 +28,8 @@ def test_gpu_check_tiny_end_to_end(tmp_path, bundled_checkpoint, monkeypatch):
     assert "| LoRA r=8" in proc.stdout and "batching speed-up" in proc.stdout
 
     # the planner takes its MFU only from a CUDA run of the check
-    from onegpu.finetune.analytic_plan import assumed_mfu
-    from onegpu.finetune.memory import Workload
+    from onegpu.finetune.planning.analytic import assumed_mfu
+    from onegpu.finetune.planning.memory import Workload
 
     mfu, source = assumed_mfu(Workload(), None, out)
     assert "CPU run" in source and 0 < mfu < 1

@@ -406,7 +406,7 @@ def test_offline_grid_sweep_of_two_real_finetune_trials_resumes_after_a_kill(fin
     # the winner's swept values, as a config the final run reads after its own (`--config A --config best.yaml`)
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best == {"learning_rate": summary["best"]["params"]["learning_rate"]}
-    from onegpu.finetune.day import finetune_flat
+    from onegpu.finetune.planning.day import finetune_flat
 
     quickstart = REPO_ROOT / "finetune" / "configs" / "cpu-quickstart.yaml"
     assert finetune_flat(["--config", str(quickstart), "--config", str(out / "best.yaml")])["learning_rate"] == \

@@ -1,4 +1,4 @@
-"""Measure the live-tensor peak of one real training step: the quantity ``finetune/memory.py`` predicts.
+"""Measure the live-tensor peak of one real training step: the quantity ``finetune/planning/memory.py`` predicts.
 
 The step is the trainer's own: ``lora.build_model`` (litgpt LoRA GPT, bitsandbytes QLoRA swap),
 ``lora.make_optimizer``, ``packing.collate`` / ``forward_hidden`` / ``loss_sum``, backward,
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from onegpu.finetune.memory import Workload
+from onegpu.finetune.planning.memory import Workload
 
 
 @dataclass
@@ -215,7 +215,7 @@ def compare(checkpoint_dir: Path, w: Workload, shapes: list[dict[str, Any]]) -> 
     """Analytic vs measured peak for each shape: rows of the validation table."""
     from litgpt import Config
 
-    from onegpu.finetune.memory import estimate_memory
+    from onegpu.finetune.planning.memory import estimate_memory
 
     config = Config.from_file(Path(checkpoint_dir) / "model_config.yaml")
     rows = []
@@ -326,7 +326,7 @@ def measure_litgpt_loop(config: Any, w: Workload, iterations: int = 3, seed: int
     lora = {"lora_r": w.lora_r, "lora_alpha": 2 * w.lora_r, "lora_dropout": w.lora_dropout, "lora_query": w.lora_query,
             "lora_key": w.lora_key, "lora_value": w.lora_value, "lora_projection": w.lora_projection,
             "lora_mlp": w.lora_mlp, "lora_head": w.lora_head}
-    from onegpu.finetune.memory import base_config_fields
+    from onegpu.finetune.planning.memory import base_config_fields
 
     model = GPT(Config(**{**base_config_fields(config), **lora})).to(dtype)
     mark_only_lora_as_trainable(model)

@@ -2,7 +2,7 @@
 
 Answers from the model's litgpt config alone (``--model_name Llama-2-13b-hf``, or a checkpoint's
 ``model_config.yaml``, or a checkpoint dir's name): no weights, no data, no GPU, in seconds. The
-memory model is ``finetune/memory.py`` (validated against measured CPU steps in the tests); speed
+memory model is ``finetune/planning/memory.py`` (validated against measured CPU steps in the tests); speed
 is the LoRA-correct FLOP count of ``finetune/telemetry.py`` at an MFU that is measured when
 ``benchmarks/gpu_check.py`` has written its results file, else assumed (and said so).
 
@@ -24,7 +24,7 @@ from onegpu.contracts import TRACKS, atomic_write_json
 from onegpu.errors import UserError
 from onegpu.finetune.config import CheckpointArgs, requested_max_seq_length
 from onegpu.finetune.disk import model_sizes, plan_disk
-from onegpu.finetune.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS, Workload,
+from onegpu.finetune.planning.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS, Workload,
                                     count_weights, estimate_memory, flops_per_token, largest_micro_batch, meta_model,
                                     recompute_factor)
 

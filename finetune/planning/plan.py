@@ -11,7 +11,7 @@ and epochs fit in the budget, and a suggested micro-batch size.
   Python/torch runtime, so it over-states what the GPU would need: a conservative verdict).
 
 With ``--analytic`` (the default when there are no weights or no CUDA GPU) the answer comes from the
-model's config alone instead (``finetune/analytic_plan.py``).
+model's config alone instead (``finetune/planning/analytic.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float
         steps: measured optimizer steps per micro-batch size (after one warm-up step).
         max_micro_batch_size: the largest micro-batch size to try or suggest.
         track_memory_gib: override the track's GPU memory (GiB), e.g. to plan for another card.
-        analytic: estimate from the model's config alone (``finetune/analytic_plan.py``): no weights,
+        analytic: estimate from the model's config alone (``finetune/planning/analytic.py``): no weights,
             data or GPU. Default: analytic when there are no weights or no CUDA GPU; ``false`` measures.
         model_name: plan for a litgpt config name (e.g. ``Llama-2-13b-hf``) instead of a checkpoint (analytic).
         mfu: model FLOPs utilization for the analytic tokens/24 h (default: measured by
@@ -48,7 +48,7 @@ def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float
         The plan (also printed, and written to ``out_dir/plan.json`` and W&B). When the configured
         micro-batch does not fit the track, raises ``DoesNotFit`` (exit 2) after printing and writing it.
     """
-    from onegpu.finetune.analytic_plan import analytic_plan, analytic_reason
+    from onegpu.finetune.planning.analytic import analytic_plan, analytic_reason
 
     options = finetune_options(**options)
     reason = analytic_reason(analytic, model_name, options.flat())
@@ -95,7 +95,7 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
     atomic_write_json(cfg.checkpoints.out_dir / "plan.json", report)
     print("\n".join(report_lines(trainer, report)), file=sys.stderr)
     if not report["fits"]:
-        from onegpu.finetune.analytic_plan import DoesNotFit
+        from onegpu.finetune.planning.analytic import DoesNotFit
 
         first = report["measured"][0]
         needs = "runs out of memory" if first.get("oom") else f"peaks at {first['peak_memory_gib']:.1f} GiB"
@@ -175,7 +175,7 @@ def measure_on_cuda(trainer: Any, steps: int, max_micro_batch_size: int, track_g
 def measure_on_cpu(trainer: Any, steps: int, max_micro_batch_size: int, track_gib: float, global_batch: int):
     """Peak RSS at the configured micro-batch size and twice it, extrapolated linearly; the suggestion is
     the largest size under the extrapolated limit that divides the global batch."""
-    from onegpu.finetune.analytic_plan import dividing_micro_batch
+    from onegpu.finetune.planning.analytic import dividing_micro_batch
 
     mb = trainer.cfg.train.micro_batch_size
     base, more = measure(trainer, mb, steps), measure(trainer, 2 * mb, steps)

@@ -15,7 +15,7 @@ files to follow on the GPU box (``day_plan.md``, ``day.sh``, ``final.yaml``, ``s
    and the submission folder + image.
 
 Every step that holds the model on the card is checked against the track before anything runs:
-training by the analytic planner (``finetune/analytic_plan.py``), validation, HELM and the image by
+training by the analytic planner (``finetune/planning/analytic.py``), validation, HELM and the image by
 the serving estimate ``onegpu submission pack`` uses (the serving batch is sized to fit). A step
 that does not keep ``SAFE_HEADROOM`` of the card free, or steps that overrun the day, exit 2 naming
 the fix. Commands are parsed by the verbs' own parsers as they are written, so ``day.sh`` runs as is.
@@ -299,7 +299,7 @@ def recommended_setup(options: dict[str, Any], model: str) -> dict[str, Any]:
     """The planner's fastest fitting setup at this rank (quantization, checkpointing, micro-batch)."""
     from litgpt.config import Config
 
-    from onegpu.finetune.analytic_plan import SAFE_HEADROOM, Evaluator, planned_workload
+    from onegpu.finetune.planning.analytic import SAFE_HEADROOM, Evaluator, planned_workload
 
     _config, _source, w = planned_workload({**options, "checkpoint_dir": None}, model, [])
     spec = TRACKS[options["track"]]
@@ -325,7 +325,7 @@ def finetune_flat(argv: list[str]) -> dict[str, Any]:
 
 def check_training(plan: DayPlan, options: dict[str, Any], what: str, mfu: float | None) -> Any:
     """The analytic fit of one training step on the track; a problem when it keeps less than the safe headroom."""
-    from onegpu.finetune.analytic_plan import SAFE_HEADROOM, fit_on_track
+    from onegpu.finetune.planning.analytic import SAFE_HEADROOM, fit_on_track
 
     _config, _w, fit = fit_on_track({**options, "checkpoint_dir": None, "budget": None}, plan.model, mfu)
     if not fit.fits or fit.headroom_gib < SAFE_HEADROOM * plan.memory_gib:
@@ -355,7 +355,7 @@ def serving_fit(plan: DayPlan, model: str, max_seq_length: int, quantize: str | 
     headroom free; a problem when not even batch 1 does."""
     from litgpt.config import Config
 
-    from onegpu.finetune.analytic_plan import SAFE_HEADROOM
+    from onegpu.finetune.planning.analytic import SAFE_HEADROOM
     from onegpu.submission.pack import estimate_memory
 
     config = Config.from_name(model)
