@@ -73,7 +73,7 @@ def packed_row(ckpt: Path, max_seq_length: int) -> dict:
     from litgpt.tokenizer import Tokenizer
     from onegpu.data.schema import render
     from onegpu.finetune.packing import MicroBatches, tokenize_example
-    from onegpu.finetune.testing import shared_rows
+    from onegpu.finetune.tiny import shared_rows
 
     from onegpu.paths import shared_datasets_dir
 

@@ -80,7 +80,7 @@ def cpu_benchmark(args: argparse.Namespace) -> str:
     from onegpu.data.schema import render
     from onegpu.finetune import telemetry
     from onegpu.finetune.packing import tokenize_example
-    from onegpu.finetune.testing import make_data_dir
+    from onegpu.finetune.tiny import make_data_dir
     from onegpu.model import prepare
     from onegpu.paths import shared_datasets_dir
 
@@ -185,7 +185,7 @@ def cuda_benchmark(args: argparse.Namespace) -> str:
     from litgpt.utils import save_config
 
     from onegpu.finetune.planning.plan import plan
-    from onegpu.finetune.testing import make_data_dir
+    from onegpu.finetune.tiny import make_data_dir
     from onegpu.model import prepare
     from onegpu.paths import shared_datasets_dir
 

@@ -59,7 +59,7 @@ def exportable_tiny(out: Path, bundled: Path) -> Path:
     export (``onegpu model push``) needs: a 25 MB stand-in for the bundled model's 540 MB."""
     from transformers import LlamaConfig
 
-    from onegpu.finetune.testing import make_tiny_checkpoint
+    from onegpu.finetune.tiny import make_tiny_checkpoint
 
     make_tiny_checkpoint(out, bundled)
     LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

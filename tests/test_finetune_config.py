@@ -13,7 +13,7 @@ import pytest
 
 from onegpu.errors import UserError
 from onegpu.finetune import config as C
-from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
+from onegpu.finetune.tiny import make_data_dir, make_tiny_checkpoint
 
 
 def test_flat_signature_is_the_option_groups_field_for_field():

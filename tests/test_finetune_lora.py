@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint, shared_rows
+from onegpu.finetune.tiny import make_data_dir, make_tiny_checkpoint, shared_rows
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from onegpu.errors import UserError
 
-from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
+from onegpu.finetune.tiny import make_data_dir, make_tiny_checkpoint
 
 
 def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_datasets, capsys):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wandb_records
-from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
+from onegpu.finetune.tiny import make_data_dir, make_tiny_checkpoint
 from onegpu.errors import UserError
 
 

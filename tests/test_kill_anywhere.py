@@ -127,7 +127,7 @@ REMOVED = r"removed \S+: an interrupted run \(pid \d+\) left it half-written; it
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, bundled_checkpoint, shared_datasets):
     """A random-init 2-layer model with the bundled tokenizer and a small real mix (fast steps)."""
-    from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
+    from onegpu.finetune.tiny import make_data_dir, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     return {"ckpt": make_tiny_checkpoint(root / "ckpt", bundled_checkpoint),

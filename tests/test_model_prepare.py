@@ -138,7 +138,7 @@ def test_local_hf_dir_converts_with_model_name_to_the_same_weights(tmp_path, hf_
 def test_verify_checkpoint_refuses_weights_that_do_not_fit_the_config(tmp_path, bundled_checkpoint):
     import shutil
 
-    from onegpu.finetune.testing import make_tiny_checkpoint
+    from onegpu.finetune.tiny import make_tiny_checkpoint
 
     from onegpu.model import verify_checkpoint
 

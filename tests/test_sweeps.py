@@ -329,7 +329,7 @@ def test_bayes_resume_continues_the_optuna_study_from_its_journal(tmp_path, toy)
 # ---------------------------------------------------------------- real fine-tuning trials + report
 @pytest.fixture(scope="module")
 def tiny_finetune(tmp_path_factory, bundled_checkpoint, shared_datasets):
-    from onegpu.finetune.testing import make_data_dir, make_tiny_checkpoint
+    from onegpu.finetune.tiny import make_data_dir, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("sweep-tiny")
     return {"ckpt": make_tiny_checkpoint(root / "ckpt", bundled_checkpoint),

@@ -249,7 +249,7 @@ def tiny_llama_config(vocab: int = 8192, n_layer: int = 4, n_query_groups: int =
 
 def validation_cases(work: Path, bundled_checkpoint: Path) -> list[tuple[Path, Workload, list[dict[str, Any]]]]:
     """(checkpoint, build workload, step shapes) of the analytic-vs-measured validation (CPU, fp32)."""
-    from onegpu.finetune.testing import save_random_checkpoint
+    from onegpu.finetune.tiny import save_random_checkpoint
 
     tiny = save_random_checkpoint(Path(work) / "tiny-llama", tiny_llama_config())
     cpu = {"precision": "32-true", "device": "cpu", "loss_token_fraction": 0.5}
