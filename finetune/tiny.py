@@ -1,4 +1,5 @@
-"""Tiny real inputs for tests, benchmarks and the memory validation: a data dir from ../shared/datasets and a tiny litgpt model.
+"""Tiny real inputs for tests, benchmarks and the memory validation: a data dir from
+../shared/datasets and a tiny litgpt model.
 
 ``make_data_dir`` writes the data-stage layout (train.jsonl, val.jsonl, manifest.json; rows built
 with ``data.schema.make_row``) from the offline copies of Dolly, the Self-Instruct human-written

@@ -55,7 +55,7 @@ def helm_offline_run(bundled_checkpoint, tmp_path_factory):
 
 
 def exportable_tiny(out: Path, bundled: Path) -> Path:
-    """The random-init tiny model (``finetune.testing.make_tiny_checkpoint``) with the HF config an HF
+    """The random-init tiny model (``finetune.tiny.make_tiny_checkpoint``) with the HF config an HF
     export (``onegpu model push``) needs: a 25 MB stand-in for the bundled model's 540 MB."""
     from transformers import LlamaConfig
 

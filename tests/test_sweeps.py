@@ -2,7 +2,7 @@
 the HTML report in headless Chromium, and the W&B dashboard spec.
 
 The fine-tuning sweep runs real ``onegpu finetune`` trials on a random-init 2-layer litgpt model with
-the bundled tokenizer (``finetune.testing``) so each trial takes seconds; the runner mechanics
+the bundled tokenizer (``finetune.tiny``) so each trial takes seconds; the runner mechanics
 (resume, hyperband, bayes) use a small real program that logs through ``onegpu.tracking``.
 """
 
