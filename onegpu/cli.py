@@ -18,7 +18,7 @@ import inspect
 import re
 import typing
 
-from onegpu.errors import RunStopped, UserError, did_you_mean
+from onegpu.errors import RunStopped, UserError, did_you_mean, exit_code_of
 
 # verb words -> (module, function, one-line description). Order is the order of --help.
 VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
@@ -355,13 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {err.problem}", file=sys.stderr)
         if err.fix:
             print(f"  fix: {err.fix}", file=sys.stderr)
-        return 2
+        return exit_code_of(err)
     except RunStopped as stop:
         print(f"{prog}: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except KeyboardInterrupt:
+        return exit_code_of(stop)
+    except KeyboardInterrupt as interrupted:
         print("\nonegpu: interrupted", file=sys.stderr)
-        return 130
+        return exit_code_of(interrupted)
     return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

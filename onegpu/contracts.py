@@ -278,6 +278,29 @@ def model_input(checkpoint: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- run dirs
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML mapping a user wrote (a recipe, a suite, a sweep, a table): every way it can be wrong is a
+    ``UserError`` naming ``what``, the file, the problem (with the line of a syntax error) and the fix."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist", fix="check the path (relative paths start where you run)")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{what} {path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}",
+                        fix="fix the YAML (indentation, a missing colon, an unclosed quote or bracket)") from err
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise UserError(f"{what} {path} is a YAML {type(doc).__name__}, not a mapping of keys to values",
+                        fix="write it as `key: value` lines")
+    return doc
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     """A JSON object from ``path``, or {} when it is missing, unreadable or not an object."""
     try:

@@ -44,6 +44,22 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
+def exit_code_of(error: BaseException | None) -> int:
+    """The one rule for what a verb's exit code says: 0 done, 2 bad input (``UserError``), 130 interrupted,
+    143 (128 + SIGTERM) or the stop's own code for a stopped run, a ``SystemExit``'s code, else 1."""
+    if error is None:
+        return 0
+    if isinstance(error, UserError):
+        return 2
+    if isinstance(error, RunStopped):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+    return 1
+
+
 def did_you_mean(word: str, choices, prefix: str = "") -> str:
     """``"did you mean --lora_r? "`` for the choice closest to ``word`` (difflib), else ``""``.
 

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from onegpu.contracts import RunDir, RunStatus, atomic_path, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from onegpu.errors import RunStopped, exit_code_of
 from onegpu.paths import REPO_ROOT
 
 # Offline unless the user asked for something else: never require an account or a network.
@@ -397,13 +399,35 @@ class Run:
         atomic_write_json(self.out_dir / "summary.json", self._summary)
 
     def __enter__(self) -> "Run":
+        """``with Run(...) as run:`` is how a stage runs tracked: its exit code and the W&B run's end are
+        recorded however the block ends, a SIGTERM included (it is raised as ``RunStopped``, exit 143)."""
+        self._previous_sigterm = _raise_on_sigterm(self.stage)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish(exit_code=0 if exc_type is None else 1)
+        try:
+            self.finish(exit_code=exit_code_of(exc))
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     def _write_run_json(self) -> None:
         atomic_write_json(self.out_dir / "run.json", {**self.meta, "config": self.config, "lineage": self.lineage})
+
+
+def _raise_on_sigterm(stage: str) -> Any:
+    """In the main thread, with SIGTERM at its default: raise ``RunStopped`` on it from now on (the previous
+    handler, to restore). A handler someone installed (the trainer's graceful stop) is left alone."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RunStopped(f"{stage}: stopped by SIGTERM", summary={"stopped_by": "sigterm"})
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def training_run_dir(checkpoint: str | Path, lineage: dict[str, Any]) -> Path | None:
