@@ -184,7 +184,7 @@ def cuda_benchmark(args: argparse.Namespace) -> str:
     from litgpt import GPT, Config
     from litgpt.utils import save_config
 
-    from onegpu.finetune.planning.plan import plan
+    from onegpu.finetune.verbs import plan
     from onegpu.finetune.tiny import make_data_dir
     from onegpu.model import prepare
     from onegpu.paths import shared_datasets_dir

@@ -43,7 +43,8 @@ from typing import Any
 
 from onegpu.contracts import artifact_name
 from onegpu.errors import RunStopped, UserError
-from onegpu.finetune.config import FinetuneConfig, LoRAArgs, finetune_options, resolve
+from onegpu.finetune.config import FinetuneConfig, resolve
+from onegpu.finetune.options import FinetuneOptions, LoRAArgs
 from onegpu.finetune.proxy import ProxyEval
 from onegpu.finetune.schedule import BudgetSchedule
 
@@ -55,20 +56,9 @@ SAMPLE_PROMPTS = (
 )
 
 
-def finetune(data: str | None = None, **options: Any) -> dict[str, Any]:
-    """Fine-tune a litgpt checkpoint with LoRA (or QLoRA) on a data-stage mix; merge at the end.
-
-    Takes the options of ``finetune_options`` (``finetune/config.py``) by their flat names, e.g.
-    ``finetune("runs/mix", lora_r=16)``; ``onegpu finetune --help`` lists them all.
-
-    Args:
-        data: a data-stage output dir (train.jsonl, val.jsonl, manifest.json) or, with
-            WANDB_MODE=online, a W&B ``dataset`` artifact name (``entity/project/name:alias``).
-
-    Returns:
-        The run summary (also in ``out_dir/summary.json``).
-    """
-    return LoRATrainer(resolve(finetune_options(data=data, **options))).run()
+def train(options: FinetuneOptions) -> dict[str, Any]:
+    """``onegpu finetune``: resolve the options, then set up, train and finalize; returns the run summary."""
+    return LoRATrainer(resolve(options)).run()
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,19 @@ torch-heavy stages they do not use.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import importlib.util
-import os
-import sys
-
 import inspect
+import json
+import os
 import re
+import sys
 import typing
+from collections.abc import Callable, Mapping
+
+import docstring_parser
 
 from onegpu.errors import RunStopped, UserError, did_you_mean, exit_code_of
 
@@ -29,8 +34,8 @@ VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("data", "check"): ("onegpu.data.check", "check", "every problem of a recipe in seconds: sources, rows, tokens, weights, families"),
     ("data", "reweight"): ("onegpu.data.reweight", "reweight", "the next recipe from eval val results: weights toward weak tasks (bounded, floored)"),
     ("data", "sources"): ("onegpu.data.sources", "list_sources", "list the registered datasets with licence and provenance"),
-    ("finetune",): ("onegpu.finetune.lora", "finetune", "LoRA/QLoRA fine-tuning with packing, telemetry and a budget clock"),
-    ("finetune", "plan"): ("onegpu.finetune.planning.plan", "plan", "measure memory and speed of a config before spending the budget"),
+    ("finetune",): ("onegpu.finetune.verbs", "finetune", "LoRA/QLoRA fine-tuning with packing, telemetry and a budget clock"),
+    ("finetune", "plan"): ("onegpu.finetune.verbs", "plan", "measure memory and speed of a config before spending the budget"),
     ("day", "plan"): ("onegpu.finetune.planning.day", "day_plan", "lay out the 24 h on the rented GPU, every step checked against the track"),
     ("eval", "val"): ("onegpu.eval.validate", "validate", "lm-eval-harness validation suite on a checkpoint"),
     ("eval", "helm"): ("onegpu.eval.helm", "helm", "HELM test run against `onegpu serve` on a checkpoint"),
@@ -76,6 +81,75 @@ def verb_function(words: tuple[str, ...]):
     """The function behind a verb (its signature and docstring are the verb's options)."""
     module_name, fn_name, _doc = VERBS[words]
     return getattr(importlib.import_module(module_name), fn_name)
+
+
+# ---------------------------------------------------------------------- options from dataclasses
+# A verb with many options declares them once, as dataclass fields, each documented by the string
+# under it (an attribute docstring, as litgpt's TrainArgs): `takes_options` turns the fields into the
+# verb's flat signature and --help text, and the flat values back into the dataclasses.
+def option_parameters(cls: type) -> list[inspect.Parameter]:
+    """The options of dataclass ``cls``, flat: one per field, typed and defaulted as the field; a field
+    whose type is a dataclass (a group of options) stands for that group's fields, in order."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            params += option_parameters(hints[f.name])
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty
+            params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                            annotation=hints[f.name]))
+    return params
+
+
+def option_docs(cls: type) -> dict[str, str]:
+    """{flat option name: the docstring under its field}, groups included (docstring_parser reads them)."""
+    hints = typing.get_type_hints(cls)
+    docs = {p.arg_name: inspect.cleandoc(p.description or "")
+            for p in docstring_parser.parse_from_object(cls).params if p.args[0] == "attribute"}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            docs.pop(f.name, None)
+            docs.update(option_docs(hints[f.name]))
+    return docs
+
+
+def options_from(cls: type, values: Mapping[str, typing.Any]) -> typing.Any:
+    """``cls`` built from flat option values (every name of :func:`option_parameters`, groups by their fields)."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: options_from(hints[f.name], values) if dataclasses.is_dataclass(hints[f.name])
+                  else values[f.name] for f in dataclasses.fields(cls)})
+
+
+def takes_options(*classes: type) -> Callable[[Callable], Callable]:
+    """A function of option dataclasses, ``fn(a: A, b: B)``, as one of flat options: ``fn(x=1, y=2)``.
+
+    The decorated function's signature is the fields of ``classes``, flat and in order (what
+    jsonargparse parses, so the flat names are the CLI's and the ``--config`` YAML's), and its
+    docstring gains an ``Args:`` section with every field's doc (what ``--help`` shows). A call
+    binds the flat values (positional ones too), fills in the defaults and builds the dataclasses;
+    an unknown name is a TypeError, as for any function.
+    """
+    params = [p for cls in classes for p in option_parameters(cls)]
+    signature = inspect.Signature(params)
+    docs = {name: doc for cls in classes for name, doc in option_docs(cls).items()}
+    undocumented = [p.name for p in params if not docs.get(p.name)]
+    if undocumented:  # --help must explain every option
+        raise TypeError(f"options without a docstring under their field: {undocumented}")
+    args = "\n".join(f"    {p.name}: " + docs[p.name].replace("\n", "\n        ") for p in params)
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def verb(*positional: typing.Any, **named: typing.Any) -> typing.Any:
+            bound = signature.bind(*positional, **named)
+            bound.apply_defaults()
+            return fn(*(options_from(cls, bound.arguments) for cls in classes))
+
+        verb.__signature__ = signature
+        verb.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n{args}\n"
+        return verb
+
+    return decorate
 
 
 def gather_list_positionals(fn, rest: list[str]) -> list[str]:

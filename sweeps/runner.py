@@ -205,7 +205,8 @@ def check_command(config: dict[str, Any], points: list[dict[str, Any]], source: 
 def resolve_finetune_trial(options: dict[str, Any]) -> None:
     """``onegpu finetune``'s own ``resolve()`` on a trial's options: data, checkpoint, precision vs
     quantization... everything it checks before loading a model."""
-    from onegpu.finetune.config import finetune_options, option_names, resolve
+    from onegpu.finetune.config import resolve
+    from onegpu.finetune.options import finetune_options, option_names
 
     resolve(finetune_options(**{name: value for name, value in options.items() if name in option_names()}))
 

@@ -99,7 +99,8 @@ def _run_until(cmd, env, ready, timeout=300) -> subprocess.Popen:
 def test_disk_need_is_what_a_run_writes(reference, tiny):
     """The formula's parts against the files of a real run: merged weights exact, the rest upper bounds."""
     from onegpu.finetune import disk
-    from onegpu.finetune.config import finetune_options, resolve
+    from onegpu.finetune.config import resolve
+    from onegpu.finetune.options import finetune_options
 
     cfg = resolve(finetune_options(data=str(tiny["data"]), checkpoint_dir=tiny["ckpt"], out_dir=reference,
                                    lora_head=True, max_seq_length=64))

@@ -27,7 +27,7 @@ def short_data(tmp_path_factory, shared_datasets) -> Path:
 
 
 def _run(out, data, ckpt, **kw):
-    from onegpu.finetune.lora import finetune
+    from onegpu.finetune.verbs import finetune
 
     args = dict(data=str(data), checkpoint_dir=ckpt, out_dir=out, max_steps=4, micro_batch_size=1,
                 global_batch_size=1, learning_rate=3e-3, warmup_steps=0, lora_dropout=0.0, eval_interval=0,

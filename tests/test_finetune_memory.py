@@ -203,7 +203,7 @@ def test_all_problems_reported_at_once(capsys):
 
 def test_auto_analytic_without_weights(tmp_path, capsys):
     """No weights at the checkpoint dir: plan answers analytically instead of failing on the checkpoint."""
-    from onegpu.finetune.planning.plan import plan
+    from onegpu.finetune.verbs import plan
 
     report = plan(checkpoint_dir=tmp_path / "meta-llama" / "Llama-2-7b-hf", quantize="bnb.nf4-dq", lora_r=64,
                   max_seq_length=2048, micro_batch_size=2, optimizer="paged_adamw", activation_checkpointing=True,

@@ -12,7 +12,7 @@ from onegpu.finetune.tiny import make_data_dir, make_tiny_checkpoint
 
 
 def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_datasets, capsys):
-    from onegpu.finetune.planning.plan import plan
+    from onegpu.finetune.verbs import plan
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", bundled_checkpoint)
     data = make_data_dir(tmp_path / "data", shared_datasets, n_train=60, max_seq_length=128)
@@ -49,7 +49,7 @@ def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_data
 @pytest.mark.parametrize("micro,global_batch", [(2, 32), (2, 2), (1, 6)])
 def test_analytic_suggestions_divide_the_global_batch(tmp_path, micro, global_batch):
     """A suggested micro-batch is the largest that fits the track's memory AND divides the global batch."""
-    from onegpu.finetune.planning.plan import plan
+    from onegpu.finetune.verbs import plan
 
     report = plan(model_name="Llama-2-7b-hf", quantize="bnb.nf4-dq", lora_r=64, max_seq_length=2048,
                   micro_batch_size=micro, global_batch_size=global_batch, activation_checkpointing=True,
@@ -63,7 +63,7 @@ def test_analytic_suggestions_divide_the_global_batch(tmp_path, micro, global_ba
 
 def test_measured_plan_reports_every_problem_at_once(tmp_path):
     """Options, optimizer, checkpoint and data problems in one error, before any model loading."""
-    from onegpu.finetune.planning.plan import plan
+    from onegpu.finetune.verbs import plan
 
     with pytest.raises(UserError) as caught:
         plan(analytic=False, data=str(tmp_path / "no-data"), checkpoint_dir=tmp_path / "no-checkpoint",

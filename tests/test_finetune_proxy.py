@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from onegpu.errors import UserError
-from onegpu.finetune.config import check_options, finetune_options
+from onegpu.finetune.options import check_options, finetune_options
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_eval_helm_mc import _data_dir, _qasc_rows  # noqa: E402  (the broken-template data)
@@ -26,7 +26,7 @@ def _curve(out: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_proxy_curve_selects_the_final_checkpoint(bundled_checkpoint, shared_datasets, tmp_path):
-    from onegpu.finetune.lora import finetune
+    from onegpu.finetune.verbs import finetune
 
     suite = tmp_path / "proxy.yaml"  # one cheap task (1-token answers): a suite YAML by path
     suite.write_text(f"tasks:\n  - {{task: {TASK}}}\n")

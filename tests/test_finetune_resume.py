@@ -157,7 +157,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny, tmp_path):
 
 
 def test_budget_clock_stops_the_run_and_still_merges(tiny, tmp_path):
-    from onegpu.finetune.lora import finetune
+    from onegpu.finetune.verbs import finetune
 
     out = tmp_path / "budget"
     budget = 30.0  # loading this tiny model takes ~5-15 s on a loaded 2-core machine; the rest trains
@@ -186,7 +186,7 @@ def test_budget_clock_stops_the_run_and_still_merges(tiny, tmp_path):
 
 def test_run_that_finishes_its_steps_follows_the_plain_step_schedule(tiny, tmp_path):
     """24 h of budget for a few steps: linear warm-up, then cosine over the planned steps to the floor."""
-    from onegpu.finetune.lora import finetune
+    from onegpu.finetune.verbs import finetune
 
     out, steps, warmup, peak, floor = tmp_path / "plain", 8, 3, 2e-3, 0.2
     finetune(**{**_kw(tiny, out), "max_steps": steps, "warmup_steps": warmup, "learning_rate": peak,
@@ -282,13 +282,14 @@ def _kw(tiny, out):
 ])
 def test_bad_config_fails_before_model_load(tiny, tmp_path, override, message, monkeypatch):
     import onegpu.finetune.lora as lora
+    from onegpu.finetune.verbs import finetune
 
     def no_model(*a, **k):  # the check must come first: loading the model would be a failure
         raise AssertionError("model was loaded before validation")
 
     monkeypatch.setattr(lora, "build_model", no_model)
     with pytest.raises(UserError) as err:
-        lora.finetune(**{**_kw(tiny, tmp_path / "bad"), **override})
+        finetune(**{**_kw(tiny, tmp_path / "bad"), **override})
     assert message in err.value.problem and err.value.fix
 
 
@@ -305,7 +306,8 @@ def test_empty_dataset_and_cli_exit_code(tiny, tmp_path, capsys):
 
 
 def test_bf16_on_cpu_warns_loudly(tiny, tmp_path):
-    from onegpu.finetune.config import finetune_options, resolve
+    from onegpu.finetune.config import resolve
+    from onegpu.finetune.options import finetune_options
 
     with pytest.warns(UserWarning, match="32-true"):
         resolve(finetune_options(**_kw(tiny, tmp_path / "w"), precision="bf16-true", device="cpu"))
@@ -317,7 +319,7 @@ def test_resume_from_a_checkpoint_in_the_previous_format_continues_exactly(tiny,
     import torch
 
     from onegpu.finetune.checkpoint import TrainState
-    from onegpu.finetune.lora import finetune
+    from onegpu.finetune.verbs import finetune
     from onegpu.budget import BudgetClock
 
     out = tmp_path / "legacy"

@@ -37,7 +37,7 @@ def trained(tmp_path_factory, shared_datasets, bundled_checkpoint) -> dict[str, 
     """A real pipeline in miniature: `data build` -> 3 LoRA steps -> `eval val` on 2 tasks."""
     from onegpu.data.build import build
     from onegpu.eval.validate import validate
-    from onegpu.finetune.lora import finetune
+    from onegpu.finetune.verbs import finetune
 
     root = tmp_path_factory.mktemp("push")
     (root / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))

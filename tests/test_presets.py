@@ -11,7 +11,7 @@ import pytest
 from onegpu import cli
 from onegpu.contracts import TRACKS
 from onegpu.finetune.planning.analytic import SAFE_HEADROOM, fit_on_track
-from onegpu.finetune.config import finetune_options, option_names
+from onegpu.finetune.options import finetune_options, option_names
 from onegpu.paths import REPO_ROOT
 from onegpu.sweeps import runner, schema
 

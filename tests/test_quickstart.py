@@ -13,7 +13,7 @@ import yaml
 
 from onegpu.sweeps import quickstart as Q
 from onegpu.errors import UserError
-from onegpu.finetune import config as C
+from onegpu.finetune import options as O
 from onegpu.paths import REPO_ROOT
 
 
@@ -52,7 +52,7 @@ def test_unknown_skip_is_refused_before_any_work(tmp_path):
 
 def test_the_fine_tune_is_step_bounded_and_validates_along_the_way():
     doc = yaml.safe_load((REPO_ROOT / "finetune/configs/cpu-quickstart.yaml").read_text())
-    options = C.finetune_options(**doc)
+    options = O.finetune_options(**doc)
     assert options.budget.budget is None  # the clock is the track's 24 h: it reports, it never stops the run
     assert options.train.max_steps >= 12 and 0 < options.eval.eval_interval < options.train.max_steps
     assert options.eval.initial_validation  # the val curve starts at the base model

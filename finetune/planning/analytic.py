@@ -22,7 +22,8 @@ from typing import Any
 
 from onegpu.contracts import TRACKS, atomic_write_json
 from onegpu.errors import UserError
-from onegpu.finetune.config import CheckpointArgs, requested_max_seq_length
+from onegpu.finetune.config import requested_max_seq_length
+from onegpu.finetune.options import CheckpointArgs
 from onegpu.finetune.disk import model_sizes, plan_disk
 from onegpu.finetune.planning.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS, Workload,
                                     count_weights, estimate_memory, flops_per_token, largest_micro_batch, meta_model,
@@ -99,9 +100,9 @@ def resolve_model(model_name: str | None, checkpoint_dir: Any, problems: list[Pr
 
 
 def option_problems(a: dict[str, Any]) -> list[Problem]:
-    """Every option problem at once: the trainer's checks that need no model (``config.option_problems``,
+    """Every option problem at once: the trainer's checks that need no model (``options.option_problems``,
     the one place of those rules), collected, not raised, plus what only a GPU plan adds."""
-    from onegpu.finetune.config import FinetuneOptions, option_problems as trainer_problems
+    from onegpu.finetune.options import FinetuneOptions, option_problems as trainer_problems
 
     p = [Problem(err.problem, err.fix or "", True) for err in trainer_problems(FinetuneOptions.from_flat(a))]
     if a["optimizer"] not in OPTIMIZERS:

@@ -258,7 +258,7 @@ def final_options(track: str, model: str, hub_id: str, data: str | None, out: Pa
                   lora_r: int, max_seq_length: int) -> dict[str, Any]:
     """The final run's flat finetune options and where they came from (a config, a shipped preset, or
     the planner's recommendation on this card)."""
-    from onegpu.finetune.config import finetune_options
+    from onegpu.finetune.options import finetune_options
 
     checkpoint = Path(f"~/.cache/onegpu/checkpoints/{hub_id}")
     source = config or shipped_preset(track, model)
@@ -316,7 +316,7 @@ def recommended_setup(options: dict[str, Any], model: str) -> dict[str, Any]:
 def finetune_flat(argv: list[str]) -> dict[str, Any]:
     """``onegpu finetune ARGV`` parsed by its own parser (config files first): every option, flat."""
     from onegpu import cli
-    from onegpu.finetune.config import finetune_options, option_names
+    from onegpu.finetune.options import finetune_options, option_names
 
     parser = cli.verb_parser(cli.verb_function(("finetune",)), "onegpu finetune")
     ns = parser.parse_args(cli.config_files_first(argv))

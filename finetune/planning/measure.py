@@ -154,7 +154,7 @@ class StepHarness:
     def __init__(self, checkpoint_dir: Path, w: Workload, longest: int | None = None, seed: int = 0):
         import lightning as L
 
-        from onegpu.finetune.config import LoRAArgs
+        from onegpu.finetune.options import LoRAArgs
         from onegpu.finetune.lora import build_model, make_optimizer
         from onegpu.finetune.packing import use_flex_attention
 

@@ -21,41 +21,20 @@ import time
 from typing import Any
 
 from onegpu.errors import all_problems
-from onegpu.finetune.config import FinetuneOptions, collect_problems, finetune_options, option_problems, resolve
+from onegpu.finetune.config import collect_problems, resolve
+from onegpu.finetune.options import FinetuneOptions, PlanArgs, option_problems
 
 
-def plan(steps: int = 2, max_micro_batch_size: int = 64, track_memory_gib: float | None = None,
-         analytic: bool | None = None, model_name: str | None = None, mfu: float | None = None,
-         **options: Any) -> dict[str, Any]:
-    """Run a few real steps of a fine-tuning config and say whether and how it fits the track.
-
-    Takes every option of ``onegpu finetune`` (so ``--config`` files are shared); the ones that
-    shape memory and speed (model, precision, quantize, optimizer, LoRA layers, max_seq_length,
-    packing, micro_batch_size, activation_checkpointing, track, budget) are measured, the rest
-    are accepted and ignored.
-
-    Args:
-        steps: measured optimizer steps per micro-batch size (after one warm-up step).
-        max_micro_batch_size: the largest micro-batch size to try or suggest.
-        track_memory_gib: override the track's GPU memory (GiB), e.g. to plan for another card.
-        analytic: estimate from the model's config alone (``finetune/planning/analytic.py``): no weights,
-            data or GPU. Default: analytic when there are no weights or no CUDA GPU; ``false`` measures.
-        model_name: plan for a litgpt config name (e.g. ``Llama-2-13b-hf``) instead of a checkpoint (analytic).
-        mfu: model FLOPs utilization for the analytic tokens/24 h (default: measured by
-            ``benchmarks/gpu_check.py`` when its results exist, else assumed).
-
-    Returns:
-        The plan (also printed, and written to ``out_dir/plan.json`` and W&B). When the configured
-        micro-batch does not fit the track, raises ``DoesNotFit`` (exit 2) after printing and writing it.
-    """
+def plan(plan_args: PlanArgs, options: FinetuneOptions) -> dict[str, Any]:
+    """``onegpu finetune plan``: the analytic plan, or a few real steps measured (``measured_plan``)."""
     from onegpu.finetune.planning.analytic import analytic_plan, analytic_reason
 
-    options = finetune_options(**options)
-    reason = analytic_reason(analytic, model_name, options.flat())
+    a = plan_args
+    reason = analytic_reason(a.analytic, a.model_name, options.flat())
     if reason:
-        return analytic_plan(options.flat(), model_name=model_name, mfu=mfu, track_memory_gib=track_memory_gib,
-                             max_micro_batch_size=max_micro_batch_size, reason=reason)
-    return measured_plan(options, steps, max_micro_batch_size, track_memory_gib)
+        return analytic_plan(options.flat(), model_name=a.model_name, mfu=a.mfu, track_memory_gib=a.track_memory_gib,
+                             max_micro_batch_size=a.max_micro_batch_size, reason=reason)
+    return measured_plan(options, a.steps, a.max_micro_batch_size, a.track_memory_gib)
 
 
 def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: int,
