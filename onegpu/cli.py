@@ -1,10 +1,12 @@
 """The one ``onegpu`` command: a verb per stage, each a plain function parsed by jsonargparse.
 
-Each verb's options come from its function's signature and docstring (litgpt style), so
-``onegpu VERB --help`` explains every option, ``--config FILE.yaml`` loads options from YAML and
-flags override it wherever they stand (:func:`config_files_first`). Stage modules are imported
-only when their verb runs, so ``onegpu --help`` and ``onegpu data ...`` never pay for importing
-torch-heavy stages they do not use.
+Each verb's options come from its function's signature and docstring (litgpt style; or from option
+dataclasses, :func:`takes_options`), so ``onegpu VERB --help`` explains every option, ``--config
+FILE.yaml`` loads options from YAML and flags override it wherever they stand
+(:func:`config_files_first`). :func:`parse_verb_args` is the one way a verb's arguments are read,
+here and by the sweep runner. A verb's function is its front: light to import, it imports its heavy
+engine only when it runs, so ``onegpu --help``, ``onegpu VERB --help`` and a mistyped option never
+pay for torch.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ import re
 import sys
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import docstring_parser
+import jsonargparse
 
+from onegpu import __version__
+from onegpu.budget import charge_from_process_start
+from onegpu.contracts import read_yaml
 from onegpu.errors import RunStopped, UserError, did_you_mean, exit_code_of
+from onegpu.paths import stage_dir
 
 # verb words -> (module, function, one-line description). Order is the order of --help.
 VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
@@ -152,35 +160,44 @@ def takes_options(*classes: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def gather_list_positionals(fn, rest: list[str]) -> list[str]:
+# ------------------------------------------------------------------------------ argv as users type it
+def user_argv(fn: Callable, argv: list[str]) -> list[str]:
+    """``argv`` (after the verb words) rewritten into what jsonargparse reads: several bare paths for a list,
+    a bare first value, bare boolean flags, config files first."""
+    argv = gather_list_positionals(fn, argv)
+    argv = gather_list_options(fn, argv)
+    argv = optional_first_positional(fn, argv)
+    return config_files_first(bare_bool_flags(fn, argv))
+
+
+def is_list(hint: typing.Any) -> bool:
+    return "list" in str(hint).lower()
+
+
+def gather_list_positionals(fn: Callable, rest: list[str]) -> list[str]:
     """``onegpu report A B C --out X``: several bare values for a list-typed first parameter.
 
     jsonargparse reads a list positional as one JSON/YAML token (``'[A, B, C]'``); shells and users
     expect space-separated paths, so consecutive bare tokens at the front become that one token.
     """
-    import json
-
-    params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
-    if not params or "list" not in str(params[0].annotation).lower():
+    required = positional_names(fn)
+    if not required or not is_list(verb_parameters(fn)[required[0]].annotation):
         return rest
     bare = 0
     while bare < len(rest) and not rest[bare].startswith("-"):
         bare += 1
-    if bare <= 1 or (len(params) > 1 and bare <= len(params)):
+    if bare <= 1 or (len(required) > 1 and bare <= len(required)):
         return rest
     return [json.dumps(rest[:bare]), *rest[bare:]]
 
 
-def _gather_list_options(fn, rest: list[str]) -> list[str]:
+def gather_list_options(fn: Callable, rest: list[str]) -> list[str]:
     """``--results A B``: the bare values after a list-typed option become its one JSON list token.
 
     (A value already written as a list, ``'[A, B]'``, or ``null`` is passed as is.)
     """
-    import inspect
-    import json
-
-    lists = {p.name for p in inspect.signature(fn).parameters.values()
-             if p.default is not inspect.Parameter.empty and "list" in str(p.annotation).lower()}
+    lists = {p.name for p in verb_parameters(fn).values()
+             if p.default is not inspect.Parameter.empty and is_list(p.annotation)}
     out, i = [], 0
     while i < len(rest):
         token = rest[i]
@@ -197,93 +214,30 @@ def _gather_list_options(fn, rest: list[str]) -> list[str]:
     return out
 
 
-def _optional_first_positional(fn, rest: list[str]) -> list[str]:
+def optional_first_positional(fn: Callable, rest: list[str]) -> list[str]:
     """``onegpu model prepare ORG/NAME``: one bare value first = the first parameter, even with a default.
 
     jsonargparse makes only parameters without defaults positional. A verb whose first parameter
     has a default also takes it as a bare first argument; ``--NAME VALUE`` keeps working.
     """
-    import inspect
-
-    params = list(inspect.signature(fn).parameters.values())
+    params = list(verb_parameters(fn).values())
     if not params or params[0].default is inspect.Parameter.empty or params[0].kind not in (
             inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
         return rest
     if not rest or rest[0].startswith("-") or (len(rest) > 1 and not rest[1].startswith("-")):
-        return rest  # no bare first value, or several: leave them to jsonargparse's own error
+        return rest  # no bare first value, or several: check_argv names the extra ones
     return [f"--{params[0].name}", rest[0], *rest[1:]]
 
 
-def _bare_bool_flags(fn, rest: list[str]) -> list[str]:
+def bare_bool_flags(fn: Callable, rest: list[str]) -> list[str]:
     """``--analytic`` alone means ``--analytic true`` (jsonargparse wants a value for every boolean)."""
-    hints = _type_hints(fn)
-    flags = {f"--{name}" for name, hint in hints.items() if hint in (bool, bool | None)}
+    flags = {f"--{name}" for name, hint in type_hints(fn).items() if hint in (bool, bool | None)}
     out = []
     for i, token in enumerate(rest):
         out.append(token)
         if token in flags and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
             out.append("true")
     return out
-
-
-# ------------------------------------------------------------------------------------ parsing
-def verb_parameters(fn) -> dict[str, typing.Any]:
-    """A verb's options as its parser has them: name -> parameter (``.annotation`` evaluated, ``.default``).
-
-    Most verbs are plain functions. ``onegpu finetune`` and ``finetune plan`` take ``**options`` and
-    hand them to ``finetune_options``, which jsonargparse follows for the parser; asking jsonargparse's
-    own parameter resolver (internal, hence the pinned version) keeps the error messages, --help and
-    bare boolean flags below in step with every option the parser accepts.
-    """
-    from jsonargparse._parameter_resolvers import get_signature_parameters
-
-    return {p.name: p for p in get_signature_parameters(fn, logger=False)}
-
-
-def _type_hints(fn) -> dict[str, typing.Any]:
-    """Option name -> its evaluated annotation (stage modules use postponed annotations)."""
-    try:
-        params = verb_parameters(fn)
-    except (NameError, TypeError):
-        return {}
-    return {name: p.annotation for name, p in params.items() if p.annotation is not inspect.Parameter.empty}
-
-
-def literal_values(hint: typing.Any) -> list[typing.Any]:
-    """The values a ``Literal[...]`` (possibly inside ``X | None`` or ``Union``) allows; [] if none."""
-    if typing.get_origin(hint) is typing.Literal:
-        return list(typing.get_args(hint))
-    return [v for arg in typing.get_args(hint) for v in literal_values(arg)]
-
-
-def _type_text(hint: typing.Any) -> str:
-    values = literal_values(hint)
-    if values:
-        text = "{" + ", ".join(map(str, values)) + "}"
-        return text + " or null" if type(None) in typing.get_args(hint) else text
-    if hint is bool:
-        return "true or false"
-    return re.sub(r"\b(typing|pathlib|builtins)\.", "", getattr(hint, "__name__", None) or str(hint))
-
-
-def verb_parser(fn, prog: str):
-    """The jsonargparse parser of one verb (``fn``'s signature and docstring, plus ``--config``).
-
-    It raises ``jsonargparse.ArgumentError`` instead of printing a usage block and exiting, so
-    :func:`explain_parse_error` can say what was wrong and how to fix it.
-    """
-    from jsonargparse import auto_parser
-    from jsonargparse import DefaultHelpFormatter
-
-    hints = _type_hints(fn)
-
-    class HelpFormatter(DefaultHelpFormatter):
-        # jsonargparse's type text strips everything up to a dot, so Literal['bnb.nf4'] read as 'nf4'.
-        def _get_type_str(self, action):
-            hint = hints.get(action.dest)
-            return _type_text(hint) if literal_values(hint) else super()._get_type_str(action)
-
-    return auto_parser(fn, prog=prog, as_positional=True, exit_on_error=False, formatter_class=HelpFormatter)
 
 
 def config_files_first(argv: list[str]) -> list[str]:
@@ -316,79 +270,212 @@ def locate_config(path: str) -> str:
     """A config path as given, or, where nothing is there, the shipped file it names: the checkout-relative
     ``finetune/configs/X.yaml`` from any directory, in a checkout or an installed kit (sweeps name
     their configs that way and run wherever ``onegpu sweep`` is started)."""
-    from pathlib import Path
-
     given = Path(path).expanduser()
     stage, _, rest = given.as_posix().partition("/")
     if given.exists() or given.is_absolute() or stage not in STAGES or not rest:
         return path
-    from onegpu.paths import stage_dir
-
     shipped = stage_dir(stage) / rest
     return str(shipped) if shipped.is_file() else path
 
 
-def _config_files(argv: list[str]) -> list[str]:
-    return [argv[i + 1] if a == "--config" else a.split("=", 1)[1] for i, a in enumerate(argv)
-            if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")]
+# ------------------------------------------------------------------------------------ options
+def verb_parameters(fn: Callable) -> dict[str, inspect.Parameter]:
+    """A verb's options: name -> parameter of its signature, the annotation evaluated (stage modules
+    postpone annotations; a :func:`takes_options` verb's signature is generated from its dataclasses)."""
+    return dict(inspect.signature(fn, eval_str=True).parameters)
 
 
-def explain_parse_error(message: str, fn, prog: str, argv: list[str]) -> UserError:
-    """jsonargparse's parse error for ``prog`` -> a UserError naming the problem and the fix."""
-    hints = _type_hints(fn)
-    options = [*verb_parameters(fn), "config"]
-    help_hint = f"`{prog} --help` lists every option"
-    configs = _config_files(argv)
+def type_hints(fn: Callable) -> dict[str, typing.Any]:
+    """Option name -> its evaluated annotation."""
+    return {name: p.annotation for name, p in verb_parameters(fn).items() if p.annotation is not inspect.Parameter.empty}
 
-    def where(key: str) -> str:  # the flag as typed, or the config file it came from
-        typed = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
-        return f"--{key}" if typed or not configs else f"{key!r} (in {', '.join(configs)})"
 
-    if match := re.search(r"Unrecognized arguments: (.*)", message):
-        tokens = match.group(1).split()
-        flag = next((t for t in tokens if t.startswith("--")), None)
-        if flag is None:
-            params = list(inspect.signature(fn).parameters.values())
-            bare = [p.name.upper() for p in params if p.default is inspect.Parameter.empty]
-            if not bare and params:  # _optional_first_positional: the first option also goes bare
-                bare = [f"[{params[0].name.upper()}]"]
-            return UserError(f"unexpected argument(s): {' '.join(tokens)}",
-                             fix=f"usage: {' '.join([prog, *bare])} [--OPTION VALUE ...]; {help_hint}")
-        name = flag[2:].split("=", 1)[0]
-        return UserError(f"{prog} has no option --{name}",
-                         fix=did_you_mean(name, options, prefix="--") + help_hint)
-    if match := re.search(r"Key '([^']+)' is not expected", message):
-        key = match.group(1)
-        origin = f" in {', '.join(configs)}" if configs else ""
-        return UserError(f"unknown key {key!r}{origin}: {prog} has no option --{key}",
-                         fix=did_you_mean(key.split(".")[0], options) + help_hint)
-    if re.search(r"Problems parsing config|Unexpected config", message):
-        first = message.strip().splitlines()[0]
-        return UserError(f"{', '.join(configs) or 'the config'} is not a YAML mapping of options ({first})",
-                         fix=f"write one option per line as `key: value` (e.g. `lora_r: 16`); {help_hint}")
-    if match := re.search(r'Key "([^"]+)" is required', message):
-        key = match.group(1)
-        return UserError(f"missing {key.upper()}", fix=f"{prog} {key.upper()} ...; {help_hint}")
-    if match := re.search(r"argument --(\S+): expected one argument", message):
-        key = match.group(1)
-        return UserError(f"--{key} needs a value", fix=f"--{key} VALUE, where VALUE is {_type_text(hints.get(key, str))}")
-    if match := re.search(r'Parser key "([^"]+)":', message):
-        key = match.group(1)
-        value = re.search(r"(?:Given value|Got value): (.*)", message)
-        value = value.group(1).strip() if value else None
-        if key == "config":
-            detail = message.split(":", 1)[1].strip().splitlines()[0]
-            return UserError(f"--config: {detail}", fix="pass an existing YAML file whose keys are options of " + prog)
-        allowed = literal_values(hints.get(key))
-        if allowed:
-            return UserError(f"{where(key)}: {value!r} is not a valid value",
-                             fix=did_you_mean(str(value), [str(v) for v in allowed]) +
-                             f"use one of: {', '.join(map(str, allowed))}")
-        expected = _type_text(hints[key]) if key in hints else "another value"
-        fix = f"use {expected}" if hints.get(key) is bool else f"give a value of type {expected}"
-        return UserError(f"{where(key)}: {value!r} is not valid", fix=f"{fix}; {help_hint}")
+def positional_names(fn: Callable) -> list[str]:
+    """The options without a default: jsonargparse reads them as bare (positional) arguments."""
+    return [name for name, p in verb_parameters(fn).items() if p.default is inspect.Parameter.empty]
+
+
+def literal_values(hint: typing.Any) -> list[typing.Any]:
+    """The values a ``Literal[...]`` (possibly inside ``X | None`` or ``Union``) allows; [] if none."""
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    return [v for arg in typing.get_args(hint) for v in literal_values(arg)]
+
+
+def choices(hint: typing.Any) -> list[typing.Any] | None:
+    """The values a choice option takes (a ``Literal``, or ``Literal | None``, None included); else None."""
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    args = typing.get_args(hint)
+    if args and type(None) in args and all(a is type(None) or typing.get_origin(a) is typing.Literal for a in args):
+        return [*literal_values(hint), None]
+    return None
+
+
+def type_text(hint: typing.Any) -> str:
+    values = literal_values(hint)
+    if values:
+        text = "{" + ", ".join(map(str, values)) + "}"
+        return text + " or null" if type(None) in typing.get_args(hint) else text
+    if hint is bool:
+        return "true or false"
+    return re.sub(r"\b(typing|pathlib|builtins)\.", "", getattr(hint, "__name__", None) or str(hint))
+
+
+# ------------------------------------------------------------------------------------ parsing
+def verb_parser(fn: Callable, prog: str) -> jsonargparse.ArgumentParser:
+    """The jsonargparse parser of one verb (``fn``'s signature and docstring, plus ``--config``).
+
+    It raises ``jsonargparse.ArgumentError`` instead of printing a usage block and exiting, so
+    :func:`explain_parse_error` can say what was wrong and how to fix it.
+    """
+    hints = type_hints(fn)
+
+    class HelpFormatter(jsonargparse.DefaultHelpFormatter):
+        # jsonargparse's type text strips everything up to a dot, so Literal['bnb.nf4'] read as 'nf4'.
+        def _get_type_str(self, action):
+            hint = hints.get(action.dest)
+            return type_text(hint) if literal_values(hint) else super()._get_type_str(action)
+
+    return jsonargparse.auto_parser(fn, prog=prog, as_positional=True, exit_on_error=False,
+                                    formatter_class=HelpFormatter)
+
+
+def parse_verb_args(words: tuple[str, ...], argv: list[str]) -> dict[str, typing.Any]:
+    """``onegpu WORDS ARGV``'s arguments, as the verb's function takes them: ``argv`` rewritten as users
+    type it (:func:`user_argv`), checked against the verb's options (:func:`check_argv`) and parsed by
+    its parser. Every problem is a UserError naming it and the fix; ``--help`` and ``--print_config``
+    print and exit (SystemExit). The sweep runner reads each trial's command with it, too."""
+    fn, prog = verb_function(words), f"onegpu {' '.join(words)}"
+    argv = user_argv(fn, argv)
+    check_argv(fn, prog, argv)
+    parser = verb_parser(fn, prog)
+    try:
+        args = parser.instantiate_classes(parser.parse_args(argv))
+    except jsonargparse.ArgumentError as err:
+        raise explain_parse_error(str(err), fn, prog, argv) from None
+    args.pop("config", None)
+    return dict(args)
+
+
+@dataclasses.dataclass
+class GivenArgs:
+    """What one command line gives a verb: options typed as flags (their text), config files and the
+    options they set, and the bare (positional) values."""
+
+    flags: dict[str, str] = dataclasses.field(default_factory=dict)
+    configs: dict[str, dict[str, typing.Any]] = dataclasses.field(default_factory=dict)
+    bare: list[str] = dataclasses.field(default_factory=list)
+
+    def where(self, key: str) -> str:
+        """The option as the user gave it: ``--key``, or ``'key' (in FILE)``."""
+        if key in self.flags or not self.configs:
+            return f"--{key}"
+        return f"{key!r} (in {', '.join(f for f, doc in self.configs.items() if key in doc) or ', '.join(self.configs)})"
+
+    def value(self, key: str) -> typing.Any:
+        """What the user gave for ``key``: the flag's text, else the value in the last config file setting it."""
+        if key in self.flags:
+            return self.flags[key]
+        return next((doc[key] for doc in reversed(self.configs.values()) if key in doc), None)
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys([*(k for doc in self.configs.values() for k in doc), *self.flags]))
+
+
+def given_args(fn: Callable, prog: str, argv: list[str]) -> GivenArgs:
+    """Read ``argv`` (as :func:`user_argv` left it) against the verb's option names: an unknown option (a
+    positional one written as a flag included), an option without its value, or a config file that is
+    missing, not a YAML mapping or has an unknown key is a UserError here, before jsonargparse."""
+    options, given, i = verb_parameters(fn), GivenArgs(), 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--"):
+            given.bare.append(token)
+            continue
+        name, eq, value = token[2:].partition("=")
+        if name == "print_config":
+            continue
+        if (name not in options and name != "config") or name in positional_names(fn):
+            raise unknown_option(fn, prog, name, argv[i] if not eq and i < len(argv) else value)
+        if not eq:
+            if i == len(argv) or argv[i].startswith("--"):
+                hint = options[name].annotation if name in options else str
+                raise UserError(f"--{name} needs a value", fix=f"--{name} VALUE, where VALUE is {type_text(hint)}")
+            value, i = argv[i], i + 1
+        if name == "config":
+            given.configs[value] = config_keys(fn, prog, value)
+        else:
+            given.flags[name] = value
+    return given
+
+
+def unknown_option(fn: Callable, prog: str, name: str, value: str) -> UserError:
+    if name in positional_names(fn):  # jsonargparse takes a parameter without a default only bare
+        return UserError(f"{prog} takes {name.upper()} positionally, not as --{name}",
+                         fix=f"give it as the bare argument: {prog} {value or name.upper()} [--OPTION VALUE ...]")
+    return UserError(f"{prog} has no option --{name}",
+                     fix=did_you_mean(name, [*verb_parameters(fn), "config"], prefix="--") + help_hint(prog))
+
+
+def config_keys(fn: Callable, prog: str, path: str) -> dict[str, typing.Any]:
+    """A ``--config`` file's options, each one the verb has."""
+    doc = read_yaml(path, "--config")
+    options = verb_parameters(fn)
+    for key in doc:
+        if key not in options:
+            raise UserError(f"unknown key {key!r} in {path}: {prog} has no option --{key}",
+                            fix=did_you_mean(str(key), options) + help_hint(prog))
+    return doc
+
+
+def check_argv(fn: Callable, prog: str, argv: list[str]) -> None:
+    """What the verb's signature decides alone, before jsonargparse: the options and config keys
+    (:func:`given_args`), each choice option's value (a ``Literal``'s values), and bare values beyond
+    the positional ones. ``--help`` skips the checks: it prints the help, whatever else is on the line."""
+    if "--help" in argv or "-h" in argv:
+        return
+    given = given_args(fn, prog, argv)
+    hints = type_hints(fn)
+    for key in given.keys():
+        allowed = choices(hints.get(key))
+        value = given.value(key)
+        null = value is None or (key in given.flags and value == "null")
+        if allowed is not None and not (null and None in allowed) and str(value) not in map(str, allowed):
+            values = [str(v) for v in allowed if v is not None]
+            raise UserError(f"{given.where(key)}: {value!r} is not a valid value",
+                            fix=did_you_mean(str(value), values) + f"use one of: {', '.join(values)}")
+    required = positional_names(fn)
+    if len(given.bare) > len(required):
+        bare = [name.upper() for name in required] or [f"[{name.upper()}]" for name in list(verb_parameters(fn))[:1]]
+        raise UserError(f"unexpected argument(s): {' '.join(given.bare[len(required):])}",
+                        fix=f"usage: {' '.join([prog, *bare])} [--OPTION VALUE ...]; {help_hint(prog)}")
+
+
+def help_hint(prog: str) -> str:
+    return f"`{prog} --help` lists every option"
+
+
+def explain_parse_error(message: str, fn: Callable, prog: str, argv: list[str]) -> UserError:
+    """jsonargparse's parse error for ``prog`` -> a UserError naming the problem and the fix.
+
+    :func:`check_argv` has decided what the verb's signature answers before parsing. Left are a value
+    its type rejects (``--lora_r abc``), which jsonargparse names only in its message, ``Parser key
+    "KEY": ...`` (the one message read by a pattern), and, after it as jsonargparse orders them, a
+    positional argument not given."""
+    given = given_args(fn, prog, argv)
+    match = re.search(r'Parser key "([^"]+)":', message)
+    if match and match.group(1) != "config":
+        key, hint = match.group(1), type_hints(fn).get(match.group(1))
+        expected = type_text(hint) if hint is not None else "another value"
+        fix = f"use {expected}" if hint is bool else f"give a value of type {expected}"
+        return UserError(f"{given.where(key)}: {given.value(key)!r} is not valid", fix=f"{fix}; {help_hint(prog)}")
+    missing = [name for name in positional_names(fn)[len(given.bare):] if name not in given.keys()]
+    if missing:
+        return UserError(f"missing {missing[0].upper()}", fix=f"{prog} {missing[0].upper()} ...; {help_hint(prog)}")
     first = next((line.strip() for line in message.splitlines() if line.strip()), message)
-    return UserError(first, fix=help_hint)
+    return UserError(first, fix=help_hint(prog))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,8 +484,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from onegpu import __version__
-
         print(__version__)
         return 0
     found = match_verb(argv)
@@ -411,20 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onegpu: '{' '.join(words)}' is not available in this install (module {module_name} missing)",
               file=sys.stderr)
         return 2
-    import jsonargparse
-
-    fn = verb_function(words)
     prog = f"onegpu {' '.join(words)}"
-    rest = config_files_first(_bare_bool_flags(fn, _optional_first_positional(
-        fn, _gather_list_options(fn, gather_list_positionals(fn, rest)))))
     try:
-        parser = verb_parser(fn, prog)
-        try:
-            args = parser.instantiate_classes(parser.parse_args(rest))
-        except jsonargparse.ArgumentError as err:
-            raise explain_parse_error(str(err), fn, prog, rest) from None
-        args.pop("config", None)
-        result = fn(**args)
+        result = verb_function(words)(**parse_verb_args(words, rest))
     except UserError as err:
         print(f"{prog}: error: {err.problem}", file=sys.stderr)
         if err.fix:
@@ -440,8 +514,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:  # console_scripts target (and python -m onegpu)
-    from onegpu.budget import charge_from_process_start
-
     charge_from_process_start()  # a run's budget clock starts at the process start, imports included
     # Tokenizers' thread pool and a forked DataLoader/server worker don't mix; we rarely need it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

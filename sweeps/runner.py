@@ -9,8 +9,8 @@ job (``GridSampler``, ``RandomSampler``: W&B's engine; ``BayesSampler``: optuna'
 maintained engine W&B's own Launch scheduler also offers), so the runner itself never branches on
 the method.
 
-Before any trial starts, every parameter value the sweep can produce is parsed with the target
-verb's own jsonargparse parser (``onegpu finetune``'s, when the command runs ``onegpu finetune``),
+Before any trial starts, every parameter value the sweep can produce is read as the target verb
+reads its command line (``onegpu.cli.parse_verb_args``: ``onegpu finetune``'s, when the command runs it),
 and each trial's options go through ``onegpu finetune``'s own ``resolve()``, so a typo or an
 impossible combination fails in a second, naming the key, instead of after hours of trials.
 
@@ -39,9 +39,9 @@ from typing import Any
 
 import yaml
 
-from onegpu.cli import config_files_first
+from onegpu import cli
 from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, atomic_write_text, read_json
-from onegpu.errors import UserError
+from onegpu.errors import UserError, did_you_mean
 from onegpu.processes import die_with_parent, process_alive, start_time, this_process
 from onegpu.sweeps import schema as S
 
@@ -97,7 +97,7 @@ def render_command(config: dict[str, Any], params: dict[str, Any], json_file: Pa
 
 @dataclass
 class Target:
-    """The onegpu verb a sweep command runs, if it runs one: validated with that verb's parser."""
+    """The onegpu verb a sweep command runs, if it runs one: its trials are read as ``onegpu`` reads them."""
 
     words: tuple[str, ...]
     fn: Any
@@ -107,26 +107,17 @@ class Target:
     def name(self) -> str:
         return "onegpu " + " ".join(self.words)
 
-    def parser(self):
-        from jsonargparse import ActionConfigFile, ArgumentParser
-
-        # Same construction as jsonargparse.CLI(fn, as_positional=True) in onegpu/cli.py, minus running it.
-        parser = ArgumentParser(default_meta=False, exit_on_error=False, prog=self.name)
-        parser.add_argument("--config", action=ActionConfigFile)
-        parser.add_function_arguments(self.fn, as_group=False, as_positional=True, fail_untyped=True,
-                                      sub_configs=True)
-        return parser
-
     def options(self) -> list[str]:
-        """The verb's option names, as its parser reads them (``--config`` and ``--help`` aside)."""
-        dests = (action.dest.split(".")[0] for action in self.parser()._actions)
-        return [d for d in dict.fromkeys(dests) if d not in ("help", "config", "print_config")]
+        """The verb's option names (``--config`` and ``--help`` aside)."""
+        return list(cli.verb_parameters(self.fn))
+
+    def parse(self, argv: list[str]) -> dict[str, Any]:
+        """The verb's arguments from ``argv`` (after the verb words), exactly as ``onegpu VERB ARGV`` reads them."""
+        return cli.parse_verb_args(self.words, argv)
 
 
 def find_target(argv: list[str]) -> Target | None:
     """``onegpu VERB ...`` (directly, via ``/usr/bin/env``, or ``python -m onegpu[.cli]``) -> its Target."""
-    from onegpu import cli
-
     for i, word in enumerate(argv):
         if Path(word).name == "onegpu" or (word == "-m" and i + 1 < len(argv) and argv[i + 1] in ("onegpu", "onegpu.cli")):
             start = i + 1 if word != "-m" else i + 2
@@ -146,34 +137,26 @@ def find_target(argv: list[str]) -> Target | None:
 
 def check_command(config: dict[str, Any], points: list[dict[str, Any]], source: str,
                   extra_args: list[str] | None = None) -> Target | None:
-    """Parse the rendered command of every given point with the target verb's parser.
+    """Read the rendered command of every given point as the target verb reads its command line.
 
     Raises UserError naming ``parameters.KEY`` (and the value) that the verb rejects.
     """
     target = find_target(render_command(config, points[0]))
     if target is None:
         return None
-    parser = target.parser()
-    options = {opt.lstrip("-").split(".")[0] for action in parser._actions for opt in action.option_strings}
-    dests = {getattr(action, "dest", "").split(".")[0] for action in parser._actions}
+    options = [*target.options(), "config"]
     for name in sorted({n.split(S.NEST)[0] for n in points[0]}):
-        if name not in options and name not in dests:
-            import difflib
-
-            near = difflib.get_close_matches(name, sorted(o for o in options if o), n=3)
+        if name not in options:
             raise UserError(f"{source}: parameters.{name}: `{target.name}` has no option --{name}",
-                            fix=(f"did you mean {', '.join('--' + n for n in near)}? " if near else "")
-                                + f"see `{target.name} --help`")
+                            fix=did_you_mean(name, options, prefix="--") + f"see `{target.name} --help`")
 
     def parse(point: dict[str, Any]) -> str | None:
-        argv = config_files_first(render_command(config, point)[target.argv_start:] + list(extra_args or []))
         try:
-            parser.parse_args(argv)
+            target.parse(render_command(config, point)[target.argv_start:] + list(extra_args or []))
         except SystemExit:
             return "rejected (see the message above)"
-        except Exception as err:  # jsonargparse.ArgumentError and friends
-            text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
-            return (text[:400] + " ...") if len(text) > 400 else (text or type(err).__name__)
+        except UserError as err:
+            return err.problem
         return None
 
     base = points[0]
@@ -206,9 +189,9 @@ def resolve_finetune_trial(options: dict[str, Any]) -> None:
     """``onegpu finetune``'s own ``resolve()`` on a trial's options: data, checkpoint, precision vs
     quantization... everything it checks before loading a model."""
     from onegpu.finetune.config import resolve
-    from onegpu.finetune.options import finetune_options, option_names
+    from onegpu.finetune.options import finetune_options
 
-    resolve(finetune_options(**{name: value for name, value in options.items() if name in option_names()}))
+    resolve(finetune_options(**options))
 
 
 # Verbs whose trials can be resolved before they start: verb words -> a check of the parsed options.
@@ -226,14 +209,13 @@ def preflight(target: Target, config: dict[str, Any], points: list[dict[str, Any
     check = PREFLIGHT_CHECKS.get(target.words)
     if check is None:
         return
-    parser, names = target.parser(), target.options()
     for point in points[:limit]:
-        ns = parser.parse_args(config_files_first(render_command(config, point)[target.argv_start:] + extra_args))
+        args = target.parse(render_command(config, point)[target.argv_start:] + extra_args)
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                     contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
-                check({name: ns.get(name) for name in names})
+                check(args)
         except UserError as err:
             named = {k: v for k, v in point.items() if str(v) in err.problem}
             varied = named or {k: v for k, v in point.items() if k in _varied_names(points)} or point

@@ -80,14 +80,18 @@ def test_other_parser_errors_are_problem_and_fix():
                            "usage: onegpu data build RECIPE [--OPTION VALUE ...]")
     assert_problem_and_fix(onegpu("model", "prepare", "org/a", "org/b"), "unexpected argument(s): org/a org/b",
                            "usage: onegpu model prepare [MODEL] [--OPTION VALUE ...]")
-    assert_problem_and_fix(onegpu("finetune", "--config", "no-such.yaml"), "--config: File does not exist",
-                           "existing YAML file")
+    assert_problem_and_fix(onegpu("finetune", "--config", "no-such.yaml"), "--config no-such.yaml does not exist",
+                           "check the path")
+    # a positional argument written as an option says to give it bare
+    assert_problem_and_fix(onegpu("model", "push", "--checkpoint", "runs/ft/final"),
+                           "onegpu model push takes CHECKPOINT positionally, not as --checkpoint",
+                           "onegpu model push runs/ft/final [--OPTION VALUE ...]")
 
 
 def test_a_config_file_that_is_not_a_mapping_says_so(tmp_path):
     config = tmp_path / "list.yaml"
     config.write_text("- lora_r\n- 16\n")
-    assert_problem_and_fix(onegpu("finetune", "--config", config), f"{config} is not a YAML mapping of options",
+    assert_problem_and_fix(onegpu("finetune", "--config", config), f"--config {config} is a YAML list, not a mapping",
                            "`key: value`")
 
 

@@ -11,7 +11,6 @@ import pytest
 from onegpu import cli
 from onegpu.contracts import TRACKS
 from onegpu.finetune.planning.analytic import SAFE_HEADROOM, fit_on_track
-from onegpu.finetune.options import finetune_options, option_names
 from onegpu.paths import REPO_ROOT
 from onegpu.sweeps import runner, schema
 
@@ -20,10 +19,8 @@ GPU_SWEEPS = sorted(p for p in (REPO_ROOT / "sweeps").glob("*.yaml") if p.name !
 
 
 def finetune_flat(argv: list[str]) -> dict:
-    """``onegpu finetune ARGV`` parsed as the CLI parses it (config files first), every option settled."""
-    parser = cli.verb_parser(cli.verb_function(("finetune",)), "onegpu finetune")
-    ns = parser.parse_args(cli.config_files_first(argv))
-    return finetune_options(**{name: ns.get(name) for name in option_names()}).flat()
+    """``onegpu finetune ARGV`` read as the command line reads it (config files first), every option settled."""
+    return cli.parse_verb_args(("finetune",), argv)
 
 
 def assert_fits(flat: dict, where: str) -> None:

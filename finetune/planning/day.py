@@ -314,13 +314,10 @@ def recommended_setup(options: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def finetune_flat(argv: list[str]) -> dict[str, Any]:
-    """``onegpu finetune ARGV`` parsed by its own parser (config files first): every option, flat."""
+    """``onegpu finetune ARGV`` read as the command line reads it: every option, flat."""
     from onegpu import cli
-    from onegpu.finetune.options import finetune_options, option_names
 
-    parser = cli.verb_parser(cli.verb_function(("finetune",)), "onegpu finetune")
-    ns = parser.parse_args(cli.config_files_first(argv))
-    return finetune_options(**{name: ns.get(name) for name in option_names()}).flat()
+    return cli.parse_verb_args(("finetune",), argv)
 
 
 def check_training(plan: DayPlan, options: dict[str, Any], what: str, mfu: float | None) -> Any:
