@@ -69,7 +69,7 @@ def _usage() -> str:
     for words, (module, _fn, doc) in VERBS.items():
         if _available(module):
             lines.append(f"  {' '.join(words):<20} {doc}")
-    lines += ["", "W&B runs are offline unless WANDB_MODE, `wandb agent` or `wandb offline` say otherwise; see README.md."]
+    lines += ["", "W&B runs are offline unless WANDB_MODE, `wandb agent` or `wandb offline` say otherwise; see docs/tracking.md."]
     return "\n".join(lines)
 
 
