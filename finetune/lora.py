@@ -5,10 +5,10 @@ versioned state like torchtune's recipes):
 
 * ``resolve`` (``finetune/config.py``): check every option and settle every default, load the data
   once; bad input fails here (``UserError``), before anything heavy;
-* ``LoRATrainer.setup()``: render rows with the data's prompt style, tokenize, and plan
+* ``LoRATrainer.tracked()``: render rows with the data's prompt style, tokenize, and plan
   micro-batches (packed rows: several examples per row, block-diagonal causal attention, positions
   restarting per example; or padded rows; loss on responses only by default); open the tracked
-  run; build litgpt's LoRA GPT on Lightning Fabric, load the base weights, quantize the frozen
+  run (``with Run(...)``); build litgpt's LoRA GPT on Lightning Fabric, load the base weights, quantize the frozen
   base with bitsandbytes for QLoRA (CPU too), AdamW; the LR schedule anchored to the budget
   (``finetune/schedule.py``: warm-up, then cosine to the floor when the budget ends); restore a checkpoint's
   weights, optimizer and ``TrainState`` on ``--resume``;
@@ -69,13 +69,14 @@ class StepResult:
 
 
 class LoRATrainer:
-    """One fine-tuning run of a resolved config: ``setup()`` -> ``fit()`` -> ``finalize()``.
+    """One fine-tuning run of a resolved config: ``tracked()`` (set-up inside the tracked run) -> ``fit()``
+    -> ``finalize()``.
 
-    ``run()`` does all three inside the tracked run. Plan mode (``finetune/planning/plan.py``) calls
-    ``setup()`` and ``train_step()`` on batches of its choosing. ``state`` (a ``TrainState``) is
-    what a checkpoint restores; ``setup()`` sets the rest, in this order: ``data`` (the
-    micro-batches) and ``total_steps``, ``tracker``, ``fabric``, ``model`` / ``inner`` (the
-    unwrapped GPT), ``optimizer``, ``meter`` (throughput). The LR schedule lives in ``state.schedule``.
+    ``run()`` does all three. Plan mode (``finetune/planning/plan.py``) opens ``tracked()`` and calls
+    ``train_step()`` on batches of its choosing. ``state`` (a ``TrainState``) is what a checkpoint
+    restores; ``tracked()`` sets the rest, in this order: ``data`` (the micro-batches) and
+    ``total_steps``, ``tracker``, ``fabric``, ``model`` / ``inner`` (the unwrapped GPT),
+    ``optimizer``, ``meter`` (throughput). The LR schedule lives in ``state.schedule``.
     """
 
     def __init__(self, cfg: FinetuneConfig):
@@ -83,7 +84,7 @@ class LoRATrainer:
 
         self.cfg = cfg
         self.state = TrainState(clock=cfg.clock)
-        self.tracker = None  # the tracked run (onegpu.tracking.Run), opened by setup()
+        self.tracker = None  # the tracked run (onegpu.tracking.Run), opened by tracked()
         self.disk_sizes = None  # what the run writes (finetune/disk.py), sized by check_disk()
         self.step_time_ema: float | None = None  # predicts the next step for the budget clock
         self.steps_this_segment = 0  # since this process started (the ETA's rate)
@@ -92,43 +93,58 @@ class LoRATrainer:
         self.sigterm = SigtermFlag()  # replaced by a live one while run() trains
 
     def run(self) -> dict[str, Any]:
-        """setup -> fit -> finalize; the tracked run is closed with the exit code either way.
+        """Set-up, fit and finalize inside the tracked run, which records the exit code however it ends.
 
-        The budget clock's heartbeat runs from before setup to after the tracked run is closed, so
-        loading, validation and finalize are all charged. SIGTERM stops training at the next step
-        boundary: a checkpoint is saved and ``RunStopped`` raised (the CLI exits 143 = 128 + SIGTERM).
+        The budget clock's heartbeat runs from before the set-up to after the tracked run is closed
+        (``charged``), so loading, validation and finalize are all charged. SIGTERM stops training at
+        the next step boundary: a checkpoint is saved and ``RunStopped`` raised (the CLI exits 143 =
+        128 + SIGTERM); the flag is raised over finalize too, so a merge under way is finished.
         """
+        with self.charged() as outcome, stop_on_sigterm() as self.sigterm, self.tracked("finetune"):
+            self.cfg.clock.size_reserve()  # from the load time just measured
+            summary = self.finalize(self.fit())
+            outcome["ended"] = summary["stopped_by"]
+        return summary
+
+    @contextlib.contextmanager
+    def charged(self) -> Iterator[dict[str, str]]:
+        """The budget clock's heartbeat around the whole run, W&B's shutdown included; the segment ends
+        as the run did (its ``stopped_by``; ``failed`` on an error)."""
         from onegpu.budget import HEARTBEAT_FILE
         from onegpu.tracking import shut_down_wandb
 
-        cfg = self.cfg
-        cfg.clock.start_heartbeat(cfg.checkpoints.out_dir / HEARTBEAT_FILE,
-                                  continue_run=cfg.checkpoints.resume is not None)
-        exit_code, ended = 1, "failed"
+        clock, checkpoints = self.cfg.clock, self.cfg.checkpoints
+        clock.start_heartbeat(checkpoints.out_dir / HEARTBEAT_FILE, continue_run=checkpoints.resume is not None)
+        outcome = {"ended": "failed"}
         try:
-            with stop_on_sigterm() as self.sigterm:  # over finalize too: a merge under way is finished
-                self.setup()
-                cfg.clock.size_reserve()  # from the load time just measured
-                summary = self.finalize(self.fit())
-            exit_code, ended = 0, summary["stopped_by"]
-            return summary
+            yield outcome
         except RunStopped as stop:
-            exit_code, ended = stop.exit_code, stop.summary["stopped_by"]
+            outcome["ended"] = stop.summary["stopped_by"]
             raise
         finally:
-            if self.tracker is not None:
-                self.tracker.finish(exit_code=exit_code)
             shut_down_wandb()
-            cfg.clock.stop_heartbeat(ended=ended)
+            clock.stop_heartbeat(ended=outcome["ended"])
             if self.tracker is not None:  # the clock up to the last heartbeat, W&B's shutdown included
-                self.tracker.update_summary_file(**cfg.clock.summary())
+                self.tracker.update_summary_file(**clock.summary())
 
     # ------------------------------------------------------------------------------------- setup
-    def setup(self, stage: str = "finetune") -> None:
-        """Data plan, the tracked run (``stage``), Fabric, model, optimizer; then the resumed state."""
+    @contextlib.contextmanager
+    def tracked(self, stage: str = "finetune") -> Iterator[Any]:
+        """The set-up, and the tracked run of ``stage`` (``onegpu.tracking.Run``) for the block.
+
+        The data plan comes first (a bad input opens no run), then the run, Fabric, model, optimizer and
+        the resumed state. The run records the block's exit code and ends its W&B run however it ends.
+        """
+        checkpoint = self.plan_inputs(stage)
+        with self.open_run(stage, checkpoint) as self.tracker:
+            self.build_and_resume(checkpoint)
+            yield self.tracker
+
+    def plan_inputs(self, stage: str) -> dict[str, Any] | None:
+        """Threads, the checkpoint to resume from (loaded), the tokenizer and prompt style, the data plan and
+        (for a fine-tune) the disk check. Returns the checkpoint (None: a fresh start)."""
         from litgpt.tokenizer import Tokenizer
 
-        from onegpu.budget import format_duration
         from onegpu.data.schema import get_prompt_style
         from onegpu.finetune import checkpoint as ckpt_io
         from onegpu.threads import set_cpu_threads
@@ -136,15 +152,22 @@ class LoRATrainer:
         cfg = self.cfg
         if cfg.model.device == "cpu" or cfg.model.num_threads:
             print(f"[onegpu] {set_cpu_threads(cfg.model.num_threads)}", flush=True)
-        resume_path = self.resume_path()
-        checkpoint = ckpt_io.load(resume_path) if resume_path else None
-        self.say_what_resume_found(resume_path)
+        self.resume_from = self.resume_path()
+        checkpoint = ckpt_io.load(self.resume_from) if self.resume_from else None
+        self.say_what_resume_found(self.resume_from)
         self.tokenizer = Tokenizer(cfg.model.checkpoint_dir)
         self.style = get_prompt_style(cfg.data.prompt_style)
         self.plan_data()
         if stage == "finetune":
             self.check_disk(steps_done=checkpoint["train_state"]["step"] if checkpoint else 0)
-        self.tracker = self.open_run(stage, checkpoint)
+        return checkpoint
+
+    def build_and_resume(self, checkpoint: dict[str, Any] | None) -> None:
+        """In the tracked run: Fabric, model, optimizer, the test proxy; a checkpoint's state restored."""
+        from onegpu.budget import format_duration
+        from onegpu.finetune import checkpoint as ckpt_io
+
+        cfg = self.cfg
         if checkpoint is not None:
             self.state.load_state_dict(checkpoint["train_state"])  # counters; the clock's new segment starts now
             self.tracker.replay_history(through_step=self.state.step)
@@ -153,7 +176,7 @@ class LoRATrainer:
         if checkpoint is not None:
             self.inner.load_state_dict(checkpoint["model"], strict=False)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            print(f"[onegpu] resumed from {resume_path} at step {self.state.step}/{self.total_steps} "
+            print(f"[onegpu] resumed from {self.resume_from} at step {self.state.step}/{self.total_steps} "
                   f"({format_duration(cfg.clock.elapsed_before_s)} of the budget already used)", file=sys.stderr)
         self.start_telemetry()
         if checkpoint is not None:  # last: building the model drew random numbers

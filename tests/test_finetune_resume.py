@@ -239,7 +239,7 @@ def test_budget_too_small_to_train_exits_nonzero_and_publishes_nothing(tiny, tmp
     assert "fix:" in done.stderr and "larger --budget" in done.stderr
     assert not (out / "final").exists() and not list((out / "checkpoints").glob("step-*"))
     run_json = json.loads((out / "run.json").read_text())
-    assert run_json["exit_code"] == 1 and not run_json.get("artifacts")
+    assert run_json["exit_code"] == 2 and not run_json.get("artifacts")  # as the process: a UserError
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 0 and summary["stopped_by"] == "budget" and summary["final_dir"] is None
     assert summary["budget_segments"] == 1

@@ -1,6 +1,6 @@
 """``onegpu finetune plan``: measure a config before spending the budget on it.
 
-Builds the real model with the real LoRA/QLoRA settings (``LoRATrainer.setup``), runs a few real
+Builds the real model with the real LoRA/QLoRA settings (``LoRATrainer.tracked``), runs a few real
 optimizer steps (``LoRATrainer.train_step``) on the fullest packed batches of the data, and
 prints: peak memory against the track's GPU memory, non-padding tokens/s, MFU, how many tokens
 and epochs fit in the budget, and a suggested micro-batch size.
@@ -39,7 +39,7 @@ def plan(plan_args: PlanArgs, options: FinetuneOptions) -> dict[str, Any]:
 
 def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: int,
                   track_memory_gib: float | None) -> dict[str, Any]:
-    """Real steps of the trainer (``LoRATrainer.setup`` + ``train_step``) on the fullest batches of the data."""
+    """Real steps of the trainer (``LoRATrainer.tracked`` + ``train_step``) on the fullest batches of the data."""
     from onegpu.contracts import TRACKS, atomic_write_json
     from onegpu.finetune.disk import config_sizes, plan_disk
     from onegpu.finetune.lora import LoRATrainer
@@ -54,23 +54,15 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
     if cfg.model.device == "cuda":
         cap_cuda_memory(track_gib)
     trainer = LoRATrainer(cfg)
-    exit_code = 1
-    try:
-        trainer.setup(stage="finetune-plan")
-        if trainer.fabric.device.type == "cuda":
-            results, suggested, estimate = measure_on_cuda(trainer, steps, max_micro_batch_size, track_gib, global_batch)
-        else:
-            results, suggested, estimate = measure_on_cpu(trainer, steps, max_micro_batch_size, track_gib, global_batch)
+    with trainer.tracked("finetune-plan") as run:
+        measure_sizes = measure_on_cuda if trainer.fabric.device.type == "cuda" else measure_on_cpu
+        results, suggested, estimate = measure_sizes(trainer, steps, max_micro_batch_size, track_gib, global_batch)
         report = plan_report(trainer, results, suggested, estimate, track_gib, global_batch)
         report["disk"] = plan_disk(options.checkpoints, config_sizes(trainer.cfg), options.train.max_steps)
         report.update(measure_proxy(trainer))
-        trainer.tracker.summary(**{k: v for k, v in report.items() if k != "measured"})
+        run.summary(**{k: v for k, v in report.items() if k != "measured"})
         columns = list(results[0].keys()) if not results[0].get("oom") else ["micro_batch_size", "oom"]
-        trainer.tracker.log_table("plan", columns, [[r.get(k) for k in results[0].keys()] for r in results])
-        exit_code = 0
-    finally:
-        if trainer.tracker is not None:
-            trainer.tracker.finish(exit_code=exit_code)
+        run.log_table("plan", columns, [[r.get(k) for k in results[0].keys()] for r in results])
     atomic_write_json(cfg.checkpoints.out_dir / "plan.json", report)
     print("\n".join(report_lines(trainer, report)), file=sys.stderr)
     if not report["fits"]:
