@@ -24,6 +24,7 @@ resumed sweep continues from everything earlier invocations learned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -33,17 +34,21 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from onegpu import cli
 from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, atomic_write_text, read_json
 from onegpu.errors import UserError, did_you_mean
 from onegpu.processes import die_with_parent, process_alive, start_time, this_process
 from onegpu.sweeps import schema as S
+from onegpu.tables import text_table
+from onegpu.tracking import Run
 
 STATE_FILE = SWEEP_STATE
 SUMMARY_FILE = "sweep_summary.json"
@@ -627,23 +632,45 @@ class Launch:
 
 def run_trials(state: SweepState, sampler: Sampler, launch: Launch, out: Path, source: str,
                retry_failed: bool) -> int:
-    """The loop: each trial not done yet, asked from the sampler, run, told; a summary at the end."""
-    from tqdm import tqdm
-
-    from onegpu.tracking import Run
-
+    """The trials not done yet, in the sweep's tracked run; its summary is recorded however they end."""
     cfg = state.config
-    metric = cfg.get("metric") or {}
     print(f"sweep {state.sweep_id}: {cfg['method']}, {sampler.total} trial(s) -> {out}"
           + (f"; each runs `{launch.target.name}`" if launch.target else ""), flush=True)
     say_what_resumes(state, retry_failed, launch)
-    run = Run("sweep", out / "sweep-run", {"sweep": cfg, "sweep_id": state.sweep_id, "source": source},
-              name=state.sweep_id, group=state.sweep_id, after_interrupt="resuming it (see above)")
-    # A kill of the sweep process becomes KeyboardInterrupt: the running trial is stopped and recorded.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    bar = tqdm(total=sampler.total, desc="trials", unit="trial", dynamic_ncols=True)
-    exit_code = 0
+    with sigterm_interrupts(), Run("sweep", out / "sweep-run", {"sweep": cfg, "sweep_id": state.sweep_id,
+                                                              "source": source},
+                                   name=state.sweep_id, group=state.sweep_id,
+                                   after_interrupt="resuming it (see above)") as run:
+        try:
+            trial_loop(state, sampler, launch, out, retry_failed, run)
+        except KeyboardInterrupt:
+            for trial in state.trials:
+                if trial["state"] == "running":
+                    trial["state"] = "interrupted"
+            state.save()
+            print(f"\nsweep interrupted; re-run the same command to resume ({out / STATE_FILE})", file=sys.stderr)
+            raise
+        finally:
+            summary = record_summary(state, out, run)
+    print(format_table(summary))
+    return 0 if any(t["state"] == "finished" for t in state.trials) else 1
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """A kill of the sweep process becomes KeyboardInterrupt in the block: the running trial is stopped and
+    recorded."""
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def trial_loop(state: SweepState, sampler: Sampler, launch: Launch, out: Path, retry_failed: bool, run: Run) -> None:
+    """Each trial not done yet: asked from the sampler, run, told, logged; until the last or the metric's target."""
+    metric = state.config.get("metric") or {}
+    with tqdm(total=sampler.total, desc="trials", unit="trial", dynamic_ncols=True) as bar:
         for index in range(sampler.total):
             if state.is_done(index, retry_failed):
                 bar.update(1)
@@ -658,28 +685,18 @@ def run_trials(state: SweepState, sampler: Sampler, launch: Launch, out: Path, s
             if reached_target(metric, trial):
                 tqdm.write(f"sweep: {metric['name']}={trial['metric']} reached the target {metric['target']}; stopping")
                 break
-    except KeyboardInterrupt:
-        for trial in state.trials:
-            if trial["state"] == "running":
-                trial["state"] = "interrupted"
-        state.save()
-        exit_code = 130
-        print(f"\nsweep interrupted; re-run the same command to resume ({out / STATE_FILE})", file=sys.stderr)
-    finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
-        summary = write_summary(state, out)
-        rows = summary["rows"]
-        run.log_table("trials", summary["columns"], rows)
-        best = summary.get("best")
-        run.summary(trials=len(rows), finished=sum(r[1] == "finished" for r in rows),
-                    failed=sum(r[1] == "failed" for r in rows), best_trial=best and best["name"],
-                    best_metric=best and best["metric"])
-        run.finish(exit_code=exit_code)
-    if exit_code:
-        raise KeyboardInterrupt
-    print(format_table(summary))
-    return 0 if any(t["state"] == "finished" for t in state.trials) else 1
+
+
+def record_summary(state: SweepState, out: Path, run: Run) -> dict[str, Any]:
+    """``sweep_summary.json`` (and ``best.yaml``), the trials table and the counts in the sweep's run."""
+    summary = write_summary(state, out)
+    rows = summary["rows"]
+    run.log_table("trials", summary["columns"], rows)
+    best = summary.get("best")
+    run.summary(trials=len(rows), finished=sum(r[1] == "finished" for r in rows),
+                failed=sum(r[1] == "failed" for r in rows), best_trial=best and best["name"],
+                best_metric=best and best["metric"])
+    return summary
 
 
 def say_what_resumes(state: SweepState, retry_failed: bool, launch: Launch) -> None:
@@ -704,8 +721,6 @@ def reached_target(metric: dict[str, Any], trial: dict[str, Any] | None) -> bool
 
 def run_trial(state: SweepState, index: int, point: dict[str, Any], launch: Launch, out: Path) -> dict[str, Any]:
     """Run trial ``index`` with ``point`` in ``OUT/trial-NNN`` and record it in the sweep state."""
-    from tqdm import tqdm
-
     cfg, name = state.config, f"trial-{index:03d}"
     trial_dir = out / name
     trial = state.trial(index)
@@ -824,11 +839,8 @@ def write_summary(state: SweepState, out: Path) -> dict[str, Any]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    columns, rows = summary["columns"], summary["rows"]
-    cells = [[("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))[:60] for v in row] for row in rows]
-    widths = [max(len(str(c)), *(len(r[i]) for r in cells)) if cells else len(str(c)) for i, c in enumerate(columns)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    """The trials table as ``onegpu sweep`` prints it, and the best trial."""
+    lines = [text_table(summary["columns"], summary["rows"], max_width=60)]
     best = summary.get("best")
     if best:
         lines.append(f"best: {best['name']} {summary['metric'].get('name')}={best['metric']:.4g} ({best['run_dir']})")

@@ -24,8 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
+from onegpu.contracts import read_yaml
 from onegpu.errors import UserError
 
 SCHEMA_PATH = Path(__file__).with_name("wandb_sweep_schema.json")
@@ -225,14 +224,8 @@ def _fix_for(path: str) -> str:
 
 
 def load_sweep_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep config {path} does not exist", fix="pass a YAML from sweeps/, e.g. sweeps/quickstart.yaml")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"sweep config {path} is not valid YAML: {err}", fix="fix the YAML syntax") from err
-    return validate_sweep_config(config, source=str(path))
+    """A sweep YAML, read (``contracts.read_yaml``) and validated against W&B's schema."""
+    return validate_sweep_config(read_yaml(path, "sweep config"), source=str(path))
 
 
 def config_digest(config: dict[str, Any]) -> str:

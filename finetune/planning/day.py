@@ -32,7 +32,8 @@ from typing import Any
 import yaml
 
 from onegpu.budget import default_reserve, format_duration, parse_duration
-from onegpu.contracts import TRACKS, EngineName, Quantize, Track, atomic_write_json, atomic_write_text, read_json
+from onegpu.contracts import (TRACKS, EngineName, Quantize, Track, atomic_write_json, atomic_write_text, read_json,
+                              read_yaml)
 from onegpu.errors import UserError, all_problems
 
 GIB = 2**30
@@ -289,7 +290,7 @@ def shipped_preset(track: str, model: str) -> Path | None:
     from onegpu.paths import stage_dir
 
     for path in sorted(stage_dir("finetune").joinpath("configs").glob("*.yaml"), key=lambda p: "qlora" in p.name):
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = read_yaml(path, "finetune config")
         if doc.get("track") == track and Path(str(doc.get("checkpoint_dir", ""))).name == model:
             return path
     return None
