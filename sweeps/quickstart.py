@@ -213,6 +213,13 @@ def learning_lines(summary: dict) -> list[str]:
 
 
 def print_summary(dirs: QuickstartDirs, ran: list[Step], seconds: float, timings: dict[str, float]) -> None:
+    """Where each output is and what it says, for the steps that ran (now or before) only: a skipped step's
+    dir may hold an older run's files."""
+    done = {step.key for step in ran}
+
+    def results(key: str, path: Path) -> dict:
+        return read_json(path) if key in done else {}
+
     lines = [
         "",
         f"quickstart finished in {seconds / 60:.1f} min. Where everything is:",
@@ -220,15 +227,15 @@ def print_summary(dirs: QuickstartDirs, ran: list[Step], seconds: float, timings
         f"  W&B offline runs {dirs.out}/*/wandb/offline-run-*   (upload: wandb sync <dir>)",
         "",
         "What it learned:",
-        *learning_lines(read_json(dirs.finetune / "summary.json")),
+        *learning_lines(results("finetune", dirs.finetune / "summary.json")),
     ]
-    val, helm = read_json(dirs.eval_val / "results.json"), read_json(dirs.eval_helm / "results.json")
+    val, helm = results("val", dirs.eval_val / "results.json"), results("helm", dirs.eval_helm / "results.json")
     if val:
         lines.append(f"  validation score (mean over tasks): {val.get('val_score')}")
     if helm:
         lines.append(f"  HELM test score (mean over scenarios): {helm.get('test_score')}")
-    lines += [f"  {verdict['text']}" for verdict in read_json(dirs.report / "report.json").get("sweeps", [])]
-    lines += loop_turn_lines(dirs)
+    lines += [f"  {verdict['text']}" for verdict in results("report", dirs.report / "report.json").get("sweeps", [])]
+    lines += loop_turn_lines(dirs) if "reweight" in done else []
     if timings:
         lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     lines += [

@@ -44,6 +44,26 @@ def test_skipped_steps_take_the_steps_that_read_them_along_and_the_summary_lists
     assert sorted(p.name for p in out.iterdir()) == ["data"]
 
 
+def test_skipping_helm_leaves_it_out_of_the_report_and_the_summary(tmp_path, capsys, bundled_checkpoint):
+    """`--skip helm` with every other step done: the report reads only the dirs of steps that ran, and an
+    older HELM result left in its dir is not summarized as this quickstart's."""
+    out = tmp_path / "qs"
+    dirs = Q.QuickstartDirs(out, bundled_checkpoint)
+    done = [make(dirs, set()).done_marker for make in Q.STEPS if make is not Q.helm_step]
+    for marker in done:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("{}")
+    (out / "eval-helm").mkdir()
+    (out / "eval-helm" / "results.json").write_text('{"test_score": 0.5}')  # from an earlier quickstart
+    report = Q.report_step(dirs, {"data", "finetune", "val", "reweight", "rebuild", "sweep"})
+    assert report.needs == () and str(dirs.eval_helm) not in report.args[1] and str(dirs.eval_val) in report.args[1]
+    assert Q.quickstart(out=out, skip=["helm"]) == 0
+    printed = capsys.readouterr().out
+    assert "== skip test (HELM, offline synthetic conf) (--skip)" in printed and "== report: already done" in printed
+    summary = printed.split("Where everything is:")[1]
+    assert "report " in summary and "validation " in summary and "HELM test" not in summary
+
+
 def test_unknown_skip_is_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match=r"unknown step\(s\) to skip: \['helms'\]") as err:
         Q.quickstart(out=tmp_path / "qs", skip=["helms"])
