@@ -21,10 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import wandb
+import yaml
+
 from onegpu.budget import BudgetClock
 from onegpu.contracts import artifact_name, dataset_digest, read_manifest
 from onegpu.errors import UserError, all_problems
 from onegpu.finetune.options import CheckpointArgs, DataArgs, FinetuneOptions, ModelArgs, option_problems
+from onegpu.finetune.proxy import load_proxy_items
+from onegpu.model import prepare
+from onegpu.paths import runs_dir
+from onegpu.tracking import wandb_online
 
 
 # ------------------------------------------------------------------------------------- resolve
@@ -56,7 +64,6 @@ def resolve(options: FinetuneOptions) -> FinetuneConfig:
     Loads all train/val rows (or downloads the W&B dataset artifact when online) and, without
     ``--checkpoint_dir``, converts the bundled model once (``onegpu model prepare``).
     """
-    from onegpu.finetune.proxy import load_proxy_items
 
     problems = option_problems(options)  # every problem is collected and reported at once
     proxy_items = collect_problems(problems, load_proxy_items, options.eval.proxy_suite, options.eval.proxy_items)
@@ -84,7 +91,6 @@ def collect_problems(problems: list[UserError], check: Any, *args: Any) -> Any:
 
 def resolve_model(model: ModelArgs, optimizer: str) -> ModelArgs:
     """Device (auto -> cuda when visible), precision default per device, the checkpoint dir (bundled by default)."""
-    import torch
 
     if model.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible", fix="use --device cpu (or auto)")
@@ -108,7 +114,6 @@ def resolve_model(model: ModelArgs, optimizer: str) -> ModelArgs:
 def find_checkpoint_dir(given: Path | None) -> Path:
     """The base litgpt checkpoint (the bundled model, converted once, when none is given), checked."""
     if given is None:
-        from onegpu.model import prepare
 
         given = Path(prepare())
     ckpt = Path(given).expanduser()
@@ -124,8 +129,6 @@ def find_checkpoint_dir(given: Path | None) -> Path:
 
 
 def model_block_size(checkpoint: Path) -> int:
-    import yaml
-
     return int(yaml.safe_load((checkpoint / "model_config.yaml").read_text()).get("block_size", 2048))
 
 
@@ -161,7 +164,6 @@ def resolve_data_args(data: DataArgs, manifest: dict[str, Any], block_size: int)
 def resolve_checkpoint_args(checkpoints: CheckpointArgs) -> CheckpointArgs:
     out_dir = checkpoints.out_dir
     if out_dir is None:
-        from onegpu.paths import runs_dir
 
         # Under `wandb agent`, trials on one machine must not share (and resume!) one dir.
         sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
@@ -198,10 +200,8 @@ def find_data_dir(data: str | None) -> Path:
     path = Path(data).expanduser()
     if path.is_dir():
         return path
-    from onegpu.tracking import wandb_online
 
     if not path.exists() and wandb_online():
-        import wandb
 
         try:
             return Path(wandb.Api().artifact(data, type="dataset").download())

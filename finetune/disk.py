@@ -26,11 +26,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from litgpt import Config
+from wandb import env
+
 from onegpu.errors import UserError
+from onegpu.finetune.checkpoint import list_checkpoints
+from onegpu.finetune.planning.memory import Workload, count_weights, meta_model, optimizer_state_bytes
+from onegpu.paths import runs_dir
+from onegpu.tracking import wandb_mode
 
 TRAIN_STATE_BYTES = 1 << 20  # counters, RNG states and the loss history of a checkpoint (generous)
 FINAL_FILES_BYTES = 64 << 10  # final/'s own small files (hyperparameters, prompt style, lineage) + file headers
@@ -108,7 +115,6 @@ class ModelSizes:
 
 def model_sizes(config: Any, workload: Any, checkpoint_dir: Path | None) -> ModelSizes:
     """Sizes for a litgpt ``Config`` and a ``memory.Workload`` (precision, quantize, LoRA layers, optimizer)."""
-    from onegpu.finetune.planning.memory import count_weights, meta_model, optimizer_state_bytes
 
     workload = replace(workload, device="cpu")  # on disk, every optimizer state counts (none is paged out)
     weights = count_weights(meta_model(config, workload), workload)
@@ -124,11 +130,6 @@ def model_sizes(config: Any, workload: Any, checkpoint_dir: Path | None) -> Mode
 
 def config_sizes(cfg: Any) -> ModelSizes:
     """Sizes for a resolved ``FinetuneConfig`` (``finetune/config.py``)."""
-    from dataclasses import asdict
-
-    from litgpt import Config
-
-    from onegpu.finetune.planning.memory import Workload
 
     workload = Workload(precision=cfg.model.precision, quantize=cfg.model.quantize, optimizer=cfg.train.optimizer,
                         **{k: v for k, v in asdict(cfg.lora).items() if k != "lora_alpha"})
@@ -138,7 +139,6 @@ def config_sizes(cfg: Any) -> ModelSizes:
 
 def final_need(ckpt: Any, sizes: ModelSizes) -> DiskNeed:
     """final/ (merged weights, adapter, files; HF export) and W&B's copy of it, for ``CheckpointArgs``."""
-    from onegpu.tracking import wandb_mode
 
     need = DiskNeed()
     final = Path(ckpt.out_dir) / "final"
@@ -157,7 +157,6 @@ def run_need(ckpt: Any, sizes: ModelSizes, total_steps: int | None, steps_done: 
     ``ckpt``: the ``CheckpointArgs`` (out_dir, save_interval, keep_last, final_checkpoint, merge,
     export_hf). ``total_steps`` None (not known before the data is read): as many checkpoints as kept.
     """
-    from onegpu.finetune.checkpoint import list_checkpoints
 
     root = Path(ckpt.out_dir) / "checkpoints"
     saves = ckpt.keep_last + 1 if total_steps is None else (
@@ -173,7 +172,6 @@ def run_need(ckpt: Any, sizes: ModelSizes, total_steps: int | None, steps_done: 
 
 def wandb_staging_dir() -> Path:
     """Where W&B copies the files of a logged artifact (``wandb.sdk.artifacts.staging``)."""
-    from wandb import env
 
     return Path(env.get_data_dir()) / "artifacts" / "staging"
 
@@ -183,7 +181,6 @@ def plan_disk(ckpt: Any, sizes: ModelSizes, total_steps: int | None) -> dict[str
 
     ``ckpt``: the run's ``CheckpointArgs`` as given (no ``--out_dir``: the default, runs/finetune).
     """
-    from onegpu.paths import runs_dir
 
     ckpt = replace(ckpt, out_dir=Path(ckpt.out_dir or runs_dir() / "finetune").expanduser())
     need = run_need(ckpt, sizes, total_steps)

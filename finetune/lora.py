@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -41,12 +42,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import artifact_name
+import lightning as L
+import torch
+import yaml
+from litgpt.generate.base import generate
+from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+from litgpt.prompts import save_prompt_style
+from litgpt.scripts.merge_lora import merge_lora
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import copy_config_files
+from tqdm import tqdm
+
+from onegpu.budget import HEARTBEAT_FILE, format_duration
+from onegpu.contracts import artifact_name, checkpoint_digest, staged_dir
+from onegpu.data.schema import get_prompt_style
 from onegpu.errors import RunStopped, UserError
+from onegpu.finetune import checkpoint as ckpt_io, disk, telemetry
+from onegpu.finetune.checkpoint import TrainState, trainable_state_dict
 from onegpu.finetune.config import FinetuneConfig, resolve
+from onegpu.finetune.disk import human
 from onegpu.finetune.options import FinetuneOptions, LoRAArgs
+from onegpu.finetune.packing import MicroBatches, batch_to, forward_hidden, loss_sum, tokenize_rows, use_flex_attention
 from onegpu.finetune.proxy import ProxyEval
+from onegpu.finetune.quantize import quantize_frozen_linears
 from onegpu.finetune.schedule import BudgetSchedule
+from onegpu.inference import export_hf
+from onegpu.threads import set_cpu_threads
+from onegpu.tracking import Run, shut_down_wandb, wandb_online
 
 # Fixed prompts for the sample-generation table: same prompts in every run, so runs compare.
 SAMPLE_PROMPTS = (
@@ -80,8 +102,6 @@ class LoRATrainer:
     """
 
     def __init__(self, cfg: FinetuneConfig):
-        from onegpu.finetune.checkpoint import TrainState
-
         self.cfg = cfg
         self.state = TrainState(clock=cfg.clock)
         self.tracker = None  # the tracked run (onegpu.tracking.Run), opened by tracked()
@@ -110,8 +130,6 @@ class LoRATrainer:
     def charged(self) -> Iterator[dict[str, str]]:
         """The budget clock's heartbeat around the whole run, W&B's shutdown included; the segment ends
         as the run did (its ``stopped_by``; ``failed`` on an error)."""
-        from onegpu.budget import HEARTBEAT_FILE
-        from onegpu.tracking import shut_down_wandb
 
         clock, checkpoints = self.cfg.clock, self.cfg.checkpoints
         clock.start_heartbeat(checkpoints.out_dir / HEARTBEAT_FILE, continue_run=checkpoints.resume is not None)
@@ -143,11 +161,6 @@ class LoRATrainer:
     def plan_inputs(self, stage: str) -> dict[str, Any] | None:
         """Threads, the checkpoint to resume from (loaded), the tokenizer and prompt style, the data plan and
         (for a fine-tune) the disk check. Returns the checkpoint (None: a fresh start)."""
-        from litgpt.tokenizer import Tokenizer
-
-        from onegpu.data.schema import get_prompt_style
-        from onegpu.finetune import checkpoint as ckpt_io
-        from onegpu.threads import set_cpu_threads
 
         cfg = self.cfg
         if cfg.model.device == "cpu" or cfg.model.num_threads:
@@ -164,8 +177,6 @@ class LoRATrainer:
 
     def build_and_resume(self, checkpoint: dict[str, Any] | None) -> None:
         """In the tracked run: Fabric, model, optimizer, the test proxy; a checkpoint's state restored."""
-        from onegpu.budget import format_duration
-        from onegpu.finetune import checkpoint as ckpt_io
 
         cfg = self.cfg
         if checkpoint is not None:
@@ -183,8 +194,6 @@ class LoRATrainer:
             ckpt_io.set_rng_state(self.state.rng)
 
     def resume_path(self) -> Path | None:
-        from onegpu.finetune import checkpoint as ckpt_io
-
         resume = self.cfg.checkpoints.resume
         if resume == "auto":
             return ckpt_io.latest(self.cfg.checkpoints.out_dir / "checkpoints")
@@ -192,7 +201,6 @@ class LoRATrainer:
 
     def say_what_resume_found(self, resume_path: Path | None) -> None:
         """``--resume auto``: name the checkpoint it continues from, or say that it starts fresh."""
-        from onegpu.budget import format_duration
 
         cfg = self.cfg
         if cfg.checkpoints.resume != "auto":
@@ -208,7 +216,6 @@ class LoRATrainer:
 
     def plan_data(self) -> None:
         """Tokenize the rows, skip examples that truncation left without a response token, plan micro-batches."""
-        from onegpu.finetune.packing import MicroBatches, tokenize_rows
 
         cfg = self.cfg
         msl = cfg.data.max_seq_length
@@ -234,7 +241,6 @@ class LoRATrainer:
 
     def check_disk(self, steps_done: int) -> None:
         """Refuse to start (exit 2, with the numbers) when the disk cannot hold what the run will write."""
-        from onegpu.finetune import disk
 
         self.disk_sizes = disk.config_sizes(self.cfg)
         need = disk.run_need(self.cfg.checkpoints, self.disk_sizes, self.total_steps, steps_done)
@@ -244,8 +250,6 @@ class LoRATrainer:
         print(f"[onegpu] disk: this run writes up to {need.describe()}", file=sys.stderr)
 
     def open_run(self, stage: str, checkpoint: dict[str, Any] | None) -> Any:
-        from onegpu.tracking import Run, wandb_online
-
         cfg = self.cfg
         config = {**cfg.flat(), "gradient_accumulation": cfg.train.accumulation, "total_steps": self.total_steps,
                   "budget_s": cfg.clock.budget_s, "budget_reserve_s": cfg.clock.reserve_s}
@@ -270,10 +274,6 @@ class LoRATrainer:
 
     def build(self) -> None:
         """Fabric, the LoRA model (QLoRA-quantized if asked) and the optimizer."""
-        import lightning as L
-
-        from onegpu.finetune import telemetry
-        from onegpu.finetune.packing import use_flex_attention
 
         cfg = self.cfg
         self.fabric = L.Fabric(accelerator=cfg.model.device, devices=1, precision=cfg.model.precision)
@@ -290,10 +290,6 @@ class LoRATrainer:
         self.optimizer = self.fabric.setup_optimizers(optimizer)
 
     def start_telemetry(self) -> None:
-        import torch
-
-        from onegpu.finetune import telemetry
-
         self.peak_flops, self.peak_flops_source, peak_details = telemetry.device_peak_flops(
             self.fabric.device, self.cfg.model.precision, remeasure=self.cfg.logging.remeasure_peak)
         self.meter = telemetry.Throughput(self.shapes, self.peak_flops)
@@ -313,7 +309,6 @@ class LoRATrainer:
 
         Returns why it stopped: ``max_steps``, ``epochs``, ``budget``, or a SIGTERM (``early_terminate``/``preempted``).
         """
-        from tqdm import tqdm
 
         cfg, state = self.cfg, self.state
         stopped_by = "max_steps" if cfg.train.max_steps else "epochs"
@@ -353,9 +348,6 @@ class LoRATrainer:
         The loss is summed over response tokens and divided by the response tokens of the whole
         step, so packing, padding and accumulation all give the same loss.
         """
-        import torch
-
-        from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum
 
         cfg, fabric = self.cfg, self.fabric
         denom = max(1, sum(b["n_loss_tokens"] for b in batches))
@@ -396,7 +388,6 @@ class LoRATrainer:
 
     def maybe_log(self, result: StepResult) -> None:
         """Telemetry every ``log_interval`` steps and at the last step."""
-        from onegpu.finetune import telemetry
 
         st, clock = self.state, self.cfg.clock
         if st.step % self.cfg.logging.log_interval and st.step != self.total_steps:
@@ -444,9 +435,6 @@ class LoRATrainer:
             self.last_save = time.monotonic()
 
     def say_disk_full(self, err: OSError) -> None:
-        from onegpu.finetune import checkpoint as ckpt_io
-        from onegpu.finetune.disk import human
-
         root = self.cfg.checkpoints.out_dir / "checkpoints"
         kept = ckpt_io.latest(root)
         print(f"\n[onegpu] warning: the checkpoint of step {self.state.step} was not saved: {err.strerror} "
@@ -455,8 +443,6 @@ class LoRATrainer:
               "free space on that disk.", file=sys.stderr)
 
     def save_checkpoint(self) -> Path:
-        from onegpu.finetune import checkpoint as ckpt_io
-
         st, ckpt = self.state, self.cfg.checkpoints
         state = {"model": ckpt_io.trainable_state_dict(self.inner), "optimizer": self.optimizer.state_dict(),
                  "train_state": st.state_dict(),
@@ -468,9 +454,6 @@ class LoRATrainer:
 
     def validate(self) -> float | None:
         """Mean validation loss per response token on the first ``eval_max_examples`` val rows (logged)."""
-        import torch
-
-        from onegpu.finetune.packing import MicroBatches, batch_to, forward_hidden, loss_sum
 
         if not self.val_examples:
             return None
@@ -501,8 +484,6 @@ class LoRATrainer:
     # ---------------------------------------------------------------------------------- finalize
     def finalize(self, stopped_by: str) -> dict[str, Any]:
         """After the loop: validation, a last checkpoint, the merged ``final/``, samples, plot, summary."""
-        from onegpu.budget import format_duration
-        from onegpu.finetune import telemetry
 
         cfg, st, clock = self.cfg, self.state, self.cfg.clock
         t_end = time.perf_counter()
@@ -546,7 +527,6 @@ class LoRATrainer:
 
     def save_final_checkpoint(self) -> None:
         """The end-of-training checkpoint; a full disk here is an error naming the checkpoint that is kept."""
-        from onegpu.finetune import checkpoint as ckpt_io
 
         try:
             self.save_checkpoint()
@@ -562,8 +542,6 @@ class LoRATrainer:
 
     def check_disk_for_final(self) -> None:
         """Before the merge: room for final/ (and W&B's copy), else stop with the last step's checkpoint kept."""
-        from onegpu.finetune import checkpoint as ckpt_io
-        from onegpu.finetune import disk
 
         cfg = self.cfg
         need = disk.final_need(cfg.checkpoints, self.disk_sizes or disk.config_sizes(cfg))
@@ -592,7 +570,6 @@ class LoRATrainer:
 
     def fail_without_steps(self) -> None:
         """The budget ran out before the first step: no checkpoint, no final/, no model artifact; exit 2."""
-        from onegpu.budget import format_duration
 
         clock = self.cfg.clock
         load_s = clock.segment.get("load_s")
@@ -608,17 +585,6 @@ class LoRATrainer:
     def write_final(self) -> Path:
         """out/final: LoRA weights + litgpt's hyperparameters/prompt style, merged by litgpt's merge_lora
         (unless ``merge`` is off: then the adapter alone, which ``litgpt merge_lora`` merges later)."""
-        import contextlib
-        import io
-
-        import torch
-        import yaml
-        from litgpt.prompts import save_prompt_style
-        from litgpt.scripts.merge_lora import merge_lora
-        from litgpt.utils import copy_config_files
-
-        from onegpu.contracts import checkpoint_digest, staged_dir
-        from onegpu.finetune.checkpoint import trainable_state_dict
 
         cfg = self.cfg
         base = cfg.model.checkpoint_dir
@@ -640,7 +606,6 @@ class LoRATrainer:
                 with contextlib.redirect_stdout(io.StringIO()):  # merge_lora pprints its locals
                     merge_lora(checkpoint_dir=staging, pretrained_checkpoint_dir=base)
             if cfg.checkpoints.export_hf:
-                from onegpu.inference import export_hf
 
                 export_hf(staging, staging / "hf")
         self.tracker.log_artifact(final, name=lineage["model_artifact"], type="model", metadata=lineage,
@@ -669,8 +634,6 @@ class LoRATrainer:
 
     def generate_samples(self) -> list[list[str]]:
         """Greedy generations for the fixed ``SAMPLE_PROMPTS`` (a W&B table), so runs compare."""
-        import torch
-        from litgpt.generate.base import generate
 
         inner, fabric, tokenizer = self.inner, self.fabric, self.tokenizer
         rows = []
@@ -727,10 +690,6 @@ def stop_on_sigterm() -> Iterator[SigtermFlag]:
 def build_model(fabric: Any, checkpoint_dir: Path, lora: LoRAArgs, quantize: str | None,
                 max_seq_length: int, precision: str) -> Any:
     """litgpt LoRA GPT with the base weights loaded, LoRA-only trainable, QLoRA-quantized if asked."""
-    import torch
-    from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
-
-    from onegpu.finetune.quantize import quantize_frozen_linears
 
     config = Config.from_file(checkpoint_dir / "model_config.yaml", **asdict(lora))
     dtype = getattr(torch, PRECISION_DTYPES[precision])
@@ -761,22 +720,17 @@ class _default_dtype:
         self.dtype = dtype
 
     def __enter__(self):
-        import torch
-
         self.old = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
 
     def __exit__(self, *exc):
-        import torch
-
         torch.set_default_dtype(self.old)
 
 
 def make_optimizer(name: str, params: list, lr: float, weight_decay: float) -> Any:
-    import torch
-
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    # bitsandbytes probes its kernels and warns as it loads: only QLoRA and the 8-bit/paged optimizers load it
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW if name == "paged_adamw" else bnb.optim.AdamW8bit

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 import random
+import types
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from litgpt.model import do_softcapping
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from onegpu.data.schema import encode_example
+from onegpu.data.schema import encode_example, render
 
 IGNORE_INDEX = -100
 
@@ -62,7 +65,6 @@ def tokenize_example(tokenizer: Any, prompt: str, response: str, max_seq_length:
 def tokenize_rows(rows: list[dict[str, Any]], style: Any, tokenizer: Any, max_seq_length: int,
                   train_on_prompt: bool = False) -> list[Example]:
     """Data-stage rows rendered with a litgpt prompt style (``data.schema.render``), then tokenized."""
-    from onegpu.data.schema import render
 
     return [tokenize_example(tokenizer, *render(row, style), max_seq_length, train_on_prompt) for row in rows]
 
@@ -209,7 +211,6 @@ def sliding_windows(model: torch.nn.Module) -> list[int | None]:
 # ------------------------------------------------------------------------------ CUDA: FlexAttention
 def flex_block_mask(segment_ids: torch.Tensor, window: int | None = None):
     """FlexAttention BlockMask for packed rows (CUDA). Blocks between examples are skipped entirely."""
-    from torch.nn.attention.flex_attention import create_block_mask
 
     seg = segment_ids
     B, T = seg.shape
@@ -229,7 +230,6 @@ _compiled_flex = None
 
 def _flex_sdpa(self, q, k, v, mask=None):
     """Drop-in for litgpt's ``CausalSelfAttention.scaled_dot_product_attention`` taking a BlockMask."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     global _compiled_flex
     if not isinstance(mask, BlockMask):  # no packing in this batch: litgpt's own SDPA path
@@ -245,14 +245,6 @@ def use_flex_attention(model: torch.nn.Module) -> bool:
     """Route packed attention of every block through FlexAttention (CUDA only). Returns True if installed."""
     if not torch.cuda.is_available():
         return False
-    try:
-        import importlib
-
-        importlib.import_module("torch.nn.attention.flex_attention")
-    except ImportError:
-        return False
-    import types
-
     for block in model.transformer.h:
         if block.attn.config.attention_logit_softcapping is not None:
             return False  # softcapping needs a score_mod; keep the dense path for such models
@@ -331,7 +323,6 @@ def loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor)
     h = hidden[keep]
     logits = model.lm_head(h)
     if model.config.final_logit_softcapping is not None:
-        from litgpt.model import do_softcapping
 
         logits = do_softcapping(logits, model.config.final_logit_softcapping)
     return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())

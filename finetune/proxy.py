@@ -22,9 +22,14 @@ import sys
 import time
 from typing import Any
 
+import torch
+from litgpt.generate.base import generate
+
 from onegpu.contracts import atomic_path, atomic_write_json
 from onegpu.errors import UserError
 from onegpu.eval.tasks.helm_mc import HelmItem, helm_mc_items, is_helm_task, score_items
+from onegpu.eval.validate import known_suites, load_suite
+from onegpu.finetune.checkpoint import torch_save, trainable_state_dict
 
 PROXY_SEED = 1234  # fixed, not the training seed: every run is scored on the same items
 SERVER_MAX_SEQ_LENGTH = 2048  # `onegpu serve`'s default context (HELM's neurips/local deployment)
@@ -32,7 +37,6 @@ SERVER_MAX_SEQ_LENGTH = 2048  # `onegpu serve`'s default context (HELM's neurips
 
 def proxy_tasks(suite: str) -> list[str]:
     """The HELM-faithful (``onegpu_helm_*``) tasks of an eval suite (``eval/suites/NAME.yaml``)."""
-    from onegpu.eval.validate import known_suites, load_suite
 
     tasks = [t["task"] for t in load_suite(suite)["tasks"] if is_helm_task(t["task"])]
     if not tasks:
@@ -75,7 +79,6 @@ class ProxyEval:
 
     def evaluate(self) -> dict[str, Any]:
         """Generate and score every item on the live weights; log ``proxy/*``; remember the best."""
-        from onegpu.finetune.checkpoint import torch_save, trainable_state_dict
 
         t0 = time.perf_counter()
         scores = score_items(self.items, self.complete_all())
@@ -101,7 +104,6 @@ class ProxyEval:
 
     def complete_all(self) -> list[str]:
         """Greedy completions of every item, as ``onegpu serve`` would return them."""
-        import torch
 
         inner, trainer = self.trainer.inner, self.trainer
         train_length = inner.max_seq_length
@@ -117,7 +119,6 @@ class ProxyEval:
 
     def select_final(self, select: str) -> dict[str, Any]:
         """Load the best evaluation's LoRA weights into the model for ``--select best_proxy``; the summary keys."""
-        import torch
 
         keys = {"select": select, "proxy_evaluations": self.evaluations, "proxy_s": round(self.seconds, 3),
                 "proxy_best_step": self.best and self.best["step"],
@@ -137,7 +138,6 @@ def complete(model: Any, tokenizer: Any, style: Any, item: HelmItem, fabric: Any
     """One greedy completion: the prompt in the training prompt style, ``max_tokens`` at most, cut at
     the first stop sequence, EOS ends it (the server's rules). Prompts longer than the context keep
     their end (the question), as much of the in-context examples as fit."""
-    from litgpt.generate.base import generate
 
     ids = tokenizer.encode(style.apply(item.prompt), device=fabric.device)
     ids = ids[-(model.max_seq_length - item.max_tokens):]

@@ -12,6 +12,7 @@ quantized when the bnb layer is moved to the device.
 from __future__ import annotations
 
 import torch
+from litgpt.lora import LoRALinear
 
 from onegpu.contracts import QUANTIZE_MODES
 from onegpu.errors import UserError
@@ -22,8 +23,8 @@ def quantize_frozen_linears(model: torch.nn.Module, mode: str, compute_dtype: to
     """Replace the frozen base linears of the blocks in place; returns how many were quantized."""
     if mode not in QUANTIZE_MODES:
         raise UserError(f"unknown quantize mode {mode!r}", fix=f"use one of {', '.join(QUANTIZE_MODES)}")
+    # bitsandbytes probes its kernels and warns as it loads: only QLoRA and the 8-bit/paged optimizers load it
     import bitsandbytes as bnb
-    from litgpt.lora import LoRALinear
 
     count = 0
     for name, module in list(model.transformer.h.named_modules()):

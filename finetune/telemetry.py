@@ -23,12 +23,22 @@ MFU = achieved FLOP/s / peak dense FLOP/s of the device at the training dtype
 from __future__ import annotations
 
 import os
+import platform
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import psutil
 import torch
+from litgpt.lora import LoRALayer
+
+from onegpu.contracts import atomic_path, atomic_write_json, read_json
+from onegpu.paths import cache_dir
+from onegpu.tracking import read_metrics
 
 # Dense (no sparsity) tensor-core peaks, FLOP/s, from the vendors' datasheets.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -63,7 +73,6 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 10) -> float:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what the platform module knows."""
-    import platform
 
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,8 +89,6 @@ def cached_cpu_peak(remeasure: bool = False) -> tuple[float, dict[str, Any]]:
     Keyed by CPU model, torch version, dtype and thread count; ``remeasure`` measures again and
     replaces the cached value. Returns (FLOP/s, how and when it was measured).
     """
-    from onegpu.contracts import atomic_write_json, read_json
-    from onegpu.paths import cache_dir
 
     threads = torch.get_num_threads()
     key = f"{cpu_model()} | torch {torch.__version__} | fp32 | {threads} threads"
@@ -103,7 +110,6 @@ def cached_cpu_peak(remeasure: bool = False) -> tuple[float, dict[str, Any]]:
             table[key] = entry
             atomic_write_json(path, table)
             if load_now > cores:
-                import sys
 
                 print(f"[onegpu] note: the CPU peak behind MFU was measured under load (1-min load average "
                       f"{load_now:.1f} on {cores} cores), so MFU reads high; it is measured again "
@@ -134,7 +140,6 @@ def device_peak_flops(device: torch.device, precision: str, remeasure: bool = Fa
 # ------------------------------------------------------------------------------------------ FLOPs
 def linear_shapes(model: torch.nn.Module) -> dict[str, Any]:
     """Sizes that the FLOP formula needs, read from a (LoRA) litgpt GPT."""
-    from litgpt.lora import LoRALayer
 
     frozen_in_out = 0  # sum of in*out over frozen linears in the blocks (per token)
     lora_in_out = 0  # sum of |A| + |B| = r*(in+out) over LoRA pairs (per token)
@@ -182,8 +187,6 @@ def peak_rss_bytes() -> int:
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
-    import psutil
-
     stats = {"rss_gib": psutil.Process(os.getpid()).memory_info().rss / 2**30,
              "peak_rss_gib": peak_rss_bytes() / 2**30}
     if device.type == "cuda":
@@ -240,16 +243,13 @@ class Throughput:
 # ------------------------------------------------------------------------------------------ plot
 def plot_training_curves(out_dir: Path) -> Path | None:
     """``training_curves.png``: loss (train and val), non-padding tokens/s and MFU per step."""
-    from onegpu.tracking import read_metrics
 
     rows = read_metrics(out_dir / "metrics.jsonl")
     train = {r["_step"]: r for r in rows if "loss" in r}  # a resumed run re-logs some steps: last wins
     if not train:
         return None
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     steps = sorted(train)
     val = sorted((r["_step"], r["val_loss"]) for r in rows if "val_loss" in r)
@@ -266,7 +266,6 @@ def plot_training_curves(out_dir: Path) -> Path | None:
     ax3.plot(steps, [100 * train[s]["mfu"] for s in steps], color="tab:red", alpha=0.6)
     ax3.set_ylabel("MFU %", color="tab:red")
     fig.tight_layout()
-    from onegpu.contracts import atomic_path
 
     path = out_dir / "training_curves.png"
     with atomic_path(path) as tmp:

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from litgpt import GPT, Config
+from litgpt.utils import save_config
+
+from onegpu.contracts import write_manifest
+from onegpu.data.schema import make_row
+
 
 def shared_rows(datasets_dir: Path) -> list[dict[str, Any]]:
-    from onegpu.data.schema import make_row
-
     rows: list[dict[str, Any]] = []
     for path in sorted((datasets_dir / "dolly").glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -43,9 +49,6 @@ def shared_rows(datasets_dir: Path) -> list[dict[str, Any]]:
 def make_data_dir(out: Path, datasets_dir: Path, *, n_train: int | None = None, n_val: int = 16,
                   prompt_style: str = "alpaca", max_seq_length: int = 512, seed: int = 0) -> Path:
     """A data-stage-shaped dir (train/val/manifest) from the offline datasets."""
-    import random
-
-    from onegpu.contracts import write_manifest
 
     rows = shared_rows(datasets_dir)
     random.Random(seed).shuffle(rows)
@@ -71,7 +74,6 @@ def make_data_dir(out: Path, datasets_dir: Path, *, n_train: int | None = None, 
 
 def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, *, n_layer: int = 2, n_embd: int = 64, seed: int = 0) -> Path:
     """Random-init LLaMA-shaped litgpt checkpoint (2 layers, 64 wide) with the bundled tokenizer."""
-    from litgpt import Config
 
     src_cfg = Config.from_file(tokenizer_dir / "model_config.yaml")
     config = Config(
@@ -89,9 +91,6 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, *, n_layer: int = 2, n_
 
 def save_random_checkpoint(out: Path, config: Any, *, seed: int = 0) -> Path:
     """Random-init weights + ``model_config.yaml`` for a litgpt ``Config`` (no tokenizer)."""
-    import torch
-    from litgpt import GPT
-    from litgpt.utils import save_config
 
     torch.manual_seed(seed)
     model = GPT(config)

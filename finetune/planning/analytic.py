@@ -20,14 +20,21 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import TRACKS, atomic_write_json
+import torch
+from litgpt.config import Config, name_to_config
+
+from onegpu.budget import BudgetClock
+from onegpu.contracts import TRACKS, atomic_write_json, read_json
 from onegpu.errors import UserError
 from onegpu.finetune.config import requested_max_seq_length
-from onegpu.finetune.options import CheckpointArgs
 from onegpu.finetune.disk import model_sizes, plan_disk
-from onegpu.finetune.planning.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS, Workload,
-                                    count_weights, estimate_memory, flops_per_token, largest_micro_batch, meta_model,
-                                    recompute_factor)
+from onegpu.finetune.options import CheckpointArgs, FinetuneOptions, option_problems as trainer_problems
+from onegpu.finetune.planning.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, MODELED_MLPS, OPTIMIZERS,
+                                             Workload, count_weights, estimate_memory, flops_per_token,
+                                             largest_micro_batch, meta_model, recompute_factor)
+from onegpu.finetune.telemetry import PEAK_FLOPS
+from onegpu.model import prepare
+from onegpu.paths import REPO_ROOT, runs_dir
 
 # The share of a card that shipped presets and the day plan keep free: the analytic model's GPU-only
 # terms (CUDA context, allocator slack) are assumptions until a GPU check has measured them.
@@ -50,7 +57,6 @@ class Problem:
 
 def gpu_check_results_path() -> Path:
     """Where ``benchmarks/gpu_check.py`` writes its results (``ONEGPU_GPU_CHECK`` overrides)."""
-    from onegpu.paths import REPO_ROOT
 
     return Path(os.environ.get("ONEGPU_GPU_CHECK", REPO_ROOT / "benchmarks" / "gpu_check_results.json"))
 
@@ -64,7 +70,6 @@ def analytic_reason(analytic: bool | None, model_name: str | None, args: dict[st
     ckpt = args.get("checkpoint_dir")
     if ckpt is not None and not (Path(ckpt).expanduser() / "lit_model.pth").is_file():
         return f"no weights at {ckpt}"
-    import torch
 
     if not torch.cuda.is_available():
         return "no CUDA GPU here (--analytic false measures real steps on this CPU instead)"
@@ -73,7 +78,6 @@ def analytic_reason(analytic: bool | None, model_name: str | None, args: dict[st
 
 def resolve_model(model_name: str | None, checkpoint_dir: Any, problems: list[Problem]) -> tuple[Any, str]:
     """The litgpt Config to plan for, and where it came from."""
-    from litgpt.config import Config, name_to_config
 
     def by_name(name: str, source: str) -> tuple[Any, str]:
         if name in name_to_config:
@@ -86,7 +90,6 @@ def resolve_model(model_name: str | None, checkpoint_dir: Any, problems: list[Pr
     if model_name:
         return by_name(model_name, f"litgpt config {model_name!r}")
     if checkpoint_dir is None:
-        from onegpu.model import prepare
 
         checkpoint_dir = prepare()
     ckpt = Path(checkpoint_dir).expanduser()
@@ -102,7 +105,6 @@ def resolve_model(model_name: str | None, checkpoint_dir: Any, problems: list[Pr
 def option_problems(a: dict[str, Any]) -> list[Problem]:
     """Every option problem at once: the trainer's checks that need no model (``options.option_problems``,
     the one place of those rules), collected, not raised, plus what only a GPU plan adds."""
-    from onegpu.finetune.options import FinetuneOptions, option_problems as trainer_problems
 
     p = [Problem(err.problem, err.fix or "", True) for err in trainer_problems(FinetuneOptions.from_flat(a))]
     if a["optimizer"] not in OPTIMIZERS:
@@ -153,7 +155,6 @@ def assumed_mfu(w: Workload, mfu: float | None, results_path: Path) -> tuple[flo
     """(MFU, where it comes from): given, measured by the GPU check, or assumed."""
     if mfu is not None:
         return mfu, "given (--mfu)"
-    from onegpu.contracts import read_json
 
     results = read_json(results_path)
     if results and not results.get("cuda"):
@@ -225,8 +226,6 @@ class Evaluator:
         return count_weights(self._models[key], w)
 
     def fit(self, w: Workload) -> Fit:
-        from onegpu.finetune.telemetry import PEAK_FLOPS
-
         weights = self.weights(w)
         memory = self.memory_gib * GIB
         largest = largest_micro_batch(self.config, w, memory, weights, limit=self.max_mb)
@@ -292,7 +291,6 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
     Prints it, writes ``plan.json``, and raises :class:`DoesNotFit` (exit 2) after both when the
     configured micro-batch does not fit the track.
     """
-    from onegpu.budget import BudgetClock
 
     problems: list[Problem] = []
     config, source, w = planned_workload(a, model_name, problems)
@@ -344,7 +342,6 @@ def analytic_plan(a: dict[str, Any], *, model_name: str | None = None, mfu: floa
     }
     out = Path(a["out_dir"]).expanduser() if a.get("out_dir") else None
     if out is None:
-        from onegpu.paths import runs_dir
 
         out = runs_dir() / "finetune-plan"
     atomic_write_json(out / "plan.json", report)
@@ -368,7 +365,6 @@ def planned_workload(a: dict[str, Any], model_name: str | None, problems: list[P
 
 def fit_on_track(a: dict[str, Any], model_name: str | None = None, mfu: float | None = None) -> tuple[Any, Workload, Fit]:
     """The options ``a`` on their own track, without printing: (litgpt config, workload, fit)."""
-    from onegpu.budget import BudgetClock
 
     config, _source, w = planned_workload(a, model_name, [])
     clock = BudgetClock.from_spec(a["budget"], a["budget_reserve"], a["track"])

@@ -30,14 +30,28 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import bitsandbytes as bnb
+import lightning as L
 import torch
+from bitsandbytes.autograd import _functions as bnb_functions
+from litgpt import Config
+from litgpt.lora import GPT, Config as LoRAConfig, LoRALinear, mark_only_lora_as_trainable
+from litgpt.utils import chunked_cross_entropy
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
-from onegpu.finetune.planning.memory import Workload
+from onegpu.finetune.lora import build_model, make_optimizer
+from onegpu.finetune.options import LoRAArgs
+from onegpu.finetune.packing import (IGNORE_INDEX, Example, batch_to, collate, forward_hidden, loss_sum,
+                                     use_flex_attention)
+from onegpu.finetune.planning.memory import Workload, base_config_fields, estimate_memory
+from onegpu.finetune.tiny import save_random_checkpoint
 
 
 @dataclass
@@ -53,7 +67,6 @@ class StepMeasurement:
 def synthetic_batch(w: Workload, vocab_size: int, examples_per_row: int = 2, seed: int = 0,
                     tokens: int | None = None) -> dict[str, Any]:
     """Full rows of ``max_seq_length`` random tokens; in each example the last ``loss_token_fraction`` carries the loss."""
-    from onegpu.finetune.packing import IGNORE_INDEX, Example, collate
 
     rng = random.Random(seed)
     T = tokens or w.max_seq_length
@@ -113,7 +126,6 @@ class LiveTensorPeak:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            from torch.profiler import ProfilerActivity, profile
 
             self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._prof.__enter__()
@@ -126,7 +138,6 @@ class LiveTensorPeak:
             self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
             return
         self._prof.__exit__(*exc)
-        from torch._C._profiler import _EventType
 
         # The running total of the allocations and frees in time order (signed sizes). The allocator's own
         # `total_allocated` field drifts once blocks allocated before the profiler started are freed.
@@ -152,12 +163,6 @@ class StepHarness:
     """
 
     def __init__(self, checkpoint_dir: Path, w: Workload, longest: int | None = None, seed: int = 0):
-        import lightning as L
-
-        from onegpu.finetune.options import LoRAArgs
-        from onegpu.finetune.lora import build_model, make_optimizer
-        from onegpu.finetune.packing import use_flex_attention
-
         self.w, self.seed = w, seed
         self.fabric = L.Fabric(accelerator=w.device, devices=1, precision=w.precision)
         self.fabric.seed_everything(seed, verbose=False)
@@ -175,7 +180,6 @@ class StepHarness:
 
     def step(self, batch: dict[str, Any], activation_checkpointing: bool = False) -> float:
         """One optimizer step of onegpu's trainer on a collated batch; returns the loss."""
-        from onegpu.finetune.packing import batch_to, forward_hidden, loss_sum
 
         tb = batch_to(batch, self.fabric.device)
         hidden = forward_hidden(self.inner, tb, flex=self.flex and batch["packed"],
@@ -192,8 +196,6 @@ class StepHarness:
                                   tokens=min(64, self.longest)))
 
     def measure(self, shape: Workload) -> StepMeasurement:
-        import time
-
         resident = resident_tensor_bytes(self.inner, self.optimizer) if self.fabric.device.type == "cpu" else 0
         t0 = time.perf_counter()
         with LiveTensorPeak(self.fabric.device, resident) as tracker:
@@ -213,9 +215,6 @@ def measure_steps(checkpoint_dir: Path, w: Workload, shapes: list[dict[str, Any]
 
 def compare(checkpoint_dir: Path, w: Workload, shapes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Analytic vs measured peak for each shape: rows of the validation table."""
-    from litgpt import Config
-
-    from onegpu.finetune.planning.memory import estimate_memory
 
     config = Config.from_file(Path(checkpoint_dir) / "model_config.yaml")
     rows = []
@@ -239,7 +238,6 @@ def lora_label(w: Workload) -> str:
 
 def tiny_llama_config(vocab: int = 8192, n_layer: int = 4, n_query_groups: int = 2) -> Any:
     """A small random-init LLaMA-shaped litgpt config (the validation's second model)."""
-    from litgpt import Config
 
     return Config(name="tiny-llama", block_size=1024, vocab_size=vocab, padded_vocab_size=vocab, n_layer=n_layer,
                   n_head=4, n_query_groups=n_query_groups, n_embd=128, head_size=32, rotary_percentage=1.0,
@@ -249,7 +247,6 @@ def tiny_llama_config(vocab: int = 8192, n_layer: int = 4, n_query_groups: int =
 
 def validation_cases(work: Path, bundled_checkpoint: Path) -> list[tuple[Path, Workload, list[dict[str, Any]]]]:
     """(checkpoint, build workload, step shapes) of the analytic-vs-measured validation (CPU, fp32)."""
-    from onegpu.finetune.tiny import save_random_checkpoint
 
     tiny = save_random_checkpoint(Path(work) / "tiny-llama", tiny_llama_config())
     cpu = {"precision": "32-true", "device": "cpu", "loss_token_fraction": 0.5}
@@ -275,7 +272,6 @@ def validation_cases(work: Path, bundled_checkpoint: Path) -> list[tuple[Path, W
 def bnb_keeping_4bit_input() -> Iterator[None]:
     """bitsandbytes before 0.43.2: ``MatMul4Bit.forward`` kept its input on ctx (``ctx.tensors = (A, B)``;
     PR #1270 made it ``(None, B)``). Restores that one line for the block, to measure what it cost."""
-    from bitsandbytes.autograd import _functions as bnb_functions
 
     current = bnb_functions.MatMul4Bit.forward
 
@@ -295,8 +291,6 @@ def bnb_keeping_4bit_input() -> Iterator[None]:
 def quantize_like_lightning(model: torch.nn.Module, mode: str) -> None:
     """What Lightning's ``BitsandbytesPrecision`` does for litgpt: every ``nn.Linear`` (the LM head too)
     becomes a 4-bit layer quantized from an fp16 copy of the weight (``_Linear4bit.quantize``)."""
-    import bitsandbytes as bnb
-    from litgpt.lora import LoRALinear
 
     quant_type, double = ("nf4" if "nf4" in mode else "fp4"), mode.endswith("-dq")
     for module in model.modules():
@@ -318,17 +312,13 @@ def measure_litgpt_loop(config: Any, w: Workload, iterations: int = 3, seed: int
     length), the loss on every position; QLoRA per :func:`quantize_like_lightning`, with the
     bitsandbytes behaviour of ``w.bnb_version``.
     """
-    from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
-    from litgpt.utils import chunked_cross_entropy
-
     torch.manual_seed(seed)
     dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}[w.precision]
     lora = {"lora_r": w.lora_r, "lora_alpha": 2 * w.lora_r, "lora_dropout": w.lora_dropout, "lora_query": w.lora_query,
             "lora_key": w.lora_key, "lora_value": w.lora_value, "lora_projection": w.lora_projection,
             "lora_mlp": w.lora_mlp, "lora_head": w.lora_head}
-    from onegpu.finetune.planning.memory import base_config_fields
 
-    model = GPT(Config(**{**base_config_fields(config), **lora})).to(dtype)
+    model = GPT(LoRAConfig(**{**base_config_fields(config), **lora})).to(dtype)
     mark_only_lora_as_trainable(model)
     if w.quantize:
         quantize_like_lightning(model, w.quantize)

@@ -50,10 +50,17 @@ and the first block backward (loss tensors gone, one block's gradients and recom
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
+import torch
+from litgpt.config import Config as BaseConfig
+from litgpt.lora import GPT, Config, LoRALinear
+from packaging.version import Version
+
 from onegpu.contracts import QUANTIZE_MODES
+from onegpu.finetune.telemetry import linear_shapes, step_flops
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context, cuBLAS workspace, compiled kernels (assumed; measured by gpu_check)
@@ -145,15 +152,12 @@ class Workload:
 
 def bnb_keeps_4bit_input(version: str | None = None) -> bool:
     """Whether this bitsandbytes' ``MatMul4Bit`` keeps its input on ctx (before 0.43.2)."""
-    from packaging.version import Version
 
     version = version or installed_bnb_version()
     return version is not None and Version(version) < Version(BNB_4BIT_INPUT_FREED)
 
 
 def installed_bnb_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("bitsandbytes")
     except PackageNotFoundError:
@@ -222,8 +226,6 @@ class MemoryEstimate:
 # ------------------------------------------------------------------------------------- model shape
 def meta_model(config: Any, workload: Workload) -> Any:
     """litgpt's LoRA GPT for ``config`` on the meta device: exact shapes, no memory, milliseconds."""
-    import torch
-    from litgpt.lora import GPT, Config
 
     lora = {k: getattr(workload, k) for k in ("lora_r", "lora_dropout", "lora_query", "lora_key", "lora_value",
                                               "lora_projection", "lora_mlp", "lora_head")}
@@ -234,10 +236,6 @@ def meta_model(config: Any, workload: Workload) -> Any:
 
 
 def base_config_fields(config: Any) -> dict[str, Any]:
-    from dataclasses import fields
-
-    from litgpt.config import Config as BaseConfig
-
     return {f.name: getattr(config, f.name) for f in fields(BaseConfig) if f.init and hasattr(config, f.name)}
 
 
@@ -296,9 +294,6 @@ class WeightCounts:
 
 def count_weights(model: Any, workload: Workload) -> WeightCounts:
     """Walk the meta model: which weights are quantized, which are LoRA, what the FLOP formula needs."""
-    from litgpt.lora import LoRALinear
-
-    from onegpu.finetune.telemetry import linear_shapes
 
     wb = workload.weight_bytes
     base_ids: set[int] = set()
@@ -516,7 +511,6 @@ def largest_micro_batch(config: Any, w: Workload, memory_bytes: float, weights: 
 
 def flops_per_token(weights: WeightCounts, w: Workload, example_tokens: int | None = None) -> float:
     """LoRA-correct useful FLOPs per real token (telemetry.step_flops), examples of ``example_tokens``."""
-    from onegpu.finetune.telemetry import step_flops
 
     L = example_tokens or w.max_seq_length
     n_examples = max(1, w.max_seq_length // L)

@@ -20,14 +20,24 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from onegpu.budget import format_duration
+from onegpu.contracts import TRACKS, atomic_write_json
 from onegpu.errors import all_problems
+from onegpu.finetune import telemetry
 from onegpu.finetune.config import collect_problems, resolve
+from onegpu.finetune.disk import config_sizes, plan_disk
+from onegpu.finetune.lora import LoRATrainer
 from onegpu.finetune.options import FinetuneOptions, PlanArgs, option_problems
+from onegpu.finetune.packing import plan_micro_batches
+from onegpu.finetune.planning.analytic import DoesNotFit, analytic_plan, analytic_reason, dividing_micro_batch
+from onegpu.finetune.proxy import describe_items
+from onegpu.paths import runs_dir
 
 
 def plan(plan_args: PlanArgs, options: FinetuneOptions) -> dict[str, Any]:
     """``onegpu finetune plan``: the analytic plan, or a few real steps measured (``measured_plan``)."""
-    from onegpu.finetune.planning.analytic import analytic_plan, analytic_reason
 
     a = plan_args
     reason = analytic_reason(a.analytic, a.model_name, options.flat())
@@ -40,9 +50,6 @@ def plan(plan_args: PlanArgs, options: FinetuneOptions) -> dict[str, Any]:
 def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: int,
                   track_memory_gib: float | None) -> dict[str, Any]:
     """Real steps of the trainer (``LoRATrainer.tracked`` + ``train_step``) on the fullest batches of the data."""
-    from onegpu.contracts import TRACKS, atomic_write_json
-    from onegpu.finetune.disk import config_sizes, plan_disk
-    from onegpu.finetune.lora import LoRATrainer
 
     global_batch = options.train.global_batch_size  # suggestions must divide it (plan steps use one micro-batch)
     # the real run's checks, before the model, on the options as given and as plan mode runs them: all at once
@@ -66,7 +73,6 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
     atomic_write_json(cfg.checkpoints.out_dir / "plan.json", report)
     print("\n".join(report_lines(trainer, report)), file=sys.stderr)
     if not report["fits"]:
-        from onegpu.finetune.planning.analytic import DoesNotFit
 
         first = report["measured"][0]
         needs = "runs out of memory" if first.get("oom") else f"peaks at {first['peak_memory_gib']:.1f} GiB"
@@ -80,7 +86,6 @@ def measured_plan(options: FinetuneOptions, steps: int, max_micro_batch_size: in
 
 def plan_options(options: FinetuneOptions, steps: int) -> FinetuneOptions:
     """The config as plan mode runs it: one micro-batch per step, no dropout, no resume, its own out dir."""
-    from onegpu.paths import runs_dir
 
     return options.replace(global_batch_size=options.train.micro_batch_size, lora_dropout=0.0, max_steps=steps,
                            resume=None, out_dir=options.checkpoints.out_dir or runs_dir() / "finetune-plan")
@@ -88,7 +93,6 @@ def plan_options(options: FinetuneOptions, steps: int) -> FinetuneOptions:
 
 def cap_cuda_memory(track_gib: float) -> None:
     """Simulate the track's smaller card on a bigger one."""
-    import torch
 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     if total > track_gib:
@@ -97,10 +101,6 @@ def cap_cuda_memory(track_gib: float) -> None:
 
 def measure(trainer: Any, micro_batch_size: int, steps: int) -> dict[str, Any]:
     """Peak memory, tokens/s and MFU of ``steps`` optimizer steps (after one warm-up) at a micro-batch size."""
-    import torch
-
-    from onegpu.finetune import telemetry
-    from onegpu.finetune.packing import plan_micro_batches
 
     data, device = trainer.data, trainer.fabric.device
     plans = plan_micro_batches(data.lengths, data.max_seq_length, micro_batch_size, data.packing, seed=0, epoch=0)
@@ -125,7 +125,6 @@ def measure_on_cuda(trainer: Any, steps: int, max_micro_batch_size: int, track_g
 
     The suggestion is the fastest measured size that fits and divides the global batch.
     """
-    import torch
 
     results = []
     mb = trainer.cfg.train.micro_batch_size
@@ -146,7 +145,6 @@ def measure_on_cuda(trainer: Any, steps: int, max_micro_batch_size: int, track_g
 def measure_on_cpu(trainer: Any, steps: int, max_micro_batch_size: int, track_gib: float, global_batch: int):
     """Peak RSS at the configured micro-batch size and twice it, extrapolated linearly; the suggestion is
     the largest size under the extrapolated limit that divides the global batch."""
-    from onegpu.finetune.planning.analytic import dividing_micro_batch
 
     mb = trainer.cfg.train.micro_batch_size
     base, more = measure(trainer, mb, steps), measure(trainer, 2 * mb, steps)
@@ -165,7 +163,6 @@ def measure_on_cpu(trainer: Any, steps: int, max_micro_batch_size: int, track_gi
 
 def measure_proxy(trainer: Any) -> dict[str, Any]:
     """The cost of one test-proxy evaluation (``--proxy_suite``), timed on the real model; {} without one."""
-    from onegpu.finetune.proxy import describe_items
 
     if not trainer.cfg.proxy:
         return {}
@@ -203,8 +200,6 @@ def plan_report(trainer: Any, results: list[dict[str, Any]], suggested: dict[str
 
 
 def report_lines(trainer: Any, report: dict[str, Any]) -> list[str]:
-    from onegpu.budget import format_duration
-
     cfg = trainer.cfg
     first = report["measured"][0]
     return [
