@@ -56,6 +56,7 @@ def plotted_keys() -> tuple[set[str], set[str]]:
 
 def build_panels() -> list[tuple[str, list[Any]]]:
     """The panels of every section as wandb-workspaces objects (no network needed)."""
+    # optional: wandb-workspaces comes with the [sweeps] extra; loaded only to build the panels
     import wandb_workspaces.reports.v2 as wr
 
     sections = []
@@ -86,6 +87,7 @@ def build_panels() -> list[tuple[str, list[Any]]]:
 
 def build_workspace(entity: str, project: str, name: str):
     """A ``wandb_workspaces.workspaces.Workspace`` with the standard sections (not saved)."""
+    # optional: wandb-workspaces comes with the [sweeps] extra; loaded only to build the panels
     import wandb_workspaces.workspaces as ws
 
     sections = [ws.Section(name=title, panels=panels, is_open=True) for title, panels in build_panels()]
@@ -99,6 +101,7 @@ def build_workspace(entity: str, project: str, name: str):
 
 def build_report(entity: str, project: str, name: str):
     """The same panels as a W&B Report (a shareable page) over the project's runs (not saved)."""
+    # optional: wandb-workspaces comes with the [sweeps] extra; loaded only to build the panels
     import wandb_workspaces.reports.v2 as wr
 
     blocks: list[Any] = [wr.P(text="Made by `onegpu dashboard --kind report`: the onegpu standard panels.")]
@@ -114,6 +117,7 @@ def _require_online() -> None:
                         "created offline",
                         fix="run `wandb login`, then `WANDB_MODE=online onegpu dashboard --project P`; offline, "
                             "compare runs with `onegpu report RUN_DIRS --out DIR` instead")
+    # the engine: wandb loads here, not for --help
     import wandb
 
     if not wandb.login(prompt=False, verify=False):
@@ -137,6 +141,7 @@ def dashboard(
         kind: ``workspace`` (a saved view of the project's workspace) or ``report`` (a W&B Report).
     """
     _require_online()
+    # the engine: wandb loads here, not for --help
     import wandb
 
     project = project or os.environ.get("WANDB_PROJECT", "onegpu")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from onegpu.contracts import read_json
 from onegpu.errors import UserError
+from onegpu.model import prepare
 from onegpu.paths import stage_dir
 
 DAY_S = 24 * 3600
@@ -156,8 +157,6 @@ def quickstart(out: Path = Path("runs/quickstart"), fresh: bool = False, skip: l
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-
-    from onegpu.model import prepare
 
     started = time.time()
     print("== [0] bundled model: onegpu model prepare", flush=True)

@@ -35,6 +35,7 @@ from typing import Any
 
 from onegpu.contracts import SWEEP_STATE, RunDir, atomic_path, atomic_write_json, atomic_write_text, find_run_dirs
 from onegpu.errors import UserError
+from onegpu.tracking import record_crash
 
 # Where each number lives in what the stages log (first key found wins).
 TRAIN_LOSS = ("loss", "train_loss", "train/loss")
@@ -182,7 +183,6 @@ def load_runs(paths: list[Path]) -> list[RunLog]:
 def record_crashes(paths: list[Path]) -> None:
     """Runs killed with no exit recorded (SIGKILL, OOM killer, power loss): marked crashed in their
     summary.json and W&B run (``tracking.record_crash``), so the page and W&B show how far they got."""
-    from onegpu.tracking import record_crash
 
     for path in find_run_dirs(paths):
         status = record_crash(path)
@@ -307,10 +307,19 @@ def sweep_verdicts(runs: list[RunLog], score: str = "val_loss", maximize: bool =
 STYLES = ["-", "--", ":", "-."]  # a line drawn on top of an identical one still shows
 
 
-def _colors(n: int):
+def matplotlib_agg():
+    """matplotlib, with pyplot loaded on the Agg backend (files, no display)."""
+    # the engine: matplotlib loads when a chart is drawn, not for --help
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401 (loads matplotlib.pyplot)
+
+    return matplotlib
+
+
+def _colors(n: int):
+    cmap = matplotlib_agg().colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
 
@@ -337,9 +346,8 @@ def _figure(runs: list[RunLog], panels, x: str, xlabel: str, scale: dict[str, fl
     ``clip_outliers``: a diverged run (values over 3x the median of all) would flatten every other
     curve to a line; the axis stops at the rest and the panel names what runs off the top.
     """
-    import statistics
 
-    import matplotlib.pyplot as plt
+    plt = matplotlib_agg().pyplot
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
     colors = _colors(len(runs))
@@ -393,7 +401,7 @@ def plot_over_time(runs: list[RunLog]):
 
 def plot_task_scores(runs: list[RunLog], kind: str):
     """Grouped horizontal bars: a row per task (label: task and metric), a bar per run."""
-    import matplotlib.pyplot as plt
+    plt = matplotlib_agg().pyplot
 
     scored = [r for r in runs if r.task_scores(kind)]
     if not scored:
@@ -426,7 +434,7 @@ def plot_task_scores(runs: list[RunLog], kind: str):
 
 
 def plot_budget_and_memory(runs: list[RunLog]):
-    import matplotlib.pyplot as plt
+    plt = matplotlib_agg().pyplot
 
     budget = [r.budget() for r in runs]
     memory = [r.value(PEAK_MEMORY, reduce="max") for r in runs]
@@ -477,7 +485,7 @@ def _score(run: RunLog, key: str) -> float | None:
 
 
 def plot_pareto(runs: list[RunLog], score_key: str, maximize: bool):
-    import matplotlib.pyplot as plt
+    plt = matplotlib_agg().pyplot
 
     scored = [(r, _score(r, score_key)) for r in runs]
     scored = [(r, s) for r, s in scored if s is not None]
@@ -543,15 +551,13 @@ def _duration(seconds: float) -> str:
 
 def render_chart(fig, png: Path) -> str:
     """Save ``fig`` as ``png``; return it as inline SVG with real <text> (a browser can lay the labels out)."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
+    matplotlib = matplotlib_agg()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
+    matplotlib.pyplot.close(fig)
     svg = buf.getvalue()
     return svg[svg.index("<svg"):]
 
@@ -707,9 +713,7 @@ def report(
         maximize: the score is better when higher (accuracy); default lower is better (loss).
         title: page title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
+    matplotlib_agg()
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [Path(run_dirs)]
     if not run_dirs:

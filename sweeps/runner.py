@@ -25,7 +25,9 @@ resumed sweep continues from everything earlier invocations learned.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import math
 import os
 import shlex
 import shutil
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,8 @@ from tqdm import tqdm
 from onegpu import cli
 from onegpu.contracts import SWEEP_STATE, RunDir, atomic_write_json, atomic_write_text, read_json
 from onegpu.errors import UserError, did_you_mean
+from onegpu.finetune.options import finetune_options
+from onegpu.paths import runs_dir
 from onegpu.processes import die_with_parent, process_alive, start_time, this_process
 from onegpu.sweeps import schema as S
 from onegpu.tables import text_table
@@ -60,6 +65,7 @@ DONE_STATES = ("finished", "failed", "stopped")  # not re-run on resume (failed:
 # ------------------------------------------------------------------------------ command rendering
 def _macro_values(params: dict[str, Any], config: dict[str, Any], json_file: Path | None) -> dict[str, list[str]]:
     """W&B's agent macros for one trial (``wandb_agent.Agent._command_run``), offline flavour."""
+    # wandb renders the command as `wandb agent` would; it loads in seconds, so not for --help
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
     # W&B hands nested parameters to the run as one dict-valued top-level key.
@@ -76,6 +82,7 @@ DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's
 
 def render_command(config: dict[str, Any], params: dict[str, Any], json_file: Path | None = None) -> list[str]:
     """The argv of one trial: the YAML's ``command`` with W&B's macros filled in."""
+    # wandb renders the command as `wandb agent` would; it loads in seconds, so not for --help
     from wandb.sdk.launch.sweeps.utils import create_sweep_command
 
     command = create_sweep_command(list(config.get("command") or DEFAULT_COMMAND))  # ${envvar:NAME}
@@ -193,8 +200,8 @@ def check_command(config: dict[str, Any], points: list[dict[str, Any]], source: 
 def resolve_finetune_trial(options: dict[str, Any]) -> None:
     """``onegpu finetune``'s own ``resolve()`` on a trial's options: data, checkpoint, precision vs
     quantization... everything it checks before loading a model."""
+    # the engine: torch loads here, not for --help
     from onegpu.finetune.config import resolve
-    from onegpu.finetune.options import finetune_options
 
     resolve(finetune_options(**options))
 
@@ -207,9 +214,6 @@ def preflight(target: Target, config: dict[str, Any], points: list[dict[str, Any
               extra_args: list[str], limit: int = 64) -> None:
     """Put each trial's arguments through the verb's own checks (``PREFLIGHT_CHECKS``), so a
     combination it would reject fails now."""
-    import contextlib
-    import io
-    import warnings
 
     check = PREFLIGHT_CHECKS.get(target.words)
     if check is None:
@@ -387,6 +391,7 @@ class BayesSampler(Sampler):
         return [next(draws) for _ in range(min(self.total, 5))]
 
     def open(self, out: Path, sweep_id: str) -> None:
+        # the engine of bayes sweeps: optuna loads only for them
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -406,6 +411,7 @@ class BayesSampler(Sampler):
         return _from_optuna(self.config, self.space, self.asked[index].params)
 
     def tell(self, index: int, trial: dict[str, Any]) -> None:
+        # optuna, imported by open() already (bayes sweeps only)
         from optuna.trial import TrialState
 
         asked = self.asked.pop(index)
@@ -420,8 +426,8 @@ SAMPLERS = {"grid": GridSampler, "random": RandomSampler, "bayes": BayesSampler}
 
 def _optuna_space(config: dict[str, Any]) -> dict[str, Any]:
     """W&B parameters -> optuna distributions (constants stay out of the search space)."""
-    import math
 
+    # the engine of bayes sweeps: optuna loads only for them
     import optuna.distributions as od
 
     space: dict[str, Any] = {}
@@ -556,7 +562,6 @@ def sweep(
         retry_failed: on resume, run failed trials again instead of keeping their failure.
         dry_run: validate and print every trial's command without running any.
     """
-    from onegpu.paths import runs_dir
 
     source = str(sweep_config)
     cfg = S.load_sweep_config(sweep_config)
@@ -795,7 +800,6 @@ def wait_for_orphan(trial: dict[str, Any]) -> None:
 def trial_env(state: SweepState, point: dict[str, Any], trial_dir: Path, json_file: Path) -> dict[str, str]:
     """The trial's inputs as W&B's agent hands them over (``${args_json_file}``, the sweep-params
     file ``wandb.init`` merges into the run config) and its environment."""
-    import yaml
 
     atomic_write_text(json_file, json.dumps(S.nest(point)))
     param_file = trial_dir / "sweep_params.yaml"

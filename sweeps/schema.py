@@ -24,6 +24,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+import jsonschema
+import numpy as np
+from jsonschema import Draft7Validator, validators
+
 from onegpu.contracts import read_yaml
 from onegpu.errors import UserError
 
@@ -38,8 +42,6 @@ def wandb_schema() -> dict[str, Any]:
 
 
 def _format_checker():
-    import jsonschema
-
     checker = jsonschema.FormatChecker()
     # W&B's engine registers these two formats; they decide int_uniform vs uniform for {min, max}.
     checker.checks("float")(lambda value: isinstance(value, float))
@@ -48,8 +50,6 @@ def _format_checker():
 
 
 def _validator(schema: dict[str, Any], fill_defaults: bool = False):
-    from jsonschema import Draft7Validator, validators
-
     # Sub-schemas ($ref into #/definitions) resolve against the whole document.
     root = wandb_schema()
     cls = Draft7Validator
@@ -235,7 +235,6 @@ def config_digest(config: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- grid and random
 def grid_points(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Every grid point in W&B's order: parameters sorted by name, the product of their values."""
-    import numpy as np
 
     names, value_lists = [], []
     for name, (kind, spec) in flat_parameters(config["parameters"]).items():
@@ -265,6 +264,7 @@ def _quantize(value: float, q: float) -> Any:
 
 def sample_parameter(kind: str, spec: dict[str, Any], u: float) -> Any:
     """Value of a parameter at percentile ``u`` in [0, 1] (inverse CDF), as W&B's engine draws it."""
+    # the engine of random sampling: scipy.stats takes over a second to load, so not for --help
     from scipy import stats
 
     lo, hi = spec.get("min"), spec.get("max")

@@ -23,6 +23,7 @@ the fix. Commands are parsed by the verbs' own parsers as they are written, so `
 
 from __future__ import annotations
 
+import difflib
 import json
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -31,10 +32,15 @@ from typing import Any
 
 import yaml
 
+from onegpu import cli
 from onegpu.budget import default_reserve, format_duration, parse_duration
 from onegpu.contracts import (TRACKS, EngineName, Quantize, Track, atomic_write_json, atomic_write_text, read_json,
                               read_yaml)
 from onegpu.errors import UserError, all_problems
+from onegpu.finetune.options import finetune_options
+from onegpu.paths import REPO_ROOT, stage_dir
+from onegpu.submission.pack import estimate_memory, estimate_vllm_memory
+from onegpu.sweeps import runner, schema
 
 GIB = 2**30
 SWEEP_RANKS = (16, 64)  # the trials' LoRA ranks: the sweep's question is rank x learning rate
@@ -227,9 +233,8 @@ def evaluation_steps(plan: DayPlan, options: dict[str, Any], seconds: dict[str, 
 def vllm_fit(plan: DayPlan, max_seq_length: int) -> dict[str, Any]:
     """vLLM takes ``VLLM_SHARE`` of the card (the plan's headroom) and pages its KV cache into what the
     weights leave (``submission pack``'s plan in vLLM's terms); a problem when one sequence does not fit."""
+    # the engine: litgpt (torch) loads here, not for --help
     from litgpt.config import Config
-
-    from onegpu.submission.pack import estimate_vllm_memory
 
     capacity = TRACKS[plan.track].memory_mib << 20
     estimate = estimate_vllm_memory(Config.from_name(plan.model), "auto", 16, max_seq_length, VLLM_SHARE, capacity)
@@ -243,10 +248,10 @@ def vllm_fit(plan: DayPlan, max_seq_length: int) -> dict[str, Any]:
 
 def model_hub_id(model: str) -> str:
     """litgpt's hub id of a config name; unknown names fail with the closest ones."""
+    # the engine: litgpt (torch) loads here, not for --help
     from litgpt.config import Config, name_to_config
 
     if model not in name_to_config:
-        import difflib
 
         close = difflib.get_close_matches(model, list(name_to_config), n=3, cutoff=0.5)
         raise UserError(f"{model!r} is not a litgpt config name",
@@ -259,7 +264,6 @@ def final_options(track: str, model: str, hub_id: str, data: str | None, out: Pa
                   lora_r: int, max_seq_length: int) -> dict[str, Any]:
     """The final run's flat finetune options and where they came from (a config, a shipped preset, or
     the planner's recommendation on this card)."""
-    from onegpu.finetune.options import finetune_options
 
     checkpoint = Path(f"~/.cache/onegpu/checkpoints/{hub_id}")
     source = config or shipped_preset(track, model)
@@ -279,7 +283,6 @@ def final_options(track: str, model: str, hub_id: str, data: str | None, out: Pa
 
 def shown(path: Path) -> str:
     """A path as a user of the checkout types it: relative to the checkout when inside it."""
-    from onegpu.paths import REPO_ROOT
 
     path = path.resolve()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
@@ -287,7 +290,6 @@ def shown(path: Path) -> str:
 
 def shipped_preset(track: str, model: str) -> Path | None:
     """The shipped config for this track whose base is ``model``, if there is one (bf16 LoRA first)."""
-    from onegpu.paths import stage_dir
 
     for path in sorted(stage_dir("finetune").joinpath("configs").glob("*.yaml"), key=lambda p: "qlora" in p.name):
         doc = read_yaml(path, "finetune config")
@@ -298,8 +300,10 @@ def shipped_preset(track: str, model: str) -> Path | None:
 
 def recommended_setup(options: dict[str, Any], model: str) -> dict[str, Any]:
     """The planner's fastest fitting setup at this rank (quantization, checkpointing, micro-batch)."""
+    # the engine: litgpt (torch) loads here, not for --help
     from litgpt.config import Config
 
+    # the engine: the analytic planner (torch, litgpt) loads here, not for --help
     from onegpu.finetune.planning.analytic import SAFE_HEADROOM, Evaluator, planned_workload
 
     _config, _source, w = planned_workload({**options, "checkpoint_dir": None}, model, [])
@@ -316,13 +320,13 @@ def recommended_setup(options: dict[str, Any], model: str) -> dict[str, Any]:
 
 def finetune_flat(argv: list[str]) -> dict[str, Any]:
     """``onegpu finetune ARGV`` read as the command line reads it: every option, flat."""
-    from onegpu import cli
 
     return cli.parse_verb_args(("finetune",), argv)
 
 
 def check_training(plan: DayPlan, options: dict[str, Any], what: str, mfu: float | None) -> Any:
     """The analytic fit of one training step on the track; a problem when it keeps less than the safe headroom."""
+    # the engine: the analytic planner (torch, litgpt) loads here, not for --help
     from onegpu.finetune.planning.analytic import SAFE_HEADROOM, fit_on_track
 
     _config, _w, fit = fit_on_track({**options, "checkpoint_dir": None, "budget": None}, plan.model, mfu)
@@ -351,10 +355,11 @@ def serving_fit(plan: DayPlan, model: str, max_seq_length: int, quantize: str | 
                 batches: tuple[int, ...] = SERVE_BATCH_SIZES) -> dict[str, Any]:
     """The largest batch whose serving memory (the estimate `submission pack` checks) keeps the safe
     headroom free; a problem when not even batch 1 does."""
+    # the engine: litgpt (torch) loads here, not for --help
     from litgpt.config import Config
 
+    # the engine: the analytic planner (torch, litgpt) loads here, not for --help
     from onegpu.finetune.planning.analytic import SAFE_HEADROOM
-    from onegpu.submission.pack import estimate_memory
 
     config = Config.from_name(model)
     usable = plan.memory_gib * (1 - SAFE_HEADROOM) * GIB
@@ -407,7 +412,6 @@ def write_run_files(out: Path, final: dict[str, Any], trials: list[dict[str, Any
              "command": ["${env}", "onegpu", "finetune", "${args}"]}
     atomic_write_text(out / "sweep.yaml", f"# the GPU day's sweep: {len(trials)} trials x {minutes} min "
                       f"(onegpu day plan)\n" + yaml.safe_dump(sweep, sort_keys=False))
-    from onegpu.sweeps import runner, schema
 
     cfg = schema.load_sweep_config(out / "sweep.yaml")
     runner.check_command(cfg, runner.validation_points(cfg), str(out / "sweep.yaml"))
