@@ -11,8 +11,13 @@ the families of the score a mix leaves without tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from onegpu.contracts import read_yaml
+from onegpu.errors import UserError
+
+DEFAULT_AFFINITY = Path(__file__).resolve().parent / "recipes" / "affinity.yaml"
 SCORE_GROUPS = {"open": ("mmlu", "truthfulqa", "bbq", "bigbench", "gsm8k"),
                 "hidden": ("samsum", "corr2cause", "ethics", "math")}
 REPORTED = ("cnn",)  # HELM runs it beside the hidden eval; not part of the score
@@ -33,6 +38,20 @@ def task_family(task: str) -> str:
 
 def group_of(family: str) -> str:
     return next((g for g, fams in SCORE_GROUPS.items() if family in fams), "reported" if family in REPORTED else "other")
+
+
+def read_affinity(path: Path) -> dict[str, dict[str, float]]:
+    """The task-family -> {source: affinity} table, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"affinity table {path} does not exist", fix=f"copy and edit {DEFAULT_AFFINITY}")
+    table = read_yaml(path, "affinity table")
+    ok = all(isinstance(row, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                           for v in row.values()) for row in table.values())
+    if not ok:
+        raise UserError(f"affinity table {path} must map task family -> {{source: number >= 0}}",
+                        fix=f"see {DEFAULT_AFFINITY} for the format")
+    return {str(f): {str(s): float(a) for s, a in row.items()} for f, row in table.items()}
 
 
 def served_by(source: str, affinity: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -86,7 +86,7 @@ def task_manager(names: list[str] | None = None):
     local = {p.stem for p in include.glob("onegpu_*.yaml")} if include else set()
     missing = [n for n in names or [] if n not in local]
     if missing and not _hub_blocked():  # hidden-eval tasks without a local copy: the full files from the hub
-        from onegpu.eval.tasks import hub_include_dir
+        from onegpu.eval.tasks.hub import hub_include_dir
 
         hub = hub_include_dir(missing)
         paths += [str(hub)] if hub else []

@@ -105,7 +105,7 @@ SUBJECT = "high_school_geography"  # short questions: cheap 5-shot prompts
 
 def _qasc_rows(datasets: Path, n: int, preamble: bool) -> list[dict]:
     """QASC (FLAN CoT train file, 8 lettered options) as HELM-style MC instructions with a letter answer."""
-    from onegpu.data.schema import make_row
+    from onegpu.data.rows import make_row
 
     rows = []
     with open(datasets / "flan_cot_samples" / "qasc_train.tsv", encoding="utf-8") as fh:
