@@ -16,6 +16,7 @@ from typing import Any
 
 from onegpu.contracts import read_yaml
 from onegpu.errors import UserError
+from onegpu.tables import text_table
 
 DEFAULT_AFFINITY = Path(__file__).resolve().parent / "recipes" / "affinity.yaml"
 SCORE_GROUPS = {"open": ("mmlu", "truthfulqa", "bbq", "bigbench", "gsm8k"),
@@ -84,11 +85,9 @@ def family_tokens(tokens_by_source: dict[str, int], affinity: dict[str, dict[str
 
 def coverage_table(report: dict[str, Any]) -> str:
     """The per-family lines ``data build`` prints."""
-    lines = [f"  {'family':<11} {'group':<8} {'tokens':>10} {'share':>6}  sources"]
-    for name, f in report["families"].items():
-        if f["tokens"] or f["group"] in ("open", "hidden"):
-            lines.append(f"  {name:<11} {f['group']:<8} {f['tokens']:>10} {100 * f['share']:>5.1f}%  "
-                         f"{', '.join(f['sources']) or '-'}")
+    rows = [(name, f["group"], f["tokens"], f"{100 * f['share']:.1f}%", ", ".join(f["sources"]) or "-")
+            for name, f in report["families"].items() if f["tokens"] or f["group"] in ("open", "hidden")]
+    lines = [text_table(("family", "group", "tokens", "share", "sources"), rows, cell=str, indent="  ")]
     if report["uncovered"]:
         lines.append(f"  uncovered families of the score: {', '.join(report['uncovered'])} (no source of the mix "
                      f"serves them; `onegpu data sources` lists sources per family)")

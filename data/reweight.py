@@ -30,6 +30,7 @@ import yaml
 from onegpu.contracts import atomic_write_text, read_json, read_yaml
 from onegpu.data.families import DEFAULT_AFFINITY, read_affinity, task_family
 from onegpu.errors import UserError
+from onegpu.tables import text_table
 
 
 def read_scores(results: list[Path]) -> dict[str, list[float]]:
@@ -181,13 +182,14 @@ def comment_block(recipe: Path, results: list[Path], affinity: Path, weakness: d
         lines.append(f"unchanged (count/tokens sources keep their size): {', '.join(kept)}")
     if unknown:
         lines.append(f"not used (no family in the affinity table): {', '.join(unknown)}")
-    lines.append(f"{'source':<22} {'share':>15} {'weight':>17}  pull   why")
+    rows = []
     for name, c in changes.items():
         delta = c["new_share"] - c["old_share"]
         why = ("its tasks are weaker than the mix's average: more" if c["pull"] > mean_pull + 1e-9 else
                "its tasks are stronger than the mix's average: less" if c["pull"] < mean_pull - 1e-9 else "neutral")
         bound = " (at the floor)" if abs(c["new_share"] - floor) < 1e-6 else \
             " (step bound)" if abs(abs(delta) - max_step) < 1e-6 else ""
-        lines.append(f"{name:<22} {c['old_share']:.3f} -> {c['new_share']:.3f} {c['old_weight']:>7g} -> "
-                     f"{c['new_weight']:<7g}  {c['pull']:.3f}  {why}{bound}")
+        rows.append((name, f"{c['old_share']:.3f} -> {c['new_share']:.3f}", f"{c['old_weight']:g} -> {c['new_weight']:g}",
+                     f"{c['pull']:.3f}", why + bound))
+    lines += text_table(("source", "share", "weight", "pull", "why"), rows, cell=str).splitlines()
     return "".join(f"# {line}\n" for line in lines) + "\n"
