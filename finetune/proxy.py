@@ -24,7 +24,8 @@ from typing import Any
 
 from onegpu.contracts import atomic_path, atomic_write_json
 from onegpu.errors import UserError
-from onegpu.eval.tasks.helm_mc import HelmItem, helm_mc_items, is_helm_task, score_items
+from onegpu.eval.tasks.helm_mc import is_helm_task
+from onegpu.eval.tasks.items import HelmItem, helm_mc_items, score_items
 
 PROXY_SEED = 1234  # fixed, not the training seed: every run is scored on the same items
 SERVER_MAX_SEQ_LENGTH = 2048  # `onegpu serve`'s default context (HELM's neurips/local deployment)
