@@ -195,7 +195,7 @@ def load_field(field: str | Path | None) -> dict[str, Any] | None:
         path = FIELDS_DIR / f"{field}.json"
     if not path.is_file():
         raise UserError(f"unknown field {field!r}", fix=f"use one of: {', '.join(known_fields())}, none, or the "
-                                                        "path of a field JSON (see README, `eval compare --field`)")
+                                                        "path of a field JSON (see docs/evaluation.md, `eval compare --field`)")
     doc = read_json(path)
     entries = doc.get("entries")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("name") and
