@@ -8,7 +8,7 @@ Two tables, one run:
 
 1. Where the time goes (``--profile``, on by default): each phase of the filter stage timed on its
    own, one after the other, tokenization both on one thread and on tokenizers' thread pool.
-2. Side by side, in alternation (``--rounds``): ``onegpu.data.build.filter_rows`` (the code
+2. Side by side, in alternation (``--rounds``): ``onegpu.data.mix.filter_rows`` (the code
    ``onegpu data build`` runs) on the same records with ``parallel=False`` (one thread, one stage
    after the other) and ``parallel=True`` (tokenization on the pool, overlapped with near-dedup).
    Both must give the same kept rows, token counts and rejects; the script checks it.
@@ -37,10 +37,12 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onegpu.data import decontam
-from onegpu.data.build import count_tokens, filter_rows, load_tokenizer
+from onegpu.data.mix import filter_rows
 from onegpu.data.filters import RowText, exact_duplicates, near_duplicates, row_text, similarity_words
 from onegpu.data.schema import render
-from onegpu.data.sources import SOURCES, Reject, load_records
+from onegpu.data.loading import load_records
+from onegpu.data.sources import SOURCES, Reject
+from onegpu.data.tokens import count_tokens, load_tokenizer
 from onegpu.paths import shared_datasets_dir
 
 EVAL_SETS = ("mmlu", "truthfulqa", "gsm8k_test", "bbq", "bigbench")

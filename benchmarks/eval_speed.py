@@ -90,7 +90,8 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from onegpu.eval.lm import LitGPTLM
-    from onegpu.eval.validate import load_suite, task_manager
+    from onegpu.eval.harness import task_manager
+    from onegpu.eval.validate import load_suite
     from onegpu.inference import export_hf
     from onegpu.model import prepare
 

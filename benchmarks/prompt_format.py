@@ -32,7 +32,8 @@ def lm_eval_rows(checkpoint: Path, gen_limit: int, threads: int) -> list[dict]:
     from lm_eval import simple_evaluate
 
     from onegpu.eval.lm import LitGPTLM
-    from onegpu.eval.validate import load_suite, primary_metric, task_manager
+    from onegpu.eval.harness import primary_metric, task_manager
+    from onegpu.eval.validate import load_suite
     from onegpu.submission.postprocess import kept_span
 
     torch.set_num_threads(threads)

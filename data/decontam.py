@@ -43,9 +43,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
+from datasets import DownloadManager, load_dataset
 
 from onegpu.contracts import staged_dir
 from onegpu.data import hidden
+from onegpu.data.loading import download, hub_dialogsum, hub_math
 from onegpu.paths import cache_dir
 
 INDEX_VERSION = "7"
@@ -163,8 +165,6 @@ def _read_bigbench(path: Path) -> Iterator[Item]:
 def _hub(path: str, prompt: tuple[str, ...], answer: tuple[str, ...], name: str | None = None,
          split: str = "test") -> Callable[[], Iterator[Item]]:
     def read() -> Iterator[Item]:
-        from datasets import load_dataset
-
         for rec in load_dataset(path, name, split=split):
             yield _join(rec, prompt), _join(rec, answer)
     return read
@@ -195,38 +195,32 @@ def _read_dialogues(path: Path) -> Iterator[Item]:
 
 
 def _hub_math() -> Iterator[Item]:
-    for rec in hidden.hub_math("test"):
+    for rec in hub_math("test"):
         yield rec["problem"], rec["solution"]
 
 
 def _hub_ethics() -> Iterator[Item]:
     """The files the challenge's HELM fork scored (commonsense and justice: the hard test sets), and the
     upstream test splits."""
-    from datasets import load_dataset
-
     for subset in hidden.ETHICS_SUBSETS:
-        yield from _ethics_items(subset, hidden.read_ethics_csv(hidden.download(hidden.HELM_FORK_FILES[subset]), subset))
+        yield from _ethics_items(subset, hidden.read_ethics_csv(download(hidden.HELM_FORK_FILES[subset]), subset))
         yield from _ethics_items(subset, list(load_dataset(hidden.ETHICS_HUB, subset, split="test")))
 
 
 def _hub_corr2cause() -> Iterator[Item]:
-    from datasets import load_dataset
-
-    yield from _read_corr2cause(hidden.download(hidden.HELM_FORK_FILES["corr2cause"]))
+    yield from _read_corr2cause(download(hidden.HELM_FORK_FILES["corr2cause"]))
     for rec in load_dataset(hidden.CORR2CAUSE_HUB, split="test"):
         yield rec["input"], ""
 
 
 def _hub_samsum() -> Iterator[Item]:
-    from datasets import load_dataset
-
-    yield from _read_dialogues(hidden.download(hidden.HELM_FORK_FILES["samsum"]))
+    yield from _read_dialogues(download(hidden.HELM_FORK_FILES["samsum"]))
     for rec in load_dataset(hidden.SAMSUM_HUB, split="test"):
         yield rec["dialogue"], rec["summary"]
 
 
 def _hub_dialogsum() -> Iterator[Item]:
-    for rec in hidden.hub_dialogsum("test"):
+    for rec in hub_dialogsum("test"):
         yield rec["dialogue"], " ".join(rec["summaries"])
 
 
@@ -236,8 +230,6 @@ _BBQ_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data"
 
 def _hub_urls(urls: list[str], reader: Callable[[Path], Iterator[Item]]) -> Callable[[], Iterator[Item]]:
     def read() -> Iterator[Item]:
-        from datasets import DownloadManager
-
         for local in DownloadManager().download(urls):
             yield from reader(Path(local))
     return read

@@ -11,8 +11,14 @@ the families of the score a mix leaves without tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from onegpu.contracts import read_yaml
+from onegpu.errors import UserError
+from onegpu.tables import text_table
+
+DEFAULT_AFFINITY = Path(__file__).resolve().parent / "recipes" / "affinity.yaml"
 SCORE_GROUPS = {"open": ("mmlu", "truthfulqa", "bbq", "bigbench", "gsm8k"),
                 "hidden": ("samsum", "corr2cause", "ethics", "math")}
 REPORTED = ("cnn",)  # HELM runs it beside the hidden eval; not part of the score
@@ -33,6 +39,20 @@ def task_family(task: str) -> str:
 
 def group_of(family: str) -> str:
     return next((g for g, fams in SCORE_GROUPS.items() if family in fams), "reported" if family in REPORTED else "other")
+
+
+def read_affinity(path: Path) -> dict[str, dict[str, float]]:
+    """The task-family -> {source: affinity} table, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"affinity table {path} does not exist", fix=f"copy and edit {DEFAULT_AFFINITY}")
+    table = read_yaml(path, "affinity table")
+    ok = all(isinstance(row, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                           for v in row.values()) for row in table.values())
+    if not ok:
+        raise UserError(f"affinity table {path} must map task family -> {{source: number >= 0}}",
+                        fix=f"see {DEFAULT_AFFINITY} for the format")
+    return {str(f): {str(s): float(a) for s, a in row.items()} for f, row in table.items()}
 
 
 def served_by(source: str, affinity: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -65,11 +85,9 @@ def family_tokens(tokens_by_source: dict[str, int], affinity: dict[str, dict[str
 
 def coverage_table(report: dict[str, Any]) -> str:
     """The per-family lines ``data build`` prints."""
-    lines = [f"  {'family':<11} {'group':<8} {'tokens':>10} {'share':>6}  sources"]
-    for name, f in report["families"].items():
-        if f["tokens"] or f["group"] in ("open", "hidden"):
-            lines.append(f"  {name:<11} {f['group']:<8} {f['tokens']:>10} {100 * f['share']:>5.1f}%  "
-                         f"{', '.join(f['sources']) or '-'}")
+    rows = [(name, f["group"], f["tokens"], f"{100 * f['share']:.1f}%", ", ".join(f["sources"]) or "-")
+            for name, f in report["families"].items() if f["tokens"] or f["group"] in ("open", "hidden")]
+    lines = [text_table(("family", "group", "tokens", "share", "sources"), rows, cell=str, indent="  ")]
     if report["uncovered"]:
         lines.append(f"  uncovered families of the score: {', '.join(report['uncovered'])} (no source of the mix "
                      f"serves them; `onegpu data sources` lists sources per family)")

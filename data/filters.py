@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch.minhash import _fmix  # datasketch's own 32-bit mix, so the signatures equal MinHash's
 from tqdm import tqdm
 
 from onegpu.data.decontam import WordHasher, ngram_hashes
@@ -104,8 +105,6 @@ def minhash_signatures(shingle_hashes: np.ndarray, bounds: np.ndarray, num_perm:
     Same values as ``MinHash(num_perm, seed, hashfunc=int).update_batch(shingles)`` (a test checks it),
     computed for a whole chunk of rows in numpy instead of one Python object per row.
     """
-    from datasketch.minhash import _fmix
-
     a, b = MinHash(num_perm=num_perm, seed=seed, hashfunc=int).permutations
     a, b = a.reshape(-1, 1), b.reshape(-1, 1)
     hv = _fmix(shingle_hashes.astype(np.uint32), 32).reshape(1, -1)

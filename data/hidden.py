@@ -13,7 +13,8 @@ module is the one place that knows, for each family:
 
 ``data/sources.py`` trains on the train splits through these readers, ``data/decontam.py`` checks
 training rows against the test splits, and ``eval/tasks/helm_hidden.py`` builds the HELM-faithful
-validation tasks from the same records.
+validation tasks from the same records. Downloading the hub copies is ``data/loading.py``'s (it needs
+``datasets``; this module needs nothing heavy, so the source registry loads without it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import xxhash
 
@@ -209,23 +210,3 @@ def read_dialogues(path: Path) -> list[dict[str, Any]]:
 def dialogue_record(rec: dict[str, Any]) -> dict[str, Any]:
     summaries = [rec[k] for k in ("summary", "summary1", "summary2", "summary3") if rec.get(k)]
     return {"dialogue": rec["dialogue"], "summaries": [s.strip() for s in summaries]}
-
-
-# ------------------------------------------------------------------------------------ hub
-def download(url: str) -> Path:
-    """A file by URL into the ``datasets`` download cache (once)."""
-    from datasets import DownloadManager
-
-    return Path(DownloadManager().download(url))
-
-
-def hub_math(split: str) -> Iterator[dict[str, Any]]:
-    from datasets import load_dataset
-
-    for subject in MATH_SUBJECTS:
-        for rec in load_dataset(MATH_HUB, subject, split=split):
-            yield math_problem(rec, subject)
-
-
-def hub_dialogsum(split: str) -> list[dict[str, Any]]:
-    return read_dialogues(download(DIALOGSUM_URL.format(split=split)))

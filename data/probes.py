@@ -27,7 +27,8 @@ import numpy as np
 
 from onegpu.data.decontam import DEFAULT_N, WordHasher, ngram_hashes, read_items
 from onegpu.data.filters import RowText, row_text
-from onegpu.data.sources import SOURCES, Reject, load_records
+from onegpu.data.loading import load_records
+from onegpu.data.sources import SOURCES, Reject
 
 WRAPPERS = ("{}", "Question: {}\nAnswer:", "### Instruction:\n{}\n\n### Response:", "{}  (from a quiz)")
 PLANTED_SETS = ("mmlu", "truthfulqa", "gsm8k_test", "bbq", "bigbench")

@@ -20,7 +20,7 @@
       - {name: my_qa, path: qa.jsonl, fields: {instruction: question, output: answer},
          license: CC-BY-4.0, provenance: human, replace: true}
 
-Every problem of a recipe is reported at once (``onegpu.errors.all_problems``); ``data/check.py`` then
+Every problem of a recipe is reported at once (``onegpu.errors.all_problems``); ``data/inspection.py`` then
 checks what needs the data (availability, rows, tokens, weights) in one pass too.
 """
 
@@ -31,10 +31,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from onegpu.contracts import read_yaml
 from onegpu.data.decontam import DEFAULT_ANSWER_MATCHES, DEFAULT_N, EVAL_SETS
-from onegpu.data.schema import PROVENANCES, get_prompt_style
+from onegpu.data.rows import PROVENANCES
+from onegpu.data.schema import get_prompt_style
 from onegpu.data.sources import CHALLENGE_RULE, FILE_FORMATS, SOURCES, get_source, selected_parts
 from onegpu.errors import UserError, all_problems
 
@@ -75,14 +75,7 @@ def load_recipe(path: str | Path, seed: int | None = None, problems: list[UserEr
     (``data check`` / ``data build`` report everything in one pass); recipe-wide problems still raise.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist", fix="give the path of a recipe YAML, e.g. data/recipes/quickstart.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"recipe {path} is not valid YAML: {err}", fix="fix the YAML syntax") from err
-    if not isinstance(raw, dict):
-        raise UserError(f"recipe {path} must be a mapping", fix="see data/recipes/quickstart.yaml for the format")
+    raw = read_yaml(path, "recipe")
     recipe = _merge(DEFAULTS, raw, f"recipe {path.name}")
     recipe["name"] = recipe["name"] or path.stem
     if seed is not None:

@@ -20,17 +20,17 @@ iteration by a stated rule, so it can be read, argued with and repeated:
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from onegpu.contracts import atomic_write_text, read_json
-from onegpu.data.families import task_family
+from onegpu.contracts import atomic_write_text, read_json, read_yaml
+from onegpu.data.families import DEFAULT_AFFINITY, read_affinity, task_family
 from onegpu.errors import UserError
-
-DEFAULT_AFFINITY = Path(__file__).resolve().parent / "recipes" / "affinity.yaml"
+from onegpu.tables import text_table
 
 
 def read_scores(results: list[Path]) -> dict[str, list[float]]:
@@ -50,24 +50,6 @@ def read_scores(results: list[Path]) -> dict[str, list[float]]:
     if not scores:
         raise UserError(f"no task in {[str(d) for d in results]} has a score", fix="re-run `onegpu eval val`")
     return scores
-
-
-def read_affinity(path: Path) -> dict[str, dict[str, float]]:
-    """The task-family -> {source: affinity} table, checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"affinity table {path} does not exist", fix=f"copy and edit {DEFAULT_AFFINITY}")
-    try:
-        table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"affinity table {path} is not valid YAML: {err}", fix="fix the YAML syntax") from err
-    ok = isinstance(table, dict) and all(
-        isinstance(row, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                                      for v in row.values()) for row in table.values())
-    if not ok:
-        raise UserError(f"affinity table {path} must map task family -> {{source: number >= 0}}",
-                        fix=f"see {DEFAULT_AFFINITY} for the format")
-    return {str(f): {str(s): float(a) for s, a in row.items()} for f, row in table.items()}
 
 
 def family_weakness(scores: dict[str, list[float]], affinity: dict[str, dict[str, float]]
@@ -136,8 +118,6 @@ def reweight(results: list[Path] | None = None, recipe: Path | None = None, out:
     Returns:
         {source: {old_share, new_share, old_weight, new_weight, pull}}, also printed.
     """
-    from onegpu.data.recipe import load_recipe
-
     if recipe is None or out is None:
         raise UserError("reweight needs the recipe the model was trained on and where to write the new one",
                         fix="onegpu data reweight --results EVAL_DIR --recipe RECIPE.yaml --out NEW.yaml")
@@ -146,8 +126,10 @@ def reweight(results: list[Path] | None = None, recipe: Path | None = None, out:
         raise UserError(f"rate {rate}, max_step {max_step}, floor {floor}: out of range",
                         fix="use rate >= 0, 0 < max_step <= 1, 0 <= floor < 1 (e.g. 2.0, 0.1, 0.05)")
     recipe, out = Path(recipe), Path(out)
+    from onegpu.data.recipe import load_recipe  # the engine: litgpt (the prompt styles) loads here, not for --help
+
     load_recipe(recipe)  # a bad recipe fails here, as `data build` would fail on it
-    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    raw = read_yaml(recipe, "recipe")
     weighted = [s for s in raw["sources"] if "weight" in s]
     if len(weighted) < 2:
         raise UserError(f"recipe {recipe} has {len(weighted)} `weight:` source(s); there is no mix to reweight",
@@ -180,8 +162,6 @@ def reweight(results: list[Path] | None = None, recipe: Path | None = None, out:
 
 def rebase_paths(raw: dict[str, Any], old_dir: Path, new_dir: Path) -> None:
     """Local-file sources' relative paths, rewritten relative to the new recipe's dir."""
-    import os
-
     for s in raw["sources"]:
         if s.get("path") and not Path(s["path"]).is_absolute():
             s["path"] = os.path.relpath((old_dir / s["path"]).resolve(), new_dir.resolve())
@@ -202,13 +182,14 @@ def comment_block(recipe: Path, results: list[Path], affinity: Path, weakness: d
         lines.append(f"unchanged (count/tokens sources keep their size): {', '.join(kept)}")
     if unknown:
         lines.append(f"not used (no family in the affinity table): {', '.join(unknown)}")
-    lines.append(f"{'source':<22} {'share':>15} {'weight':>17}  pull   why")
+    rows = []
     for name, c in changes.items():
         delta = c["new_share"] - c["old_share"]
         why = ("its tasks are weaker than the mix's average: more" if c["pull"] > mean_pull + 1e-9 else
                "its tasks are stronger than the mix's average: less" if c["pull"] < mean_pull - 1e-9 else "neutral")
         bound = " (at the floor)" if abs(c["new_share"] - floor) < 1e-6 else \
             " (step bound)" if abs(abs(delta) - max_step) < 1e-6 else ""
-        lines.append(f"{name:<22} {c['old_share']:.3f} -> {c['new_share']:.3f} {c['old_weight']:>7g} -> "
-                     f"{c['new_weight']:<7g}  {c['pull']:.3f}  {why}{bound}")
+        rows.append((name, f"{c['old_share']:.3f} -> {c['new_share']:.3f}", f"{c['old_weight']:g} -> {c['new_weight']:g}",
+                     f"{c['pull']:.3f}", why + bound))
+    lines += text_table(("source", "share", "weight", "pull", "why"), rows, cell=str).splitlines()
     return "".join(f"# {line}\n" for line in lines) + "\n"

@@ -1,69 +1,27 @@
-"""The one row schema every source is normalised to, and how a row becomes (prompt, response).
-
-Rows are plain dicts in JSONL (``train.jsonl`` / ``val.jsonl``), so every stage and any user
-script can read them without importing onegpu. Fields:
-
-    id          stable id: "<source>/<sha1 of the normalised content>[:16]"
-    source      registry name of the dataset the row came from (e.g. "dolly")
-    instruction the task / user turn
-    input       optional context ("" when none)
-    output      the reference response (what the loss is computed on)
-    messages    optional multi-turn history [{"role": "user"|"assistant"|"system", "content": ...}];
-                when present, instruction/input/output hold the *last* user turn and reply
-    license     licence of the source, as stated by it
-    provenance  "human" | "llm-generated" | "programmatic" (made by code, e.g. templates; no language model)
-                | "mixed"  (the challenge forbids LLM-generated data)
-    meta        free-form source details (category, task name, original index...)
+"""How a row of the mix (``data/rows.py``) becomes (prompt, response), and then token ids.
 
 ``render`` is the only place where a prompt template is applied to a row, and ``encode_example`` the
 only place where a rendered row becomes token ids: the fine-tuning stage trains on those ids and
 the data stage counts them (``encode_examples``, the same ids for many rows at once), so the token
-counts in a manifest are the lengths training sees, BOS included.
+counts in a manifest are the lengths training sees, BOS included. The row schema itself is
+``data/rows.py``; its names are importable from here too.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-from litgpt.prompts import PromptStyle
+from litgpt.prompts import PromptStyle, prompt_styles
 
-REQUIRED_FIELDS = ("id", "source", "instruction", "input", "output", "license", "provenance")
-PROVENANCES = ("human", "llm-generated", "programmatic", "mixed")
-
-
-def make_id(source: str, instruction: str, input: str, output: str) -> str:
-    digest = hashlib.sha1("\x1f".join((instruction, input, output)).encode("utf-8")).hexdigest()[:16]
-    return f"{source}/{digest}"
-
-
-def make_row(source: str, instruction: str, output: str, *, input: str = "", license: str, provenance: str,
-             messages: list[dict[str, str]] | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "id": make_id(source, instruction, input, output),
-        "source": source,
-        "instruction": instruction,
-        "input": input,
-        "output": output,
-        "license": license,
-        "provenance": provenance,
-    }
-    if messages:
-        row["messages"] = messages
-    if meta:
-        row["meta"] = meta
-    return row
+from onegpu.data.rows import PROVENANCES, REQUIRED_FIELDS, make_id, make_row  # noqa: F401 - the row schema, here too
+from onegpu.errors import UserError
 
 
 def get_prompt_style(style: str | PromptStyle) -> PromptStyle:
     """A litgpt prompt style by name ("alpaca", "smollm2", "default" = raw...)."""
     if isinstance(style, PromptStyle):
         return style
-    from litgpt.prompts import prompt_styles
-
     if style not in prompt_styles:
-        from onegpu.errors import UserError
-
         raise UserError(f"unknown prompt style {style!r}",
                         fix=f"use one of litgpt's prompt styles: {', '.join(sorted(prompt_styles))}")
     return PromptStyle.from_name(style)

@@ -21,6 +21,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
 from onegpu.tool_envs import has_nvidia_gpu, install_step, ready_venv
@@ -73,8 +75,6 @@ def create_helm_venv(venv: Path) -> None:
 
 def helm_requirements(venv: Path, leave_out: set[str]) -> list[str]:
     """crfm-helm's unconditional requirements as installed in ``venv`` (no extras), less ``leave_out``."""
-    from packaging.requirements import Requirement
-
     site = next((venv / "lib").glob("python*/site-packages"))
     dist = next(d for d in metadata.distributions(path=[str(site)]) if d.metadata["Name"] == "crfm-helm")
     out = []

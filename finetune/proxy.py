@@ -27,7 +27,8 @@ from litgpt.generate.base import generate
 
 from onegpu.contracts import atomic_path, atomic_write_json
 from onegpu.errors import UserError
-from onegpu.eval.tasks.helm_mc import HelmItem, helm_mc_items, is_helm_task, score_items
+from onegpu.eval.tasks.helm_mc import is_helm_task
+from onegpu.eval.tasks.items import HelmItem, helm_mc_items, score_items
 from onegpu.eval.validate import known_suites, load_suite
 from onegpu.finetune.checkpoint import torch_save, trainable_state_dict
 

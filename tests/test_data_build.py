@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onegpu.data.build import FILTER_STAGES, build
-from onegpu.data.schema import REQUIRED_FIELDS
+from onegpu.data.build import build
+from onegpu.data.mix import FILTER_STAGES
+from onegpu.data.rows import REQUIRED_FIELDS
 from onegpu.paths import REPO_ROOT
 
 SMALL = {

@@ -121,8 +121,7 @@ def test_the_competition_recipe_names_every_source_it_cannot_reach(tmp_path, sha
     assert any("tokenizer 'meta-llama/Llama-2-7b-hf'" in p for p in problems)
     for source in recipe["sources"]:
         assert any(p.startswith(f"source {source['name']!r} (hub: ") and "not available" in p for p in problems), source
-    from onegpu.data.families import SCORE_GROUPS, served_by
-    from onegpu.data.reweight import DEFAULT_AFFINITY, read_affinity
+    from onegpu.data.families import DEFAULT_AFFINITY, SCORE_GROUPS, read_affinity, served_by
 
     affinity = read_affinity(DEFAULT_AFFINITY)
     names = [s["name"] for s in recipe["sources"]]

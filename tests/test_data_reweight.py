@@ -11,8 +11,8 @@ import sys
 import pytest
 import yaml
 
-from onegpu.data.reweight import (DEFAULT_AFFINITY, family_weakness, read_affinity, read_scores, source_pull,
-                                  update_shares)
+from onegpu.data.families import DEFAULT_AFFINITY, read_affinity
+from onegpu.data.reweight import family_weakness, read_scores, source_pull, update_shares
 from onegpu.paths import REPO_ROOT
 
 RECIPE = REPO_ROOT / "data" / "recipes" / "quickstart.yaml"

@@ -8,8 +8,10 @@ from collections import Counter
 
 import pytest
 
-from onegpu.data.schema import PROVENANCES, REQUIRED_FIELDS, make_id, render
-from onegpu.data.sources import SOURCES, Reject, list_sources, load_file_records, load_records, local_files
+from onegpu.data.loading import load_file_records, load_records
+from onegpu.data.rows import PROVENANCES, REQUIRED_FIELDS, make_id
+from onegpu.data.schema import render
+from onegpu.data.sources import SOURCES, Reject, list_sources, local_files
 
 
 def _convert(name, data_dir, **opts):
@@ -61,8 +63,7 @@ def test_every_local_source_loads_real_rows_in_the_schema(shared_datasets, name,
 
 
 def test_every_family_of_the_score_has_a_source_with_licence_provenance_and_hub(capsys):
-    from onegpu.data.families import SCORE_GROUPS, served_by
-    from onegpu.data.reweight import DEFAULT_AFFINITY, read_affinity
+    from onegpu.data.families import DEFAULT_AFFINITY, SCORE_GROUPS, read_affinity, served_by
 
     affinity = read_affinity(DEFAULT_AFFINITY)
     for family in SCORE_GROUPS["open"] + SCORE_GROUPS["hidden"]:

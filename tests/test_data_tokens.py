@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from onegpu.data.schema import encode_example, encode_examples, render
-from onegpu.data.sources import SOURCES, Reject, load_records
+from onegpu.data.loading import load_records
+from onegpu.data.sources import SOURCES, Reject
 
 
 @pytest.fixture(scope="module")

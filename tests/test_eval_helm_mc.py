@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onegpu.eval.tasks import helm_mc, offline_include_dir
+from onegpu.eval.tasks import helm_mc, items as helm_items, offline_include_dir
 from onegpu.paths import REPO_ROOT
 
 # What a fine-tuned model may answer to "...Answer:" when C is correct.
@@ -75,10 +75,10 @@ def test_bbq_prompts_equal_helms(helm_reference, shared_datasets):
 
 
 def test_small_seeded_suite_for_callers(shared_datasets):
-    items = helm_mc.helm_mc_items(per_task=3, seed=7)
-    assert items == helm_mc.helm_mc_items(per_task=3, seed=7)  # fixed: same items every call
-    assert items != helm_mc.helm_mc_items(per_task=3, seed=8)
-    assert [i.task for i in items] == [t for t in helm_mc.DEFAULT_ITEM_TASKS for _ in range(3)]
+    items = helm_items.helm_mc_items(per_task=3, seed=7)
+    assert items == helm_items.helm_mc_items(per_task=3, seed=7)  # fixed: same items every call
+    assert items != helm_items.helm_mc_items(per_task=3, seed=8)
+    assert [i.task for i in items] == [t for t in helm_items.DEFAULT_ITEM_TASKS for _ in range(3)]
     include = offline_include_dir()
     for item in items:
         row = _rows(include, item.task)[item.doc_id]
@@ -90,13 +90,13 @@ def test_small_seeded_suite_for_callers(shared_datasets):
     # scored as the lm-eval tasks score: the right letter, a wrong letter, a preamble
     completions = [helm_mc.LETTERS[i.correct[0]] if k % 3 == 0 else "A" if k % 3 == 1 else "The answer is A."
                    for k, i in enumerate(items)]
-    report = helm_mc.score_items(items, completions)
+    report = helm_items.score_items(items, completions)
     assert report["format_failures"] == len(items) // 3
     for r in report["tasks"].values():
         assert r["n"] == 3 and r["format_failures"] == 1
         assert 1 / 3 <= r["exact_match"] <= 2 / 3  # the right letter, and "A" when A is right
     with pytest.raises(Exception, match="unknown HELM-faithful task"):
-        helm_mc.helm_mc_items(["onegpu_mmlu_philosophy"])
+        helm_items.helm_mc_items(["onegpu_mmlu_philosophy"])
 
 
 # ------------------------------------------------------------------------------------ broken template
@@ -105,7 +105,7 @@ SUBJECT = "high_school_geography"  # short questions: cheap 5-shot prompts
 
 def _qasc_rows(datasets: Path, n: int, preamble: bool) -> list[dict]:
     """QASC (FLAN CoT train file, 8 lettered options) as HELM-style MC instructions with a letter answer."""
-    from onegpu.data.schema import make_row
+    from onegpu.data.rows import make_row
 
     rows = []
     with open(datasets / "flan_cot_samples" / "qasc_train.tsv", encoding="utf-8") as fh:

@@ -123,7 +123,8 @@ def test_summary_prompts_and_rouge_equal_helms(reference):
 
 def test_hidden_suite_covers_every_group_and_feeds_the_proxy(shared_datasets):
     from onegpu.data.families import SCORE_GROUPS, task_family
-    from onegpu.eval.validate import check_task_names, load_suite, task_manager
+    from onegpu.eval.harness import check_task_names, task_manager
+    from onegpu.eval.validate import load_suite
     from onegpu.finetune.proxy import load_proxy_items
 
     for suite in ("helm-hidden", "hidden-offline"):

@@ -30,7 +30,7 @@ _MANAGER = []
 def _evaluate(lm, task, **kw):
     from lm_eval import simple_evaluate
 
-    from onegpu.eval.validate import task_manager
+    from onegpu.eval.harness import task_manager
 
     if not _MANAGER:  # offline tasks only: indexing lm-eval's own thousands of YAMLs takes seconds
         _MANAGER.append(task_manager(["onegpu_"])[0])

@@ -16,7 +16,7 @@ Every multiple-choice family also gets a HELM-faithful generation variant, ``one
 ``onegpu_helm_bigbench_<task>``): HELM's prompt, request and exact-match scoring (``helm_mc.py``).
 The hidden eval's families are HELM-faithful tasks only (``helm_hidden.py``): ``onegpu_helm_ethics_<subset>``,
 ``onegpu_helm_corr2cause``, ``onegpu_helm_math_<subject>``, ``onegpu_helm_dialogsum``; from the hub (the
-full files the challenge's HELM fork scored, ``hub_include_dir``) the same names plus ``onegpu_helm_samsum``.
+full files the challenge's HELM fork scored, ``eval/tasks/hub.py``) the same names plus ``onegpu_helm_samsum``.
 """
 
 from __future__ import annotations
@@ -46,23 +46,10 @@ def offline_include_dir(datasets_dir: Path | None = None) -> Path | None:
     if datasets_dir is None or not datasets_dir.is_dir():
         return None
     datasets_dir = datasets_dir.resolve()
-    return _rendered(str(datasets_dir), lambda staged, prepared, final: _build(datasets_dir, staged, prepared, final))
+    return rendered_dir(str(datasets_dir), lambda staged, prepared, final: _build(datasets_dir, staged, prepared, final))
 
 
-def hub_include_dir(names: list[str]) -> Path | None:
-    """The hidden-eval tasks among ``names`` built from the hub (the files the challenge's HELM fork scored,
-    MATH from the hub): downloads once, then cached. None when none of ``names`` is such a task."""
-    wanted = sorted(n for n in names if helm_hidden.is_hidden_task(n))
-    if not wanted:
-        return None
-
-    def build(staged: Path, prepared: Path, final: Path) -> None:
-        (staged / "helm_hidden_hooks.py").write_text(helm_hidden.HOOKS_MODULE, encoding="utf-8")
-        helm_hidden.build(helm_hidden.HubFiles(), _task_writer(staged, prepared, final), wanted=wanted.__contains__)
-    return _rendered("hub:" + ",".join(wanted), build)
-
-
-def _rendered(source: str, build) -> Path:
+def rendered_dir(source: str, build) -> Path:
     """A rendered include dir for ``source`` (built once into ``$ONEGPU_CACHE/eval-tasks/<hash>``)."""
     code = sorted(TEMPLATES.glob("*.y*ml")) + sorted(TEMPLATES.glob("*.py")) + [Path(hidden.__file__)]
     key = hashlib.sha1(source.encode() + b"".join(p.read_bytes() for p in code)).hexdigest()[:12]
@@ -170,7 +157,7 @@ def _write_helm_task(name: str, fmt: helm_mc.JointFormat, train: list, evaluated
     (staged / f"{task}.yaml").write_text(yaml_text, encoding="utf-8")
 
 
-def _task_writer(staged: Path, prepared: Path, final_prepared: Path):
+def task_writer(staged: Path, prepared: Path, final_prepared: Path):
     """``write(name, rows, fmt)`` for ``helm_hidden.build``: a JointFormat renders a multiple-choice task,
     anything else a generation task."""
     def write(name: str, rows: list[dict], fmt) -> None:
@@ -206,7 +193,7 @@ def _build_helm(ds: Path, staged: Path, prepared: Path, final_prepared: Path) ->
     if records:
         _write_helm_task("bbq", helm_mc.bbq_format(), *helm_mc.bbq_instances(records), **out)
     (staged / "helm_hidden_hooks.py").write_text(helm_hidden.HOOKS_MODULE, encoding="utf-8")
-    helm_hidden.build(helm_hidden.LocalFiles(ds), _task_writer(staged, prepared, final_prepared))
+    helm_hidden.build(helm_hidden.LocalFiles(ds), task_writer(staged, prepared, final_prepared))
     for task_json in sorted((ds / "bigbench").glob("**/task.json")):
         spec = json.loads(task_json.read_text(encoding="utf-8"))
         if spec.get("examples") and helm_mc.bigbench_is_multiple_choice(spec):

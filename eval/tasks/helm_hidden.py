@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -124,6 +124,16 @@ def generation_row(fmt: GenerationFormat, prompt: str, references: list[str], **
 
 
 # ------------------------------------------------------------------------------------ where the files are
+class FamilyFiles(Protocol):
+    """Where the families' records come from: ``LocalFiles`` (a data dir), or ``eval/tasks/hub.py``'s ``HubFiles``."""
+
+    def ethics(self, subset: str) -> list[dict]: ...
+    def corr2cause(self) -> list[dict]: ...
+    def math(self, split: str, subject: str) -> list[dict]: ...
+    def dialogsum(self) -> list[dict]: ...
+    def samsum(self) -> list[dict]: ...
+
+
 class LocalFiles:
     """The families' files in a data dir laid out like ../shared/datasets (upstream formats)."""
 
@@ -152,29 +162,8 @@ class LocalFiles:
         return []  # SAMSum's licence (no derivatives) keeps it out of local sample folders
 
 
-class HubFiles:
-    """The same families from the hub: the files the challenge's HELM fork downloaded, and MATH."""
-
-    def ethics(self, subset: str) -> list[dict]:
-        return hidden.read_ethics_csv(hidden.download(hidden.HELM_FORK_FILES[subset]), subset)
-
-    def corr2cause(self) -> list[dict]:
-        return hidden.read_corr2cause_csv(hidden.download(hidden.HELM_FORK_FILES["corr2cause"]))
-
-    def math(self, split: str, subject: str) -> list[dict]:
-        from datasets import load_dataset
-
-        return [hidden.math_problem(r, subject) for r in load_dataset(hidden.MATH_HUB, subject, split=split)]
-
-    def dialogsum(self) -> list[dict]:
-        return hidden.hub_dialogsum("test")
-
-    def samsum(self) -> list[dict]:
-        return hidden.read_dialogues(hidden.download(hidden.HELM_FORK_FILES["samsum"]))
-
-
 # ------------------------------------------------------------------------------------ task files
-def build(files: LocalFiles | HubFiles, write: Callable[[str, list[dict], Any], None],
+def build(files: FamilyFiles, write: Callable[[str, list[dict], Any], None],
           wanted: Callable[[str], bool] = lambda name: True) -> list[str]:
     """Render every hidden-family task the files allow (and ``wanted`` asks for) through ``write(name, rows,
     fmt)`` (fmt: a ``helm_mc.JointFormat`` for multiple choice, the ``GenerationFormat`` otherwise); returns

@@ -141,6 +141,7 @@ def math_equiv_chain_of_thought(gold_solution: str, completion: str) -> float:
 # ------------------------------------------------------------------------------------ ROUGE
 @functools.lru_cache(maxsize=None)
 def _scorer(kind: str):
+    # rouge_score comes with lm-eval (the eval extra); the test proxy may score summaries without it installed
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer([kind], use_stemmer=True)
