@@ -31,7 +31,8 @@ from typing import Any
 
 import psutil
 
-from onegpu.contracts import HEARTBEAT_FILE, HEARTBEAT_INTERVAL_S, TRACKS, atomic_write_json, read_json
+from onegpu.contracts import HEARTBEAT_FILE  # noqa: F401 - the trainer names its heartbeat file from here
+from onegpu.contracts import HEARTBEAT_INTERVAL_S, TRACKS, atomic_write_json, read_json
 from onegpu.errors import UserError
 
 # Auto reserve = RESERVE_MARGIN x the expected finalize time. Before any segment of the run has

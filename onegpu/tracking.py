@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from onegpu.contracts import RunDir, RunStatus, atomic_path, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from onegpu.errors import RunStopped, exit_code_of
-from onegpu.paths import REPO_ROOT
+from onegpu.errors import RunStopped, UserError, exit_code_of
+from onegpu.paths import REPO_ROOT, cache_dir
 from onegpu.processes import this_process
 
 # Offline unless the user asked for something else: never require an account or a network.
 DEFAULT_WANDB_MODE = "offline"
+WANDB_PREFIX = "wandb:"  # a model source that is a W&B model artifact: wandb:ENTITY/PROJECT/NAME:ALIAS
 
 
 def _wandb():
@@ -95,6 +96,20 @@ def git_sha() -> str | None:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def download_wandb_artifact(name: str) -> Path:
+    """Download a W&B ``model`` artifact (``entity/project/name:alias``) into the cache; online only."""
+    if not wandb_online():
+        raise UserError(f"model source {WANDB_PREFIX}{name} is a W&B artifact, but W&B is offline here",
+                        fix="`wandb login` and set WANDB_MODE=online, or pass the local checkpoint dir")
+    target = cache_dir() / "artifacts" / name.replace("/", "--").replace(":", "-")
+    try:
+        return Path(_wandb().Api().artifact(name, type="model").download(root=str(target)))
+    except Exception as err:  # wandb raises CommError/ValueError variants
+        raise UserError(f"could not download W&B artifact {name!r}: {err}",
+                        fix="check the name (entity/project/name:alias as on its W&B page), `wandb login`, "
+                            "network") from err
 
 
 # Names of secrets, as variables, options or config keys: HF_TOKEN, WANDB_API_KEY, --token, api_key.

@@ -70,7 +70,7 @@ def resolve_source(model: str) -> dict:
     """Classify ``model`` and read its litgpt Config without fetching weights."""
     from litgpt import Config
 
-    from onegpu.inference import WANDB_PREFIX, locate_checkpoint
+    from onegpu.checkpoints import WANDB_PREFIX, locate_checkpoint
 
     local = Path(model).expanduser()
     if local.exists():

@@ -387,7 +387,7 @@ def check_port(host: str, port: int) -> None:
 def _local_checkpoint(checkpoint, wandb_artifact: str | None, hub_model: str | None):
     """The checkpoint dir to load: ``checkpoint``, or the W&B artifact downloaded, or the hub model prepared."""
     if wandb_artifact:
-        from onegpu.inference import download_wandb_artifact
+        from onegpu.tracking import download_wandb_artifact
 
         return download_wandb_artifact(wandb_artifact)
     if hub_model:

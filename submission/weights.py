@@ -117,7 +117,7 @@ def fetch(weights: str, out: Path = Path(MODEL_DIR), base_checkpoint: Path | Non
         out: where the merged checkpoint's serving files go (the image's model dir).
         base_checkpoint: for an adapter-only artifact, the prepared base checkpoint to merge it into.
     """
-    from onegpu.inference import download_wandb_artifact
+    from onegpu.tracking import download_wandb_artifact
 
     route = parse_route(weights)
     if route.kind != "wandb":
