@@ -20,7 +20,7 @@ build a route that fetches weights; none may end up in the image (test_no_secret
 
 Storage is vfs under that folder; one run at a time holds its lock; the image and container a run
 makes are removed afterwards (after a failure too; a killed run's leftovers at the next start).
-Time and disk: README "Rehearsing the image".
+Time and disk: docs/serving.md, "Rehearsing the image without Docker".
 
 ``ONEGPU_IMAGE_TEST_ENGINES`` (default ``onegpu``; ``make image-test-vllm`` sets ``vllm``) picks the
 packs rehearsed. The vLLM pack (``pack --engine vllm``) is built on a stand-in for vLLM's image: the
