@@ -150,7 +150,7 @@ def load_tokenizer(ref: CheckpointRef, checkpoint_dir: Path) -> Tokenizer:
 def hf_tokenizer(checkpoint_dir: Path, bos: bool):
     """The same tokenizer files as a ``transformers`` tokenizer (what lm-eval's plumbing calls), adding
     BOS exactly when ``bos`` says so, as ``HFLM(add_bos_token=bos)`` does; pad = EOS when it has none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # optional (the train extra): the serving image has none
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), add_bos_token=bos)
     if tokenizer.pad_token_id is None:

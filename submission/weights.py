@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from onegpu.errors import UserError
+from onegpu.tracking import download_wandb_artifact
 
 MODEL_DIR = "/models/model"
 # What the server reads from a merged checkpoint (engine + prompt style + lineage); never the LoRA
@@ -117,8 +118,6 @@ def fetch(weights: str, out: Path = Path(MODEL_DIR), base_checkpoint: Path | Non
         out: where the merged checkpoint's serving files go (the image's model dir).
         base_checkpoint: for an adapter-only artifact, the prepared base checkpoint to merge it into.
     """
-    from onegpu.tracking import download_wandb_artifact
-
     route = parse_route(weights)
     if route.kind != "wandb":
         raise UserError(f"onegpu submission fetch takes a wandb: route, got {weights!r}",
