@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onegpu.contracts import TRACKS, atomic_write_json, read_json
+import psutil
+
+from onegpu.contracts import HEARTBEAT_FILE  # noqa: F401 - the trainer names its heartbeat file from here
+from onegpu.contracts import HEARTBEAT_INTERVAL_S, TRACKS, atomic_write_json, read_json
 from onegpu.errors import UserError
 
-HEARTBEAT_FILE = "budget_clock.json"
-HEARTBEAT_INTERVAL_S = 2.0  # a crash loses at most this much of the clock; one small JSON write each
 # Auto reserve = RESERVE_MARGIN x the expected finalize time. Before any segment of the run has
 # finalized, finalize is expected to take FINALIZE_PER_LOAD x the measured load time: the merge
 # loads the base again and writes it back, and the last validation + checkpoint come on top.
@@ -86,10 +87,6 @@ def default_reserve(budget_s: float) -> float:
 def charge_from_process_start() -> None:
     """Make this process's clocks start at the process start (the CLI calls it), so imports are charged too."""
     global _process_start
-    try:
-        import psutil
-    except ImportError:  # the clock starts when the options are resolved
-        return
     try:
         age = max(0.0, time.time() - psutil.Process().create_time())
     except (psutil.Error, OSError):

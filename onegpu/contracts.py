@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import yaml
+
 from onegpu.errors import UserError
+from onegpu.processes import host_id, process_alive
 
 # ------------------------------------------------------------------------------ quantization
 Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
@@ -86,8 +89,6 @@ def _umask() -> int:
 
 
 def _temp_prefix(final: Path) -> str:
-    from onegpu.processes import host_id
-
     return f".{final.name}.{os.getpid()}@{host_id()}."
 
 
@@ -97,8 +98,6 @@ def remove_stale_temps(final: str | Path) -> list[Path]:
     Run before each atomic write, so a killed writer's leftovers (a half-written 14 GB merge, say)
     go the next time anything is written there. A live writer's temp is kept.
     """
-    from onegpu.processes import process_alive
-
     final = Path(final)
     removed = []
     for temp in final.parent.glob(".*.tmp") if final.parent.is_dir() else ():
@@ -281,8 +280,6 @@ def model_input(checkpoint: str | Path) -> dict[str, Any]:
 def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     """A YAML mapping a user wrote (a recipe, a suite, a sweep, a table): every way it can be wrong is a
     ``UserError`` naming ``what``, the file, the problem (with the line of a syntax error) and the fix."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist", fix="check the path (relative paths start where you run)")
@@ -363,6 +360,11 @@ class RunStatus:
                                                "started_at", "pid", "exit_code")}
 
 
+# The budget clock's heartbeat (onegpu.budget) in a run dir: how long a killed run lived.
+HEARTBEAT_FILE = "budget_clock.json"
+HEARTBEAT_INTERVAL_S = 2.0  # a crash loses at most this much of the clock; one small JSON write each
+
+
 def _utc(epoch_s: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
 
@@ -396,9 +398,6 @@ class RunDir:
 
     def status(self) -> RunStatus:
         """How the run ended, or that it still runs: from its exit code, else its process and heartbeat."""
-        from onegpu.budget import HEARTBEAT_FILE, HEARTBEAT_INTERVAL_S
-        from onegpu.processes import process_alive
-
         if not self.meta:
             return RunStatus("none", self.stage)
         rows = self.metrics()

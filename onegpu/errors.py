@@ -1,5 +1,7 @@
 """One error type for bad user input: it names the problem and the fix."""
 
+import difflib
+
 
 class UserError(Exception):
     """Bad input or configuration. The CLI prints it without a traceback.
@@ -65,8 +67,6 @@ def did_you_mean(word: str, choices, prefix: str = "") -> str:
 
     A choice whose last dotted part is ``word`` counts as closest (``nf4`` -> ``bnb.nf4``).
     """
-    import difflib
-
     choices = [str(c) for c in choices]
     close = [c for c in choices if c.rsplit(".", 1)[-1] == word] or difflib.get_close_matches(word, choices, n=1)
     return f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""

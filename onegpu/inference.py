@@ -5,13 +5,10 @@
 format; they add only their own request handling. :func:`export_hf` is the one Hugging Face export
 (``finetune --export_hf``, the HFLM equality test and benchmark, ``onegpu model push``).
 
-Sources (:func:`locate_checkpoint`, cheap: call it before heavy work):
-
-* a litgpt checkpoint dir (merged: ``lit_model.pth``);
-* a LoRA adapter dir in litgpt's layout (``lit_model.pth.lora`` + ``hyperparameters.yaml`` whose
-  ``checkpoint_dir`` names the base), merged with litgpt's ``merge_lora`` once and cached, so a
-  server restart, a second eval or a HELM run after a validation run reuse the merged weights;
-* ``wandb:ENTITY/PROJECT/NAME:ALIAS`` (a W&B ``model`` artifact, online only).
+Sources are checked first without loading anything (``onegpu/checkpoints.py``: a litgpt checkpoint
+dir, a LoRA adapter dir or a W&B model artifact). An adapter dir is merged with litgpt's
+``merge_lora`` once and cached (:func:`merged_checkpoint`), so a server restart, a second eval or a
+HELM run after a validation run reuse the merged weights.
 
 The rules both paths must apply the same way live here and nowhere else:
 
@@ -38,94 +35,34 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+import lightning as L
+import torch
+from lightning.fabric.plugins import BitsandbytesPrecision
+from litgpt import GPT, Config
+from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style, prompt_styles
+from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+from litgpt.scripts.merge_lora import merge_lora
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import load_checkpoint
+from safetensors.torch import save_file
+
+from onegpu.checkpoints import CheckpointRef, locate_checkpoint
+from onegpu.checkpoints import checkpoint_lineage  # noqa: F401 - eval imports it from here
 from onegpu.contracts import QUANTIZE_MODES, read_json, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import cache_dir
 
-if TYPE_CHECKING:
-    import torch
-    from litgpt import GPT
-    from litgpt.prompts import PromptStyle
-    from litgpt.tokenizer import Tokenizer
-
-WANDB_PREFIX = "wandb:"
 DTYPES = ("float32", "bfloat16", "float16")
 # What a Hugging Face model dir needs beside its weights (copied when present).
 HF_CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json")
 
 
-# ------------------------------------------------------------------------------ checkpoint sources
-@dataclass(frozen=True)
-class CheckpointRef:
-    """A validated checkpoint source; nothing loaded or merged yet."""
-
-    path: Path                        # the dir as given (after any artifact download)
-    base: Path | None = None          # adapter-only dirs: the base checkpoint to merge into
-    trained_from: Path | None = None  # the base it was fine-tuned from (--base_checkpoint, else
-                                      # hyperparameters.yaml); may not exist on this machine
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.base is not None
-
-
-def locate_checkpoint(checkpoint: str | Path, base_checkpoint: str | Path | None = None) -> CheckpointRef:
-    """Validate a checkpoint source without loading or merging anything (cheap: call it first)."""
-    if str(checkpoint).startswith(WANDB_PREFIX):
-        checkpoint = download_wandb_artifact(str(checkpoint)[len(WANDB_PREFIX):])
-    path = Path(checkpoint).expanduser()
-    if not path.is_dir():
-        raise UserError(f"checkpoint dir {path} does not exist",
-                        fix="pass the dir that `onegpu model prepare` printed, a fine-tune's out/final, "
-                            "or wandb:ENTITY/PROJECT/NAME:ALIAS")
-    named = Path(str(base_checkpoint)).expanduser() if base_checkpoint else _named_base(path)
-    if (path / "lit_model.pth").is_file():
-        _require(path, ("model_config.yaml",))
-        if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-            raise UserError(f"{path} has no tokenizer.json or tokenizer.model",
-                            fix="copy the base model's tokenizer files into the checkpoint dir")
-        return CheckpointRef(path, trained_from=named)
-    if (path / "lit_model.pth.lora").is_file():
-        if not (path / "hyperparameters.yaml").is_file():
-            raise UserError(f"adapter dir {path} has no hyperparameters.yaml (it names the base checkpoint)",
-                            fix="use the dir litgpt/onegpu finetune wrote, which holds both files")
-        if named is None or not (named / "lit_model.pth").is_file():
-            where = "--base_checkpoint" if base_checkpoint else "hyperparameters.yaml: checkpoint_dir"
-            raise UserError(f"the adapter's base checkpoint {str(named or '')!r} ({where}) has no lit_model.pth",
-                            fix="prepare the base model (`onegpu model prepare ...`) and name it with "
-                                "--base_checkpoint DIR or in hyperparameters.yaml")
-        return CheckpointRef(path, base=named, trained_from=named)
-    raise UserError(f"{path} holds neither lit_model.pth nor lit_model.pth.lora",
-                    fix="pass a litgpt checkpoint dir (merged) or a LoRA adapter dir with hyperparameters.yaml")
-
-
-def _named_base(path: Path) -> Path | None:
-    """The base model a fine-tune's ``hyperparameters.yaml`` names (``checkpoint_dir``), if any."""
-    hparams_file = path / "hyperparameters.yaml"
-    if not hparams_file.is_file():
-        return None
-    import yaml
-
-    named = (yaml.safe_load(hparams_file.read_text(encoding="utf-8")) or {}).get("checkpoint_dir")
-    return Path(str(named)).expanduser() if named else None
-
-
-def _require(path: Path, names: tuple[str, ...]) -> None:
-    missing = [n for n in names if not (path / n).is_file()]
-    if missing:
-        raise UserError(f"checkpoint dir {path} lacks {', '.join(missing)}",
-                        fix="use a complete litgpt checkpoint dir (see `onegpu model prepare`)")
-
-
 def merged_checkpoint(ref: CheckpointRef) -> Path:
     """A loadable (merged) litgpt checkpoint dir for ``ref``: as is, or base + adapter merged once."""
     if not ref.is_adapter:
         return ref.path
-    from litgpt.scripts.merge_lora import merge_lora
-
     adapter_dir, base = ref.path, ref.base
     lora = adapter_dir / "lit_model.pth.lora"
     key = hashlib.sha256(f"{lora.resolve()}|{lora.stat().st_size}|{lora.stat().st_mtime_ns}|{base.resolve()}"
@@ -148,34 +85,9 @@ def merged_checkpoint(ref: CheckpointRef) -> Path:
     return merged
 
 
-def download_wandb_artifact(name: str) -> Path:
-    """Download a W&B ``model`` artifact (``entity/project/name:alias``) into the cache; online only."""
-    from onegpu.tracking import wandb_online
-
-    if not wandb_online():
-        raise UserError(f"model source {WANDB_PREFIX}{name} is a W&B artifact, but W&B is offline here",
-                        fix="`wandb login` and set WANDB_MODE=online, or pass the local checkpoint dir")
-    import wandb
-
-    target = cache_dir() / "artifacts" / name.replace("/", "--").replace(":", "-")
-    try:
-        return Path(wandb.Api().artifact(name, type="model").download(root=str(target)))
-    except Exception as err:  # wandb raises CommError/ValueError variants
-        raise UserError(f"could not download W&B artifact {name!r}: {err}",
-                        fix="check the name (entity/project/name:alias as on its W&B page), `wandb login`, "
-                            "network") from err
-
-
-def checkpoint_lineage(checkpoint: Path) -> dict[str, Any]:
-    """What the checkpoint says about itself (``onegpu_model.json``), for run lineage; {} if nothing."""
-    return read_json(Path(checkpoint) / "onegpu_model.json")
-
-
 # ------------------------------------------------------------------------------ device and dtype
 def resolve_device(spec: str | None = "auto") -> torch.device:
     """``auto``/None -> cuda when a GPU is visible, else cpu; a GPU asked for but absent is a UserError."""
-    import torch
-
     if spec in (None, "auto"):
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda") and not torch.cuda.is_available():
@@ -188,8 +100,6 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype rule (see the module docstring): bf16 on GPUs with bf16, fp16 on older GPUs, fp32 on CPUs."""
-    import torch
-
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -197,8 +107,6 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def resolve_dtype(spec: str | None, device: torch.device | str) -> torch.dtype:
     """``auto``/None -> :func:`default_dtype`; else one of ``DTYPES``."""
-    import torch
-
     if spec in (None, "auto"):
         return default_dtype(device)
     if spec not in DTYPES:
@@ -227,8 +135,6 @@ def uses_bos(ref: CheckpointRef, checkpoint_dir: Path) -> bool:
     training data had. The base it was fine-tuned from (``ref.trained_from``) decides when it is at
     hand; otherwise the loadable dir ``checkpoint_dir`` does, as litgpt would.
     """
-    from litgpt.tokenizer import Tokenizer
-
     base = ref.trained_from
     decides = base if base is not None and (base / "tokenizer_config.json").is_file() else checkpoint_dir
     return Tokenizer(decides).use_bos
@@ -236,8 +142,6 @@ def uses_bos(ref: CheckpointRef, checkpoint_dir: Path) -> bool:
 
 def load_tokenizer(ref: CheckpointRef, checkpoint_dir: Path) -> Tokenizer:
     """litgpt's tokenizer of ``checkpoint_dir`` with ``use_bos`` set by :func:`uses_bos`."""
-    from litgpt.tokenizer import Tokenizer
-
     tokenizer = Tokenizer(checkpoint_dir)
     tokenizer.use_bos = uses_bos(ref, checkpoint_dir)
     return tokenizer
@@ -246,7 +150,7 @@ def load_tokenizer(ref: CheckpointRef, checkpoint_dir: Path) -> Tokenizer:
 def hf_tokenizer(checkpoint_dir: Path, bos: bool):
     """The same tokenizer files as a ``transformers`` tokenizer (what lm-eval's plumbing calls), adding
     BOS exactly when ``bos`` says so, as ``HFLM(add_bos_token=bos)`` does; pad = EOS when it has none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # optional (the train extra): the serving image has none
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), add_bos_token=bos)
     if tokenizer.pad_token_id is None:
@@ -258,8 +162,6 @@ def resolve_prompt_style(spec: str, checkpoint: Path, base: Path | None = None,
                          who: str = "onegpu") -> PromptStyle | None:
     """``raw`` -> None; ``auto`` -> the checkpoint's (or its base's) prompt_style.yaml, else None
     with a warning; otherwise a litgpt prompt-style name (unknown names list the known ones)."""
-    from litgpt.prompts import has_prompt_style, load_prompt_style
-
     if spec == "raw":
         return None
     if spec == "auto":
@@ -269,8 +171,6 @@ def resolve_prompt_style(spec: str, checkpoint: Path, base: Path | None = None,
         print(f"[{who}] warning: {checkpoint} has no prompt_style.yaml; prompts go in raw "
               "(pass --prompt_style NAME to wrap them in a template)", file=sys.stderr)
         return None
-    from litgpt.prompts import PromptStyle, prompt_styles
-
     if spec not in prompt_styles:
         raise UserError(f"unknown prompt style {spec!r}",
                         fix=f"use raw, auto, or one of litgpt's: {', '.join(sorted(prompt_styles))}")
@@ -281,9 +181,6 @@ def resolve_prompt_style(spec: str, checkpoint: Path, base: Path | None = None,
 def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> GPT:
     """litgpt ``GPT`` of a merged checkpoint dir, in eval mode; ``quantize`` (a checked mode, CUDA)
     loads the Linear weights through Lightning's bitsandbytes plugin."""
-    import torch
-    from litgpt import GPT, Config
-
     config = Config.from_file(checkpoint_dir / "model_config.yaml")
     path = checkpoint_dir / "lit_model.pth"
     if quantize is not None:
@@ -298,12 +195,6 @@ def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype, q
 
 
 def _load_quantized(config, path: Path, dtype: torch.dtype, quantize: str) -> GPT:
-    import lightning as L
-    import torch
-    from lightning.fabric.plugins import BitsandbytesPrecision
-    from litgpt import GPT
-    from litgpt.utils import load_checkpoint
-
     mode = quantize.removeprefix("bnb.")
     precision_dtype = torch.float16 if mode == "int8" else dtype  # bitsandbytes' int8 kernels are fp16
     fabric = L.Fabric(accelerator="cuda", devices=1, plugins=BitsandbytesPrecision(mode, precision_dtype))
@@ -363,10 +254,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     ``convert_lit_checkpoint``; tied embeddings (``tie_word_embeddings``) are stored once, as HF
     rebuilds ``lm_head`` from them. ``out`` is written beside and renamed into place (replacing it).
     """
-    import torch
-    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
-    from safetensors.torch import save_file
-
     ref = locate_checkpoint(checkpoint)
     if not any((d / "config.json").is_file() for d in (ref.path, ref.base) if d is not None):
         raise UserError(f"{ref.path} has no config.json (the HF config) to export with",

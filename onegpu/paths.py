@@ -6,6 +6,7 @@ machines can keep state out of $HOME.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -14,8 +15,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def stage_dir(stage: str) -> Path:
     """The folder of a stage package (``data``, ``finetune``, ...), in a checkout or installed."""
-    import importlib.util
-
     spec = importlib.util.find_spec(f"onegpu.{stage}")
     return Path(next(iter(spec.submodule_search_locations)))
 

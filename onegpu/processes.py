@@ -12,14 +12,16 @@ that do not outlive their parent.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+import psutil
 
 
 def host_id() -> str:
@@ -28,15 +30,7 @@ def host_id() -> str:
 
 
 def start_time(pid: int) -> float | None:
-    """When ``pid`` started (seconds since the epoch), or None when there is no such process.
-
-    psutil where installed; the serving image has only the ``serve`` extra, so without it Linux's
-    /proc is read directly, and elsewhere a live pid gets the time 0.0 (alive, start unknown).
-    """
-    try:
-        import psutil
-    except ImportError:
-        return _proc_start_time(pid)
+    """When ``pid`` started (seconds since the epoch), or None when there is no such process (or a zombie)."""
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
@@ -44,27 +38,6 @@ def start_time(pid: int) -> float | None:
         return process.create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
         return None
-
-
-def _proc_start_time(pid: int) -> float | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-    except FileNotFoundError:
-        if Path("/proc/self/stat").exists():  # Linux: no such process
-            return None
-        try:  # no /proc: alive or not, start unknown
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, ...
-    if fields[0] == "Z":  # a zombie has ended
-        return None
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: clock ticks since boot
 
 
 def this_process() -> dict[str, Any]:
@@ -84,7 +57,7 @@ def process_alive(pid: int | None, started: float | None = None, host: str | Non
     now = start_time(int(pid))
     if now is None:
         return False
-    return started is None or now == 0.0 or abs(now - float(started)) < 1.0
+    return started is None or abs(now - float(started)) < 1.0
 
 
 PR_SET_PDEATHSIG = 1
@@ -98,8 +71,6 @@ def die_with_parent(sig: int = signal.SIGTERM, also: Callable[[], None] | None =
     """
     if not sys.platform.startswith("linux"):
         return also
-    import ctypes
-
     parent = os.getpid()
     libc = ctypes.CDLL(None, use_errno=True)
 

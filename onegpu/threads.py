@@ -13,6 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, e.g. a container's CPU set)."""
@@ -42,8 +44,6 @@ def other_runnable_tasks(samples: int = 5, interval_s: float = 0.05) -> int:
 
 def set_cpu_threads(requested: int | None = None) -> str:
     """Set torch's intra-op threads to ``requested``, or (None, 0) to the cores free now; say which and why."""
-    import torch
-
     cores = usable_cores()
     if requested:
         torch.set_num_threads(requested)

@@ -25,17 +25,29 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from onegpu.contracts import RunDir, RunStatus, atomic_path, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from onegpu.errors import RunStopped, exit_code_of
-from onegpu.paths import REPO_ROOT
+from onegpu.errors import RunStopped, UserError, exit_code_of
+from onegpu.paths import REPO_ROOT, cache_dir
+from onegpu.processes import this_process
 
 # Offline unless the user asked for something else: never require an account or a network.
 DEFAULT_WANDB_MODE = "offline"
+WANDB_PREFIX = "wandb:"  # a model source that is a W&B model artifact: wandb:ENTITY/PROJECT/NAME:ALIAS
+
+
+def _wandb():
+    """The wandb module, imported when a run talks to W&B: it is an extra (the serving image has none) and
+    costs about a second that `--help` and runs with W&B disabled never pay."""
+    import wandb  # optional: the `wandb` extra
+
+    return wandb
 
 
 def wandb_mode() -> tuple[str, str]:
@@ -64,10 +76,8 @@ def wandb_online() -> bool:
 def _settings_file_mode() -> str | None:
     """``mode`` from W&B's settings files (written by ``wandb offline``, cleared by ``wandb online``)."""
     try:
-        import wandb
-
-        return wandb.Settings().read_system_settings().all().get("mode") or None
-    except Exception:  # noqa: BLE001 - unreadable settings files are W&B's default: nothing chosen
+        return _wandb().Settings().read_system_settings().all().get("mode") or None
+    except Exception:  # noqa: BLE001 - no wandb, or unreadable settings files: W&B's default, nothing chosen
         return None
 
 
@@ -86,6 +96,20 @@ def git_sha() -> str | None:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def download_wandb_artifact(name: str) -> Path:
+    """Download a W&B ``model`` artifact (``entity/project/name:alias``) into the cache; online only."""
+    if not wandb_online():
+        raise UserError(f"model source {WANDB_PREFIX}{name} is a W&B artifact, but W&B is offline here",
+                        fix="`wandb login` and set WANDB_MODE=online, or pass the local checkpoint dir")
+    target = cache_dir() / "artifacts" / name.replace("/", "--").replace(":", "-")
+    try:
+        return Path(_wandb().Api().artifact(name, type="model").download(root=str(target)))
+    except Exception as err:  # wandb raises CommError/ValueError variants
+        raise UserError(f"could not download W&B artifact {name!r}: {err}",
+                        fix="check the name (entity/project/name:alias as on its W&B page), `wandb login`, "
+                            "network") from err
 
 
 # Names of secrets, as variables, options or config keys: HF_TOKEN, WANDB_API_KEY, --token, api_key.
@@ -173,8 +197,6 @@ def package_versions(names: tuple[str, ...] = (
     "torch", "litgpt", "lightning", "bitsandbytes", "wandb", "lm_eval", "datasets", "transformers",
     "datasketch", "tokenizers",
 )) -> dict[str, str]:
-    from importlib import metadata
-
     out = {}
     for name in names:
         try:
@@ -222,8 +244,6 @@ class Run:
         resume_id: str | None = None,
         after_interrupt: str = "starting over",
     ):
-        from onegpu.processes import this_process
-
         self.stage = stage
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,8 +273,7 @@ class Run:
         self._summary: dict[str, Any] = {}
         self._wandb_run = None
         if self.mode != "disabled":
-            import wandb
-
+            wandb = _wandb()
             with argv_without_secrets():
                 self._wandb_run = wandb.init(
                     project=project or os.environ.get("WANDB_PROJECT", "onegpu"),
@@ -309,9 +328,7 @@ class Run:
         path = Path(path)
         self.meta.setdefault("artifacts", []).append({"name": name, "type": type, "digest": digest, "path": str(path)})
         if self._wandb_run is not None:
-            import wandb
-
-            art = wandb.Artifact(name, type=type, metadata=_jsonable({**(metadata or {}), "digest": digest}))
+            art = _wandb().Artifact(name, type=type, metadata=_jsonable({**(metadata or {}), "digest": digest}))
             if path.is_dir() and include:
                 for pattern in include:
                     for file in sorted(path.glob(pattern)):
@@ -371,15 +388,11 @@ class Run:
         atomic_write_text(self.out_dir / f"{key}.table.json",
                           json.dumps({"columns": columns, "data": _jsonable(rows)}, indent=1))
         if self._wandb_run is not None:
-            import wandb
-
-            self._wandb_run.log({key: wandb.Table(columns=columns, data=_jsonable(rows))})
+            self._wandb_run.log({key: _wandb().Table(columns=columns, data=_jsonable(rows))})
 
     def log_image(self, key: str, path: str | Path) -> None:
         if self._wandb_run is not None:
-            import wandb
-
-            self._wandb_run.log({key: wandb.Image(str(path))})
+            self._wandb_run.log({key: _wandb().Image(str(path))})
 
     def finish(self, exit_code: int = 0) -> None:
         """summary.json, metrics.csv, the W&B run's end, then run.json with the exit code: last, so a
@@ -418,8 +431,6 @@ class Run:
 def _raise_on_sigterm(stage: str) -> Any:
     """In the main thread, with SIGTERM at its default: raise ``RunStopped`` on it from now on (the previous
     handler, to restore). A handler someone installed (the trainer's graceful stop) is left alone."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
@@ -463,8 +474,7 @@ def write_back_summary(run_dir: str | Path, values: dict[str, Any], exit_code: i
     mode = wandb_mode()[0]
     if not meta.get("wandb_id") or mode == "disabled":
         return
-    import wandb
-
+    wandb = _wandb()
     try:
         if mode == "online" and meta.get("wandb_path"):
             api_run = wandb.Api().run(meta["wandb_path"])
@@ -511,9 +521,7 @@ def shut_down_wandb() -> None:
     The budget clock's last heartbeat comes after this, so that time is charged.
     """
     if "wandb" in sys.modules:
-        import wandb
-
-        wandb.teardown()
+        sys.modules["wandb"].teardown()
 
 
 read_metrics = read_jsonl  # metrics.jsonl rows (a line cut by a kill mid-write is skipped)

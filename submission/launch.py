@@ -59,7 +59,7 @@ def wait_healthy(base_url: str, proc: subprocess.Popen | None = None, timeout: f
                  log_path: str | Path | None = None) -> dict:
     """Poll ``GET /health`` until 200 (returns its JSON); a dead or silent server is a UserError
     that shows the end of its log."""
-    import httpx
+    import httpx  # optional (the eval extra): the serving image has none
 
     def with_log(problem: str) -> str:
         return f"{problem}; its log ({log_path}) ends with:\n{log_tail(log_path)}" if log_path else problem

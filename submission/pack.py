@@ -32,15 +32,25 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+import yaml
+from packaging.requirements import Requirement
+
+from onegpu.checkpoints import WANDB_PREFIX, locate_checkpoint
 from onegpu.contracts import (TRACKS, EngineName, Quantize, Track, TrackSpec, atomic_path, atomic_write_json,
-                              model_input, read_json, staged_dir)
+                              model_input, read_json, read_yaml, staged_dir)
 from onegpu.errors import UserError
-from onegpu.paths import REPO_ROOT
+from onegpu.model import prepare
+from onegpu.paths import REPO_ROOT, cache_dir
+from onegpu.submission.launch import free_port, running_server
+from onegpu.submission.postprocess import parse_rules
+from onegpu.submission.server import check_engine_options
+from onegpu.submission.vllm_env import vllm_requirement
 from onegpu.submission.weights import MODEL_DIR, WeightsRoute, embed_checkpoint, parse_route, pin_revision
 
 DOCKERFILES = {"onegpu": "Dockerfile", "vllm": "Dockerfile.vllm"}  # the template of each engine's image
@@ -68,9 +78,7 @@ IMAGE = "onegpu-submission"
 
 def resolve_source(model: str) -> dict:
     """Classify ``model`` and read its litgpt Config without fetching weights."""
-    from litgpt import Config
-
-    from onegpu.inference import WANDB_PREFIX, locate_checkpoint
+    from litgpt import Config  # the engine's: torch loads with it, not for --help
 
     local = Path(model).expanduser()
     if local.exists():
@@ -84,8 +92,6 @@ def resolve_source(model: str) -> dict:
         config, adapter = _wandb_config(model)
         return {"kind": "wandb_artifact", "name": model, "adapter": adapter, "config": config}
     if model.count("/") == 1:
-        from onegpu.paths import cache_dir
-
         cached = cache_dir() / "checkpoints" / model / "model_config.yaml"
         if cached.is_file():
             return {"kind": "hub_model", "name": model, "config": Config.from_file(cached)}
@@ -102,13 +108,10 @@ def resolve_source(model: str) -> dict:
 
 def _wandb_config(name: str):
     """(litgpt Config, adapter-only?) of a W&B model artifact, from its file list and config files."""
-    import tempfile
-
-    import yaml
-    from litgpt import Config
+    from litgpt import Config  # the engine's: torch loads with it, not for --help
 
     try:
-        import wandb
+        import wandb  # optional (the wandb extra); its absence is reported below like any W&B failure
 
         artifact = wandb.Api().artifact(name, type="model")
         root = Path(tempfile.mkdtemp(prefix="onegpu-pack-"))
@@ -210,8 +213,6 @@ def _gib(n: int) -> str:
 def pinned_requirements(extras: tuple[str, ...] = ("serve",), also: tuple[str, ...] = ()) -> list[str]:
     """``name==version`` for onegpu's core + ``extras`` requirements (+ the distributions ``also``) and
     their dependencies, as installed here."""
-    from packaging.requirements import Requirement
-
     def wanted(req: Requirement, extras: set[str]) -> bool:
         return req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {""} | extras)
 
@@ -286,8 +287,6 @@ def render_dockerfile(route: WeightsRoute, base: WeightsRoute | None, options: d
             "DTYPE": options["dtype"], "POSTPROCESS": options["postprocess"] or "",
             "MAX_BATCH_SIZE": str(options["max_batch_size"])}
     if engine == "vllm":  # vLLM quantizes by its own options; its share of the GPU instead
-        from onegpu.submission.vllm_env import vllm_requirement
-
         del args["QUANTIZE"]
         args["GPU_MEMORY_UTILIZATION"] = str(options["gpu_memory_utilization"])
         args["BASE_IMAGE"] = f"{VLLM_IMAGE}:v{vllm_requirement(gpu=True).split('==')[1]}"
@@ -395,12 +394,9 @@ def _memory_table(estimate: dict) -> str:
 
 def verify_config(config_path: Path, checkpoint: Path, on_cpu: bool, timeout: float = 300.0) -> dict:
     """Start ``onegpu serve --config config_path`` on ``checkpoint`` and send the organizers' health request."""
-    import httpx
-    import yaml
+    import httpx  # optional (the eval extra); only the check after writing needs it
 
-    from onegpu.submission.launch import free_port, running_server
-
-    cfg = yaml.safe_load(config_path.read_text())
+    cfg = read_yaml(config_path, "server config")
     for key in ("checkpoint", "wandb_artifact", "hub_model"):
         cfg.pop(key, None)
     cfg["checkpoint"] = str(checkpoint)
@@ -484,8 +480,6 @@ def check_vllm_fits(source: dict, track: str, options: dict) -> dict:
 def write_bundle(out: Path, source: dict, route: WeightsRoute, base: WeightsRoute | None, options: dict,
                  estimate: dict) -> None:
     """The kit's source, the rendered Dockerfile, pins, server config, README and (embed) model/ in ``out``."""
-    import yaml
-
     for name in SOURCE_DIRS:
         shutil.copytree(REPO_ROOT / name, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(REPO_ROOT / "pyproject.toml", out / "pyproject.toml")  # its readme is the bundle's README.md
@@ -510,9 +504,7 @@ def check_options(track: str | None, prompt_style: str, postprocess: str | None,
                   max_seq_length: int, prefix_cache_mb: int, engine: str = "onegpu", quantize: str | None = None,
                   gpu_memory_utilization: float = 0.9) -> list[str]:
     """UserError for a missing track, impossible sizes or unknown names; returns the output rules."""
-    from onegpu.inference import resolve_prompt_style
-    from onegpu.submission.postprocess import parse_rules
-    from onegpu.submission.server import check_engine_options
+    from onegpu.inference import resolve_prompt_style  # the engine: torch and litgpt load here, not for --help
 
     check_engine_options(engine, quantize, None)
     if not 0 < gpu_memory_utilization < 1:
@@ -599,24 +591,30 @@ def pack(model: str | None = None, track: Track | None = None, out: Path = Path(
             "track": {"name": track, "gpu": TRACKS[track].gpu, "mib": TRACKS[track].memory_mib},
             "estimate": estimate, "build": build_command(route, base_route)}
     info = json.loads(json.dumps(info, default=str))  # as pack.json holds it
-    earlier = earlier_pack(out, info, verify)
-    if earlier is not None:
-        info = earlier
-        print(f"[onegpu pack] {out} already holds this pack (the same model, weights route and options, by its "
-              "pack.json): reusing it", file=sys.stderr)
-    else:
-        if out.exists() and any(out.iterdir()) and not force:
-            raise UserError(f"{out} exists and is not empty", fix="pass another --out, or --force true to overwrite it")
-        with staged_dir(out) as stage:
-            stage.chmod(0o755)  # a temp dir is private; the bundle is shared with whoever builds it
-            write_bundle(stage, source, route, base_route, options, estimate)
-            if verify:
-                info["verify"] = _verify(stage, source, route)
-            atomic_write_json(stage / "pack.json", info)
+    info = write_or_reuse(out, info, source, route, base_route, verify, force)
     if zip:
         info["zip"] = write_zip(out)
     print(f"[onegpu pack] wrote {out}" + (f" and {info['zip']}" if zip else "") + f"; build it with: cd {out} && "
           f"{info['build']}")
+    return info
+
+
+def write_or_reuse(out: Path, info: dict, source: dict, route: WeightsRoute, base_route: WeightsRoute | None,
+                   verify: bool, force: bool) -> dict:
+    """The folder ``info`` describes written into ``out`` (whole or not at all), or the earlier one it repeats."""
+    earlier = earlier_pack(out, info, verify)
+    if earlier is not None:
+        print(f"[onegpu pack] {out} already holds this pack (the same model, weights route and options, by its "
+              "pack.json): reusing it", file=sys.stderr)
+        return earlier
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty", fix="pass another --out, or --force true to overwrite it")
+    with staged_dir(out) as stage:
+        stage.chmod(0o755)  # a temp dir is private; the bundle is shared with whoever builds it
+        write_bundle(stage, source, route, base_route, info["options"], info["estimate"])
+        if verify:
+            info["verify"] = _verify(stage, source, route)
+        atomic_write_json(stage / "pack.json", info)
     return info
 
 
@@ -641,9 +639,7 @@ def write_zip(out: Path) -> str:
 
 
 def _verify(stage: Path, source: dict, route: WeightsRoute) -> dict:
-    import torch
-
-    from onegpu.model import prepare
+    import torch  # the engine's, not for --help
 
     if route.kind == "embed":
         checkpoint = stage / "model"  # the very files the image will hold

@@ -26,12 +26,6 @@ import re
 from onegpu.errors import UserError
 
 RULES = ("drop_answer_prefix", "mc_letter", "cut_blank_line", "strip")
-HELM_METRICS = {
-    "drop_answer_prefix": "exact_match / quasi_exact_match (MMLU, TruthfulQA, BBQ)",
-    "mc_letter": "exact_match (MMLU, TruthfulQA multiple choice)",
-    "cut_blank_line": "exact_match / quasi_exact_match / f1_score / ROUGE-2 (generation without a newline stop)",
-    "strip": "none (HELM strips before comparing); raw-text clients",
-}
 
 _ANSWER_PREFIX = re.compile(r"\s*(?:the\s+(?:correct\s+)?answer\s+is|answer)\s*[:\-]?\s*", re.IGNORECASE)
 _OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.)]\s", re.MULTILINE)

@@ -1,7 +1,7 @@
 """``onegpu serve``: the challenge's HTTP API (/process, /tokenize, /decode) over a litgpt checkpoint.
 
 The contract is ../shared/reference/challenge-api.md; the decisions it leaves open are made here
-and documented in the README's "Submission server" section:
+and documented in docs/serving.md:
 
 * /tokenize returns the ids the model is fed, including BOS when the tokenizer prepends one (HELM
   counts prompt length with /tokenize); /decode drops that leading BOS, so ids round-trip.
@@ -23,15 +23,29 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import Field
+
 from onegpu.contracts import EngineName, Quantize
 from onegpu.errors import UserError
+from onegpu.model import prepare
+from onegpu.submission import postprocess as post
+from onegpu.submission import schemas
+from onegpu.submission.generation import GenRequest, shape_response
+from onegpu.submission.launch import free_port
+from onegpu.submission.postprocess import parse_rules
 from onegpu.submission.schemas import (DecodeResponse, EffectivePromptRequest, EffectivePromptResponse, ErrorResponse,
                                        ProcessResponse, TokenizeRequest, TokenizeResponse)
+from onegpu.tracking import download_wandb_artifact
 
 
 def _validation_message(errors: list) -> str:
@@ -63,11 +77,7 @@ def create_app(engine, postprocess: list[str] | None = None):
 
     ``postprocess``: rule names from :mod:`submission.postprocess`, applied to non-echo completions.
     """
-    from onegpu.submission.postprocess import parse_rules
-
     rules = parse_rules(postprocess)
-    from fastapi import FastAPI
-
     app = FastAPI(title="onegpu submission server",
                   description="NeurIPS LLM Efficiency Challenge API: /process, /tokenize, /decode",
                   version="1")
@@ -82,10 +92,6 @@ def create_app(engine, postprocess: list[str] | None = None):
 
 def _add_error_handlers(app) -> None:
     """422s and 400s with a ``detail`` message that says what is wrong."""
-    from fastapi import HTTPException, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
         return _reject(_validation_message(exc.errors()))
@@ -99,14 +105,10 @@ def _add_error_handlers(app) -> None:
 
 
 def _reject(message: str):
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(status_code=422, content={"detail": message})
 
 
 def _add_health(app, engine, rules: list[str]) -> None:
-    from fastapi.responses import JSONResponse
-
     @app.get("/health")
     async def health():
         """200 once the model is loaded (the server listens only after that); 503 if the engine died."""
@@ -119,12 +121,6 @@ def _add_health(app, engine, rules: list[str]) -> None:
 
 
 def _add_process(app, engine, rules: list[str]) -> None:
-    from pydantic import Field
-
-    from onegpu.submission import postprocess as post
-    from onegpu.submission import schemas
-    from onegpu.submission.generation import GenRequest, shape_response
-
     # The schema states this model's real limit, so clients (and the fuzzer) see it up front.
     class ProcessRequest(schemas.ProcessRequest):
         max_new_tokens: int = Field(50, ge=0, le=max(0, engine.max_seq_length - 2),
@@ -185,10 +181,6 @@ def _add_tokenize(app, engine) -> None:
 
 
 def _add_decode(app, engine) -> None:
-    from pydantic import Field
-
-    from onegpu.submission import schemas
-
     tokenizer_vocab = engine.codec.vocab_limit()
 
     class DecodeRequest(schemas.DecodeRequest):
@@ -237,11 +229,9 @@ ENV_DEFAULTS = {"checkpoint": "ONEGPU_CHECKPOINT", "wandb_artifact": "ONEGPU_WAN
 ENGINES = ("onegpu", "vllm")
 
 
-def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8080,
-          device: str = "auto", dtype: str | None = None, prompt_style: str | None = None,
-          postprocess: str | None = None,
-          max_batch_size: int | None = None,
-          max_seq_length: int = 2048, quantize: Quantize | None = None,
+def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8080, device: str = "auto",
+          dtype: str | None = None, prompt_style: str | None = None, postprocess: str | None = None,
+          max_batch_size: int | None = None, max_seq_length: int = 2048, quantize: Quantize | None = None,
           wandb_artifact: str | None = None, hub_model: str | None = None, base_checkpoint: Path | None = None,
           num_threads: int | None = None, prefix_cache_mb: int = 1024, prefill_chunk: int = 256,
           engine: EngineName | None = None, gpu_memory_utilization: float | None = None,
@@ -266,7 +256,7 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
         prompt_style: raw (prompt as sent), auto (the checkpoint's prompt_style.yaml if present,
             else raw with a warning; the default) or a litgpt prompt-style name (alpaca, smollm2, ...).
         postprocess: comma-separated output rules, off by default: drop_answer_prefix, mc_letter,
-            cut_blank_line, strip (see submission/postprocess.py and the README for the HELM metric
+            cut_blank_line, strip (see submission/postprocess.py and docs/serving.md for the HELM metric
             each affects). Returned tokens/logprob are narrowed with the text.
         max_batch_size: sequences decoded together (KV-cache rows; default 16); more uses more memory.
         max_seq_length: context length served (prompt + completion), capped at the model's.
@@ -291,8 +281,6 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
         vllm_args: more vLLM engine arguments, e.g. '{"enforce_eager": true}' (vLLM's names).
         access_log: log every HTTP request.
     """
-    from onegpu.submission.postprocess import parse_rules
-
     # bad names fail before the model loads
     rules = parse_rules(postprocess if postprocess is not None else _env("postprocess"))
     prompt_style = prompt_style or _env("prompt_style") or "auto"
@@ -306,26 +294,32 @@ def serve(checkpoint: Path | None = None, host: str = "127.0.0.1", port: int = 8
     checkpoint, wandb_artifact, hub_model = _model_source(checkpoint, wandb_artifact, hub_model)
     check_port(host, port)  # before the model loads, not after
     checkpoint = _local_checkpoint(checkpoint, wandb_artifact, hub_model)
-    import uvicorn
-
     print(f"[onegpu serve] loading {checkpoint} (engine {engine})", file=sys.stderr)
     common = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_length=max_seq_length,
                   prompt_style=prompt_style, num_threads=num_threads, prefix_cache_mb=prefix_cache_mb,
                   base_checkpoint=Path(base_checkpoint) if base_checkpoint else None)
     if engine == "vllm":
-        from onegpu.submission.vllm_engine import VLLMEngine
-
-        serving = VLLMEngine(Path(checkpoint), gpu_memory_utilization=gpu_memory_utilization, vllm_args=vllm_args,
-                             **common)
+        serving = vllm_engine(Path(checkpoint), gpu_memory_utilization=gpu_memory_utilization, vllm_args=vllm_args,
+                              **common)
     else:
-        from onegpu.submission.engine import Engine
-
-        serving = Engine(Path(checkpoint), quantize=quantize, prefill_chunk=prefill_chunk, **common)
+        serving = onegpu_engine(Path(checkpoint), quantize=quantize, prefill_chunk=prefill_chunk, **common)
     _print_ready(serving, rules, host, port)
     try:
         uvicorn.run(create_app(serving, rules), host=host, port=port, log_level="warning", access_log=access_log)
     finally:
         serving.shutdown()
+
+
+def onegpu_engine(checkpoint: Path, **options):
+    from onegpu.submission.engine import Engine  # the engine: torch and litgpt load here, not for --help
+
+    return Engine(checkpoint, **options)
+
+
+def vllm_engine(checkpoint: Path, **options):
+    from onegpu.submission.vllm_engine import VLLMEngine  # the engine: torch here, vLLM in its own env
+
+    return VLLMEngine(checkpoint, **options)
 
 
 def check_engine_options(engine: str, quantize: str | None, vllm_args) -> None:
@@ -363,10 +357,6 @@ def _model_source(checkpoint, wandb_artifact: str | None, hub_model: str | None)
 
 def check_port(host: str, port: int) -> None:
     """UserError unless ``host:port`` can be bound now (as uvicorn binds it: SO_REUSEADDR set)."""
-    import socket
-
-    from onegpu.submission.launch import free_port
-
     if not 0 < port < 65536:
         raise UserError(f"port {port} is out of range", fix="use 1-65535")
     try:
@@ -387,12 +377,8 @@ def check_port(host: str, port: int) -> None:
 def _local_checkpoint(checkpoint, wandb_artifact: str | None, hub_model: str | None):
     """The checkpoint dir to load: ``checkpoint``, or the W&B artifact downloaded, or the hub model prepared."""
     if wandb_artifact:
-        from onegpu.inference import download_wandb_artifact
-
         return download_wandb_artifact(wandb_artifact)
     if hub_model:
-        from onegpu.model import prepare
-
         return prepare(hub_model)
     return checkpoint
 

