@@ -31,15 +31,16 @@ import wandb
 from lm_eval import simple_evaluate
 from lm_eval.loggers import WandbLogger
 from lm_eval.tasks import TaskManager
-
-from onegpu.contracts import atomic_write_json, atomic_write_text, checkpoint_digest
-from onegpu.errors import UserError
 from onegpu.eval.lineage import record_checkpoint_lineage, write_scores_to_training_run
 from onegpu.eval.lm import LitGPTLM
 from onegpu.eval.tasks import offline_include_dir
 from onegpu.eval.tasks.helm_mc import is_helm_task, likelihood_twins
 from onegpu.eval.tasks.hub import hub_include_dir
-from onegpu.inference import CheckpointRef, resolve_device
+
+from onegpu.checkpoints import CheckpointRef
+from onegpu.contracts import atomic_write_json, atomic_write_text, checkpoint_digest
+from onegpu.errors import UserError
+from onegpu.inference import resolve_device
 from onegpu.tables import text_table
 from onegpu.threads import set_cpu_threads
 from onegpu.tracking import Run

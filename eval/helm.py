@@ -20,7 +20,7 @@ from typing import Any
 
 from onegpu.errors import UserError, did_you_mean
 from onegpu.eval.helm_env import helm_bin_dir
-from onegpu.inference import locate_checkpoint
+from onegpu.checkpoints import locate_checkpoint
 from onegpu.paths import shared_reference_dir
 
 CONFS_DIR = Path(__file__).resolve().parent / "helm_confs"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from onegpu.contracts import model_input
-from onegpu.inference import checkpoint_lineage
+from onegpu.checkpoints import checkpoint_lineage
 from onegpu.tracking import Run, training_run_dir, write_back_summary
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from onegpu.contracts import read_yaml
 from onegpu.errors import UserError, did_you_mean
 from onegpu.eval.tasks.helm_mc import is_helm_task
-from onegpu.inference import locate_checkpoint
+from onegpu.checkpoints import locate_checkpoint
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 

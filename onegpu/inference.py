@@ -48,7 +48,6 @@ from litgpt.utils import load_checkpoint
 from safetensors.torch import save_file
 
 from onegpu.checkpoints import CheckpointRef, locate_checkpoint
-from onegpu.checkpoints import checkpoint_lineage  # noqa: F401 - eval imports it from here
 from onegpu.contracts import QUANTIZE_MODES, read_json, staged_dir
 from onegpu.errors import UserError
 from onegpu.paths import cache_dir
