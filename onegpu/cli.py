@@ -44,7 +44,7 @@ VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("data", "sources"): ("onegpu.data.sources", "list_sources", "list the registered datasets with licence and provenance"),
     ("finetune",): ("onegpu.finetune.verbs", "finetune", "LoRA/QLoRA fine-tuning with packing, telemetry and a budget clock"),
     ("finetune", "plan"): ("onegpu.finetune.verbs", "plan", "measure memory and speed of a config before spending the budget"),
-    ("day", "plan"): ("onegpu.finetune.planning.day", "day_plan", "lay out the 24 h on the rented GPU, every step checked against the track"),
+    ("day", "plan"): ("onegpu.finetune.verbs", "day_plan", "lay out the 24 h on the rented GPU, every step checked against the track"),
     ("eval", "val"): ("onegpu.eval.validate", "validate", "lm-eval-harness validation suite on a checkpoint"),
     ("eval", "helm"): ("onegpu.eval.helm", "helm", "HELM test run against `onegpu serve` on a checkpoint"),
     ("eval", "compare"): ("onegpu.eval.compare", "compare", "challenge score across runs; validation vs test plot"),

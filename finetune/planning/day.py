@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from litgpt.config import Config, name_to_config
 
 from onegpu import cli
 from onegpu.budget import default_reserve, format_duration, parse_duration
-from onegpu.contracts import (TRACKS, EngineName, Quantize, Track, atomic_write_json, atomic_write_text, read_json,
-                              read_yaml)
+from onegpu.contracts import TRACKS, atomic_write_json, atomic_write_text, read_json, read_yaml
 from onegpu.errors import UserError, all_problems
 from onegpu.finetune.options import finetune_options
+from onegpu.finetune.planning.analytic import SAFE_HEADROOM, Evaluator, fit_on_track, planned_workload
 from onegpu.paths import REPO_ROOT, stage_dir
 from onegpu.submission.pack import estimate_memory, estimate_vllm_memory
 from onegpu.sweeps import runner, schema
@@ -84,47 +85,13 @@ class DayPlan:
         return sum(s.seconds for s in self.steps)
 
 
-def day_plan(track: Track = "rtx4090-24gb", model: str = "Mistral-7B-v0.1", data: str | None = None,
-             out: Path = Path("runs/day"), final_config: Path | None = None, lora_r: int = 64,
-             max_seq_length: int = 2048,
-             sweep_share: float = 0.2, trial_minutes: int = 30, setup: str = "30m", memory_check: str = "10m",
-             validation: str = "30m", helm: str = "1h", pack: str = "30m", serve_engine: EngineName = "vllm",
-             serve_quantize: Quantize | None = None, mfu: float | None = None) -> dict:
-    """Lay out the GPU day: set-up, a memory check on the card, a sweep, the final run, validation, HELM and the image.
-
-    Args:
-        track: the challenge track: its card's memory and the 24 h clock.
-        model: the base model, a litgpt config name (``Mistral-7B-v0.1``, ``Llama-2-7b-hf``,
-            ``Llama-2-13b-hf``...): its hub id is litgpt's.
-        data: an ``onegpu data build`` dir; the plan then says how many epochs of the mix the final run
-            trains. Without it the plan builds ``data/recipes/competition.yaml`` into ``runs/data`` first.
-        out: where the plan's files go (the run dirs of the day go under it too).
-        final_config: a fine-tuning config for the final run. Default: the shipped preset for this track and
-            model, else the planner's recommendation at ``--lora_r`` and ``--max_seq_length``.
-        lora_r: LoRA rank of the final run when no config is given (the sweep tries others).
-        max_seq_length: tokens per row when no config is given.
-        sweep_share: the share of the day the sweep may take (0 skips it).
-        trial_minutes: each trial's budget (the model's loading included).
-        setup: time for `model prepare` (download + conversion) and `data build`.
-        memory_check: time for the measured plan on the card.
-        validation: time for `onegpu eval val` on the final model.
-        helm: time for `onegpu eval helm` on the final model.
-        pack: time for `onegpu submission pack`, the image build and the organizers' probe.
-        serve_engine: the engine of the image, which HELM scores too: ``vllm`` (proven on CUDA; the
-            set-up makes its env) or ``onegpu``.
-        serve_quantize: serve (HELM and the image) with 4-bit/8-bit weights on the onegpu engine, for a
-            model whose bf16 weights do not leave room on the card (``eval val`` still loads bf16:
-            ``--validation 0m`` skips it).
-        mfu: model FLOPs utilization for the forecast (default: measured by benchmarks/gpu_check.py
-            when its results exist, else assumed per method).
-
-    Returns:
-        The plan (also printed, and written to ``out``). Exits 2 (UserError) after writing it when a
-        step does not fit the card with the safe headroom or the steps overrun the day.
-    """
+def plan_day(track: str, model: str, data: str | None, out: Path, final_config: Path | None, lora_r: int,
+             max_seq_length: int, sweep_share: float, trial_minutes: int, stage_times: dict[str, str],
+             serve_engine: str, serve_quantize: str | None, mfu: float | None) -> dict:
+    """``onegpu day plan`` (its options and their docs: ``finetune/verbs.py``): lay the day out, print it,
+    write its files; exit 2 (UserError) after writing them when a step does not fit or the day overruns."""
     plan = lay_out(track, model, data, Path(out), final_config, lora_r, max_seq_length, sweep_share, trial_minutes,
-                   {"set-up": setup, "memory check": memory_check, "validation": validation, "HELM": helm,
-                    "pack + image": pack}, "onegpu" if serve_quantize else serve_engine, serve_quantize, mfu)
+                   stage_times, "onegpu" if serve_quantize else serve_engine, serve_quantize, mfu)
     text = render(plan)
     write_files(plan, text)
     print(text)
@@ -233,9 +200,6 @@ def evaluation_steps(plan: DayPlan, options: dict[str, Any], seconds: dict[str, 
 def vllm_fit(plan: DayPlan, max_seq_length: int) -> dict[str, Any]:
     """vLLM takes ``VLLM_SHARE`` of the card (the plan's headroom) and pages its KV cache into what the
     weights leave (``submission pack``'s plan in vLLM's terms); a problem when one sequence does not fit."""
-    # the engine: litgpt (torch) loads here, not for --help
-    from litgpt.config import Config
-
     capacity = TRACKS[plan.track].memory_mib << 20
     estimate = estimate_vllm_memory(Config.from_name(plan.model), "auto", 16, max_seq_length, VLLM_SHARE, capacity)
     if estimate["kv_sequences"] < 1:
@@ -248,11 +212,7 @@ def vllm_fit(plan: DayPlan, max_seq_length: int) -> dict[str, Any]:
 
 def model_hub_id(model: str) -> str:
     """litgpt's hub id of a config name; unknown names fail with the closest ones."""
-    # the engine: litgpt (torch) loads here, not for --help
-    from litgpt.config import Config, name_to_config
-
     if model not in name_to_config:
-
         close = difflib.get_close_matches(model, list(name_to_config), n=3, cutoff=0.5)
         raise UserError(f"{model!r} is not a litgpt config name",
                         fix=f"use one of {', '.join(close)}" if close else "see `litgpt download list`")
@@ -300,12 +260,6 @@ def shipped_preset(track: str, model: str) -> Path | None:
 
 def recommended_setup(options: dict[str, Any], model: str) -> dict[str, Any]:
     """The planner's fastest fitting setup at this rank (quantization, checkpointing, micro-batch)."""
-    # the engine: litgpt (torch) loads here, not for --help
-    from litgpt.config import Config
-
-    # the engine: the analytic planner (torch, litgpt) loads here, not for --help
-    from onegpu.finetune.planning.analytic import SAFE_HEADROOM, Evaluator, planned_workload
-
     _config, _source, w = planned_workload({**options, "checkpoint_dir": None}, model, [])
     spec = TRACKS[options["track"]]
     evaluator = Evaluator(Config.from_name(model), options["track"], spec.memory_gib * (1 - SAFE_HEADROOM),
@@ -326,9 +280,6 @@ def finetune_flat(argv: list[str]) -> dict[str, Any]:
 
 def check_training(plan: DayPlan, options: dict[str, Any], what: str, mfu: float | None) -> Any:
     """The analytic fit of one training step on the track; a problem when it keeps less than the safe headroom."""
-    # the engine: the analytic planner (torch, litgpt) loads here, not for --help
-    from onegpu.finetune.planning.analytic import SAFE_HEADROOM, fit_on_track
-
     _config, _w, fit = fit_on_track({**options, "checkpoint_dir": None, "budget": None}, plan.model, mfu)
     if not fit.fits or fit.headroom_gib < SAFE_HEADROOM * plan.memory_gib:
         plan.problems.append(UserError(
@@ -355,12 +306,6 @@ def serving_fit(plan: DayPlan, model: str, max_seq_length: int, quantize: str | 
                 batches: tuple[int, ...] = SERVE_BATCH_SIZES) -> dict[str, Any]:
     """The largest batch whose serving memory (the estimate `submission pack` checks) keeps the safe
     headroom free; a problem when not even batch 1 does."""
-    # the engine: litgpt (torch) loads here, not for --help
-    from litgpt.config import Config
-
-    # the engine: the analytic planner (torch, litgpt) loads here, not for --help
-    from onegpu.finetune.planning.analytic import SAFE_HEADROOM
-
     config = Config.from_name(model)
     usable = plan.memory_gib * (1 - SAFE_HEADROOM) * GIB
 
