@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import shlex
 import shutil
@@ -52,13 +51,13 @@ from onegpu.finetune.options import finetune_options
 from onegpu.paths import runs_dir
 from onegpu.processes import die_with_parent, process_alive, start_time, this_process
 from onegpu.sweeps import schema as S
+from onegpu.sweeps.samplers import Sampler, sampler_for
 from onegpu.tables import text_table
 from onegpu.tracking import Run
 
 STATE_FILE = SWEEP_STATE
 SUMMARY_FILE = "sweep_summary.json"
 BEST_FILE = "best.yaml"  # the best finished trial's swept parameters
-OPTUNA_JOURNAL = "optuna.journal"
 DONE_STATES = ("finished", "failed", "stopped")  # not re-run on resume (failed: unless --retry_failed)
 
 
@@ -326,156 +325,6 @@ class SweepState:
                                       or (trial["state"] in DONE_STATES and not retry_failed))
 
 
-# ---------------------------------------------------------------------------------- samplers
-class Sampler:
-    """Which parameters trial ``index`` runs with; ``tell`` hands back how the trial went."""
-
-    total: int  # trials in this sweep
-    preview_note: str | None = None  # printed by --dry_run above the previewed trials
-
-    def open(self, out: Path, sweep_id: str) -> None:
-        """Attach to the sweep dir (where a sampler keeps what must survive a resume)."""
-
-    def ask(self, index: int) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def tell(self, index: int, trial: dict[str, Any]) -> None:
-        """The finished trial record (``state``, ``metric``) of an ``ask``."""
-
-    def preview(self) -> list[dict[str, Any]]:
-        """The trials --dry_run prints (no side effects)."""
-        return [self.ask(i) for i in range(self.total)]
-
-
-class GridSampler(Sampler):
-    """W&B's grid: the product of the values, parameter names sorted; ``--count`` takes the first N."""
-
-    def __init__(self, config: dict[str, Any], cap: int | None, seed: int):
-        self.points = S.grid_points(config)[:cap] if cap else S.grid_points(config)
-        self.total = len(self.points)
-
-    def ask(self, index: int) -> dict[str, Any]:
-        return self.points[index]
-
-
-class RandomSampler(Sampler):
-    """W&B's random search: trial ``index`` gets the index-th draw of the seeded sequence (resumable)."""
-
-    def __init__(self, config: dict[str, Any], cap: int, seed: int):
-        self.total = cap
-        self.draws = S.iter_random_points(config, seed)
-        self.drawn: list[dict[str, Any]] = []
-
-    def ask(self, index: int) -> dict[str, Any]:
-        while len(self.drawn) <= index:
-            self.drawn.append(next(self.draws))
-        return self.drawn[index]
-
-    def preview(self) -> list[dict[str, Any]]:
-        return [self.ask(i) for i in range(min(self.total, 5))]
-
-
-class BayesSampler(Sampler):
-    """Bayesian search through optuna's TPE sampler; the study lives in ``OUT/optuna.journal``."""
-
-    preview_note = "(bayes: later trials depend on earlier results; these are sample draws)"
-
-    def __init__(self, config: dict[str, Any], cap: int, seed: int):
-        self.config, self.total, self.seed = config, cap, seed
-        self.space = _optuna_space(config)  # an unsupported distribution fails here, before any trial
-        self.study = None
-        self.asked: dict[int, Any] = {}
-
-    def preview(self) -> list[dict[str, Any]]:  # TPE starts from random draws too
-        draws = S.iter_random_points(self.config, self.seed)
-        return [next(draws) for _ in range(min(self.total, 5))]
-
-    def open(self, out: Path, sweep_id: str) -> None:
-        # the engine of bayes sweeps: optuna loads only for them
-        import optuna
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-        from optuna.trial import TrialState
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        goal = (self.config.get("metric") or {}).get("goal", "minimize")
-        self.study = optuna.create_study(
-            study_name=sweep_id, storage=JournalStorage(JournalFileBackend(str(out / OPTUNA_JOURNAL))),
-            load_if_exists=True, direction="maximize" if goal == "maximize" else "minimize",
-            sampler=optuna.samplers.TPESampler(seed=self.seed))
-        for stale in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self.study.tell(stale.number, state=TrialState.FAIL)  # asked by an interrupted invocation
-
-    def ask(self, index: int) -> dict[str, Any]:
-        self.asked[index] = self.study.ask(self.space)
-        return _from_optuna(self.config, self.space, self.asked[index].params)
-
-    def tell(self, index: int, trial: dict[str, Any]) -> None:
-        # optuna, imported by open() already (bayes sweeps only)
-        from optuna.trial import TrialState
-
-        asked = self.asked.pop(index)
-        if trial["state"] == "finished" and trial["metric"] is not None:
-            self.study.tell(asked, trial["metric"])
-        else:
-            self.study.tell(asked, state=TrialState.FAIL if trial["state"] == "failed" else TrialState.PRUNED)
-
-
-SAMPLERS = {"grid": GridSampler, "random": RandomSampler, "bayes": BayesSampler}
-
-
-def _optuna_space(config: dict[str, Any]) -> dict[str, Any]:
-    """W&B parameters -> optuna distributions (constants stay out of the search space)."""
-
-    # the engine of bayes sweeps: optuna loads only for them
-    import optuna.distributions as od
-
-    space: dict[str, Any] = {}
-    for name, (kind, spec) in S.flat_parameters(config["parameters"]).items():
-        lo, hi, q = spec.get("min"), spec.get("max"), spec.get("q")
-        if kind == "param_single_value":
-            continue
-        if kind in ("param_categorical", "param_categorical_w_probabilities"):
-            # optuna stores only plain scalars as choices; others are chosen by index
-            plain = all(v is None or isinstance(v, (bool, int, float, str)) for v in spec["values"])
-            space[name] = od.CategoricalDistribution(spec["values"] if plain else list(range(len(spec["values"]))))
-        elif kind == "param_int_uniform":
-            space[name] = od.IntDistribution(lo, hi)
-        elif kind == "param_uniform":
-            space[name] = od.FloatDistribution(lo, hi)
-        elif kind == "param_quniform":
-            if all(isinstance(x, int) for x in (lo, hi, q)):
-                space[name] = od.IntDistribution(lo, hi - (hi - lo) % q, step=q)
-            else:
-                space[name] = od.FloatDistribution(lo, lo + ((hi - lo) // q) * q, step=q)
-        elif kind == "param_loguniform_v2":
-            space[name] = od.FloatDistribution(lo, hi, log=True)
-        elif kind == "param_loguniform":
-            space[name] = od.FloatDistribution(math.exp(lo), math.exp(hi), log=True)
-        elif kind == "param_qloguniform_v2" and isinstance(q, int) and q == 1:
-            space[name] = od.IntDistribution(max(1, int(lo)), int(hi), log=True)
-        else:
-            raise UserError(f"parameters.{name}: distribution {spec.get('distribution')!r} has no bounded equivalent "
-                            "in optuna's Bayesian (TPE) search",
-                            fix="use values, int/float min-max, q_uniform, log_uniform_values or log_uniform "
-                                "for method: bayes, or switch to method: random")
-    return space
-
-
-def _from_optuna(config: dict[str, Any], space: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for name, (kind, spec) in S.flat_parameters(config["parameters"]).items():
-        if kind == "param_single_value":
-            out[name] = spec["value"]
-            continue
-        value = chosen[name]
-        values = spec.get("values")
-        if values is not None and list(space[name].choices) != values:
-            value = values[value]
-        out[name] = value
-    return out
-
-
 # ------------------------------------------------------------------------------------- trials
 def _run_trial(argv: list[str], trial_dir: Path, env: dict[str, str], config: dict[str, Any],
                previous_histories: list[list[float]], on_start=None) -> tuple[int, str | None]:
@@ -568,7 +417,7 @@ def sweep(
     if params:
         cfg = {**cfg, "parameters": {**cfg["parameters"], **{k: {"value": v} for k, v in params.items()}}}
         S.validate_sweep_config(cfg, source=f"{source} + --params")
-    sampler = SAMPLERS[cfg["method"]](cfg, trial_cap(cfg, count, source), seed)
+    sampler = sampler_for(cfg, trial_cap(cfg, count, source), seed)
     out = Path(out) if out else runs_dir() / f"sweep-{Path(sweep_config).stem}"
     launch = Launch.checked(cfg, source, out)  # everything the sweep can produce parses, before any trial
     if dry_run:
