@@ -54,11 +54,17 @@ def plotted_keys() -> tuple[set[str], set[str]]:
     return metrics, set(SWEEP_CONFIG)
 
 
+def workspaces_api() -> tuple[Any, Any]:
+    """wandb-workspaces' reports and workspaces modules: an optional extra ([sweeps]), loaded only to build panels."""
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+
+    return wr, ws
+
+
 def build_panels() -> list[tuple[str, list[Any]]]:
     """The panels of every section as wandb-workspaces objects (no network needed)."""
-    # optional: wandb-workspaces comes with the [sweeps] extra; loaded only to build the panels
-    import wandb_workspaces.reports.v2 as wr
-
+    wr, _ws = workspaces_api()
     sections = []
     for name, specs in SECTIONS:
         panels = []
@@ -87,9 +93,7 @@ def build_panels() -> list[tuple[str, list[Any]]]:
 
 def build_workspace(entity: str, project: str, name: str):
     """A ``wandb_workspaces.workspaces.Workspace`` with the standard sections (not saved)."""
-    # optional: wandb-workspaces comes with the [sweeps] extra; loaded only to build the panels
-    import wandb_workspaces.workspaces as ws
-
+    _wr, ws = workspaces_api()
     sections = [ws.Section(name=title, panels=panels, is_open=True) for title, panels in build_panels()]
     return ws.Workspace(
         entity=entity, project=project, name=name, sections=sections,
@@ -101,16 +105,15 @@ def build_workspace(entity: str, project: str, name: str):
 
 def build_report(entity: str, project: str, name: str):
     """The same panels as a W&B Report (a shareable page) over the project's runs (not saved)."""
-    # optional: wandb-workspaces comes with the [sweeps] extra; loaded only to build the panels
-    import wandb_workspaces.reports.v2 as wr
-
+    wr, _ws = workspaces_api()
     blocks: list[Any] = [wr.P(text="Made by `onegpu dashboard --kind report`: the onegpu standard panels.")]
     for title, panels in build_panels():
         blocks += [wr.H2(text=title), wr.PanelGrid(runsets=[wr.Runset(entity=entity, project=project)], panels=panels)]
     return wr.Report(entity=entity, project=project, title=name, blocks=blocks, width="fluid")
 
 
-def _require_online() -> None:
+def online_wandb() -> Any:
+    """wandb, logged in; a UserError when W&B is offline or has no API key."""
     mode = os.environ.get("WANDB_MODE", "")
     if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
         raise UserError(f"W&B is in {mode or 'disabled'} mode: a dashboard lives on the W&B server and cannot be "
@@ -123,6 +126,7 @@ def _require_online() -> None:
     if not wandb.login(prompt=False, verify=False):
         raise UserError("no W&B API key: the dashboard is created on the W&B server",
                         fix="run `wandb login` (or set WANDB_API_KEY); offline, use `onegpu report RUN_DIRS --out DIR`")
+    return wandb
 
 
 def dashboard(
@@ -140,10 +144,7 @@ def dashboard(
         name: name of the saved workspace view / report title.
         kind: ``workspace`` (a saved view of the project's workspace) or ``report`` (a W&B Report).
     """
-    _require_online()
-    # the engine: wandb loads here, not for --help
-    import wandb
-
+    wandb = online_wandb()
     project = project or os.environ.get("WANDB_PROJECT", "onegpu")
     try:
         entity = entity or wandb.Api().default_entity
