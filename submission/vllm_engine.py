@@ -40,7 +40,7 @@ from onegpu.errors import UserError
 from onegpu.paths import cache_dir
 from onegpu.processes import die_with_parent
 from onegpu.submission.generation import MAX_TOP_LOGPROBS, GenRequest, Generation, TokenCodec
-from onegpu.submission.pack import kv_bytes_per_token
+from onegpu.submission.bundle import kv_bytes_per_token
 from onegpu.submission.vllm_env import vllm_python
 
 WORKER = Path(__file__).with_name("vllm_worker.py")

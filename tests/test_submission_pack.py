@@ -18,7 +18,8 @@ import yaml
 from onegpu.errors import UserError
 from onegpu.paths import REPO_ROOT
 from onegpu.submission.launch import free_port, running_server
-from onegpu.submission.pack import HEALTH_REQUEST, choose_route, estimate_memory, pack, render_dockerfile, resolve_source
+from onegpu.submission.bundle import HEALTH_REQUEST, choose_route, estimate_memory, render_dockerfile, resolve_source
+from onegpu.submission.pack import pack
 from onegpu.submission.weights import SERVING_FILES, parse_route
 
 
@@ -273,7 +274,7 @@ def test_vllm_memory_plan_refuses_a_share_without_room_for_one_sequence(tmp_path
              verify=False, zip=False)
     assert "no room for one 2048-token sequence" in err.value.problem and "gpu_memory_utilization" in err.value.fix
     config = resolve_source("meta-llama/Llama-2-7b-hf")["config"]
-    from onegpu.submission.pack import estimate_vllm_memory
+    from onegpu.submission.bundle import estimate_vllm_memory
 
     a100 = estimate_vllm_memory(config, "auto", 16, 2048, 0.9, 40_960 << 20)
     rtx = estimate_vllm_memory(config, "auto", 16, 2048, 0.9, 24_564 << 20)

@@ -40,7 +40,7 @@ from onegpu.errors import UserError, all_problems
 from onegpu.finetune.options import finetune_options
 from onegpu.finetune.planning.analytic import SAFE_HEADROOM, Evaluator, fit_on_track, planned_workload
 from onegpu.paths import REPO_ROOT, stage_dir
-from onegpu.submission.pack import estimate_memory, estimate_vllm_memory
+from onegpu.submission.bundle import estimate_memory, estimate_vllm_memory
 from onegpu.sweeps import runner, schema
 
 GIB = 2**30
