@@ -56,8 +56,8 @@ REWIND_STEP = 4  # vLLM undoes one sampling step with set_offset(get_offset() - 
 def make_cpu_generators_rewindable() -> bool:
     """Let vLLM rewind per-request CPU generators (see the module docstring); False if it cannot."""
     try:  # vLLM internals, which a later vLLM may move: then seeds are ignored on CPU, as the docstring says
-        from vllm.v1.sample.sampler import Sampler
-        from vllm.v1.worker.gpu_input_batch import InputBatch
+        from vllm.v1.sample.sampler import Sampler  # (internals: may be gone)
+        from vllm.v1.worker.gpu_input_batch import InputBatch  # (internals: may be gone)
     except ImportError:
         return False
     if getattr(InputBatch.add_request, "rewindable", False):

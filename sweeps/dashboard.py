@@ -56,8 +56,8 @@ def plotted_keys() -> tuple[set[str], set[str]]:
 
 def workspaces_api() -> tuple[Any, Any]:
     """wandb-workspaces' reports and workspaces modules: an optional extra ([sweeps]), loaded only to build panels."""
-    import wandb_workspaces.reports.v2 as wr
-    import wandb_workspaces.workspaces as ws
+    import wandb_workspaces.reports.v2 as wr  # optional extra
+    import wandb_workspaces.workspaces as ws  # optional extra
 
     return wr, ws
 
