@@ -60,6 +60,7 @@ from litgpt.lora import GPT, Config, LoRALinear
 from packaging.version import Version
 
 from onegpu.contracts import QUANTIZE_MODES
+from onegpu.finetune.options import LoRAArgs
 from onegpu.finetune.telemetry import linear_shapes, step_flops
 
 GIB = 2**30
@@ -84,14 +85,15 @@ class Workload:
 
     precision: str = "bf16-true"
     quantize: str | None = None
-    lora_r: int = 8
-    lora_dropout: float = 0.05
-    lora_query: bool = True
-    lora_key: bool = False
-    lora_value: bool = True
-    lora_projection: bool = False
-    lora_mlp: bool = False
-    lora_head: bool = False
+    # LoRA: the trainer's defaults (finetune/options.py LoRAArgs), where the layers are the same names
+    lora_r: int = LoRAArgs.lora_r
+    lora_dropout: float = LoRAArgs.lora_dropout
+    lora_query: bool = LoRAArgs.lora_query
+    lora_key: bool = LoRAArgs.lora_key
+    lora_value: bool = LoRAArgs.lora_value
+    lora_projection: bool = LoRAArgs.lora_projection
+    lora_mlp: bool = LoRAArgs.lora_mlp
+    lora_head: bool = LoRAArgs.lora_head
     max_seq_length: int = 2048
     micro_batch_size: int = 1
     packing: bool = True
