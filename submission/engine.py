@@ -163,6 +163,7 @@ class Engine:
     """Loads a checkpoint and serves generation requests from a background thread."""
 
     name = "onegpu"
+    max_temperature = 100.0  # the request schema's bound; any temperature works here
 
     def __init__(self, checkpoint: Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
                  max_seq_length: int = 2048, quantize: str | None = None, prompt_style: str = "auto",

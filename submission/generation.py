@@ -26,6 +26,10 @@ MAX_TOP_LOGPROBS = 20
 TokenTop = list[tuple[int, float]]  # the top-k (token id, logprob) pairs at one position, best first
 
 
+class RequestRejected(ValueError):
+    """A request the engine refuses as invalid (the server answers 422 with this message, not 500)."""
+
+
 @dataclass
 class GenRequest:
     """One /process call, tokenized (prompt style and BOS applied, truncated to fit)."""
@@ -69,6 +73,7 @@ class ServingEngine(Protocol):
     prompt_style: object | None  # litgpt's PromptStyle, applied by the server (None: raw)
     prompt_style_name: str
     max_seq_length: int
+    max_temperature: float  # the largest temperature the engine samples at
 
     def submit(self, request: GenRequest) -> Future:
         """Start ``request``; the future resolves to a :class:`Generation`."""

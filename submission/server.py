@@ -40,7 +40,7 @@ from onegpu.errors import UserError
 from onegpu.model import prepare
 from onegpu.submission import postprocess as post
 from onegpu.submission import schemas
-from onegpu.submission.generation import GenRequest, shape_response
+from onegpu.submission.generation import GenRequest, RequestRejected, shape_response
 from onegpu.submission.launch import free_port
 from onegpu.submission.postprocess import parse_rules
 from onegpu.submission.schemas import (DecodeResponse, EffectivePromptRequest, EffectivePromptResponse, ErrorResponse,
@@ -121,8 +121,11 @@ def _add_health(app, engine, rules: list[str]) -> None:
 
 
 def _add_process(app, engine, rules: list[str]) -> None:
-    # The schema states this model's real limit, so clients (and the fuzzer) see it up front.
+    # The schema states this model's and engine's real limits, so clients (and the fuzzer) see them up front.
     class ProcessRequest(schemas.ProcessRequest):
+        temperature: float = Field(0.8, ge=0.0, le=engine.max_temperature,
+                                   description=f"<= 1e-5 means greedy (HELM sends 1e-7); at most {engine.max_temperature:g} "
+                                               f"on the {engine.name} engine")
         max_new_tokens: int = Field(50, ge=0, le=max(0, engine.max_seq_length - 2),
                                     description="upper bound on completion tokens (0 with echo_prompt scores the "
                                                 f"prompt); at most {engine.max_seq_length - 2} for this model")
@@ -140,7 +143,11 @@ def _add_process(app, engine, rules: list[str]) -> None:
                              top_k=body.top_k, top_p=body.top_p, seed=body.seed,
                              stop_sequences=list(body.stop_sequences or []), echo=echo,
                              top_logprobs=body.top_k_per_token)
-        result = shape_response(engine.codec, request, await asyncio.wrap_future(engine.submit(request)))
+        try:
+            generation = await asyncio.wrap_future(engine.submit(request))
+        except RequestRejected as err:
+            return _reject(str(err))
+        result = shape_response(engine.codec, request, generation)
         if rules and not echo:
             result = post.apply(result, rules, body.prompt)
         return {"text": result["text"], "tokens": result["tokens"], "logprob": result["logprob"],

@@ -39,7 +39,7 @@ from onegpu import inference
 from onegpu.errors import UserError
 from onegpu.paths import cache_dir
 from onegpu.processes import die_with_parent
-from onegpu.submission.generation import MAX_TOP_LOGPROBS, GenRequest, Generation, TokenCodec
+from onegpu.submission.generation import MAX_TOP_LOGPROBS, GenRequest, Generation, RequestRejected, TokenCodec
 from onegpu.submission.bundle import kv_bytes_per_token
 from onegpu.submission.vllm_env import vllm_python
 
@@ -74,6 +74,7 @@ class VLLMEngine:
     """The :class:`submission.generation.ServingEngine` backed by a vLLM worker process."""
 
     name = "vllm"
+    max_temperature = 2.0  # vLLM refuses more (its SamplingParams validation)
 
     def __init__(self, checkpoint: Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
                  max_seq_length: int = 2048, prompt_style: str = "auto", base_checkpoint: Path | None = None,
@@ -91,6 +92,7 @@ class VLLMEngine:
         self.codec = TokenCodec(loaded.tokenizer, self.prompt_style)
         config = Config.from_file(self.checkpoint / "model_config.yaml")
         self.max_seq_length = min(max_seq_length, config.block_size)
+        self.vocab_size = config.padded_vocab_size
         self.max_batch_size = max_batch_size
         dtype_name = str(self.dtype).removeprefix("torch.")
         on_cpu = self.device.type == "cpu"
@@ -121,11 +123,16 @@ class VLLMEngine:
         self._stop_token_ids = sorted({s[0] for s in self.codec.stop_token_seqs if len(s) == 1})
         self._stop_texts = [self.codec.raw_decode(s) for s in self.codec.stop_token_seqs if len(s) > 1]
 
+    def top_k(self, top_k: int) -> int:
+        """vLLM's top_k: 0 (no limit) for a k that keeps every token, as the onegpu engine does; vLLM
+        itself fails on a k beyond a machine integer."""
+        return top_k if top_k < self.vocab_size else 0
+
     def submit(self, request: GenRequest) -> Future:
         """Send ``request`` to the worker; the future resolves to its :class:`Generation`."""
         k = min(request.top_logprobs, MAX_TOP_LOGPROBS)
         message = {"prompt_ids": request.prompt_ids, "max_tokens": max(1, request.max_new_tokens),
-                   "temperature": 0.0 if request.greedy else request.temperature, "top_k": request.top_k,
+                   "temperature": 0.0 if request.greedy else request.temperature, "top_k": self.top_k(request.top_k),
                    "top_p": request.top_p, "seed": request.seed,
                    "stop": list(request.stop_sequences) + self._stop_texts, "stop_token_ids": self._stop_token_ids,
                    "logprobs": k, "prompt_logprobs": k if request.echo else None}
@@ -135,6 +142,8 @@ class VLLMEngine:
             try:
                 answer = reply.result()
                 if "error" in answer:
+                    if answer["error"].startswith("VLLMValidationError"):  # e.g. temperature outside vLLM's [0, 2]
+                        raise RequestRejected(f"the vLLM engine refuses this request: {answer['error']}")
                     raise RuntimeError(f"vLLM: {answer['error']}")
                 n = request.max_new_tokens  # 0 (echo scoring): vLLM generated one token to be dropped
                 generation = Generation(answer["out_ids"][:n], answer["out_logprobs"][:n],
