@@ -415,7 +415,11 @@ def test_a_crash_without_a_resume_shows_in_the_report_and_in_wandb(tiny, tmp_pat
     run_id = _json(base / "ft" / "run.json")["wandb_id"]
     segments = sorted((base / "ft" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(segments) == 2
-    records = wandb_records(segments[-1] / f"run-{run_id}.wandb")
+    # the closing segment is the one that ends with an exit record (the killed segment's own file may not
+    # have been written yet when the kill came, on a busy machine)
+    (records,) = [records for segment in segments if (segment / f"run-{run_id}.wandb").is_file()
+                  for records in [wandb_records(segment / f"run-{run_id}.wandb")]
+                  if any(r.WhichOneof("record_type") == "exit" for r in records)]
     kinds = [r.WhichOneof("record_type") for r in records]
     assert "exit" in kinds and records[kinds.index("exit")].exit.exit_code == 1
     summary_items = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "summary"
