@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HELM_VENV := .venv-helm
 VLLM_VENV := .venv-vllm
 
-.PHONY: quickstart test image-test image-test-vllm venv lock helm-venv vllm-venv browser container-tools clean-venv gpu-wheels
+.PHONY: quickstart test test-fast image-test image-test-vllm venv lock helm-venv vllm-venv browser container-tools clean-venv gpu-wheels
 
 quickstart: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
@@ -14,8 +14,13 @@ quickstart: venv
 test: venv helm-venv vllm-venv browser container-tools
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q --durations=15 tests
 
+# The edit-test loop: every test not marked slow (no image build, no HELM or vLLM env, no training
+# run longer than a few seconds); a few minutes on 2 cores. `make test` runs these and the slow ones.
+test-fast: venv
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q -m "not slow" --durations=10 tests
+
 # The submission image rehearsed without a Docker daemon: pack -> buildah build -> run -> probe + HELM
-# (tests/test_image.py; README "Rehearsing the image"). The same test runs inside `make test`.
+# (tests/test_image.py; docs/serving.md, "Rehearsing the image"). The same test runs inside `make test`.
 image-test: venv helm-venv container-tools
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q tests/test_image.py
 

@@ -177,3 +177,28 @@ def secret_hits(*roots: Path) -> list[str]:
                 data = path.read_bytes()
                 found += [f"{path}: {name}" for name, value in FAKE_SECRETS.items() if value.encode() in data]
     return found
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Where the suite's time went: seconds per test file (setup + call + teardown), the slowest first,
+    and the share of the tests marked `slow` (those `make test-fast` leaves out)."""
+    per_file: dict[str, float] = {}
+    slow = fast = 0.0
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            duration = getattr(report, "duration", None)
+            if duration is None or not hasattr(report, "when"):
+                continue
+            path = report.nodeid.split("::")[0]
+            per_file[path] = per_file.get(path, 0.0) + duration
+            if "slow" in report.keywords:
+                slow += duration
+            else:
+                fast += duration
+    if not per_file:
+        return
+    terminalreporter.section("where the time went (seconds per test file)")
+    for path, seconds in sorted(per_file.items(), key=lambda item: -item[1])[:15]:
+        terminalreporter.write_line(f"{seconds:8.1f}  {path}")
+    terminalreporter.write_line(f"{slow + fast:8.1f}  in all: {slow:.1f} s in tests marked slow, {fast:.1f} s in the rest"
+                                f" (`make test-fast` runs the rest)")

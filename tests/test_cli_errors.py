@@ -71,6 +71,7 @@ def test_unknown_key_in_a_config_file_names_the_file_and_the_closest_key(tmp_pat
     assert_problem_and_fix(onegpu("finetune", "--config", config), f"'quantize' (in {config})", "bnb.nf4")
 
 
+@pytest.mark.slow
 def test_other_parser_errors_are_problem_and_fix():
     assert_problem_and_fix(onegpu("finetune", "--lora_r", "abc"), "--lora_r: 'abc' is not valid", "type int")
     assert_problem_and_fix(onegpu("report", "--maximize", "maybe"), "--maximize", "true or false")
@@ -96,6 +97,7 @@ def test_a_config_file_that_is_not_a_mapping_says_so(tmp_path):
 
 
 # ----------------------------------------------------------------------- the kit's own checks
+@pytest.mark.slow
 def test_source_suite_and_conf_typos_suggest_the_closest_name(tmp_path, bundled_checkpoint):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("name: typo\nsources:\n  - {name: doly, weight: 1}\n")

@@ -54,6 +54,7 @@ def small_builds(tmp_path_factory, shared_datasets, bundled_checkpoint):
     return recipe, a, b
 
 
+@pytest.mark.slow
 def test_build_writes_every_output(small_builds):
     _, out, _ = small_builds
     for name in ("train.jsonl", "val.jsonl", "rejects.jsonl", "manifest.json", "composition.png"):

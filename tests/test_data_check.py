@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from onegpu.data.build import build
@@ -24,6 +25,7 @@ def write(tmp_path, recipe: dict, name: str = "r.yaml"):
     return path
 
 
+@pytest.mark.slow
 def test_three_independent_problems_are_reported_in_one_run_in_seconds(tmp_path, shared_datasets, bundled_checkpoint):
     recipe = write(tmp_path, {"budget_tokens": 30000, "sources": [
         {"name": "dolly", "weight": 5},                       # 1. its weight asks for far more than it has
@@ -52,6 +54,7 @@ def test_three_independent_problems_are_reported_in_one_run_in_seconds(tmp_path,
     assert "samsum (non-commercial, no derivatives" in out
 
 
+@pytest.mark.slow
 def test_a_recipe_that_fits_passes_with_estimates_that_match_the_build(tmp_path, shared_datasets, bundled_checkpoint):
     """A local path source beside sources from the default data dir: the check passes and the build
     builds; the build's manifest carries the locations, the licence terms and tokens per eval family."""

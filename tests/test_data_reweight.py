@@ -111,6 +111,7 @@ def test_bad_input_is_a_user_error(tmp_path, kwargs, problem):
     assert not (tmp_path / "r2.yaml").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2(tmp_path):
     proc = _onegpu("data", "reweight", "--results", str(tmp_path / "nope"), "--recipe", str(RECIPE),
                    "--out", str(tmp_path / "r2.yaml"))

@@ -38,6 +38,7 @@ def parse_every_command(day_sh: str, tmp_path) -> int:
     return parsed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("track,model", [("rtx4090-24gb", "Mistral-7B-v0.1"), ("a100-40gb", "Llama-2-13b-hf")])
 def test_the_day_fits_and_every_command_parses(track, model, tmp_path, capsys):
     data = tmp_path / "data"  # a mix of 40 M training tokens: the plan says how many epochs the final run trains
@@ -70,6 +71,7 @@ def test_the_day_fits_and_every_command_parses(track, model, tmp_path, capsys):
     assert parse_every_command(day_sh, tmp_path) == 9  # prepare, plan, sweep, report, finetune, val x2, helm, pack
 
 
+@pytest.mark.slow
 def test_a_day_that_cannot_work_exits_2_naming_every_fix(tmp_path, capsys):
     """Llama-2-13B trains on a 4090 (4-bit), but its bf16 weights leave vLLM no room: both eval steps are refused
     with their fixes, then the fixes planned again make the day fit; steps overrunning the day are refused."""

@@ -96,6 +96,7 @@ def _run_until(cmd, env, ready, timeout=300) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_disk_need_is_what_a_run_writes(reference, tiny):
     """The formula's parts against the files of a real run: merged weights exact, the rest upper bounds."""
     from onegpu.finetune import disk
@@ -113,6 +114,7 @@ def test_disk_need_is_what_a_run_writes(reference, tiny):
     assert sum(p.stat().st_size for p in final.iterdir()) <= sizes.merged + sizes.adapter + sizes.small_files
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_fit_is_refused_before_the_model_loads(tiny, small_disk):
     disk = small_disk(40)  # the run needs ~77 MiB with the margin
     done = subprocess.run(_cmd(tiny, disk / "ft"), env=_env(), capture_output=True, text=True, timeout=300)
@@ -124,6 +126,7 @@ def test_a_run_that_cannot_fit_is_refused_before_the_model_loads(tiny, small_dis
     assert not (disk / "ft" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny, small_disk, reference):
     """The disk fills up after the step-2 checkpoint: the saves of steps 4, 6 and 8 fail, each leaving
     nothing behind; the run says so and ends with exit 2 naming the step-2 checkpoint, which loads and
@@ -155,6 +158,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny, small_disk,
     assert (out / "final" / "lit_model.pth").read_bytes() == (reference / "final" / "lit_model.pth").read_bytes()
 
 
+@pytest.mark.slow
 def test_space_gone_before_the_merge_keeps_the_adapter_checkpoint(tiny, small_disk, reference):
     """Room for the last checkpoint but not for final/: the merge is not started, the run names the
     checkpoint that holds every trained weight and how to merge later; `--resume auto` does it."""

@@ -147,6 +147,7 @@ def _compare(*args):
                           cwd=REPO_ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_compare_cli_without_field(tmp_path):
     run1 = _write_run(tmp_path, "run1", 0.30, mmlu=0.50, gsm=0.10)
     run2 = _write_run(tmp_path, "run2", 0.20, mmlu=0.40, gsm=0.20)
@@ -172,6 +173,7 @@ def test_compare_cli_without_field(tmp_path):
     assert bad_field.returncode == 2 and "neurips2023-a100-40gb" in bad_field.stderr
 
 
+@pytest.mark.slow
 def test_one_run_against_the_default_field_gets_real_win_rates(tmp_path):
     # A user run that tested the open eval's scenarios and MATH: its place among the A100 finalists.
     field = load_field("neurips2023-a100-40gb")

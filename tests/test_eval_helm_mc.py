@@ -47,6 +47,7 @@ def helm_reference(shared_datasets, tmp_path_factory):
 @pytest.mark.parametrize("family,task", [("mmlu", "onegpu_helm_mmlu_philosophy"),
                                          ("truthfulqa", "onegpu_helm_truthfulqa_mc1"),
                                          ("bigbench", "onegpu_helm_bigbench_emoji_movie")])
+@pytest.mark.slow
 def test_task_prompts_requests_and_scores_equal_helms(helm_reference, family, task):
     include = offline_include_dir()
     ref = helm_reference[family]
@@ -64,6 +65,7 @@ def test_task_prompts_requests_and_scores_equal_helms(helm_reference, family, ta
     assert sum(s["exact_match"] for s in ref["scores"]) >= 1  # some answer was right: not all-zero scoring
 
 
+@pytest.mark.slow  # runs HELM (its own env)
 def test_bbq_prompts_equal_helms(helm_reference, shared_datasets):
     # HELM's subject=all needs two category files the local copy lacks; subject=Age checks the format
     records = [json.loads(line) for line in (shared_datasets / "bbq" / "data" / "Age.jsonl").read_text().splitlines()]

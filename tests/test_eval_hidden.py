@@ -74,6 +74,7 @@ def reference(shared_datasets, tmp_path_factory):
     return given, json.loads((work / "out.json").read_text())
 
 
+@pytest.mark.slow
 def test_math_prompts_requests_and_scores_equal_helms(reference):
     given, ref = reference
     include = offline_include_dir()
@@ -94,6 +95,7 @@ def test_math_prompts_requests_and_scores_equal_helms(reference):
     assert score_generation("The answer is 5.", ["\\boxed{5}"], "math_equiv_chain_of_thought")["format_failure"] == 1.0
 
 
+@pytest.mark.slow  # runs HELM (its own env)
 def test_ethics_and_corr2cause_prompts_equal_helms(reference):
     _, ref = reference
     include = offline_include_dir()
@@ -107,6 +109,7 @@ def test_ethics_and_corr2cause_prompts_equal_helms(reference):
         assert all(row["target"] in "AB" and row["choices"] == list(hidden.QUESTIONS[key].answers) for row in rows)
 
 
+@pytest.mark.slow  # runs HELM (its own env)
 def test_summary_prompts_and_rouge_equal_helms(reference):
     given, ref = reference
     include = offline_include_dir()

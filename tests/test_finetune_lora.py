@@ -40,6 +40,7 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_lora_reduces_loss_and_writes_a_merged_litgpt_checkpoint(tmp_path, short_data, bundled_checkpoint):
     out = tmp_path / "lora"
     summary = _run(out, short_data, bundled_checkpoint, num_samples=1, sample_max_new_tokens=8)
@@ -82,6 +83,7 @@ def test_lora_reduces_loss_and_writes_a_merged_litgpt_checkpoint(tmp_path, short
     assert 0 < s["trainable_params"] < s["total_params"] and s["stopped_by"] == "max_steps"
 
 
+@pytest.mark.slow
 def test_qlora_nf4_on_cpu_reduces_loss(tmp_path, short_data, bundled_checkpoint):
     out = tmp_path / "qlora"
     summary = _run(out, short_data, bundled_checkpoint, quantize="bnb.nf4")
@@ -92,6 +94,7 @@ def test_qlora_nf4_on_cpu_reduces_loss(tmp_path, short_data, bundled_checkpoint)
     assert summary["steps"] == 4
 
 
+@pytest.mark.slow
 def test_telemetry_counts_equal_the_data(tmp_path, bundled_checkpoint, shared_datasets):
     """Over one epoch the logged non-padding tokens, loss tokens and examples are exactly the data's."""
     from litgpt.tokenizer import Tokenizer

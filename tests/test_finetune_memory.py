@@ -112,6 +112,7 @@ def test_analytic_peak_within_15_percent_of_measured_cpu_steps(tmp_path, bundled
     assert len(rows) == 8 and all(abs(r["error"]) <= 0.15 for r in rows), table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize,bnb_version", [(None, None), ("bnb.nf4", "0.50.2"), ("bnb.nf4", "0.42.0")])
 def test_litgpt_loop_terms_match_its_measured_cpu_steps(quantize, bnb_version):
     """litgpt's finetune_lora loop body, three steps in a row (its head quantized like Lightning's plugin,
@@ -146,6 +147,7 @@ def test_plan_within_ten_percent_of_litgpt_published_measurements():
             assert r["terms"]["inputs bitsandbytes < 0.43.2 keeps on ctx"] > 0.05 * p.peak_gb * 1e9
 
 
+@pytest.mark.slow
 def test_analytic_cli_seven_b_thirteen_b_mistral_and_configs(capsys, tmp_path):
     from onegpu.cli import main
     from onegpu.paths import REPO_ROOT

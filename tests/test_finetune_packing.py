@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from onegpu.finetune.packing import (IGNORE_INDEX, Example, block_diagonal_causal_mask, collate, forward_hidden, loss_sum,
@@ -35,6 +36,7 @@ def _examples(checkpoint_dir):
     return [tokenize_example(tok, *render(r, "alpaca"), max_seq_length=256) for r in rows]
 
 
+@pytest.mark.slow
 def test_packed_loss_equals_examples_one_by_one(bundled_checkpoint):
     torch.manual_seed(0)
     model = _bundled_lora_model(bundled_checkpoint)

@@ -11,6 +11,7 @@ from onegpu.errors import UserError
 from onegpu.finetune.tiny import make_data_dir, make_tiny_checkpoint
 
 
+@pytest.mark.slow
 def test_plan_verdicts_fit_and_not_fit(tmp_path, bundled_checkpoint, shared_datasets, capsys):
     from onegpu.finetune.verbs import plan
 

@@ -84,6 +84,7 @@ def _wandb_history(out: Path, run_id: str) -> dict[int, dict]:
     return history
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny, tmp_path):
     """Killed after a checkpoint, killed again before the next one, resumed: the losses match an
     uninterrupted run, the budget clock charges the true wall time of all three processes, and each
@@ -156,6 +157,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny, tmp_path):
     assert all(history[s]["loss"] == pytest.approx(got[s], rel=1e-6) for s in got)
 
 
+@pytest.mark.slow
 def test_budget_clock_stops_the_run_and_still_merges(tiny, tmp_path):
     from onegpu.finetune.verbs import finetune
 
@@ -201,6 +203,7 @@ def test_run_that_finishes_its_steps_follows_the_plain_step_schedule(tiny, tmp_p
     assert set(_metric(out, "schedule/bound_by_budget").values()) == {0.0}
 
 
+@pytest.mark.slow
 def test_budget_bound_run_resumed_after_sigterm_continues_the_same_curve(tiny, tmp_path):
     """Stopped mid-decay, resumed with --resume auto: no second warm-up, the curve goes on from where the
     clock stands, and the run still ends at the floor when its budget does."""
@@ -227,6 +230,7 @@ def test_budget_bound_run_resumed_after_sigterm_continues_the_same_curve(tiny, t
     assert json.loads((out / "summary.json").read_text())["stopped_by"] == "budget"
 
 
+@pytest.mark.slow
 def test_budget_too_small_to_train_exits_nonzero_and_publishes_nothing(tiny, tmp_path):
     """--budget 3s: loading alone uses it up (the auto reserve is sized from the measured load time).
     With --resume auto and nothing to resume, it says so."""
@@ -247,6 +251,7 @@ def test_budget_too_small_to_train_exits_nonzero_and_publishes_nothing(tiny, tmp
     assert segment["reserve_s"] == pytest.approx(2.5 * segment["load_s"], rel=1e-3)  # RESERVE_MARGIN x 2 x load
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_says_why_it_stopped(tiny, tmp_path, monkeypatch):
     """Under `wandb agent` (WANDB_SWEEP_ID) SIGTERM is hyperband's early termination; elsewhere a preemption."""
     from onegpu.finetune.lora import SigtermFlag
@@ -313,6 +318,7 @@ def test_bf16_on_cpu_warns_loudly(tiny, tmp_path):
         resolve(finetune_options(**_kw(tiny, tmp_path / "w"), precision="bf16-true", device="cpu"))
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_in_the_previous_format_continues_exactly(tiny, tmp_path):
     """Checkpoints written before TrainState had a version (counters under "progress", RNG and
     clock beside them) still resume exactly; a newer TrainState version is refused, naming the fix."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from onegpu.model import check_allowed_base_model, is_checkpoint
@@ -53,6 +54,7 @@ def test_bundled_tokenizer_round_trips_and_has_chatml_specials(bundled_checkpoin
         assert tok.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_bundled_model_generates_and_stops_at_im_end(bundled_checkpoint):
     from litgpt import GPT, Config, Tokenizer
     from litgpt.generate.base import generate

@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from onegpu.paths import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_end_to_end(tmp_path, bundled_checkpoint, monkeypatch):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--out", str(out),

@@ -24,6 +24,7 @@ def _installed(python) -> dict[str, str]:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_helm_env_fits_the_machine_and_its_tools_start():
     bin_dir = helm_bin_dir()  # builds it if `make helm-venv` has not
     installed = _installed(bin_dir / "python")

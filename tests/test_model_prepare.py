@@ -74,6 +74,7 @@ def test_cli_takes_an_optional_first_positional_and_space_separated_list_options
     assert two.returncode == 2 and "unexpected argument(s): org/a org/b" in two.stderr  # two sources: an error
 
 
+@pytest.mark.slow
 def test_bad_source_and_bad_options_fail_before_any_work(tmp_path):
     res = _onegpu("model", "prepare", "not a model id")
     assert res.returncode == 2 and "neither 'bundled'" in res.stderr
@@ -93,6 +94,7 @@ def hf_dir_named_ft(tmp_path_factory, bundled_checkpoint) -> Path:
     return export_hf(bundled_checkpoint, tmp_path_factory.mktemp("user") / "ft")
 
 
+@pytest.mark.slow
 def test_unknown_architecture_is_refused_with_closest_configs_and_model_name(tmp_path, hf_dir_named_ft):
     """A dir/repo name litgpt does not list (a user's fine-tune): exit 2 before converting, with the fix."""
     out = tmp_path / "out"
@@ -117,6 +119,7 @@ def test_model_name_of_another_architecture_is_refused_before_converting(tmp_pat
     assert _left_behind(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_local_hf_dir_converts_with_model_name_to_the_same_weights(tmp_path, hf_dir_named_ft, bundled_checkpoint):
     """HF dir -> prepare(--model_name) -> a verified litgpt checkpoint equal to the one it was exported from."""
     out = tmp_path / "converted"

@@ -50,6 +50,7 @@ def trained(tmp_path_factory, shared_datasets, bundled_checkpoint) -> dict[str, 
     return {"root": root, "data": data, "final": root / "ft" / "final", "eval": root / "eval-val"}
 
 
+@pytest.mark.slow
 def test_dry_run_folder_loads_in_transformers_with_the_same_logits_and_a_lineage_card(trained, tmp_path):
     from huggingface_hub import ModelCard
     from litgpt import GPT, Config, Tokenizer

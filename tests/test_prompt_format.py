@@ -55,6 +55,7 @@ def client(templated_checkpoint):
             yield http
 
 
+@pytest.mark.slow
 def test_server_feeds_the_training_format_without_any_flag(client):
     health = client.get("/health").json()
     assert health["prompt_style"] == "Alpaca" and health["postprocess"] == ["cut_blank_line", "strip"]
@@ -110,6 +111,7 @@ def test_missing_format_warns_and_serves_raw_unknown_style_lists_known(untemplat
     assert "alpacca" in err.value.problem and "alpaca" in err.value.fix and "raw" in err.value.fix
 
 
+@pytest.mark.slow
 def test_serve_cli_rejects_unknown_rule_and_style_before_loading(untemplated_checkpoint):
     for flag, value, expect in (("--postprocess", "strip,trim", "cut_blank_line"),
                                 ("--prompt_style", "alpacca", "alpaca")):

@@ -39,7 +39,7 @@ def onegpu_server(bundled_checkpoint):
         yield base_url
 
 
-@pytest.fixture(scope="module", params=["onegpu", "vllm"])
+@pytest.fixture(scope="module", params=["onegpu", pytest.param("vllm", marks=pytest.mark.slow)])  # vLLM: its own env, a slow start
 def server(request):
     """The server under test: each engine in turn, with the same context, rows and threads."""
     return request.getfixturevalue(f"{request.param}_server")
@@ -108,6 +108,7 @@ def assert_consistent(result: dict) -> None:
         assert all(v <= 1e-6 for v in token["top_logprob"].values()), "top_logprob must hold log-probabilities"
 
 
+@pytest.mark.slow
 def test_health_and_organizers_probe(client):
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -137,6 +138,7 @@ def test_greedy_text_and_logprobs_match_a_direct_forward_pass(client, reference)
         assert max(token["top_logprob"].values()) == pytest.approx(token["logprob"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_shared_prefix_is_reused_exactly(client, reference):
     # HELM-style: the same in-context examples in front of every question
     shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in [(2, 3), (7, 5), (10, 4),
@@ -155,6 +157,7 @@ def test_shared_prefix_is_reused_exactly(client, reference):
                                                                      abs=LOGPROB_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_chunked_prefill_matches_whole_prompts_and_prefix_hits_are_counted(onegpu_server, bundled_checkpoint):
     # 5-shot prompts sharing their examples (~300 tokens), sent at once as HELM does
     shots = "".join(f"Question: A shop sells {a} apples and {b} pears. How many fruits does it sell?\n"
@@ -214,6 +217,7 @@ def test_echo_prompt_logprobs_are_next_token_logprobs(client, reference):
     assert echoed["logprob"] == pytest.approx(result["logprob"] + plain["logprob"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_stop_sequences_cut_text_tokens_and_logprobs(client):
     prompt = "Here is a list of fruits:\n1."
     full = process(client, prompt=prompt, temperature=1e-7, max_new_tokens=40)
@@ -259,6 +263,7 @@ def test_seed_makes_sampling_reproducible(client):
     assert len(others | {first["text"]}) > 1, "different seeds should give different samples"
 
 
+@pytest.mark.slow
 def test_seeded_sampling_of_long_prompts_is_reproducible_and_keeps_the_server_up(client):
     # prompts of ~420 tokens are prefilled in chunks (onegpu: 64-token chunks; vLLM: a 256-token step
     # budget, conftest.py), and a chunk's discarded sample must not disturb the request's generator.
@@ -351,6 +356,7 @@ def test_unknown_keys_and_missing_content_type_are_accepted(client):
     assert_consistent(response.json())
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_long_ones_do_not_block_short_ones(client):
     def call(body):
         start = time.perf_counter()
@@ -385,6 +391,7 @@ def test_concurrent_requests_are_batched_and_long_ones_do_not_block_short_ones(c
             [t["logprob"] for t in short_results[i][0]["tokens"]], abs=LOGPROB_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_real_helm_run_against_the_server(server, tmp_path):
     from onegpu.eval.helm_env import helm_bin_dir
 
@@ -426,6 +433,7 @@ PARITY_PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 def test_engines_agree_on_greedy_requests(onegpu_server, vllm_server):
     """Parity: the same text and tokens from both engines, logprobs within LOGPROB_TOLERANCE."""
     bodies = [dict(prompt=p, temperature=1e-7, max_new_tokens=40, top_k_per_token=3) for p in PARITY_PROMPTS]

@@ -65,6 +65,7 @@ def test_dockerfile_lints_clean_and_keeps_weights_out():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_adapter_dir_is_merged_and_served(docker_server, lora_adapter, bundled_checkpoint, tmp_path):
     from litgpt import GPT, Config
     from litgpt.scripts.merge_lora import merge_lora
@@ -100,6 +101,7 @@ def test_adapter_dir_is_merged_and_served(docker_server, lora_adapter, bundled_c
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_template_from_the_adapter_dir_wraps_the_prompt_and_never_leaks(docker_server):
     health = httpx.get(f"{docker_server}/health").json()
     assert health["prompt_style"] == "SmolLM2"  # `auto` found the adapter dir's prompt_style.yaml
@@ -122,6 +124,7 @@ def api_schema(fuzz_server):
     return schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
 def test_fuzzed_requests_never_get_a_5xx(api_schema, fuzz_server, mode):
     # schemathesis' pytest plugin does not run under pytest 9 here: drive its strategies with hypothesis

@@ -45,6 +45,7 @@ def packed(finetuned, tmp_path_factory):
     shutil.rmtree(out)  # a copy of the weights; pytest keeps its last runs' tmp dirs
 
 
+@pytest.mark.slow
 def test_embed_is_the_default_and_the_folder_holds_only_serving_files(packed, finetuned):
     out, info = packed
     for name in ("Dockerfile", "requirements.txt", "server.yaml", "README.md", "pack.json", "pyproject.toml",
@@ -163,6 +164,7 @@ def test_wandb_route_downloads_at_build_with_the_key_as_a_build_secret(base, tmp
         assert "--base hub:" in err.value.fix
 
 
+@pytest.mark.slow
 def test_bad_routes_fail_before_anything_is_written(finetuned, tmp_path):
     out = tmp_path / "never"
     cases = [(["--model", str(finetuned), "--weights", "s3://bucket/model"], "not a weights route"),
@@ -180,6 +182,7 @@ def test_bad_routes_fail_before_anything_is_written(finetuned, tmp_path):
     assert fetch.returncode == 2 and "W&B is offline here" in fetch.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_packed_server_config_starts_and_answers_the_health_request(packed):
     out, _ = packed
     port = free_port()
@@ -220,6 +223,7 @@ def test_memory_check_refuses_an_oversized_config_with_numbers(tmp_path):
     assert small["total_bytes"] < 24 * 2**30 and small["weights_bytes"] < 4.5 * 2**30
 
 
+@pytest.mark.slow
 def test_cli_refusal_and_unresolvable_sources(tmp_path):
     result = subprocess.run([sys.executable, "-m", "onegpu", "submission", "pack", "--model",
                              "meta-llama/Llama-2-7b-hf", "--track", "rtx4090-24gb", "--out", str(tmp_path / "x")],

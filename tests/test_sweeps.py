@@ -219,6 +219,7 @@ def _toy_yaml(tmp_path: Path, program: Path, **over) -> Path:
     return _write(tmp_path / "toy.yaml", doc)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_skips_done_trials_and_keeps_failures(tmp_path, toy):
     params = {"x": {"values": [1.0, 2.0, 3.0]}, "tag": {"values": ["crash", "ok"]}, "sleep": {"value": 0.4}}
     # 6 trials in W&B's order (names sorted, product): the 3 tag=crash ones exit 3, then the 3 ok ones
@@ -285,6 +286,7 @@ def test_bayes_through_optuna_and_hyperband_stops_a_bad_trial(tmp_path, toy):
     assert time.time() - t0 < 25
 
 
+@pytest.mark.slow
 def test_bayes_resume_continues_the_optuna_study_from_its_journal(tmp_path, toy):
     """An interrupted bayes sweep resumes from optuna's own storage (OUT/optuna.journal): the finished
     trial stays told, the interrupted one is marked failed there and its index asked anew."""
