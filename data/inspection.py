@@ -434,7 +434,7 @@ def summary(rec: dict, checks: dict[str, SourceCheck], families: dict[str, Any])
     header = ["source", "location", "there", "rows", "usable rows", "usable tokens", "recipe asks", "verdict"]
     lines = [f"recipe {rec['name']}: budget_tokens {rec['budget_tokens'] or '-'}, max_seq_length {rec['max_seq_length']}, "
              f"min_tokens {rec['min_tokens']}, tokenizer {rec['tokenizer']}, prompt style {rec['prompt_style']}",
-             text_table(header, [c.row() for c in checks.values()], cell=str, max_width=60)]
+             text_table(header, [c.row() for c in checks.values()], cell=str)]  # locations whole: they are what to check
     flagged = [f"{c.name} ({c.terms})" for c in checks.values() if c.terms]
     if flagged:
         lines.append("licence terms to weigh: " + "; ".join(flagged))

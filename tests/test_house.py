@@ -52,6 +52,8 @@ def test_text_table_aligns_columns_and_formats_cells():
     assert lines[0].index("score") == lines[1].index("0.1235") and lines[0].index("n") == lines[2].index("12")
     assert lines[2].startswith("a-long-task-name  ") and lines[2].endswith("12")
     assert all(line == line.rstrip() for line in lines)
+    cut = text_table(["path"], [["/a/long/path/to/train.csv"], ["short"]], max_width=10).splitlines()
+    assert cut[1] == "/a/long/p…" and cut[2] == "short"  # a cut cell says it was cut
 
 
 @pytest.mark.parametrize("text,problem", [
