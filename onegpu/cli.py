@@ -32,6 +32,7 @@ from onegpu.budget import charge_from_process_start
 from onegpu.contracts import read_yaml
 from onegpu.errors import RunStopped, UserError, did_you_mean, exit_code_of
 from onegpu.paths import stage_dir
+from onegpu.tracking import own_wandb_service
 
 # verb words -> (module, function, one-line description). Order is the order of --help.
 VERBS: dict[tuple[str, ...], tuple[str, str, str]] = {
@@ -497,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     prog = f"onegpu {' '.join(words)}"
+    own_wandb_service()  # a stage started from a process that uses W&B still owns its W&B run
     try:
         result = verb_function(words)(**parse_verb_args(words, rest))
     except UserError as err:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,14 @@ def _wandb():
     import wandb  # optional: the `wandb` extra
 
     return wandb
+
+
+def own_wandb_service(env: MutableMapping[str, str] = os.environ) -> None:
+    """Forget a W&B service inherited from a parent process (wandb puts its address in WANDB_SERVICE).
+    A stage on a parent's service has its W&B stream kept by that parent: if the stage is killed, the stream
+    stays open ("run ID is in use") and the crash can never be recorded in its W&B run. With its own
+    service, a killed stage's run is closed by its service and later marked crashed by `onegpu report`."""
+    env.pop("WANDB_SERVICE", None)
 
 
 def wandb_mode() -> tuple[str, str]:

@@ -53,7 +53,7 @@ from onegpu.processes import die_with_parent, process_alive, start_time, this_pr
 from onegpu.sweeps import schema as S
 from onegpu.sweeps.samplers import Sampler, sampler_for
 from onegpu.tables import text_table
-from onegpu.tracking import Run
+from onegpu.tracking import Run, own_wandb_service
 
 STATE_FILE = SWEEP_STATE
 SUMMARY_FILE = "sweep_summary.json"
@@ -658,9 +658,7 @@ def trial_env(state: SweepState, point: dict[str, Any], trial_dir: Path, json_fi
     env = {**os.environ, "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_RUN_GROUP": state.sweep_id,
            "ONEGPU_SWEEP_ID": state.sweep_id, "ONEGPU_TRIAL_DIR": str(trial_dir),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # Not the sweep's own W&B service (its address is inherited through WANDB_SERVICE): the trial
-    # starts its own, so a sweep killed outright does not take the trial's W&B run down with it.
-    env.pop("WANDB_SERVICE", None)
+    own_wandb_service(env)  # the trial's, not the sweep's: a sweep killed outright keeps the trial's W&B run
     if state.config.get("project"):
         env.setdefault("WANDB_PROJECT", state.config["project"])
     return env

@@ -386,9 +386,22 @@ def test_model_prepare(tmp_path, bundled_checkpoint):
     kill_everywhere(stage, tmp_path, reference=bundled_checkpoint)
 
 
-def test_a_crash_without_a_resume_shows_in_the_report_and_in_wandb(tiny, tmp_path):
+@pytest.fixture
+def parent_wandb_service():
+    """This process's W&B service, its address in WANDB_SERVICE as wandb leaves it after a run in a
+    notebook or script: every command started from here inherits it."""
+    import wandb
+
+    wandb.setup()
+    assert os.environ.get("WANDB_SERVICE")
+    yield
+    wandb.teardown()
+
+
+def test_a_crash_without_a_resume_shows_in_the_report_and_in_wandb(tiny, tmp_path, parent_wandb_service):
     """A fine-tune SIGKILLed and never resumed: `onegpu report` and its W&B run show how far it got and
-    that it crashed, instead of a run that stays "running" forever."""
+    that it crashed, instead of a run that stays "running" forever; also when it was started from a
+    process with a W&B service of its own (the stage's stream must not stay open in the parent's)."""
     from conftest import wandb_records
     from onegpu.contracts import RunDir
 
