@@ -15,8 +15,8 @@ Two tables, one run:
 
 The machine may be shared: each row shows the 1-minute load average before and after it, and CPU
 seconds (all threads of this process) beside wall seconds. With the kernel's autogroup scheduling
-(Linux desktops and many VMs), a busy machine gives this session a fixed share of the cores, however
-many threads it runs; then only the CPU seconds shrink, not the wall time.
+(Linux desktops and many VMs), a busy machine gives everything started from one terminal a fixed share
+of the cores, however many threads it runs; then only the CPU seconds shrink, not the wall time.
 
     python benchmarks/data_throughput.py                 # 100k records, 2 rounds (goal: < 30 s wall on 2 cores)
     python benchmarks/data_throughput.py --n 20000 --rounds 3 --profile false
