@@ -11,8 +11,14 @@ VLLM_VENV := .venv-vllm
 quickstart: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/onegpu quickstart
 
+# The suite runs in TEST_WORKERS pytest-xdist workers: most of its time is single-threaded runs of the kit
+# (OMP_NUM_THREADS=1), so two fill a 2-core machine. tests/conftest.py says which tests share a worker.
+# TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
+
 test: venv helm-venv vllm-venv browser container-tools
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q --durations=15 tests
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup \
+	  --no-loadscope-reorder --durations=15 tests
 
 # The edit-test loop: every test not marked slow (no image build, no HELM or vLLM env, no training
 # run longer than a few seconds); a few minutes on 2 cores. `make test` runs these and the slow ones.

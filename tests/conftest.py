@@ -106,10 +106,11 @@ VLLM_SERVE_ARGS = ("--engine", "vllm", "--prompt_style", "raw", "--max_batch_siz
                    "--num_threads", "1", "--prefix_cache_mb", "64", "--vllm_args", '{"max_num_batched_tokens": 256}')
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_server(bundled_checkpoint, tmp_path_factory):
-    """`onegpu serve --engine vllm` on the bundled model, started once per test session: vLLM's start-up
-    (with its warm-up compile) takes 2-4 minutes on a 2-core CPU. Skipped, saying why, without vLLM."""
+    """`onegpu serve --engine vllm` on the bundled model, started once for the test file that uses it (vLLM's
+    start-up with its warm-up compile takes 2-4 minutes on a 2-core CPU) and stopped after its last test, so
+    it holds no memory while the rest of the suite runs. Skipped, saying why, without vLLM."""
     from onegpu.errors import UserError
     from onegpu.submission.launch import running_server
     from onegpu.submission.vllm_env import vllm_python
@@ -179,9 +180,40 @@ def secret_hits(*roots: Path) -> list[str]:
     return found
 
 
+# `make test` runs the suite in pytest-xdist workers (`-n 2 --dist loadgroup`, Makefile): these fixtures
+# cost a minute or more each and serve several files or tests, so the tests that use one share a worker.
+SHARED_ONCE = ("helm_offline_run", "vllm_server", "val_reference")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    """Which tests share a worker, and which start first, when the suite runs in xdist workers.
+
+    A test file's tests run in one worker (its module fixtures are made once), but in a file marked
+    `spread` each test may go to any worker, and tests using one of SHARED_ONCE stay together. The groups
+    holding slow tests are handed out first (xdist sends groups in this order under
+    --no-loadscope-reorder): the long ones start early and the quick ones even out the end."""
+    if not getattr(config.option, "loadgroup", False):  # set in each xdist worker under --dist loadgroup
+        return
+    group_of = {}
+    for item in items:
+        shared = next((name for name in SHARED_ONCE if name in item.fixturenames), None)
+        spread = item.get_closest_marker("spread") is not None
+        group_of[item] = shared or (f"{item.module.__name__}.{item.originalname}" if spread else item.module.__name__)
+        item.add_marker(pytest.mark.xdist_group(group_of[item]))
+    first: dict[str, int] = {}
+    slow: set[str] = set()
+    for index, item in enumerate(items):
+        first.setdefault(group_of[item], index)
+        if item.get_closest_marker("slow") is not None:
+            slow.add(group_of[item])
+    items.sort(key=lambda item: (group_of[item] not in slow, first[group_of[item]]))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Where the suite's time went: seconds per test file (setup + call + teardown), the slowest first,
-    and the share of the tests marked `slow` (those `make test-fast` leaves out)."""
+    """Where the suite's time went: seconds per test file (setup + call + teardown; in xdist workers, the
+    workers' seconds added up), the slowest first, and the share of the tests marked `slow` (those
+    `make test-fast` leaves out)."""
     per_file: dict[str, float] = {}
     slow = fast = 0.0
     for reports in terminalreporter.stats.values():

@@ -31,7 +31,7 @@ import yaml
 from conftest import FAKE_SECRETS, exportable_tiny, secret_hits
 from killing import KillPoint, assert_whole, frozen_at, onegpu, run, temps_left, visible_files
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.spread]  # each test its own run: any worker may take it
 
 
 @dataclass
