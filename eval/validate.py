@@ -78,7 +78,8 @@ def validate(checkpoint: Path | None = None, suite: str = "offline", out: Path =
         seed: lm-eval's random/numpy/torch/few-shot seeds.
         log_samples: keep per-instance samples (``samples/<task>.jsonl`` and W&B sample tables).
         fresh: ignore per-task results from an earlier, interrupted run in ``out``.
-        num_threads: CPU threads for torch (default: the cores free at start; ignored on GPUs).
+        num_threads: CPU threads for torch (default: ``OMP_NUM_THREADS`` if set, else the cores free at
+            start; ignored on GPUs).
     """
     started = time.time()
     if checkpoint is None:

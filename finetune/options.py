@@ -65,8 +65,8 @@ class ModelArgs:
     device: Device = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
     num_threads: int | None = None
-    """CPU threads for torch (default on CPU: the cores free at start, so a busy machine
-    gets 1 thread instead of threads that wait for each other)."""
+    """CPU threads for torch (default on CPU: ``OMP_NUM_THREADS`` if set, else the cores free at
+    start, so a busy machine gets 1 thread instead of threads that wait for each other)."""
 
 
 @dataclass(frozen=True)

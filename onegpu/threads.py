@@ -43,11 +43,16 @@ def other_runnable_tasks(samples: int = 5, interval_s: float = 0.05) -> int:
 
 
 def set_cpu_threads(requested: int | None = None) -> str:
-    """Set torch's intra-op threads to ``requested``, or (None, 0) to the cores free now; say which and why."""
+    """Set torch's intra-op threads to ``requested``, or (None, 0) to ``OMP_NUM_THREADS`` when the environment
+    sets it (the usual way to share a machine between jobs), else to the cores free now; say which and why."""
     cores = usable_cores()
     if requested:
         torch.set_num_threads(requested)
         return f"{requested} CPU thread(s), as asked ({cores} cores)"
+    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if from_env.isdigit() and int(from_env) > 0:
+        torch.set_num_threads(int(from_env))
+        return f"{int(from_env)} CPU thread(s), as OMP_NUM_THREADS asks ({cores} cores)"
     # Inside a CPU-limited container the kernel's count is the whole host's: all of our cores, then.
     busy = other_runnable_tasks() if cores == (os.cpu_count() or cores) else 0
     threads = max(1, cores - busy)

@@ -16,6 +16,11 @@ os.environ.setdefault("ONEGPU_CACHE", str(REPO_ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test`'s xdist workers share the cores, so do their torch threads: set before torch loads here,
+    # and the kit's runs started from here inherit it (onegpu/threads.py)
+    share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
 
 SHARED = REPO_ROOT.parent / "shared"
 
