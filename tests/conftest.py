@@ -186,8 +186,9 @@ def secret_hits(*roots: Path) -> list[str]:
 
 
 # `make test` runs the suite in pytest-xdist workers (`-n 2 --dist loadgroup`, Makefile): these fixtures
-# cost a minute or more each and serve several files or tests, so the tests that use one share a worker.
-SHARED_ONCE = ("helm_offline_run", "vllm_server", "val_reference")
+# cost a minute or more each and serve several files or spread tests, so the tests that use one share a
+# worker. Only fixtures a test names count (test_server.py fetches vllm_server by name: its file's group).
+SHARED_ONCE = ("helm_offline_run", "val_reference")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
