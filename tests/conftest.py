@@ -18,7 +18,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # `make test`'s xdist workers share the cores, so do their torch threads: set before torch loads here,
-    # and the kit's runs started from here inherit it (onegpu/threads.py)
+    # and the kit's runs started from here inherit it (onegpu/threads.py; its usable_cores() is not called
+    # here because importing it loads torch before this is set)
     share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
 
